@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 from einops import rearrange
-from jaxtyping import Float, Int
+from jaxtyping import Float, Shaped
 from torch import Tensor
 
 from ._errors import RatLensError
@@ -38,7 +38,7 @@ def trace_attention(
     length_norm: str = "avg_logprob",
     stop_at_bos: bool = True,
     bos_positions: Sequence[int] = (),
-    attention_mask: Optional[Int[Tensor, " key"]] = None,
+    attention_mask: Optional[Shaped[Tensor, " seq"]] = None,
     residual: Optional[str] = None,
     exclude_bos: bool = False,
 ) -> list[Beam]:
@@ -119,7 +119,7 @@ def beam_search(
     length_norm: str = "avg_logprob",
     stop_at_bos: bool = True,
     bos_positions: Sequence[int] = (),
-    attention_mask: Optional[Int[Tensor, " key"]] = None,
+    attention_mask: Optional[Shaped[Tensor, " seq"]] = None,
     residual: Optional[str] = None,
     exclude_bos: bool = False,
 ) -> list[Beam]:

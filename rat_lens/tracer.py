@@ -1,0 +1,228 @@
+"""The model-facing API: tokens in, one forward through the hooks, ranked beams out.
+
+``ReverseAttentionTracer`` keeps reverse-attention's names and defaults; the model is a
+TransformerLens model and the tokenizer defaults to its own.
+"""
+
+from typing import Optional, Sequence, Union
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from ._errors import RatLensError
+from ._pattern import (check_choice, check_length_norm, check_positive_int, check_residual,
+                       check_pattern_values, resolve_index, AGG_HEADS)
+from .capture import capture_patterns, hook_name, pattern_layers, patterns_from_cache
+from .result import BeamPath, TraceResult, build_sankey, path_text
+from .trace import beam_search, resolve_layers
+
+__all__ = ["ReverseAttentionTracer", "trace"]
+
+Targets = Union[int, Sequence[int]]
+
+
+class ReverseAttentionTracer:
+    """Trace which earlier tokens, through which layers and heads, fed a target token.
+
+    >>> from rat_lens.models import load
+    >>> tracer = ReverseAttentionTracer(load("induction-2l"))
+    >>> result = tracer.trace_text("cat dog red blue cat dog red", layers=(0, 1), top_beam=3)
+    >>> result.beams[0].positions[0], len(result.beams) <= 3
+    (7, True)
+    """
+
+    def __init__(self, model, tokenizer=None):
+        pattern_layers(model)  # fail now, not at the first trace, on a model without hooks
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+
+    def trace(self, input_ids, target_pos: int = -1, attention_mask=None, layer: int = -1,
+              top_beam: int = 5, top_k: int = 5, min_attn: float = 0.0, agg_heads: str = "mean",
+              length_norm: str = "avg_logprob", stop_at_bos: bool = True,
+              bos_token_id: Optional[int] = None, **options) -> TraceResult:
+        """Trace one prompt (``input_ids`` ``[seq]`` or ``[1, seq]``) from ``target_pos``.
+
+        Args as reverse-attention's ``trace``; ``layers=(lo, hi)`` switches to layers mode (one
+        edge per layer from ``hi`` down to ``lo``), ``agg_heads="none"`` gives per-head edges,
+        ``residual="rollout"`` adds the residual stream (0.5·A + 0.5·I), ``exclude_bos`` leaves
+        BOS / position 0 out of the candidates, ``cache`` reuses a ``run_with_cache`` cache.
+        """
+        tokens = _as_batch(input_ids)
+        if tokens.shape[0] != 1:
+            raise RatLensError(f"trace takes one prompt, got a batch of {tokens.shape[0]}: "
+                               "use trace_batch")
+        if not isinstance(target_pos, int) or isinstance(target_pos, bool):
+            raise TypeError(f"target_pos must be an int, got {target_pos!r}: for several "
+                            "targets use trace_batch")
+        return self.trace_batch(
+            tokens, target_pos, attention_mask, layer=layer, top_beam=top_beam, top_k=top_k,
+            min_attn=min_attn, agg_heads=agg_heads, length_norm=length_norm,
+            stop_at_bos=stop_at_bos, bos_token_id=bos_token_id, **options)[0]
+
+    def trace_text(self, text: str, target_pos: int = -1, **kwargs) -> TraceResult:
+        """Tokenize ``text`` as the model does (``to_tokens``: BOS prepended) and trace it."""
+        tokens, mask = self.tokenize([text])
+        return self.trace(tokens, target_pos, mask, **kwargs)
+
+    def trace_batch(self, inputs, target_pos: Targets = -1, attention_mask=None, *,
+                    layer: int = -1, layers: Optional[tuple[int, int]] = None,
+                    top_beam: int = 5, top_k: int = 5, min_attn: float = 0.0,
+                    agg_heads: str = "mean", length_norm: str = "avg_logprob",
+                    stop_at_bos: bool = True, bos_token_id: Optional[int] = None,
+                    residual: Optional[str] = None, exclude_bos: bool = False,
+                    cache=None) -> list[TraceResult]:
+        """Trace every prompt of a batch from every position in ``target_pos``: ONE forward.
+
+        ``inputs`` is ``[batch, seq]`` token ids (pad them and give ``attention_mask``) or a
+        list of strings (padded here). Negative targets count back from each prompt's last
+        unmasked token. Results come prompt by prompt, targets in the order given.
+        """
+        if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs):
+            if attention_mask is not None:
+                raise RatLensError("attention_mask is built from the texts; pass token ids to "
+                                   "give your own")
+            tokens, attention_mask = self.tokenize(list(inputs))
+        else:
+            tokens = _as_batch(inputs)
+        mask = _check_mask(attention_mask, tokens)
+        n_layers = pattern_layers(self.model)
+        if layers is not None and layer != -1:
+            raise RatLensError(f"give either layer={layer} (chain mode) or layers={layers} "
+                               "(layers mode), not both")
+        chain = layers is None
+        layer_ids = [resolve_index("layer", layer, n_layers, "n_layers")] if chain \
+            else resolve_layers(layers, n_layers)
+        # Every option is checked before the forward: a typo costs nothing.
+        check_choice("agg_heads", agg_heads, AGG_HEADS)
+        check_length_norm(length_norm)
+        check_positive_int("top_beam", top_beam)
+        check_positive_int("top_k", top_k)
+        if chain and check_residual(residual) != "none":
+            raise RatLensError(f"residual={residual!r} needs layers mode (layers=(lo, hi))")
+        targets = _resolve_targets(target_pos, mask)
+
+        if cache is None:
+            patterns = capture_patterns(self.model, tokens, layer_ids, agg_heads=agg_heads,
+                                        attention_mask=None if mask.all() else mask)
+        else:
+            patterns = patterns_from_cache(cache, layer_ids, agg_heads, tuple(tokens.shape))
+        stacked = [patterns[hook_name(layer)].float().cpu() for layer in layer_ids]
+        for layer, pattern in zip(layer_ids, stacked):
+            check_pattern_values(pattern, hook_name(layer))
+
+        bos_id = bos_token_id if bos_token_id is not None else \
+            getattr(self.tokenizer, "bos_token_id", None)
+        results = []
+        for b in range(tokens.shape[0]):
+            ids = tokens[b].tolist()
+            strings = self.token_strings(ids)
+            bos = [p for p, t in enumerate(ids) if t == bos_id and mask[b, p]]
+            for target in targets[b]:
+                beams = beam_search(
+                    [p[b] for p in stacked], layer_ids, target, chain=chain,
+                    per_head=agg_heads == "none", top_beam=top_beam, top_k=top_k,
+                    min_attn=min_attn, length_norm=length_norm, stop_at_bos=stop_at_bos,
+                    bos_positions=bos, attention_mask=mask[b], residual=residual,
+                    exclude_bos=exclude_bos)
+                paths = [BeamPath.from_beam(beam, strings, ids) for beam in beams]
+                results.append(TraceResult(
+                    seq_len=len(ids), target_pos=target, layer=layer_ids[0], top_beam=top_beam,
+                    top_k=top_k, tokens=strings, beams=paths,
+                    sankey=build_sankey(paths, strings, "chain" if chain else "layers",
+                                        layer_ids[0]),
+                    paths_text=[path_text(p) for p in paths],
+                    mode="chain" if chain else "layers",
+                    layer_lo=layer_ids[-1], agg_heads=agg_heads, length_norm=length_norm,
+                    residual=check_residual(residual), exclude_bos=exclude_bos,
+                    batch_index=b, token_ids=ids))
+        return results
+
+    def tokenize(self, texts: list[str]) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
+        """Token ids and attention mask for ``texts``, each tokenized alone, right-padded."""
+        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise RatLensError(f"texts must be non-empty strings, got {texts!r}")
+        if self.tokenizer is None:
+            raise RatLensError("this model has no tokenizer: pass token ids, or a tokenizer to "
+                               "ReverseAttentionTracer(model, tokenizer)")
+        if self.tokenizer is getattr(self.model, "tokenizer", None) and hasattr(self.model, "to_tokens"):
+            rows = [self.model.to_tokens(t)[0].cpu() for t in texts]
+        else:
+            rows = [self.tokenizer(t, return_tensors="pt").input_ids[0] for t in texts]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        tokens = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
+        mask = torch.zeros_like(tokens)
+        for i, row in enumerate(rows):
+            mask[i, :len(row)] = 1
+        return tokens, mask
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each token decoded alone (as reverse-attention shows them); ids when no tokenizer."""
+        if self.tokenizer is None:
+            return [str(i) for i in ids]
+        return self.tokenizer.batch_decode([[i] for i in ids])
+
+
+def trace(model, inputs, target_pos: int = -1, **kwargs) -> TraceResult:
+    """One-call trace for notebooks: ``inputs`` is text or token ids of one prompt.
+
+    >>> from rat_lens.models import load
+    >>> model = load("induction-2l")
+    >>> result = trace(model, "cat dog red blue cat dog red", layers=(0, 1), agg_heads="none")
+    >>> [(lay, head is not None) for lay, head in zip(result.beams[0].layers, result.beams[0].heads)]
+    [(1, True), (0, True)]
+    """
+    tracer = ReverseAttentionTracer(model, kwargs.pop("tokenizer", None))
+    if isinstance(inputs, str):
+        return tracer.trace_text(inputs, target_pos, **kwargs)
+    return tracer.trace(inputs, target_pos, **kwargs)
+
+
+def _as_batch(input_ids) -> Int[Tensor, "batch seq"]:
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got "
+                        f"{type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    tokens = input_ids.unsqueeze(0) if input_ids.ndim == 1 else input_ids
+    if tokens.ndim != 2 or tokens.numel() == 0:
+        raise RatLensError(f"input_ids must be [seq] or [batch, seq] and non-empty, got shape "
+                           f"{tuple(input_ids.shape)}")
+    return tokens
+
+
+def _check_mask(attention_mask, tokens: Tensor) -> Tensor:
+    if attention_mask is None:
+        return torch.ones_like(tokens, dtype=torch.long, device="cpu")
+    mask = torch.as_tensor(attention_mask)
+    mask = mask.unsqueeze(0) if mask.ndim == 1 else mask
+    if mask.shape != tokens.shape:
+        raise RatLensError(f"attention_mask shape {tuple(mask.shape)} does not match input_ids "
+                           f"shape {tuple(tokens.shape)}")
+    mask = mask.long().cpu()
+    if not ((mask == 0) | (mask == 1)).all():
+        raise RatLensError("attention_mask must hold only 0 and 1")
+    if not mask.any(1).all():
+        raise RatLensError(f"prompt {int((~mask.any(1)).nonzero()[0])} is fully masked")
+    return mask
+
+
+def _resolve_targets(target_pos: Targets, mask: Tensor) -> list[list[int]]:
+    """Negative targets count back from each prompt's last unmasked token."""
+    wanted = [target_pos] if isinstance(target_pos, int) else list(target_pos)
+    if not wanted:
+        raise RatLensError("target_pos is an empty list")
+    out = []
+    for row in mask:
+        last = int(row.nonzero().max())
+        resolved = []
+        for t in wanted:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"target_pos must be ints, got {t!r}")
+            p = last + 1 + t if t < 0 else t
+            if not 0 <= p <= last or not row[p]:
+                raise RatLensError(f"target_pos={t} out of range for a prompt of "
+                                   f"{last + 1} tokens")
+            resolved.append(p)
+        out.append(resolved)
+    return out

@@ -1,0 +1,184 @@
+"""Layers mode, per-head edges and the residual rollout, against hand-computed tiny matrices and an
+exhaustive enumeration of every path (with top_beam and top_k large enough, beam search is exact)."""
+
+import math
+
+import pytest
+import torch
+
+from rat_lens import RatLensError, trace_attention
+
+A1 = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])  # layer 1
+A0 = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.4, 0.0], [0.1, 0.7, 0.2]])  # layer 0
+STACK = torch.stack([A0, A1])
+ln = math.log
+
+
+def summary(beams):
+    return [(b.positions, [round(w, 6) for w in b.edge_attns], b.layers, b.heads) for b in beams]
+
+
+def test_layers_mode_by_hand():
+    beams = trace_attention(STACK, 2, layers=(0, 1), top_beam=10, top_k=3)
+    # Every path from (layer 1, pos 2) down through layer 0, written out by hand; paths that
+    # reach position 0 end there (nothing earlier to attend to).
+    assert summary(beams) == [
+        ([2, 2, 1], [0.5, 0.7], [1, 0], [None, None]),
+        ([2, 1, 0], [0.3, 0.6], [1, 0], [None, None]),
+        ([2, 1, 1], [0.3, 0.4], [1, 0], [None, None]),
+        ([2, 2, 2], [0.5, 0.2], [1, 0], [None, None]),
+        ([2, 2, 0], [0.5, 0.1], [1, 0], [None, None]),
+        ([2, 0], [0.2], [1], [None]),
+    ]
+    assert beams[0].score_raw == pytest.approx(ln(0.5) + ln(0.7))
+    assert beams[0].score_norm == pytest.approx((ln(0.5) + ln(0.7)) / 2)
+    assert beams[-1].score_norm == pytest.approx(ln(0.2))
+
+
+def test_layers_mode_beam_width_prunes_by_normalised_score():
+    beams = trace_attention(STACK, 2, layers=(0, 1), top_beam=1, top_k=3)
+    # After layer 1 the live beams are [2,2] (0.5) and [2,1] (0.3); top_beam=1 keeps [2,2];
+    # [2,0] already ended. Final ranking keeps the single best: [2,2,1].
+    assert summary(beams) == [([2, 2, 1], [0.5, 0.7], [1, 0], [None, None])]
+
+
+def test_rollout_adds_the_residual_stream_as_an_edge():
+    beams = trace_attention(STACK, 2, layers=(0, 1), top_beam=10, top_k=3, residual="rollout")
+    # 0.5·A + 0.5·I: row 2 of layer 1 becomes [0.1, 0.15, 0.75]; rows of layer 0:
+    # row 2 → [0.05, 0.35, 0.6], row 1 → [0.3, 0.7, 0].
+    best = beams[0]
+    assert best.positions == [2, 2, 2]
+    assert best.edge_attns == pytest.approx([0.75, 0.6])
+    got = {tuple(b.positions): b.edge_attns for b in beams}
+    assert got[(2, 1, 1)] == pytest.approx([0.15, 0.7])
+    assert got[(2, 0)] == pytest.approx([0.1])
+
+
+def test_per_head_edges_record_their_head():
+    heads = torch.stack([
+        torch.stack([A0, torch.tensor([[1.0, 0, 0], [0.1, 0.9, 0], [0.05, 0.05, 0.9]])]),
+        torch.stack([A1, torch.tensor([[1.0, 0, 0], [0.8, 0.2, 0], [0.0, 0.95, 0.05]])]),
+    ])  # [layer, head, query, key]
+    best = trace_attention(heads, 2, layers=(0, 1), agg_heads="none", top_beam=3, top_k=4)[0]
+    # Layer 1 head 1 sends 0.95 from 2 to 1, then layer 0 head 1 keeps 0.9 on 1 itself.
+    assert (best.positions, best.heads, best.layers) == ([2, 1, 1], [1, 1], [1, 0])
+    assert best.edge_attns == pytest.approx([0.95, 0.9])
+    chain = trace_attention(heads, 2, layer=1, agg_heads="none", top_beam=2, top_k=4)
+    # Chain mode in layer 1, per head: 2 →(h1 .95) 1 →(h1 .8) 0, scoring (ln .95 + ln .8)/2.
+    assert (chain[0].positions, chain[0].heads) == ([2, 1, 0], [1, 1])
+    assert chain[0].score_norm == pytest.approx((ln(0.95) + ln(0.8)) / 2)
+
+
+def all_paths(stack, target, chain, per_head, rollout, stop):
+    """Every complete path, by recursion (the independent oracle)."""
+    n_layers, n_heads, n, _ = stack.shape
+    out = []
+
+    def walk(step, pos, path):
+        layer = n_layers - 1 if chain else n_layers - 1 - step
+        if (chain and pos == 0) or (not chain and step == n_layers):
+            out.append(path)
+            return
+        extended = False
+        for h in range(n_heads):
+            row = stack[layer, h, pos].clone()
+            if rollout:
+                row = 0.5 * row + 0.5 * torch.nn.functional.one_hot(torch.tensor(pos), n)
+            for k in range(pos if chain else pos + 1):
+                if row[k] > 0:
+                    extended = True
+                    edge = (layer, h if per_head else None, k, float(row[k]))
+                    if k in stop:
+                        out.append(path + [edge])
+                    else:
+                        walk(step + 1, k, path + [edge])
+        if not extended:
+            out.append(path)
+
+    walk(0, target, [])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_exhaustive_beam_search_equals_path_enumeration(seed):
+    gen = torch.Generator().manual_seed(seed)
+    chain = seed % 2 == 0
+    per_head = seed % 4 < 2
+    rollout = not chain and seed % 3 == 0
+    n, n_heads = 5, 2
+    logits = torch.randn(2, n_heads, n, n, generator=gen) * 2
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    stack = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    stack[stack < 0.08] = 0.0  # some zero entries: fewer candidates, some dead ends
+    stack = stack if per_head else stack.mean(1, keepdim=True)
+    paths = all_paths(stack, n - 1, chain, per_head, rollout, stop={0})
+    beams = trace_attention(stack, n - 1, layer=1, layers=None if chain else (0, 1),
+                            agg_heads="none" if per_head else "mean", top_beam=10_000,
+                            top_k=n * n_heads, residual="rollout" if rollout else None)
+    expected = sorted(
+        ((sum(ln(w) for *_, w in p) / max(len(p), 1), [n - 1] + [k for _, _, k, _ in p],
+          [h for _, h, _, _ in p]) for p in paths), key=lambda e: -e[0])
+    assert len(beams) == len(expected)
+    assert [b.score_norm for b in beams] == pytest.approx([e[0] for e in expected])
+    assert sorted((b.positions, b.heads) for b in beams) == \
+        sorted((e[1], e[2]) for e in expected)
+
+
+def test_stop_at_bos_and_exclude_bos():
+    A = torch.tensor([[1.0, 0, 0, 0], [0.9, 0.1, 0, 0], [0.1, 0.8, 0.1, 0], [0.6, 0.1, 0.3, 0.0]])
+    # Position 1 is a BOS: with stop_at_bos the best path ends there, without it goes on to 0.
+    assert trace_attention(A, 3, top_beam=1, bos_positions=[1])[0].positions == [3, 0]
+    stop = trace_attention(A, 3, top_beam=5, bos_positions=[1])
+    assert [3, 2, 1] in [b.positions for b in stop]
+    assert [3, 2, 1, 0] not in [b.positions for b in stop]
+    go_on = trace_attention(A, 3, top_beam=5, bos_positions=[1], stop_at_bos=False)
+    assert [3, 2, 1, 0] in [b.positions for b in go_on]
+    # exclude_bos leaves BOS and position 0 out: the sink edge 3→0 (0.6) is gone, and each edge
+    # reports how much of its row sat on the sinks.
+    ex = trace_attention(A, 3, top_beam=5, bos_positions=[1], exclude_bos=True)
+    assert [b.positions for b in ex] == [[3, 2]]
+    assert ex[0].bos_mass == pytest.approx([0.7])
+
+
+def test_min_attn_and_mask_remove_candidates():
+    A = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0.45, 0.1, 0.45]])
+    assert [b.positions for b in trace_attention(A, 2, top_beam=5, min_attn=0.2)] == [[2, 0]]
+    masked = trace_attention(A, 2, top_beam=5, attention_mask=torch.tensor([0, 1, 1]))
+    assert [b.positions for b in masked] == [[2, 1]]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(agg_heads="sum"), "agg_heads='sum' not in"),
+    (dict(length_norm="avg"), "length_norm='avg' not in"),
+    (dict(length_norm="pow:x"), "length_norm='pow:x' is malformed"),
+    (dict(length_norm="pow:"), "length_norm='pow:' is malformed"),
+    (dict(residual="skip", layers=(0, 1)), "residual='skip' not in"),
+    (dict(residual="rollout"), "residual='rollout' needs layers mode"),
+    (dict(top_beam=0), "top_beam must be >= 1, got 0"),
+    (dict(top_k=-1), "top_k must be >= 1, got -1"),
+    (dict(layer=2), "layer=2 out of range for n_layers 2"),
+    (dict(layers=(1, 0)), "layers=(1, 0) is empty"),
+    (dict(layers=(0, 5)), "layers[1]=5 out of range"),
+    (dict(target=3), "target_pos=3 out of range for sequence length 3"),
+    (dict(target=-4), "target_pos=-4 out of range"),
+    (dict(attention_mask=torch.ones(4)), "attention_mask has shape (4,)"),
+])
+def test_bad_options_raise_one_clear_error(kwargs, message):
+    target = kwargs.pop("target", -1)
+    with pytest.raises(RatLensError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        trace_attention(STACK, target, **kwargs)
+
+
+def test_bad_tensors_raise_one_clear_error():
+    with pytest.raises(RatLensError, match="NaN"):
+        trace_attention(torch.tensor([[1.0, 0.0], [float("nan"), 0.5]]))
+    with pytest.raises(RatLensError, match=r"got shape \(2, 3\)"):
+        trace_attention(torch.ones(2, 3))
+
+
+def test_bad_types_raise_type_errors_naming_the_value(no_typecheck):
+    with pytest.raises(TypeError, match="target_pos must be an int, got 1.5"):
+        trace_attention(A0, 1.5)
+    with pytest.raises(TypeError, match="attn must be a torch.Tensor, got list"):
+        trace_attention(A0.tolist())
