@@ -13,7 +13,7 @@ Which earlier tokens, through which heads and layers, fed this token? Capture at
 from ._errors import RatLensError
 from .capture import PatternCapture, capture_patterns
 from .result import Beam, BeamPath, SankeyData, SankeyLink, SankeyNode, TraceResult
-from .trace import trace_attention
+from .beam import trace_attention
 from .tracer import ReverseAttentionTracer, trace
 
 __all__ = [

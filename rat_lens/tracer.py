@@ -15,7 +15,7 @@ from ._pattern import (check_choice, check_length_norm, check_positive_int, chec
                        check_pattern_values, resolve_index, AGG_HEADS)
 from .capture import capture_patterns, hook_name, pattern_layers, patterns_from_cache
 from .result import BeamPath, TraceResult, build_sankey, path_text
-from .trace import beam_search, resolve_layers
+from .beam import beam_search, resolve_layers
 
 __all__ = ["ReverseAttentionTracer", "trace"]
 

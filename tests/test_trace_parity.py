@@ -9,7 +9,7 @@ import torch
 from reverse_attention.beam import beam_search_backward
 from reverse_attention.utils import normalize_score
 
-from rat_lens.trace import trace_attention
+from rat_lens.beam import trace_attention
 
 LENGTH_NORMS = ["none", "avg_logprob", "sqrt", "pow:0.7", "pow:1.5"]
 

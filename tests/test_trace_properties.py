@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from rat_lens._pattern import aggregate_heads, length_norm_denominator
-from rat_lens.trace import trace_attention
+from rat_lens.beam import trace_attention
 
 
 @st.composite

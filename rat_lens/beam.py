@@ -3,14 +3,16 @@
 Two walks share one search. ``chain``: every step uses the same layer's matrix and goes to a
 strictly earlier key (reverse-attention's semantics, reproduced exactly). ``layers``: step ``t``
 uses layer ``hi - t`` and may stay on the same position (attention to itself), so a path descends
-one layer per edge. Candidates at a step are (head, key) pairs of the beam's current query row;
-all beams of a step are expanded with one ``topk`` over a ``[beam, head·key]`` matrix, and paths
-are kept as parent pointers, rebuilt only for the beams returned.
+one layer per edge. Candidates at a step are (head, key) pairs of the beam's current query row,
+found by one ``topk`` over ``[row, head·key]`` for all rows at once (in chain mode for every row
+before the search starts, since the matrix never changes). The step loop then works on small
+arrays, and paths are kept as parent pointers, rebuilt only for the beams returned.
 """
 
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from einops import rearrange
 from jaxtyping import Float, Shaped
@@ -92,18 +94,42 @@ def resolve_layers(layers, n_layers: int) -> list[int]:
 
 
 @dataclass
-class _Steps:
-    """Per search step, one row per candidate kept: where it went and who its parent was."""
-    keys: list[Tensor]
-    parents: list[Tensor]
-    heads: list[Tensor]
-    weights: list[Tensor]
-    bos_mass: list[Tensor]
+class _Candidates:
+    """The ``top_k`` (head, key) candidates of some query rows, best first (weight 0 = none)."""
+    weights: np.ndarray   # [row, k] float64
+    flat: np.ndarray      # [row, k] head * n_keys + key
+    bos_mass: np.ndarray  # [row, head] attention of the row on BOS / position 0
 
-    def add(self, keys, parents, heads, weights, bos_mass) -> None:
-        for name, value in zip(("keys", "parents", "heads", "weights", "bos_mass"),
-                               (keys, parents, heads, weights, bos_mass)):
-            getattr(self, name).append(value)
+    def __getitem__(self, rows) -> "_Candidates":
+        return _Candidates(self.weights[rows], self.flat[rows], self.bos_mass[rows])
+
+
+def _top_candidates(rows: Float[Tensor, "head row key"], row_pos: Tensor, *, chain: bool,
+                    key_ok: Tensor, is_sink: Tensor, min_attn: float, top_k: int,
+                    rollout: bool) -> _Candidates:
+    keys = torch.arange(rows.shape[-1], device=rows.device)
+    if rollout:  # Abnar & Zuidema: half the mass stays in the residual stream
+        rows = 0.5 * rows + 0.5 * (keys == row_pos[:, None]).to(rows.dtype)
+    bos_mass = (rows * is_sink).sum(-1)
+    earlier = keys < row_pos[:, None] if chain else keys <= row_pos[:, None]
+    w = rows.masked_fill(~(earlier & key_ok), 0.0)
+    w = w.masked_fill(w < min_attn, 0.0)
+    vals, flat = rearrange(w, "head row key -> row (head key)").topk(min(top_k, w[:, 0].numel()))
+    return _Candidates(vals.double().cpu().numpy(), flat.cpu().numpy(),
+                       rearrange(bos_mass, "head row -> row head").double().cpu().numpy())
+
+
+def _chain_table(pattern: Float[Tensor, "head query key"], last_row: int, chunk: int = 256,
+                 **kw) -> _Candidates:
+    """Chain mode reads one matrix, so each row's candidates are found once, for every row up to
+    the target, in chunks (bounded memory) — the search loop then only gathers."""
+    parts = []
+    for start in range(0, last_row + 1, chunk):
+        row_pos = torch.arange(start, min(start + chunk, last_row + 1), device=pattern.device)
+        parts.append(_top_candidates(pattern[:, start:start + len(row_pos)], row_pos,
+                                     chain=True, **kw))
+    return _Candidates(*(np.concatenate([getattr(p, f) for p in parts])
+                         for f in ("weights", "flat", "bos_mass")))
 
 
 def beam_search(
@@ -137,107 +163,93 @@ def beam_search(
     residual = check_residual(residual)
     if chain and residual != "none":
         raise RatLensError(f"residual={residual!r} needs layers mode: a chain stays in one layer")
-    if not isinstance(min_attn, (int, float)) or min_attn != min_attn:
+    if isinstance(min_attn, bool) or not isinstance(min_attn, (int, float)) or min_attn != min_attn:
         raise RatLensError(f"min_attn must be a number, got {min_attn!r}")
 
     n = patterns[0].shape[-1]
     device = patterns[0].device
     is_sink = torch.zeros(n, dtype=torch.bool, device=device)
-    is_sink[0] = True
-    is_sink[list(bos_positions)] = True
-    stops = is_sink if stop_at_bos else torch.arange(n, device=device) == 0
+    is_sink[[0, *bos_positions]] = True
     key_ok = torch.ones(n, dtype=torch.bool, device=device)
     if attention_mask is not None:
         key_ok &= attention_mask.to(device) != 0
     if exclude_bos:
         key_ok &= ~is_sink
-    keys = torch.arange(n, device=device)
+    stops = (is_sink if stop_at_bos else torch.arange(n, device=device) == 0).cpu().numpy()
+    find = dict(key_ok=key_ok, is_sink=is_sink, min_attn=min_attn, top_k=top_k,
+                rollout=residual == "rollout")
+    table = _chain_table(patterns[0], target_pos, **find) if chain else None
     n_steps = target_pos + 1 if chain else len(patterns)
+    denominators = np.array([length_norm_denominator(length_norm, e)
+                             for e in range(n_steps + 1)])
 
-    empty_f = torch.zeros(0, dtype=torch.float64, device=device)
-    steps = _Steps([torch.tensor([target_pos], device=device)], [keys[:1] * 0 - 1],
-                   [keys[:1] * 0 - 1], [empty_f], [empty_f])
-    ended: list[tuple[int, Tensor, Tensor]] = []  # (step, candidate ids, raw scores)
-    live = keys[:1] * 0
-    live_pos = steps.keys[0]
-    live_score = torch.zeros(1, dtype=torch.float64, device=device)
+    # Step s holds, for every beam it created, its key, parent (index into step s-1), head,
+    # weight and BOS mass; a live beam is an index into the latest step.
+    steps = [dict(key=np.array([target_pos]), parent=np.array([-1]))]
+    ended: list[tuple[int, np.ndarray, np.ndarray]] = []  # (step, beam ids, raw scores)
+    live, live_score = np.array([0]), np.zeros(1)
     if target_pos == 0:  # nothing earlier to trace to
         n_steps = 0
         ended.append((0, live, live_score))
 
     for t in range(n_steps):
-        if live.numel() == 0:
+        if live.size == 0:
             break
-        rows = rearrange(patterns[0 if chain else t][:, live_pos], "head beam key -> beam head key")
-        if residual == "rollout":  # Abnar & Zuidema: half the mass stays in the residual stream
-            rows = 0.5 * rows + 0.5 * (keys == live_pos[:, None]).to(rows.dtype)[:, None]
-        bos_mass = (rows * is_sink).sum(-1)
-        earlier = keys < live_pos[:, None] if chain else keys <= live_pos[:, None]
-        w = rows.masked_fill(~(earlier & key_ok)[:, None], 0.0)
-        w = w.masked_fill(w < min_attn, 0.0)
-        vals, flat_idx = rearrange(w, "beam head key -> beam (head key)").topk(
-            min(top_k, w.shape[1] * n))
-        ok = vals > 0
+        live_pos = steps[t]["key"][live]
+        cand = table[live_pos] if chain else _top_candidates(
+            patterns[t][:, torch.as_tensor(live_pos, device=device)],
+            torch.as_tensor(live_pos, device=device), chain=False, **find)
+        ok = cand.weights > 0
         dead = ~ok.any(1)  # end before the new beams, in beam order (as the peer does)
         if dead.any():
             ended.append((t, live[dead], live_score[dead]))
-        parent, j = ok.nonzero(as_tuple=True)
-        head, key = flat_idx[parent, j].div(n, rounding_mode="floor"), flat_idx[parent, j] % n
-        weight = vals[parent, j].double()
-        score = live_score[parent] + weight.clamp_min(1e-12).log()
-        steps.add(key, live[parent], head, weight, bos_mass[parent, head].double())
+        parent, j = np.nonzero(ok)  # beam-major, best candidate first
+        head, key = np.divmod(cand.flat[parent, j], n)
+        weight = cand.weights[parent, j]
+        score = live_score[parent] + np.log(np.maximum(weight, 1e-12))
+        steps.append(dict(key=key, parent=live[parent], head=head, weight=weight,
+                          bos_mass=cand.bos_mass[parent, head]))
 
         ends = stops[key] | (not chain and t == n_steps - 1)
         if ends.any():
-            ended.append((t + 1, ends.nonzero()[:, 0], score[ends]))
-        live = (~ends).nonzero()[:, 0]
-        if live.numel() > top_beam:
-            norm = score[live] / length_norm_denominator(length_norm, t + 1)
-            live = live[norm.argsort(descending=True, stable=True)[:top_beam]]
-        live_pos, live_score = key[live], score[live]
+            ended.append((t + 1, np.nonzero(ends)[0], score[ends]))
+        live = np.nonzero(~ends)[0]
+        if live.size > top_beam:
+            norm = score[live] / denominators[t + 1]
+            live = live[np.argsort(-norm, kind="stable")[:top_beam]]
+        live_score = score[live]
 
-    return _best_beams(ended, steps, layer_ids, chain, per_head, top_beam, length_norm)
+    return _best_beams(ended, steps, denominators, layer_ids, chain, per_head, top_beam)
 
 
-def _best_beams(ended, steps: _Steps, layer_ids, chain, per_head, top_beam, length_norm
-                ) -> list[Beam]:
-    """Rank the ended beams by normalised score and rebuild the best ``top_beam`` paths."""
+def _best_beams(ended, steps, denominators, layer_ids, chain, per_head, top_beam) -> list[Beam]:
+    """Rank the ended beams by normalised score and rebuild the best ``top_beam`` paths by
+    following parent pointers, all beams at once."""
     if not ended:
         return []
-    n_edges = torch.cat([torch.full_like(ids, s) for s, ids, _ in ended])
-    ids = torch.cat([ids for _, ids, _ in ended])
-    raw = torch.cat([score for _, _, score in ended])
-    denom = torch.tensor([length_norm_denominator(length_norm, int(s)) for s in n_edges],
-                         dtype=torch.float64, device=raw.device)
-    norm = raw / denom
-    best = norm.argsort(descending=True, stable=True)[:top_beam]
-    n_edges, cur, raw, norm = n_edges[best], ids[best].clone(), raw[best], norm[best]
+    n_edges = np.concatenate([np.full(len(ids), s) for s, ids, _ in ended])
+    ids = np.concatenate([ids for _, ids, _ in ended])
+    raw = np.concatenate([score for _, _, score in ended])
+    norm = raw / denominators[n_edges]
+    best = np.argsort(-norm, kind="stable")[:top_beam]
+    n_edges, cur, raw, norm = n_edges[best], ids[best], raw[best], norm[best]
 
     longest = int(n_edges.max())
-    nb = len(best)
-    positions = torch.zeros(nb, longest + 1, dtype=torch.long)
-    positions[:, 0] = steps.keys[0]
-    heads = torch.zeros(nb, longest, dtype=torch.long)
-    weights = torch.zeros(nb, longest, dtype=torch.float64)
-    bos_mass = torch.zeros(nb, longest, dtype=torch.float64)
-    for s in range(longest, 0, -1):  # follow parent pointers, all beams at once
+    positions = np.zeros((len(best), longest + 1), dtype=np.int64)
+    positions[:, 0] = steps[0]["key"][0]
+    fields = {f: np.zeros((len(best), longest)) for f in ("head", "weight", "bos_mass")}
+    for s in range(longest, 0, -1):
         on = n_edges >= s
         c = cur[on]
-        positions[on, s] = steps.keys[s][c].cpu()
-        heads[on, s - 1] = steps.heads[s][c].cpu()
-        weights[on, s - 1] = steps.weights[s][c].cpu()
-        bos_mass[on, s - 1] = steps.bos_mass[s][c].cpu()
-        cur[on] = steps.parents[s][c]
+        positions[on, s] = steps[s]["key"][c]
+        for f, values in fields.items():
+            values[on, s - 1] = steps[s][f][c]
+        cur[on] = steps[s]["parent"][c]
 
-    beams = []
-    for i in range(nb):
-        e = int(n_edges[i])
-        beams.append(Beam(
-            positions=positions[i, :e + 1].tolist(),
-            edge_attns=weights[i, :e].tolist(),
-            layers=[layer_ids[0] if chain else layer_ids[s] for s in range(e)],
-            heads=heads[i, :e].tolist() if per_head else [None] * e,
-            bos_mass=bos_mass[i, :e].tolist(),
-            score_raw=float(raw[i]),
-            score_norm=float(norm[i])))
-    return beams
+    return [Beam(positions=positions[i, :e + 1].tolist(),
+                 edge_attns=fields["weight"][i, :e].tolist(),
+                 layers=[layer_ids[0] if chain else layer_ids[s] for s in range(e)],
+                 heads=fields["head"][i, :e].astype(int).tolist() if per_head else [None] * e,
+                 bos_mass=fields["bos_mass"][i, :e].tolist(),
+                 score_raw=float(raw[i]), score_norm=float(norm[i]))
+            for i, e in enumerate(n_edges.tolist())]

@@ -1,0 +1,120 @@
+"""Capture through hooks equals run_with_cache, stops early, composes, and leaves no trace."""
+
+import pytest
+import torch
+from einops import reduce
+from transformer_lens import ActivationCache
+
+from conftest import hook_count
+from rat_lens import PatternCapture, RatLensError, capture_patterns
+from rat_lens.capture import patterns_from_cache
+from rat_lens.models import repeated_tokens
+
+NAMES = lambda name: name.endswith("hook_pattern")  # noqa: E731
+
+
+def reference(model, tokens, layer, agg, mask=None):
+    """The oracle: TransformerLens's own run_with_cache, reduced over heads by einops."""
+    _, cache = model.run_with_cache(tokens, names_filter=NAMES, attention_mask=mask)
+    pattern = cache["pattern", layer]
+    return pattern if agg == "none" else reduce(pattern, "b h q k -> b 1 q k", agg)
+
+
+@pytest.mark.parametrize("agg", ["mean", "max", "none"])
+def test_capture_equals_run_with_cache(model, agg):
+    tokens = repeated_tokens(3, prefix_len=20, repeat_len=10, seed=1)
+    cache = capture_patterns(model, tokens, [0, 1], agg_heads=agg)
+    assert isinstance(cache, ActivationCache)
+    for layer in (0, 1):
+        torch.testing.assert_close(cache["pattern", layer], reference(model, tokens, layer, agg),
+                                   atol=1e-6, rtol=0)
+
+
+def test_capture_with_padding_mask_equals_run_with_cache(model):
+    tokens = repeated_tokens(2, prefix_len=16, repeat_len=8, seed=2)
+    mask = torch.ones_like(tokens)
+    mask[1, -5:] = 0
+    cache = capture_patterns(model, tokens, [1], attention_mask=mask)
+    torch.testing.assert_close(cache["pattern", 1], reference(model, tokens, 1, "mean", mask),
+                               atol=1e-6, rtol=0)
+    assert cache["pattern", 1][1, 0, :-5, -5:].abs().max() == 0  # padded keys get nothing
+
+
+def test_forward_stops_after_the_highest_layer_and_composes_with_user_hooks(model):
+    """A user's hook on layer 1 never fires when only layer 0 is needed; the user's own edit of
+    layer 0's pattern (registered first) is what gets captured."""
+    tokens = repeated_tokens(1, prefix_len=12, repeat_len=6, seed=3)
+    fired = []
+
+    def zero_head_0(pattern, hook):
+        pattern = pattern.clone()
+        pattern[:, 0] = 0.0
+        return pattern
+
+    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", zero_head_0),
+                                ("blocks.1.attn.hook_pattern", lambda p, hook: fired.append(1))]):
+        cache = capture_patterns(model, tokens, [0], agg_heads="none")
+        assert fired == []
+        assert cache["pattern", 0][:, 0].abs().max() == 0
+        capture_patterns(model, tokens, [1])
+        assert fired == [1]
+    assert hook_count(model) == 0
+
+
+def test_pattern_capture_hooks_in_a_users_run_with_hooks(model):
+    tokens = repeated_tokens(1, prefix_len=12, repeat_len=6, seed=4)
+    capture = PatternCapture([0, 1], agg_heads="max")
+    logits = model.run_with_hooks(tokens, fwd_hooks=capture.fwd_hooks)
+    torch.testing.assert_close(logits, model(tokens))  # observing changes nothing
+    cache = capture.to_cache(model)
+    torch.testing.assert_close(cache["pattern", 1], reference(model, tokens, 1, "max"))
+    with pytest.raises(RatLensError, match="no pattern was captured"):
+        PatternCapture([1]).to_cache(model)
+
+
+def test_reusing_a_users_cache_neither_runs_the_model_nor_mutates_the_cache(model):
+    tokens = repeated_tokens(2, prefix_len=12, repeat_len=6, seed=5)
+    _, user_cache = model.run_with_cache(tokens, names_filter=NAMES)
+    before = {k: v.clone() for k, v in user_cache.items()}
+    reduced = patterns_from_cache(user_cache, [0, 1], "mean", tuple(tokens.shape))
+    torch.testing.assert_close(reduced["pattern", 1],
+                               capture_patterns(model, tokens, [1])["pattern", 1], atol=1e-6,
+                               rtol=0)
+    for k, v in user_cache.items():
+        assert torch.equal(v, before[k])
+    with pytest.raises(RatLensError, match="has no 'blocks.3.attn.hook_pattern'"):
+        patterns_from_cache(user_cache, [3])
+    with pytest.raises(RatLensError, match="expected"):
+        patterns_from_cache(user_cache, [0], batch_seq=(5, 7))
+
+
+def test_failed_capture_leaves_no_hook_and_the_same_logits(model):
+    tokens = repeated_tokens(1, prefix_len=12, repeat_len=6, seed=6)
+    logits = model(tokens)
+
+    def boom(pattern, hook):
+        raise KeyError("user hook failed")
+
+    with pytest.raises(KeyError):
+        with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", boom)]):
+            capture_patterns(model, tokens, [1])
+    with pytest.raises(RatLensError, match="within 0..1"):
+        capture_patterns(model, tokens, [2])
+    with pytest.raises(RatLensError, match="agg_heads='sum'"):
+        capture_patterns(model, tokens, [1], agg_heads="sum")
+    assert hook_count(model) == 0
+    torch.testing.assert_close(model(tokens), logits, atol=0, rtol=0)
+
+
+def test_models_without_hook_points_are_refused():
+    with pytest.raises(TypeError, match="expected a TransformerLens model.*Linear"):
+        capture_patterns(torch.nn.Linear(2, 2), torch.zeros(1, 2, dtype=torch.long), [0])
+
+    class NoPatterns:
+        hook_dict = {"blocks.0.hook_resid_pre": None}
+
+        def hooks(self):
+            pass
+
+    with pytest.raises(RatLensError, match="no blocks.{l}.attn.hook_pattern"):
+        capture_patterns(NoPatterns(), torch.zeros(1, 2, dtype=torch.long), [0])
