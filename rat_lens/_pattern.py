@@ -105,9 +105,13 @@ def check_pattern_values(pattern: Tensor, where: str) -> None:
     """Attention must be finite: a NaN would silently become 'no candidate' in the search."""
     if not torch.is_floating_point(pattern):
         raise TypeError(f"{where}: attention must be a floating tensor, got dtype {pattern.dtype}")
-    if not torch.isfinite(pattern).all():
-        bad = (~torch.isfinite(pattern)).nonzero()[0].tolist()
-        raise RatLensError(f"{where}: attention contains NaN or inf (first at index {bad})")
+    # One reduction finds a NaN/inf (they propagate through the sum) without a mask the size of
+    # the pattern; only then is the offending entry located.
+    if not torch.isfinite(pattern.sum()):
+        bad = (~torch.isfinite(pattern)).nonzero()
+        if len(bad):
+            raise RatLensError(f"{where}: attention contains NaN or inf (first at index "
+                               f"{bad[0].tolist()})")
 
 
 def check_residual(residual: Optional[str]) -> str:
