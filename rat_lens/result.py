@@ -78,7 +78,9 @@ class TraceResult:
     """Beams traced backward from one target token of one prompt, ranked best first.
 
     ``mode`` is ``"chain"`` (every edge in ``layer``, the reverse-attention semantics) or
-    ``"layers"`` (one edge per layer from ``layer`` down to ``layer_lo``).
+    ``"layers"`` (one edge per layer from ``layer`` down to ``layer_lo``). ``top_attention``
+    holds ``[query, key, weight]`` for the strongest keys of every query, in the captured
+    patterns averaged over the traced layers and heads (the renderer's token strip).
     """
 
     seq_len: int
@@ -98,6 +100,7 @@ class TraceResult:
     exclude_bos: bool = False
     batch_index: int = 0
     token_ids: list[int] = field(default_factory=list)
+    top_attention: list[list] = field(default_factory=list)
 
     def __repr__(self) -> str:
         layers = f"layer={self.layer}" if self.mode == "chain" else \
@@ -106,6 +109,19 @@ class TraceResult:
         return (f"TraceResult(target_pos={self.target_pos}, {layers}, mode={self.mode!r}, "
                 f"agg_heads={self.agg_heads!r}, top_beam={self.top_beam}, top_k={self.top_k}, "
                 f"beams={len(self.beams)}, best_score={best})")
+
+    def summary(self, **kwargs):
+        """Circuit-style summary: :func:`rat_lens.summary.summarize` of this result.
+
+        >>> from rat_lens import trace
+        >>> from rat_lens.models import load
+        >>> result = trace(load("induction-2l"), "cat dog red cat", layers=(0, 1))
+        >>> print(result.summary().to_text().splitlines()[0])
+        Trace summary: target 'cat'@4
+        """
+        from .summary import summarize  # lazily: summary imports this module
+
+        return summarize(self, **kwargs)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -125,6 +141,15 @@ class TraceResult:
     @classmethod
     def from_json(cls, text: str) -> "TraceResult":
         return cls.from_dict(json.loads(text))
+
+    def to_html(self) -> str:
+        """This trace as one self-contained interactive HTML page (see ``rat_lens.render``)."""
+        from .render import to_html  # lazy: the renderer imports this module, not the reverse
+        return to_html(self)
+
+    def _repr_html_(self) -> str:
+        from .render import html_fragment
+        return html_fragment(self)
 
 
 def node_layers(beam: Beam, mode: str, layer: int) -> list[int]:

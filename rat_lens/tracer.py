@@ -7,7 +7,8 @@ TransformerLens model and the tokenizer defaults to its own.
 from typing import Optional, Sequence, Union
 
 import torch
-from jaxtyping import Int
+from einops import reduce
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from ._errors import RatLensError
@@ -111,6 +112,8 @@ class ReverseAttentionTracer:
         for layer, pattern in zip(layer_ids, stacked):
             check_pattern_values(pattern, hook_name(layer))
 
+        overview = sum(reduce(p, "batch head query key -> batch query key", "mean")
+                       for p in stacked) / len(stacked)
         bos_id = bos_token_id if bos_token_id is not None else \
             getattr(self.tokenizer, "bos_token_id", None)
         results = []
@@ -135,7 +138,8 @@ class ReverseAttentionTracer:
                     mode="chain" if chain else "layers",
                     layer_lo=layer_ids[-1], agg_heads=agg_heads, length_norm=length_norm,
                     residual=check_residual(residual), exclude_bos=exclude_bos,
-                    batch_index=b, token_ids=ids))
+                    batch_index=b, token_ids=ids,
+                    top_attention=_top_attention(overview[b], mask[b])))
         return results
 
     def tokenize(self, texts: list[str]) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
@@ -176,6 +180,15 @@ def trace(model, inputs, target_pos: int = -1, **kwargs) -> TraceResult:
     if isinstance(inputs, str):
         return tracer.trace_text(inputs, target_pos, **kwargs)
     return tracer.trace(inputs, target_pos, **kwargs)
+
+
+def _top_attention(pattern: Float[Tensor, "query key"], mask: Int[Tensor, " seq"],
+                   k: int = 4) -> list[list]:
+    """``[query, key, weight]`` for the ``k`` strongest keys of each unmasked query."""
+    weights, keys = pattern.topk(min(k, pattern.shape[-1]), dim=-1)
+    return [[q, key, round(w, 4)]
+            for q in mask.nonzero()[:, 0].tolist()
+            for key, w in zip(keys[q].tolist(), weights[q].tolist()) if w > 0]
 
 
 def _as_batch(input_ids) -> Int[Tensor, "batch seq"]:

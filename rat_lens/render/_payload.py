@@ -1,0 +1,103 @@
+"""What the page is given: a :class:`TraceResult` cut down to what the diagram draws, as JSON
+that is safe to inline in a ``<script>`` element.
+
+The page never sees the result object itself: it gets the traced nodes and links, the beams, the
+token text (for the token strip) and the strip's attention rows. Nothing else is embedded, so a
+30-layer trace of thousands of tokens stays a small file.
+"""
+
+import json
+
+from ..result import TraceResult, node_layers
+
+__all__ = ["payload", "strip_rows", "inline_json"]
+
+# Characters that could end the inline <script> element (``</script>``) or open a comment in it
+# (``<!--``), written as JSON \u escapes, which JSON.parse reads back to the same string. Non-ASCII
+# text is escaped by json itself (ensure_ascii): that covers U+2028/2029, which older JavaScript
+# parsers take as line ends, and lone surrogates, which UTF-8 cannot even write.
+_UNSAFE = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"}
+_UNSAFE_TABLE = str.maketrans(_UNSAFE)
+
+
+def payload(result: TraceResult) -> dict:
+    """The data one diagram draws: plain JSON types, deterministic for a given result.
+
+    >>> from rat_lens.result import BeamPath, build_sankey
+    >>> beam = BeamPath([2, 0], [0.9], [0], [None], [0.9], -0.1, -0.1, ["c", "a"], [7, 5])
+    >>> result = TraceResult(3, 2, 0, 1, 1, ["a", "b", "c"], [beam],
+    ...                      build_sankey([beam], ["a", "b", "c"], "chain", 0), ["a -> c"])
+    >>> data = payload(result)
+    >>> data["beams"][0]["node_ids"], [n["id"] for n in data["nodes"]]
+    (['L0_P2', 'L0_P0'], ['L0_P0', 'L0_P2'])
+    >>> data["strip"]
+    {'source': 'edges', 'rows': [[2, 0, 0.9, 0, None]]}
+    """
+    return {
+        "meta": {
+            "mode": result.mode, "layer": result.layer, "layer_lo": result.layer_lo,
+            "target_pos": result.target_pos, "seq_len": result.seq_len,
+            "top_beam": result.top_beam, "top_k": result.top_k, "agg_heads": result.agg_heads,
+            "length_norm": result.length_norm, "residual": result.residual,
+            "exclude_bos": result.exclude_bos, "batch_index": result.batch_index,
+        },
+        "tokens": list(result.tokens),
+        "token_ids": list(result.token_ids),
+        "beams": [{
+            "positions": b.positions, "edge_attns": _rounded(b.edge_attns), "layers": b.layers,
+            "heads": b.heads, "bos_mass": _rounded(b.bos_mass), "score_raw": _round(b.score_raw),
+            "score_norm": _round(b.score_norm), "text": text,
+            "node_ids": [f"L{lay}_P{pos}" for pos, lay
+                         in zip(b.positions, node_layers(b, result.mode, result.layer))],
+        } for b, text in zip(result.beams, result.paths_text)],
+        # Sorted by (layer, position): the page's layout reads positions, not this order.
+        "nodes": [{"id": n.id, "position": n.position, "layer": n.layer}
+                  for n in sorted(result.sankey.nodes, key=lambda n: (n.layer, n.position))],
+        "links": [{"source": lk.source, "target": lk.target, "value": _round(lk.value),
+                   "beams": lk.beam_indices, "layer": lk.layer, "heads": lk.heads}
+                  for lk in result.sankey.links],
+        "strip": {"source": "attention" if result.top_attention else "edges",
+                  "rows": strip_rows(result)},
+    }
+
+
+def strip_rows(result: TraceResult) -> list[list]:
+    """``[query, key, weight, layer, head]`` rows for the token strip, which shows, for a hovered
+    token, what it attends to and what attends to it.
+
+    From a traced model, the strongest keys of every query (``result.top_attention``, averaged
+    over the traced layers and heads: layer and head are ``None``); from a bare tensor trace,
+    each distinct edge of the beams, best beam first (tokens off the paths show nothing).
+    """
+    if result.top_attention:
+        return [[q, k, _round(w), None, None] for q, k, w in result.top_attention]
+    rows, seen = [], set()
+    for beam in result.beams:
+        for i, weight in enumerate(beam.edge_attns):
+            row = [beam.positions[i], beam.positions[i + 1], _round(weight), beam.layers[i],
+                   beam.heads[i]]
+            key = (row[0], row[1], row[3], row[4])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    return rows
+
+
+def _round(x: float) -> float:
+    """Six significant digits: the page shows at most four decimals, and a 2,000-hop chain's
+    page is a quarter smaller than with full float reprs."""
+    return float(f"{x:.6g}")
+
+
+def _rounded(xs: list[float]) -> list[float]:
+    return [_round(x) for x in xs]
+
+
+def inline_json(data) -> str:
+    """JSON for a ``<script type="application/json">`` element: nothing in it can close the
+    element, open a comment or break a line.
+
+    >>> inline_json({"token": "</script><!--\\u2028"})
+    '{"token": "\\\\u003c/script\\\\u003e\\\\u003c!--\\\\u2028"}'
+    """
+    return json.dumps(data, allow_nan=False).translate(_UNSAFE_TABLE)

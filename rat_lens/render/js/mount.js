@@ -1,0 +1,62 @@
+// Entry point: find each widget's element and data by the ids this render gave them, and draw.
+
+function mount(root, data) {
+  var ui = buildSkeleton(root, data);
+  var state = {beam: null, node: null};
+  var beamNodes = data.beams.map(function (b) { return new Set(b.node_ids); });
+  var name = "rat_lens_trace_" + layerName(data.meta.layer) + "_P" + data.meta.target_pos;
+  var view = drawDiagram(ui, data, {
+    node: function (n) {
+      state.node = n.id;
+      repaint();
+      showNode(ui, data, n, beamsThrough(beamNodes, n.id));
+    },
+    link: function (l) { showLink(ui, data, l); },
+    background: function () {
+      state.node = null;
+      repaint();
+      clearInfo(ui);
+    },
+    hover: function (event, text) { showTooltip(ui, event, text); },
+    leave: function () { hideTooltip(ui); },
+  });
+
+  function repaint() {
+    paint(view, beamNodes, state);
+    if (ui.legendItems) {
+      ui.legendItems.classed("is-on", function (b, i) { return i === state.beam; });
+    }
+  }
+  // Choosing a beam (dropdown or legend) clears the clicked node: it may not be on that beam.
+  function pickBeam(b) {
+    state.beam = b;
+    state.node = null;
+    ui.select.property("value", b === null ? "all" : String(b));
+    repaint();
+    clearInfo(ui);
+  }
+  ui.select.on("change", function () { pickBeam(this.value === "all" ? null : +this.value); });
+  buildLegend(ui, data, function (b) { pickBeam(state.beam === b ? null : b); });
+  ui.reset.on("click", view.fit);
+  ui.clear.on("click", function () { pickBeam(null); });
+  ui.svgButton.on("click", function () { exportSvg(ui, view, name); });
+  ui.pngButton.on("click", function () { exportPng(ui, view, name); });
+  buildStrip(ui, data);
+  repaint();
+  clearInfo(ui);
+  root.attr("data-ratlens-ready", "1");
+}
+
+// One failing widget must not keep the others on the page from drawing.
+function mountAll(ids) {
+  ids.forEach(function (uid) {
+    var root = d3.select(document.getElementById("ratlens-" + uid));
+    try {
+      mount(root, JSON.parse(document.getElementById("ratlens-data-" + uid).textContent));
+    } catch (err) {
+      root.append("div").attr("class", "ratlens-error")
+        .text("rat_lens could not draw this trace: " + err);
+      console.error(err);
+    }
+  });
+}
