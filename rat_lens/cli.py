@@ -1,9 +1,11 @@
 """The ``rat-lens`` command.
 
-``rat-lens render trace.json -o out/`` turns a saved trace (``TraceResult.to_json()``, or the
-``trace.json`` that ``render_html`` writes) into ``out/index.html`` without loading any model:
-trace where the model is, look at it anywhere. Subcommands are argparse subparsers, one
-function each, so more can join.
+``rat-lens trace "text"`` loads a model (the embedded ``induction-2l`` by default), traces the
+last token, prints the paths and writes ``rat_lens_out/index.html``. ``rat-lens render
+trace.json -o out/`` turns a saved trace into the page without loading any model: trace where
+the model is, look at it anywhere. ``rat-lens models`` lists what can be loaded. Subcommands
+are argparse subparsers, one function each. Exit status: 0 done, 1 the work failed (one line
+on stderr names why), 2 bad command line.
 """
 
 import argparse
@@ -31,12 +33,109 @@ def _render(args: argparse.Namespace) -> int:
             results.extend(_load_traces(path))
         except (OSError, ValueError, TypeError, KeyError) as err:
             # ValueError: not JSON; TypeError / KeyError: JSON that is not a TraceResult.
-            print(f"rat-lens render: cannot read a trace from {path!r}: "
+            print(f"rat-lens render: error: cannot read a trace from {path!r}: "
                   f"{type(err).__name__}: {err}", file=sys.stderr)
             return 2
     index = render_html(results[0] if len(results) == 1 else results, args.out,
                         open_browser=args.open)
     print(index)
+    return 0
+
+
+FORMATS = ("html", "json", "md")
+
+
+def _layers(text: str) -> tuple[int, int]:
+    """``LO:HI`` → (lo, hi); negative indices count from the last layer, as in Python."""
+    try:
+        lo, hi = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers {text!r} is not LO:HI, e.g. 0:11") from None
+    return lo, hi
+
+
+def _formats(text: str) -> list[str]:
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise argparse.ArgumentTypeError(
+            f"--format {text!r}: {', '.join(map(repr, bad)) or 'nothing'} not in "
+            f"{{{', '.join(FORMATS)}}}")
+    return formats
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from .tracer import ReverseAttentionTracer, generate
+    from .models import load
+    from ._progress import progress
+
+    text = args.text if args.text is not None else args.text_option
+    if text is None:
+        print("rat-lens trace: error: give the text to trace (rat-lens trace \"some text\")",
+              file=sys.stderr)
+        return 2
+    with progress(f"loading {args.model}"):
+        model = load(args.model, device=args.device)
+    tracer = ReverseAttentionTracer(model)
+    options = dict(top_beam=args.top_beam, top_k=args.top_k, min_attn=args.min_attn,
+                   agg_heads=args.agg_heads, length_norm=args.length_norm,
+                   stop_at_bos=not args.no_stop_at_bos, exclude_bos=args.exclude_bos)
+    if args.layers is not None:
+        options.update(layers=args.layers, residual=args.residual)
+    else:
+        options.update(layer=args.layer if args.layer is not None else -1)
+        if args.residual != "none":
+            options.update(residual=args.residual)  # the tracer says why this needs --layers
+    tokens, mask = tracer.tokenize([text])
+    targets = args.target_pos
+    if args.generate:
+        with progress(f"generating {args.generate} tokens"):
+            tokens = generate(model, tokens, args.generate)
+        mask = None
+        # Each generated token was computed at the position before it: trace from there.
+        targets = list(range(tokens.shape[1] - args.generate - 1, tokens.shape[1] - 1))
+    with progress(f"tracing {len(targets)} target{'s' * (len(targets) > 1)}"):
+        results = tracer.trace_batch(tokens, targets, mask, **options)
+
+    for result in results:
+        where = f"{result.target_pos} {result.tokens[result.target_pos]!r}"
+        span = f"layer {result.layer}" if result.mode == "chain" else \
+            f"layers {result.layer_lo}..{result.layer}"
+        print(f"target {where}, {span}, {len(result.beams)} beams:")
+        for line in result.paths_text:
+            print(f"  {line}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    one_or_all = results[0] if len(results) == 1 else results
+    if "html" in args.format:
+        from .render import render_html
+        written.append(render_html(one_or_all, out, open_browser=args.open_browser))
+    if "json" in args.format and "html" not in args.format:  # render_html wrote it already
+        data = [r.to_dict() for r in results] if len(results) > 1 else results[0].to_dict()
+        (out / "trace.json").write_text(json.dumps(data), encoding="utf-8")
+    if "json" in args.format:
+        written.append(str(out / "trace.json"))
+    if "md" in args.format:
+        (out / "trace.md").write_text(_markdown(results), encoding="utf-8")
+        written.append(str(out / "trace.md"))
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def _markdown(results: list[TraceResult]) -> str:
+    parts = []
+    for r in results:
+        parts.append(f"## Target {r.target_pos}: `{r.tokens[r.target_pos]}`\n")
+        parts.extend(f"{i + 1}. `{line}`" for i, line in enumerate(r.paths_text))
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .models import catalogue
+    for name, available, note in catalogue():
+        print(f"{name:16} {'offline' if available else 'not here':9} {note}")
     return 0
 
 
@@ -54,13 +153,59 @@ def _parser() -> argparse.ArgumentParser:
                         help="output folder (created if missing)")
     render.add_argument("--open", action="store_true", help="open the page in a browser")
     render.set_defaults(run=_render)
+
+    trace = commands.add_parser(
+        "trace", help="trace which earlier tokens fed a token, print the paths, write HTML",
+        description="Trace attention backward from a target token (default: the last) and "
+                    "write index.html (+ trace.json, trace.md) to --out.")
+    trace.add_argument("text", nargs="?", help="the text to trace")
+    trace.add_argument("--text", dest="text_option", metavar="TEXT",
+                       help="the text (reverse-attention's demo flag; same as the argument)")
+    trace.add_argument("--model", default="induction-2l",
+                       help="induction-2l (embedded, default), smollm2, a Hugging Face name or a "
+                            "local folder (see rat-lens models)")
+    trace.add_argument("--target-pos", type=int, nargs="+", default=[-1], metavar="POS",
+                       help="position(s) to trace from; negative counts from the end (default -1)")
+    where = trace.add_mutually_exclusive_group()
+    where.add_argument("--layer", type=int, help="chain mode in this layer (default -1)")
+    where.add_argument("--layers", type=_layers, metavar="LO:HI",
+                       help="layers mode: one edge per layer from HI down to LO")
+    trace.add_argument("--top-beam", type=int, default=5, help="beams kept (default 5)")
+    trace.add_argument("--top-k", type=int, default=5, help="candidates per step (default 5)")
+    trace.add_argument("--min-attn", type=float, default=0.0, help="minimum edge weight")
+    trace.add_argument("--agg-heads", choices=["mean", "max", "none"], default="mean",
+                       help="how heads combine; none = per-head edges (default mean)")
+    trace.add_argument("--length-norm", default="avg_logprob",
+                       help="none, avg_logprob (default), sqrt or pow:ALPHA")
+    trace.add_argument("--residual", choices=["none", "rollout"], default="none",
+                       help="rollout: 0.5*A + 0.5*I, needs --layers")
+    trace.add_argument("--exclude-bos", action="store_true",
+                       help="leave BOS / position 0 (attention sinks) out of the candidates")
+    trace.add_argument("--no-stop-at-bos", action="store_true", help="walk on past BOS tokens")
+    trace.add_argument("--generate", type=int, default=0, metavar="N",
+                       help="generate N tokens greedily and trace each of them")
+    trace.add_argument("--out", "--output", dest="out", default="rat_lens_out", metavar="DIR",
+                       help="output folder (default rat_lens_out)")
+    trace.add_argument("--format", type=_formats, default=["html", "json"],
+                       help="comma-separated: html, json, md (default html,json)")
+    trace.add_argument("--open-browser", action="store_true", help="open the page when done")
+    trace.add_argument("--device", help="torch device for the model (default: its own)")
+    trace.set_defaults(run=_trace)
+
+    models = commands.add_parser("models", help="list the models rat-lens can load",
+                                 description="Models by name, and whether they load offline.")
+    models.set_defaults(run=_models)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``rat-lens`` with ``argv`` (default: the command line); return the exit status."""
     args = _parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, OSError) as err:  # RatLensError is a ValueError
+        print(f"rat-lens {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from .capture import capture_patterns, hook_name, pattern_layers, patterns_from_
 from .result import BeamPath, TraceResult, build_sankey, path_text
 from .beam import beam_search, resolve_layers
 
-__all__ = ["ReverseAttentionTracer", "trace"]
+__all__ = ["ReverseAttentionTracer", "trace", "generate"]
 
 Targets = Union[int, Sequence[int]]
 
@@ -180,6 +180,27 @@ def trace(model, inputs, target_pos: int = -1, **kwargs) -> TraceResult:
     if isinstance(inputs, str):
         return tracer.trace_text(inputs, target_pos, **kwargs)
     return tracer.trace(inputs, target_pos, **kwargs)
+
+
+def generate(model, tokens: Int[Tensor, "batch seq"], n_new: int) -> Int[Tensor, "batch seq_out"]:
+    """Append ``n_new`` greedily chosen tokens (argmax of the last logits), one forward each.
+
+    >>> from rat_lens.models import load
+    >>> model = load("induction-2l")
+    >>> out = generate(model, model.to_tokens("cat dog red blue cat dog"), 2)
+    >>> model.to_string(out[0, -2:])
+    'red blue'
+    """
+    check_positive_int("generate", n_new)
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if n_ctx is not None and tokens.shape[1] + n_new > n_ctx:
+        raise RatLensError(f"generating {n_new} tokens after {tokens.shape[1]} exceeds the "
+                           f"model's context of {n_ctx}")
+    with torch.no_grad():
+        for _ in range(n_new):
+            next_token = model(tokens)[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token.to(tokens.device)], dim=1)
+    return tokens
 
 
 def _top_attention(pattern: Float[Tensor, "query key"], mask: Int[Tensor, " seq"],

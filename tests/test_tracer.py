@@ -127,8 +127,8 @@ def test_top_beam_follows_the_induction_circuit_on_many_prompts(model):
     rng = random.Random(0)
     tracer = ReverseAttentionTracer(model)
     induction, previous = induction_heads(model, repeated_tokens(8, 30, 30, seed=99))
-    ind_heads = {h for h in range(4) if induction[1, h] > 0.5}
-    prev_heads = {h for h in range(4) if previous[0, h] > 0.2}
+    ind_heads = {h for h in range(4) if induction[1, h] > 0.3}  # half the positions have no earlier copy
+    prev_heads = {h for h in range(4) if previous[0, h] > 0.5}
     assert ind_heads and prev_heads
 
     hits = total = 0
