@@ -1,0 +1,267 @@
+"""How a :class:`rat_lens.summary.Summary` reads: sections of rows, then markdown, text or rich.
+
+A summary becomes a list of :class:`Section` (title, note, header, rows); each output format is
+one small function over those, so the three never disagree about what a row says.
+"""
+
+import html
+import re
+import textwrap
+import unicodedata
+from dataclasses import dataclass, field
+
+__all__ = ["token_label", "sections", "render_markdown", "render_text", "render_rich",
+           "render_html"]
+
+MAX_TOKEN_CELLS = 18
+
+
+@dataclass
+class Section:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    align: str  # one of "l" / "r" per column
+    flex: int = -1  # the column that wraps when the table is too wide
+    code: set[int] = field(default_factory=set)  # columns holding tokens: code spans in markdown
+    note: str = ""
+
+
+def cells(text: str) -> int:
+    """Terminal columns ``text`` takes: wide East Asian characters 2, combining marks 0."""
+    return sum(0 if unicodedata.combining(c) else
+               2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def token_label(token: str) -> str:
+    """A token as Python's repr (spaces and newlines visible), cut to 18 columns.
+
+    >>> token_label(" B"), token_label("a\\nb"), token_label("x" * 40)
+    ("' B'", "'a\\\\nb'", "'xxxxxxxxxxxxxxx…'")
+    """
+    label = repr(token)
+    if cells(label) <= MAX_TOKEN_CELLS:
+        return label
+    while token and cells(repr(token)) > MAX_TOKEN_CELLS - 1:
+        token = token[:-1]
+    short = repr(token)
+    return short[:-1] + "…" + short[-1]
+
+
+def _at(token: str, position: int) -> str:
+    return f"{token_label(token)}@{position}"
+
+
+def _head(layer: int, head, agg: str) -> str:
+    return f"L{layer}.H{head}" if head is not None else f"L{layer} ({agg})"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _role(label: str, score) -> str:
+    return f"{label} {score:.2f}" if label else ""
+
+
+def _title(s) -> tuple[str, str]:
+    span = f"layer {s.layer} (chain)" if s.mode == "chain" else f"layers L{s.layer}→L{s.layer_lo}"
+    heads = "per-head edges" if s.agg_heads == "none" else f"heads aggregated by {s.agg_heads}"
+    extra = ", BOS/position 0 excluded" if s.exclude_bos else ""
+    return (f"Trace summary: target {_at(s.target_token, s.target_pos)}"
+            + (f" (prompt {s.batch_index})" if s.batch_index else ""),
+            f"{span}; {heads}; length_norm {s.length_norm}; {len(s.beams)} "
+            f"beam{'' if len(s.beams) == 1 else 's'}{extra}")
+
+
+def sections(s) -> list[Section]:
+    """The summary as titled tables, in reading order; empty parts are left out."""
+    out = [Section("Beams (best first)", ["#", "score", "raw", "share", "circuit"],
+                   [[str(b.rank), f"{b.score_norm:.3f}", f"{b.score_raw:.3f}", _pct(b.share),
+                     b.circuit] for b in s.beams], "rrrrl", flex=4, code={4},
+                   note="share = softmax(score_norm) over the beams")]
+    if s.heads:
+        out.append(Section("Traced mass by head", ["head", "mass", "share", "edges", "role"],
+                           [[_head(h.layer, h.head, s.agg_heads), f"{h.mass:.3f}", _pct(h.share),
+                             str(h.edges), _role(h.role, h.role_score)] for h in s.heads],
+                           "lrrrl", note="mass = Σ over beams of share × edge attention"))
+        out.append(Section("Traced mass by layer", ["layer", "mass", "share"],
+                           [[f"L{x.layer}", f"{x.mass:.3f}", _pct(x.share)] for x in s.layers],
+                           "lrr"))
+        out.append(Section("Top edges", ["edge", "key → query", "attn", "mass", "sink", "beams",
+                                         "role"],
+                           [[_head(e.layer, e.head, s.agg_heads),
+                             f"{_at(e.key_token, e.key)} → {_at(e.query_token, e.query)}",
+                             f"{e.attn:.2f}", f"{e.mass:.3f}", f"{e.bos_mass:.2f}",
+                             ",".join(str(b + 1) for b in e.beams), e.role] for e in s.edges],
+                           "llrrrll", flex=1, code={1},
+                           note="sink = the row's attention on BOS / position 0"))
+    if s.tokens:
+        roll = "rollout" in s.importance
+        out.append(Section("Token importance", ["pos", "token", "beam mass"] + ["rollout"] * roll,
+                           [[str(t.position), token_label(t.token), f"{t.beam_mass:.3f}"]
+                            + ([f"{t.rollout:.3f}"] if roll else []) for t in s.tokens],
+                           "rlr" + "r" * roll, code={1},
+                           note="beam mass: traced mass landing on the token; rollout: Abnar & "
+                                "Zuidema (2020) over the traced layers"))
+    if s.roles is not None:
+        out.append(_roles_section(s))
+    if s.stats is not None:
+        out.append(_stats_section(s))
+    if s.predictions:
+        out.append(Section("Predictions at traced positions", ["pos", "token", "top next tokens"],
+                           [[str(p.position), token_label(p.token),
+                             ", ".join(f"{token_label(t)} {q:.2f}" for t, q in
+                                       zip(p.tokens, p.probs))] for p in s.predictions],
+                           "rll", flex=2, code={1, 2}))
+    return out
+
+
+def _roles_section(s) -> Section:
+    rows = []
+    for name, table in s.roles.scores.items():
+        scored = sorted(((v, layer, h) for layer, row in zip(s.roles.layers, table)
+                         for h, v in enumerate(row)), reverse=True)
+        named = [f"L{layer}.H{h} {v:.2f}" for v, layer, h in scored if v >= s.role_threshold]
+        best = f"none (best L{scored[0][1]}.H{scored[0][2]} {scored[0][0]:.2f})" if scored else ""
+        rows.append([name, ", ".join(named) or best])
+    return Section("Head roles", ["role", "heads (score)"], rows, "ll", flex=1,
+                   note=f"TransformerLens head_detector scores on the traced tokens, "
+                        f"shown when >= {s.role_threshold:.2f}")
+
+
+def _stats_section(s) -> Section:
+    table, names = s.stats, ["entropy", "max_weight", "sink_mass", "self_mass", "prev_mass"]
+    names = [n for n in names if n in table.scores]
+    on_paths = {(h.layer, h.head) for h in s.heads}
+    show_all = len(table.layers) * table.n_heads <= 32
+    rows = []
+    for i, layer in enumerate(table.layers):
+        for h in range(table.n_heads):
+            if table.aggregated or show_all or (layer, h) in on_paths:
+                label = s.agg_heads if table.aggregated else f"H{h}"
+                rows.append([f"L{layer}", label] + [f"{table.scores[n][i][h]:.3f}" for n in names])
+        if not table.aggregated and table.n_heads > 1:
+            rows.append([f"L{layer}", "mean"] + [
+                f"{sum(table.scores[n][i]) / table.n_heads:.3f}" for n in names])
+    return Section("Attention statistics", ["layer", "head"] + [n.replace("_", " ") for n in names],
+                   rows, "ll" + "r" * len(names),
+                   note="means over query rows; entropy in nats" + (
+                       "" if show_all else "; heads on the traced paths and each layer's mean"))
+
+
+def render_markdown(s) -> str:
+    title, sub = _title(s)
+    out = [f"## {_md(title)}", "", _md(sub)]
+    for sec in sections(s):
+        out += ["", f"### {sec.title}", ""] + ([f"_{_md(sec.note)}_", ""] if sec.note else [])
+        out.append("| " + " | ".join(_md(h) for h in sec.header) + " |")
+        out.append("|" + "|".join("---:" if a == "r" else ":---" for a in sec.align) + "|")
+        for row in sec.rows:
+            out.append("| " + " | ".join(_code(c) if i in sec.code else _md(c)
+                                         for i, c in enumerate(row)) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _md(text: str) -> str:
+    return re.sub(r"([\\`*_\[\]<>|])", r"\\\1", text)
+
+
+def _code(text: str) -> str:
+    if not text:
+        return ""
+    text = text.replace("|", "\\|")  # GFM splits cells on | even inside code spans
+    fence = "``" if "`" in text else "`"
+    return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
+
+
+def render_html(s) -> str:
+    """One ``<div class="rat-summary">`` of plain tables, every string escaped, no script."""
+    esc = html.escape
+    title, sub = _title(s)
+    out = [f'<div class="rat-summary"><h3>{esc(title)}</h3><p>{esc(sub)}</p>']
+    for sec in sections(s):
+        kinds = ["num" if a == "r" else "code" if i in sec.code else "text"
+                 for i, a in enumerate(sec.align)]
+        out.append(f"<table><caption>{esc(sec.title)}</caption><thead><tr>"
+                   + "".join(f"<th>{esc(h)}</th>" for h in sec.header) + "</tr></thead><tbody>")
+        out += ["<tr>" + "".join(f'<td class="{k}">{esc(c)}</td>' for k, c in zip(kinds, row))
+                + "</tr>" for row in sec.rows]
+        note = f'<p class="note">{esc(sec.note)}</p>' if sec.note else ""
+        out.append("</tbody></table>" + note)
+    return "\n".join(out) + "</div>\n"
+
+
+def render_text(s, width: int = 100) -> str:
+    title, sub = _title(s)
+    lines = _wrap(title, width) + _wrap(sub, width)
+    for sec in sections(s):
+        lines += ["", sec.title] + (textwrap.wrap(sec.note, width) if sec.note else [])
+        lines += _table(sec, width)
+    # The tables are sized to fit; this only guards against a label wider than the screen.
+    return "\n".join(_cut(line.rstrip(), width) for line in lines) + "\n"
+
+
+def _table(sec: Section, width: int) -> list[str]:
+    widths = [max([cells(h)] + [cells(r[i]) for r in sec.rows]) for i, h in enumerate(sec.header)]
+    gap = 2
+    total = sum(widths) + gap * (len(widths) - 1)
+    flex = sec.flex % len(widths)
+    if total > width:
+        widths[flex] = max(12, widths[flex] - (total - width))
+    lines = []
+    for row in [sec.header] + sec.rows:
+        parts = [_wrap(c, widths[i]) if i == flex else [c] for i, c in enumerate(row)]
+        for k in range(max(len(p) for p in parts)):
+            cols = []
+            for i, p in enumerate(parts):
+                text = p[k] if k < len(p) else ""
+                pad = " " * (widths[i] - cells(text))
+                cols.append(pad + text if sec.align[i] == "r" else text + pad)
+            lines.append((" " * gap).join(cols))
+    return lines
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """Break before ``←`` / ``→`` edges and after commas; cut only what still does not fit."""
+    atoms = [a for a in re.split(r"(?<=, )|(?= ←)|(?= → )|(?<=; )", text) if a]
+    lines, line = [], ""
+    for atom in atoms:
+        if line and cells(line + atom) > width:
+            lines.append(line)
+            line = atom.lstrip() if not atom.startswith(" ←") else atom
+        else:
+            line += atom
+        while cells(line) > width:
+            head = _cut(line, width, mark="")
+            lines.append(head)
+            line = line[len(head):]
+    return lines + [line] if line or not lines else lines
+
+
+def _cut(text: str, width: int, mark: str = "…") -> str:
+    if cells(text) <= width:
+        return text
+    while text and cells(text) > width - len(mark):
+        text = text[:-1]
+    return text + mark
+
+
+def render_rich(s):
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text  # Text, not str: a token like "[b]" must not read as markup
+
+    title, sub = _title(s)
+    parts = [Text(title, style="bold"), Text(sub)]
+    for sec in sections(s):
+        table = Table(title=sec.title, caption=sec.note or None, box=box.SIMPLE_HEAD,
+                      title_justify="left", caption_justify="left")
+        for i, header in enumerate(sec.header):
+            table.add_column(header, justify="right" if sec.align[i] == "r" else "left",
+                             overflow="fold", no_wrap=i != sec.flex % len(sec.header))
+        for row in sec.rows:
+            table.add_row(*(Text(c) for c in row))
+        parts += [Text(""), table]
+    return Group(*parts)

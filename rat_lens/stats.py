@@ -1,0 +1,271 @@
+"""Attention statistics and token importance: pure tensor functions, no model in sight.
+
+Every function takes patterns as TransformerLens gives them (``[..., head, query, key]``, rows
+summing to 1 over the keys a query may see) and returns a tensor. The per-head statistics are
+means over query rows, so they read as "on average, a row of this head ...":
+
+=============== ===========================================================================
+``entropy``     −Σ_k A[q, k] · ln A[q, k] (nats; 0 for a one-hot row, ln n for uniform over n)
+``max_weight``  max_k A[q, k]
+``sink_mass``   Σ over sink keys (BOS / position 0) of A[q, k]
+``self_mass``   A[q, q], the diagonal
+``prev_mass``   A[q, q − 1], the previous token (rows q ≥ 1 only)
+=============== ===========================================================================
+
+Token importance for one target: attention rollout (Abnar & Zuidema 2020) and the beam mass
+that a trace put on each position. :class:`HeadTable` carries named ``[layer][head]`` values
+(statistics, head-role scores) as plain lists, so results holding them round-trip through JSON.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+from einops import reduce
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from ._errors import RatLensError
+
+__all__ = ["STAT_NAMES", "HeadTable", "entropy", "max_weight", "sink_mass", "self_mass",
+           "prev_mass", "attention_stats", "attention_rollout", "rollout_importance",
+           "beam_mass_importance", "top_predictions"]
+
+STAT_NAMES = ("entropy", "max_weight", "sink_mass", "self_mass", "prev_mass")
+
+# A mask over query rows broadcasts right-aligned against [..., head, query]: [batch, query]
+# works for [batch, head, q, k] and for stacked [layer, batch, head, q, k] alike.
+QueryMask = Optional[Bool[Tensor, "*mask_lead query"]]
+
+
+def _row_mean(per_row: Float[Tensor, "*lead head query"], query_mask: QueryMask
+              ) -> Float[Tensor, "*lead head"]:
+    """Mean over query rows, counting only rows where ``query_mask`` is True."""
+    if query_mask is None:
+        return reduce(per_row, "... query -> ...", "mean")
+    keep = query_mask.to(per_row.device).unsqueeze(-2).to(per_row.dtype)  # [..., 1, query]
+    keep = keep.expand_as(per_row)
+    # A head with no counted row gets 0, not NaN: it has nothing to average.
+    return (per_row * keep).sum(-1) / keep.sum(-1).clamp(min=1)
+
+
+def entropy(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None
+            ) -> Float[Tensor, "*lead head"]:
+    """Mean row entropy in nats (0·ln 0 = 0).
+
+    >>> causal_uniform = torch.tril(torch.ones(3, 3)) / torch.arange(1, 4.0)[:, None]
+    >>> entropy(causal_uniform[None])                     # rows: ln 1, ln 2, ln 3
+    tensor([0.5973])
+    """
+    return _row_mean(torch.special.entr(pattern).sum(-1), query_mask)
+
+
+def max_weight(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None
+               ) -> Float[Tensor, "*lead head"]:
+    """Mean over rows of the largest weight in the row.
+
+    >>> max_weight(torch.eye(4)[None])
+    tensor([1.])
+    """
+    return _row_mean(pattern.amax(-1), query_mask)
+
+
+def sink_mass(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None,
+              sink: Optional[Bool[Tensor, "*sink_lead key"]] = None) -> Float[Tensor, "*lead head"]:
+    """Mean over rows of the mass on sink keys: ``sink`` (e.g. BOS positions), else position 0.
+
+    >>> causal_uniform = torch.tril(torch.ones(4, 4)) / torch.arange(1, 5.0)[:, None]
+    >>> sink_mass(causal_uniform[None])                   # (1 + 1/2 + 1/3 + 1/4) / 4
+    tensor([0.5208])
+    """
+    if sink is None:
+        return _row_mean(pattern[..., 0], query_mask)
+    on_sink = sink.to(pattern.device).unsqueeze(-2).to(pattern.dtype)  # [..., 1, key]
+    return _row_mean((pattern * on_sink).sum(-1), query_mask)
+
+
+def self_mass(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None
+              ) -> Float[Tensor, "*lead head"]:
+    """Mean over rows of the diagonal ``A[q, q]``: how much a token reads itself.
+
+    >>> self_mass(torch.eye(3)[None])
+    tensor([1.])
+    """
+    return _row_mean(torch.diagonal(pattern, dim1=-2, dim2=-1), query_mask)
+
+
+def prev_mass(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None
+              ) -> Float[Tensor, "*lead head"]:
+    """Mean over rows q ≥ 1 of ``A[q, q - 1]`` (row 0 has no previous token, so it is left out).
+
+    >>> previous = torch.eye(4).roll(-1, dims=1).tril()   # every row q >= 1 reads q - 1
+    >>> prev_mass(previous[None]), self_mass(previous[None])
+    (tensor([1.]), tensor([0.]))
+    """
+    n = pattern.shape[-1]
+    below = torch.diagonal(pattern, offset=-1, dim1=-2, dim2=-1)  # [..., head, query - 1]
+    if n < 2:
+        return torch.zeros(pattern.shape[:-2], dtype=pattern.dtype, device=pattern.device)
+    mask = None if query_mask is None else query_mask[..., 1:]
+    return _row_mean(below, mask)
+
+
+def attention_stats(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None,
+                    sink: Optional[Bool[Tensor, "*sink_lead key"]] = None
+                    ) -> dict[str, Float[Tensor, "*lead head"]]:
+    """All five statistics of :data:`STAT_NAMES`, per head, for one layer or stacked layers.
+
+    Cheap enough to run inside a ``hook_pattern`` hook on the full pattern before heads are
+    aggregated ([batch, head] numbers out of [batch, head, seq, seq]).
+
+    >>> stats = attention_stats(torch.eye(3).expand(2, 1, 3, 3))      # [batch 2, head 1]
+    >>> for name, value in stats.items():
+    ...     print(f"{name:10} {[round(v, 3) for v in value.flatten().tolist()]}")
+    entropy    [0.0, 0.0]
+    max_weight [1.0, 1.0]
+    sink_mass  [0.333, 0.333]
+    self_mass  [1.0, 1.0]
+    prev_mass  [0.0, 0.0]
+    """
+    return {"entropy": entropy(pattern, query_mask),
+            "max_weight": max_weight(pattern, query_mask),
+            "sink_mass": sink_mass(pattern, query_mask, sink),
+            "self_mass": self_mass(pattern, query_mask),
+            "prev_mass": prev_mass(pattern, query_mask)}
+
+
+def _with_residual(attn: Float[Tensor, "*lead query key"], residual: float
+                   ) -> Float[Tensor, "*lead query key"]:
+    if not 0.0 <= residual <= 1.0:
+        raise RatLensError(f"residual={residual} must be within [0, 1]")
+    eye = torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
+    mixed = (1.0 - residual) * attn + residual * eye
+    # Re-normalised as in the paper; a no-op for rows that already sum to 1.
+    return mixed / mixed.sum(-1, keepdim=True).clamp(min=torch.finfo(attn.dtype).tiny)
+
+
+def _head_mean(patterns: Float[Tensor, "layer *batch head query key"]
+               ) -> Float[Tensor, "layer *batch query key"]:
+    return reduce(patterns, "layer ... head q k -> layer ... q k", "mean")
+
+
+def attention_rollout(patterns: Float[Tensor, "layer *batch head query key"],
+                      residual: float = 0.5) -> Float[Tensor, "*batch query key"]:
+    """Attention rollout (Abnar & Zuidema 2020) through the stacked layers, lowest first.
+
+    Heads are averaged, each layer becomes ``Ã = (1 - residual)·A + residual·I`` (rows
+    re-normalised), and ``R = Ã_top ··· Ã_bottom``: ``R[q, k]`` is how much of position ``q``
+    after the top layer traces back to token ``k`` before the bottom one.
+
+    >>> A = torch.tensor([[1.0, 0.0], [1.0, 0.0]])                    # everyone reads token 0
+    >>> attention_rollout(A[None, None])                              # [layer 1, head 1, q, k]
+    tensor([[1.0000, 0.0000],
+            [0.5000, 0.5000]])
+    >>> attention_rollout(torch.stack([A, A])[:, None])               # two layers
+    tensor([[1.0000, 0.0000],
+            [0.7500, 0.2500]])
+    """
+    mixed = _with_residual(_head_mean(patterns), residual)
+    rollout = mixed[0]
+    for layer_attn in mixed[1:]:
+        rollout = layer_attn @ rollout
+    return rollout
+
+
+def rollout_importance(patterns: Float[Tensor, "layer *batch head query key"], target: int,
+                       residual: float = 0.5) -> Float[Tensor, "*batch key"]:
+    """Row ``target`` of :func:`attention_rollout`, computed as vector × matrix products.
+
+    O(layers · seq²) instead of O(layers · seq³): only the target's row is ever formed.
+
+    >>> A = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    >>> rollout_importance(torch.stack([A, A])[:, None], target=1)
+    tensor([0.7500, 0.2500])
+    """
+    mixed = _with_residual(_head_mean(patterns), residual)
+    row = mixed[-1][..., target, :]  # [*batch, key]
+    for layer_attn in reversed(mixed[:-1]):
+        row = (row.unsqueeze(-2) @ layer_attn).squeeze(-2)
+    return row
+
+
+def beam_mass_importance(keys: Int[Tensor, " edge"], mass: Float[Tensor, " edge"], seq_len: int
+                         ) -> Float[Tensor, " seq"]:
+    """Sum of edge mass landing on each key position (a trace's edges, flattened over beams).
+
+    With ``mass`` = softmax(score_norm) of the beam × edge attention this is the Sankey link
+    weight summed per source token.
+
+    >>> beam_mass_importance(torch.tensor([2, 0, 2]), torch.tensor([0.5, 0.25, 0.125]), 4)
+    tensor([0.2500, 0.0000, 0.6250, 0.0000])
+    """
+    out = torch.zeros(seq_len, dtype=mass.dtype, device=mass.device)
+    return out.index_add_(0, keys.to(mass.device), mass)
+
+
+def top_predictions(logits: Float[Tensor, "seq vocab"], positions: Union[Sequence[int], Tensor],
+                    k: int = 3) -> tuple[Float[Tensor, "n k"], Int[Tensor, "n k"]]:
+    """The model's top-``k`` next tokens (probabilities, ids) at each of ``positions``.
+
+    >>> logits = torch.log(torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]]))
+    >>> probs, ids = top_predictions(logits, [1, 0], k=2)
+    >>> ids.tolist(), [[round(p, 2) for p in row] for row in probs.tolist()]
+    ([[0, 2], [1, 2]], [[0.5, 0.3], [0.7, 0.2]])
+    """
+    index = torch.as_tensor(positions, dtype=torch.long, device=logits.device)
+    probs = logits[index].float().softmax(-1)
+    top = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    return top.values, top.indices
+
+
+@dataclass
+class HeadTable:
+    """Named values per (layer, head): ``scores[name][i][h]`` belongs to layer ``layers[i]``.
+
+    Holds attention statistics or head-role scores as plain lists (JSON-ready). ``head`` is
+    ``None`` when the values describe heads aggregated into one (``agg_heads="mean"``).
+
+    >>> table = HeadTable.from_tensors([3], {"entropy": torch.tensor([[0.5, 1.5]])})
+    >>> table.get("entropy", 3, 1), table.n_heads, HeadTable.from_dict(table.to_dict()) == table
+    (1.5, 2, True)
+    """
+
+    layers: list[int]
+    scores: dict[str, list[list[float]]] = field(default_factory=dict)
+    aggregated: bool = False
+
+    @classmethod
+    def from_tensors(cls, layers: Sequence[int], scores: dict[str, Float[Tensor, "layer head"]],
+                     aggregated: bool = False) -> "HeadTable":
+        for name, value in scores.items():
+            if value.ndim != 2 or value.shape[0] != len(layers):
+                raise RatLensError(f"scores[{name!r}] has shape {tuple(value.shape)}, expected "
+                                   f"[layer, head] with {len(layers)} layers")
+        return cls([int(x) for x in layers],
+                   {name: value.detach().double().cpu().tolist() for name, value in scores.items()},
+                   aggregated)
+
+    @property
+    def n_heads(self) -> int:
+        return len(next(iter(self.scores.values()))[0]) if self.scores and self.layers else 0
+
+    def get(self, name: str, layer: int, head: Optional[int]) -> Optional[float]:
+        """The value for (layer, head), or None when the table does not hold it."""
+        if name not in self.scores or layer not in self.layers:
+            return None
+        row = self.scores[name][self.layers.index(layer)]
+        index = 0 if head is None and self.aggregated else head
+        return row[index] if index is not None and 0 <= index < len(row) else None
+
+    def tensor(self, name: str) -> Float[Tensor, "layer head"]:
+        return torch.tensor(self.scores[name], dtype=torch.float64)
+
+    def to_dict(self) -> dict:
+        return {"layers": list(self.layers), "scores": {k: [list(r) for r in v]
+                                                        for k, v in self.scores.items()},
+                "aggregated": self.aggregated}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HeadTable":
+        scores = {name: [list(row) for row in rows] for name, rows in data["scores"].items()}
+        return cls(list(data["layers"]), scores, bool(data.get("aggregated", False)))
