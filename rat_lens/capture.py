@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
 from ._errors import RatLensError
 from ._pattern import aggregate_heads, check_choice, AGG_HEADS
 
-__all__ = ["PatternCapture", "capture_patterns", "patterns_from_cache", "pattern_layers",
-           "hook_name"]
+__all__ = ["PatternCapture", "capture_patterns", "run_with_patterns", "patterns_from_cache",
+           "pattern_layers", "hook_name"]
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
 
@@ -109,17 +109,37 @@ def capture_patterns(model, tokens: Int[Tensor, "batch seq"], layers: Sequence[i
     >>> sorted(cache.keys()), cache["pattern", 0].shape
     (['blocks.0.attn.hook_pattern', 'blocks.1.attn.hook_pattern'], torch.Size([1, 4, 6, 6]))
     """
+    return _run(model, tokens, layers, agg_heads, attention_mask, stop_early=True)[1]
+
+
+def run_with_patterns(model, tokens: Int[Tensor, "batch seq"], layers: Sequence[int], *,
+                      agg_heads: str = "mean",
+                      attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
+                      ) -> tuple[Float[Tensor, "batch seq vocab"], ActivationCache]:
+    """:func:`capture_patterns` with the whole forward: the logits too, as ``run_with_cache``.
+
+    >>> from rat_lens.models import load
+    >>> model = load("induction-2l")
+    >>> logits, cache = run_with_patterns(model, model.to_tokens("cat dog red"), [1])
+    >>> logits.shape, cache["pattern", 1].shape
+    (torch.Size([1, 4, 64]), torch.Size([1, 1, 4, 4]))
+    """
+    return _run(model, tokens, layers, agg_heads, attention_mask, stop_early=False)
+
+
+def _run(model, tokens, layers, agg_heads, attention_mask, stop_early: bool):
     n_layers = pattern_layers(model)
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad or not layers:
         raise RatLensError(f"layers {list(layers)} must be non-empty and within 0..{n_layers - 1}")
-    capture = PatternCapture(layers, agg_heads, stop_after=True)
+    capture = PatternCapture(layers, agg_heads, stop_after=stop_early)
+    logits = None
     with torch.no_grad(), model.hooks(fwd_hooks=capture.fwd_hooks):
         try:
-            model(tokens, attention_mask=attention_mask)
+            logits = model(tokens, attention_mask=attention_mask)
         except _StopForward:
             pass
-    return capture.to_cache(model)
+    return logits, capture.to_cache(model)
 
 
 def patterns_from_cache(cache, layers: Sequence[int], agg_heads: str = "mean",

@@ -79,7 +79,8 @@ def _trace(args: argparse.Namespace) -> int:
     tracer = ReverseAttentionTracer(model)
     options = dict(top_beam=args.top_beam, top_k=args.top_k, min_attn=args.min_attn,
                    agg_heads=args.agg_heads, length_norm=args.length_norm,
-                   stop_at_bos=not args.no_stop_at_bos, exclude_bos=args.exclude_bos)
+                   stop_at_bos=not args.no_stop_at_bos, exclude_bos=args.exclude_bos,
+                   predictions=args.predictions)
     if args.layers is not None:
         options.update(layers=args.layers, residual=args.residual)
     else:
@@ -104,6 +105,8 @@ def _trace(args: argparse.Namespace) -> int:
         print(f"target {where}, {span}, {len(result.beams)} beams:")
         for line in result.paths_text:
             print(f"  {line}")
+        print()
+        print(result.summary().to_text())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -124,12 +127,7 @@ def _trace(args: argparse.Namespace) -> int:
 
 
 def _markdown(results: list[TraceResult]) -> str:
-    parts = []
-    for r in results:
-        parts.append(f"## Target {r.target_pos}: `{r.tokens[r.target_pos]}`\n")
-        parts.extend(f"{i + 1}. `{line}`" for i, line in enumerate(r.paths_text))
-        parts.append("")
-    return "\n".join(parts)
+    return "\n\n".join(r.summary().to_markdown() for r in results)
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -182,6 +180,9 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--exclude-bos", action="store_true",
                        help="leave BOS / position 0 (attention sinks) out of the candidates")
     trace.add_argument("--no-stop-at-bos", action="store_true", help="walk on past BOS tokens")
+    trace.add_argument("--predictions", type=int, default=0, metavar="K",
+                       help="also show the model's top-K next tokens at traced positions "
+                            "(runs the whole forward)")
     trace.add_argument("--generate", type=int, default=0, metavar="N",
                        help="generate N tokens greedily and trace each of them")
     trace.add_argument("--out", "--output", dest="out", default="rat_lens_out", metavar="DIR",

@@ -81,6 +81,9 @@ class TraceResult:
     ``"layers"`` (one edge per layer from ``layer`` down to ``layer_lo``). ``top_attention``
     holds ``[query, key, weight]`` for the strongest keys of every query, in the captured
     patterns averaged over the traced layers and heads (the renderer's token strip).
+    ``predictions`` (when traced with ``predictions=k``) are the model's top-k next tokens at the
+    traced positions; ``rollout`` is the target's attention-rollout importance over positions
+    (Abnar & Zuidema 2020) across the traced layers (head-mean; empty for ``agg_heads="max"``).
     """
 
     seq_len: int
@@ -101,6 +104,8 @@ class TraceResult:
     batch_index: int = 0
     token_ids: list[int] = field(default_factory=list)
     top_attention: list[list] = field(default_factory=list)
+    predictions: list[dict] = field(default_factory=list)
+    rollout: list[float] = field(default_factory=list)
 
     def __repr__(self) -> str:
         layers = f"layer={self.layer}" if self.mode == "chain" else \

@@ -227,7 +227,7 @@ def summarize(result: TraceResult, *, patterns=None, logits: Optional[Tensor] = 
     if predictions is None:
         predictions = getattr(result, "predictions", None) or None
     if predictions is None and logits is not None:
-        predictions = _predict(result, logits, tokenizer, k)
+        predictions = predictions_at(result, logits, tokenizer, k)
 
     circuits, heads, edges = _masses(result, roles, role_threshold)
     total = sum(h.mass for h in heads) or 1.0
@@ -338,7 +338,8 @@ def _rollout(stacked: list[Tensor], target: int) -> list[float]:
     return rollout_importance(torch.stack(lo_to_hi), target).tolist()
 
 
-def _predict(result: TraceResult, logits: Tensor, tokenizer, k: int) -> list[Prediction]:
+def predictions_at(result: TraceResult, logits: Tensor, tokenizer, k: int) -> list[Prediction]:
+    """The top-``k`` next tokens at the target and every traced position, from final logits."""
     if logits.ndim == 3:
         logits = logits[result.batch_index if logits.shape[0] > 1 else 0]
     if logits.ndim != 2 or logits.shape[0] != result.seq_len:

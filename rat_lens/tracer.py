@@ -4,6 +4,7 @@
 TransformerLens model and the tokenizer defaults to its own.
 """
 
+import dataclasses
 from typing import Optional, Sequence, Union
 
 import torch
@@ -14,8 +15,11 @@ from torch import Tensor
 from ._errors import RatLensError
 from ._pattern import (check_choice, check_length_norm, check_positive_int, check_residual,
                        check_pattern_values, resolve_index, AGG_HEADS)
-from .capture import capture_patterns, hook_name, pattern_layers, patterns_from_cache
+from .capture import (capture_patterns, hook_name, pattern_layers, patterns_from_cache,
+                      run_with_patterns)
 from .result import BeamPath, TraceResult, build_sankey, path_text
+from .stats import rollout_importance
+from .summary import predictions_at
 from .beam import beam_search, resolve_layers
 
 __all__ = ["ReverseAttentionTracer", "trace", "generate"]
@@ -72,12 +76,14 @@ class ReverseAttentionTracer:
                     agg_heads: str = "mean", length_norm: str = "avg_logprob",
                     stop_at_bos: bool = True, bos_token_id: Optional[int] = None,
                     residual: Optional[str] = None, exclude_bos: bool = False,
-                    cache=None) -> list[TraceResult]:
+                    cache=None, predictions: int = 0) -> list[TraceResult]:
         """Trace every prompt of a batch from every position in ``target_pos``: ONE forward.
 
         ``inputs`` is ``[batch, seq]`` token ids (pad them and give ``attention_mask``) or a
         list of strings (padded here). Negative targets count back from each prompt's last
         unmasked token. Results come prompt by prompt, targets in the order given.
+        ``predictions=k`` runs the whole forward (not stopping after the traced layers) and
+        records the model's top-k next tokens at every traced position.
         """
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs):
             if attention_mask is not None:
@@ -102,12 +108,22 @@ class ReverseAttentionTracer:
         if chain and check_residual(residual) != "none":
             raise RatLensError(f"residual={residual!r} needs layers mode (layers=(lo, hi))")
         targets = _resolve_targets(target_pos, mask)
+        if predictions:
+            check_positive_int("predictions", predictions)
+            if cache is not None:
+                raise RatLensError("predictions need the model's logits, which a cache does not "
+                                   "hold: trace without cache=, or pass logits to summary()")
 
-        if cache is None:
-            patterns = capture_patterns(self.model, tokens, layer_ids, agg_heads=agg_heads,
-                                        attention_mask=None if mask.all() else mask)
-        else:
+        logits = None
+        model_mask = None if mask.all() else mask
+        if cache is not None:
             patterns = patterns_from_cache(cache, layer_ids, agg_heads, tuple(tokens.shape))
+        elif predictions:
+            logits, patterns = run_with_patterns(self.model, tokens, layer_ids,
+                                                 agg_heads=agg_heads, attention_mask=model_mask)
+        else:
+            patterns = capture_patterns(self.model, tokens, layer_ids, agg_heads=agg_heads,
+                                        attention_mask=model_mask)
         stacked = [patterns[hook_name(layer)].float().cpu() for layer in layer_ids]
         for layer, pattern in zip(layer_ids, stacked):
             check_pattern_values(pattern, hook_name(layer))
@@ -129,7 +145,7 @@ class ReverseAttentionTracer:
                     bos_positions=bos, attention_mask=mask[b], residual=residual,
                     exclude_bos=exclude_bos)
                 paths = [BeamPath.from_beam(beam, strings, ids) for beam in beams]
-                results.append(TraceResult(
+                result = TraceResult(
                     seq_len=len(ids), target_pos=target, layer=layer_ids[0], top_beam=top_beam,
                     top_k=top_k, tokens=strings, beams=paths,
                     sankey=build_sankey(paths, strings, "chain" if chain else "layers",
@@ -139,7 +155,13 @@ class ReverseAttentionTracer:
                     layer_lo=layer_ids[-1], agg_heads=agg_heads, length_norm=length_norm,
                     residual=check_residual(residual), exclude_bos=exclude_bos,
                     batch_index=b, token_ids=ids,
-                    top_attention=_top_attention(overview[b], mask[b])))
+                    top_attention=_top_attention(overview[b], mask[b]),
+                    rollout=[] if agg_heads == "max" else rollout_importance(
+                        torch.stack([p[b] for p in reversed(stacked)]), target).tolist())
+                if logits is not None:
+                    result.predictions = [dataclasses.asdict(p) for p in predictions_at(
+                        result, logits[b], self.tokenizer, predictions)]
+                results.append(result)
         return results
 
     def tokenize(self, texts: list[str]) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:

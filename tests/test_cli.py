@@ -47,6 +47,7 @@ def test_every_trace_flag_reaches_the_tracer(tmp_path, capsys):
                           "--top-k", "4", "--min-attn", "0.01", "--agg-heads", "none",
                           "--length-norm", "pow:0.5", "--residual", "rollout", "--exclude-bos",
                           "--no-stop-at-bos", "--output", str(out), "--format", "json,md",
+                          "--predictions", "2",
                           "--device", "cpu")
     assert code == 0
     results = saved(out)
@@ -56,9 +57,12 @@ def test_every_trace_flag_reaches_the_tracer(tmp_path, capsys):
         length_norm="pow:0.5", residual="rollout", exclude_bos=True, stop_at_bos=False)
     assert results[1].beams == expected.beams
     assert (results[1].top_beam, results[1].top_k, results[1].residual) == (3, 4, "rollout")
-    assert not (out / "index.html").exists() and (out / "trace.md").read_text().startswith(
-        "## Target 8")
+    assert not (out / "index.html").exists()
+    markdown = (out / "trace.md").read_text()
+    assert markdown.count("'red'@8") >= 1 and "| " in markdown
     assert "-[L1.H" in stdout
+    assert "Traced mass by head" in stdout and "Predictions at traced positions" in stdout
+    assert len(results[0].predictions[0]["token_ids"]) == 2
 
 
 def test_layer_flag_chain_mode_and_html_only(tmp_path, capsys):
@@ -77,7 +81,7 @@ def test_generate_traces_each_generated_token(tmp_path, capsys):
     results = saved(tmp_path)
     assert [r.target_pos for r in results] == [6, 7]  # the positions that produced them
     assert results[0].tokens[-2:] == ["red", "blue"]  # the induction model continues the copy
-    assert stdout.count("target ") == 2
+    assert stdout.count(", layer 1, 5 beams:") == 2
 
 
 def test_render_round_trips_a_trace_written_by_trace(tmp_path, capsys):

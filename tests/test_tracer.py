@@ -200,3 +200,29 @@ def test_bridge_and_hooked_transformer_give_identical_beams():
         b = ReverseAttentionTracer(hooked).trace_batch(tokens, [-1, -4], **opts)
         for ra, rb in zip(a, b, strict=True):
             assert_same_beams(ra.beams, rb.beams)
+
+
+def test_predictions_and_rollout_come_from_the_same_forward(model):
+    from rat_lens.stats import rollout_importance
+    from rat_lens.summary import summarize
+    tokens = repeated_tokens(2, prefix_len=12, repeat_len=6, seed=31)
+    forwards = []
+    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern",
+                                 lambda p, hook: forwards.append(1))]):
+        results = ReverseAttentionTracer(model).trace_batch(
+            tokens, [-1, 5], layers=(0, 1), agg_heads="none", predictions=3)
+    assert forwards == [1]
+    logits, cache = model.run_with_cache(tokens, names_filter=NAMES)
+    for r in results:  # the oracle: the summary computed from run_with_cache's logits
+        expected = summarize(r, logits=logits, tokenizer=model.tokenizer).predictions
+        assert [p["position"] for p in r.predictions] == [p.position for p in expected]
+        assert [p["token_ids"] for p in r.predictions] == [p.token_ids for p in expected]
+        assert r.predictions[0]["probs"] == pytest.approx(expected[0].probs, abs=1e-6)
+        stack = torch.stack([cache["pattern", layer][r.batch_index] for layer in (0, 1)])
+        assert r.rollout == pytest.approx(
+            rollout_importance(stack, r.target_pos).tolist(), abs=1e-6)
+    # The induction model predicts the next repeated token at the last position.
+    assert results[0].predictions[0]["token_ids"][0] == int(tokens[0, 7])
+    assert "Predictions at traced positions" in results[0].summary().to_text()
+    with pytest.raises(RatLensError, match="predictions need the model's logits"):
+        ReverseAttentionTracer(model).trace(tokens[:1], cache=cache, predictions=3)
