@@ -1,0 +1,115 @@
+"""Models for rat_lens, loadable offline into the installed TransformerLens.
+
+``induction-2l`` ships with the package: a 2-layer attention-only transformer trained by
+``python -m rat_lens.models.train_induction`` on repeated random tokens, so its circuit is known
+(layer-0 previous-token heads, layer-1 induction heads). Its tokens are the English words of
+:data:`WORDS`; :func:`repeated_tokens` makes the prompts it was trained on.
+"""
+
+import importlib.metadata
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from rat_lens._errors import RatLensError
+from rat_lens.models._convert import SOURCES, available_sources, to_bridge, to_hooked
+from rat_lens.models._induction import BOS, InductionConfig, InductionTransformer, repeated_tokens
+from rat_lens.models._tokenizer import WORDS, InductionTokenizer, load_tokenizer
+
+__all__ = [
+    "BOS",
+    "WORDS",
+    "InductionTransformer",
+    "available_sources",
+    "catalogue",
+    "load",
+    "load_induction_tokenizer",
+    "load_induction_weights",
+    "repeated_tokens",
+]
+
+INDUCTION_DIR = Path(__file__).parent / "induction_2l"
+
+
+def load_induction_weights() -> dict[str, torch.Tensor]:
+    """The shipped induction-2l state dict, in the native layout (``layers.0.attn.q.weight``...)."""
+    return load_file(INDUCTION_DIR / "model.safetensors")
+
+
+def load_induction_tokenizer() -> InductionTokenizer:
+    """The shipped word-level tokenizer (``<bos>`` = 0, then :data:`WORDS`)."""
+    return load_tokenizer(INDUCTION_DIR)
+
+
+def _load_induction_2l(source: str, device: str | torch.device | None) -> nn.Module:
+    convert = {"bridge": to_bridge, "hooked": to_hooked}[source]
+    weights, tokenizer = load_induction_weights(), load_induction_tokenizer()
+    return convert(weights, InductionConfig(), tokenizer, device, "induction-2l")
+
+
+# name -> (loader(source, device), one-line note). Add a model by adding an entry here.
+_MODELS: dict[str, tuple[Callable[[str, str | torch.device | None], nn.Module], str]] = {
+    "induction-2l": (
+        _load_induction_2l,
+        "2-layer attention-only induction model shipped with rat_lens (words of models.WORDS)",
+    ),
+}
+
+
+def catalogue() -> list[tuple[str, bool, str]]:
+    """``(name, loads offline here, note)`` for every name :func:`load` knows.
+
+    >>> catalogue()[0][:2]
+    ('induction-2l', True)
+    """
+    offline = bool(available_sources())
+    return [(name, offline, note) for name, (_, note) in _MODELS.items()]
+
+
+def load(
+    name: str = "induction-2l",
+    *,
+    source: str | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Load a model into the installed TransformerLens, tokenizer attached, in eval mode.
+
+    Args:
+        name: one of the known model names (``"induction-2l"``).
+        source: ``"bridge"`` (``TransformerBridge``: TL 3.9, 4.x) or ``"hooked"``
+            (``HookedTransformer``: TL 2.x, 3.x); None: the bridge where TL has it.
+        device: where to put the model (default: CPU).
+
+    Returns:
+        A ``TransformerBridge`` or ``HookedTransformer``: ``run_with_cache``, ``run_with_hooks``,
+        ``to_tokens`` and ``blocks.{l}.attn.hook_pattern`` work as in TransformerLens.
+
+    >>> model = load("induction-2l")
+    >>> tokens = model.to_tokens("cat dog red blue cat dog red")
+    >>> tokens.tolist()
+    [[0, 1, 2, 11, 12, 1, 2, 11]]
+    >>> model.to_string(model(tokens).argmax(-1)[0, -1])
+    'blue'
+    >>> _, cache = model.run_with_cache(tokens)
+    >>> cache["pattern", 1].shape
+    torch.Size([1, 4, 8, 8])
+    """
+    if name not in _MODELS:
+        raise RatLensError(f"unknown model name={name!r}; known: {sorted(_MODELS)}")
+    if source is not None and source not in SOURCES:
+        raise RatLensError(f"source={source!r} not in {{'bridge', 'hooked', None}}")
+    sources = available_sources()
+    if source not in (None, *sources):
+        raise RatLensError(
+            f"source={source!r} is not in TransformerLens {_tl_version()}, which offers {sources}"
+        )
+    if not sources:
+        raise RatLensError(f"TransformerLens {_tl_version()} has no model class rat_lens knows")
+    return _MODELS[name][0](source or sources[0], device)
+
+
+def _tl_version() -> str:
+    return importlib.metadata.version("transformer-lens")
