@@ -118,3 +118,19 @@ def check_residual(residual: Optional[str]) -> str:
     residual = "none" if residual is None else residual
     check_choice("residual", residual, RESIDUALS)
     return residual
+
+
+def check_search_options(*, chain: bool, top_beam, top_k, min_attn, length_norm,
+                         residual: Optional[str]) -> str:
+    """Every beam-search option at once (the tracer calls this before its forward, so a typo
+    costs nothing); returns ``residual`` resolved (None → ``"none"``)."""
+    check_positive_int("top_beam", top_beam)
+    check_positive_int("top_k", top_k)
+    check_length_norm(length_norm)
+    if isinstance(min_attn, bool) or not isinstance(min_attn, (int, float)) or min_attn != min_attn:
+        raise RatLensError(f"min_attn must be a number, got {min_attn!r}")
+    residual = check_residual(residual)
+    if chain and residual != "none":
+        raise RatLensError(f"residual={residual!r} needs layers mode (layers=(lo, hi)): a chain "
+                           "stays in one layer")
+    return residual

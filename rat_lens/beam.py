@@ -19,9 +19,8 @@ from jaxtyping import Float, Shaped
 from torch import Tensor
 
 from ._errors import RatLensError
-from ._pattern import (aggregate_heads, check_length_norm, check_pattern_values,
-                       check_positive_int, check_residual, length_norm_denominator,
-                       resolve_index)
+from ._pattern import (aggregate_heads, check_pattern_values, check_search_options,
+                       length_norm_denominator, resolve_index)
 from .result import Beam
 
 __all__ = ["beam_search", "trace_attention", "resolve_layers"]
@@ -157,14 +156,8 @@ def beam_search(
     beams reaching position 0 or a BOS position (``stop_at_bos``) end, and the rest are cut to
     ``top_beam`` by normalised score (stable, so ties keep expansion order).
     """
-    check_positive_int("top_beam", top_beam)
-    check_positive_int("top_k", top_k)
-    check_length_norm(length_norm)
-    residual = check_residual(residual)
-    if chain and residual != "none":
-        raise RatLensError(f"residual={residual!r} needs layers mode: a chain stays in one layer")
-    if isinstance(min_attn, bool) or not isinstance(min_attn, (int, float)) or min_attn != min_attn:
-        raise RatLensError(f"min_attn must be a number, got {min_attn!r}")
+    residual = check_search_options(chain=chain, top_beam=top_beam, top_k=top_k,
+                                    min_attn=min_attn, length_norm=length_norm, residual=residual)
 
     n = patterns[0].shape[-1]
     device = patterns[0].device

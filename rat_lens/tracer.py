@@ -13,8 +13,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ._errors import RatLensError
-from ._pattern import (check_choice, check_length_norm, check_positive_int, check_residual,
-                       check_pattern_values, resolve_index, AGG_HEADS)
+from ._pattern import (AGG_HEADS, check_choice, check_pattern_values, check_positive_int,
+                       check_search_options, resolve_index)
 from .capture import (capture_patterns, hook_name, pattern_layers, patterns_from_cache,
                       run_with_patterns)
 from .result import BeamPath, TraceResult, build_sankey, path_text
@@ -102,11 +102,9 @@ class ReverseAttentionTracer:
             else resolve_layers(layers, n_layers)
         # Every option is checked before the forward: a typo costs nothing.
         check_choice("agg_heads", agg_heads, AGG_HEADS)
-        check_length_norm(length_norm)
-        check_positive_int("top_beam", top_beam)
-        check_positive_int("top_k", top_k)
-        if chain and check_residual(residual) != "none":
-            raise RatLensError(f"residual={residual!r} needs layers mode (layers=(lo, hi))")
+        search = dict(chain=chain, top_beam=top_beam, top_k=top_k, min_attn=min_attn,
+                      length_norm=length_norm)
+        residual = check_search_options(residual=residual, **search)
         targets = _resolve_targets(target_pos, mask)
         if predictions:
             check_positive_int("predictions", predictions)
@@ -114,6 +112,38 @@ class ReverseAttentionTracer:
                 raise RatLensError("predictions need the model's logits, which a cache does not "
                                    "hold: trace without cache=, or pass logits to summary()")
 
+        logits, stacked = self._patterns(tokens, mask, layer_ids, agg_heads, cache, predictions)
+        overview = sum(reduce(p, "batch head query key -> batch query key", "mean")
+                       for p in stacked) / len(stacked)
+        bos_id = bos_token_id if bos_token_id is not None else \
+            getattr(self.tokenizer, "bos_token_id", None)
+        results = []
+        for b in range(tokens.shape[0]):
+            ids = tokens[b].tolist()
+            prompt = dict(tokens=self.token_strings(ids), token_ids=ids, seq_len=len(ids),
+                          batch_index=b, top_attention=_top_attention(overview[b], mask[b]),
+                          mode="chain" if chain else "layers", layer=layer_ids[0],
+                          layer_lo=layer_ids[-1], agg_heads=agg_heads, residual=residual,
+                          exclude_bos=exclude_bos, top_beam=top_beam, top_k=top_k,
+                          length_norm=length_norm)
+            bos = [p for p, t in enumerate(ids) if t == bos_id and mask[b, p]]
+            patterns = [p[b] for p in stacked]
+            for target in targets[b]:
+                beams = beam_search(
+                    patterns, layer_ids, target, per_head=agg_heads == "none",
+                    stop_at_bos=stop_at_bos, bos_positions=bos, attention_mask=mask[b],
+                    residual=residual, exclude_bos=exclude_bos, **search)
+                result = _result(prompt, target, beams, patterns)
+                if logits is not None:
+                    result.predictions = [dataclasses.asdict(p) for p in predictions_at(
+                        result, logits[b], self.tokenizer, predictions)]
+                results.append(result)
+        return results
+
+    def _patterns(self, tokens, mask, layer_ids, agg_heads, cache, predictions
+                  ) -> tuple[Optional[Tensor], list[Tensor]]:
+        """The reduced patterns of ``layer_ids`` (top first) from one forward or the user's cache;
+        the logits too when predictions are asked for (then the forward runs to the end)."""
         logits = None
         model_mask = None if mask.all() else mask
         if cache is not None:
@@ -127,42 +157,7 @@ class ReverseAttentionTracer:
         stacked = [patterns[hook_name(layer)].float().cpu() for layer in layer_ids]
         for layer, pattern in zip(layer_ids, stacked):
             check_pattern_values(pattern, hook_name(layer))
-
-        overview = sum(reduce(p, "batch head query key -> batch query key", "mean")
-                       for p in stacked) / len(stacked)
-        bos_id = bos_token_id if bos_token_id is not None else \
-            getattr(self.tokenizer, "bos_token_id", None)
-        results = []
-        for b in range(tokens.shape[0]):
-            ids = tokens[b].tolist()
-            strings = self.token_strings(ids)
-            bos = [p for p, t in enumerate(ids) if t == bos_id and mask[b, p]]
-            for target in targets[b]:
-                beams = beam_search(
-                    [p[b] for p in stacked], layer_ids, target, chain=chain,
-                    per_head=agg_heads == "none", top_beam=top_beam, top_k=top_k,
-                    min_attn=min_attn, length_norm=length_norm, stop_at_bos=stop_at_bos,
-                    bos_positions=bos, attention_mask=mask[b], residual=residual,
-                    exclude_bos=exclude_bos)
-                paths = [BeamPath.from_beam(beam, strings, ids) for beam in beams]
-                result = TraceResult(
-                    seq_len=len(ids), target_pos=target, layer=layer_ids[0], top_beam=top_beam,
-                    top_k=top_k, tokens=strings, beams=paths,
-                    sankey=build_sankey(paths, strings, "chain" if chain else "layers",
-                                        layer_ids[0]),
-                    paths_text=[path_text(p) for p in paths],
-                    mode="chain" if chain else "layers",
-                    layer_lo=layer_ids[-1], agg_heads=agg_heads, length_norm=length_norm,
-                    residual=check_residual(residual), exclude_bos=exclude_bos,
-                    batch_index=b, token_ids=ids,
-                    top_attention=_top_attention(overview[b], mask[b]),
-                    rollout=[] if agg_heads == "max" else rollout_importance(
-                        torch.stack([p[b] for p in reversed(stacked)]), target).tolist())
-                if logits is not None:
-                    result.predictions = [dataclasses.asdict(p) for p in predictions_at(
-                        result, logits[b], self.tokenizer, predictions)]
-                results.append(result)
-        return results
+        return logits, stacked
 
     def tokenize(self, texts: list[str]) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
         """Token ids and attention mask for ``texts``, each tokenized alone, right-padded."""
@@ -223,6 +218,18 @@ def generate(model, tokens: Int[Tensor, "batch seq"], n_new: int) -> Int[Tensor,
             next_token = model(tokens)[:, -1].argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, next_token.to(tokens.device)], dim=1)
     return tokens
+
+
+def _result(prompt: dict, target: int, beams, patterns: list[Tensor]) -> TraceResult:
+    """One target's TraceResult: the beams with their tokens, the Sankey graph, the path texts
+    and the target's rollout importance (head-mean; not defined for max-aggregated heads)."""
+    paths = [BeamPath.from_beam(beam, prompt["tokens"], prompt["token_ids"]) for beam in beams]
+    rollout = [] if prompt["agg_heads"] == "max" else \
+        rollout_importance(torch.stack(patterns[::-1]), target).tolist()
+    return TraceResult(
+        target_pos=target, beams=paths, paths_text=[path_text(p) for p in paths],
+        sankey=build_sankey(paths, prompt["tokens"], prompt["mode"], prompt["layer"]),
+        rollout=rollout, **prompt)
 
 
 def _top_attention(pattern: Float[Tensor, "query key"], mask: Int[Tensor, " seq"],

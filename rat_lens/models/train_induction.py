@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - start
     held_out = evaluate(state)
     print(f"trained in {seconds:.1f} s; held-out repeat loss {held_out:.4f}")
-    info = {**DEFAULTS, "seed": args.seed, "steps": args.steps, "held_out_repeat_loss": held_out}
+    info = {**DEFAULTS, "seed": args.seed, "steps": args.steps, "held_out_repeat_loss": held_out,
+            "seconds": round(seconds, 1), "torch": torch.__version__}
     save(state, args.out, info)
     print(f"wrote {args.out}")
 
