@@ -6,10 +6,11 @@ so code written against it reads ours; the multi-layer and per-head modes add ``
 """
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Optional
+
+from ._json import JsonRoundTrip
 
 
 @dataclass
@@ -74,7 +75,7 @@ class SankeyData:
 
 
 @dataclass
-class TraceResult:
+class TraceResult(JsonRoundTrip):
     """Beams traced backward from one target token of one prompt, ranked best first.
 
     ``mode`` is ``"chain"`` (every edge in ``layer``, the reverse-attention semantics) or
@@ -128,6 +129,20 @@ class TraceResult:
 
         return summarize(self, **kwargs)
 
+    def verify(self, model, **kwargs):
+        """Causal check of this trace in ``model``: :func:`rat_lens.verify.verify`.
+
+        >>> from rat_lens import trace
+        >>> from rat_lens.models import load
+        >>> model = load("induction-2l")
+        >>> result = trace(model, "cat dog red blue cat dog red", layers=(0, 1))
+        >>> result.verify(model, n_random=4).prediction
+        'blue'
+        """
+        from .verify import verify  # lazily: verify imports this module
+
+        return verify(model, self, **kwargs)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -140,12 +155,6 @@ class TraceResult:
                                     links=[SankeyLink(**lk) for lk in sankey["links"]])
         return cls(**data)
 
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TraceResult":
-        return cls.from_dict(json.loads(text))
 
     def to_html(self) -> str:
         """This trace as one self-contained interactive HTML page (see ``rat_lens.render``)."""

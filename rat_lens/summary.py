@@ -12,7 +12,6 @@ softmax(score_norm) over the beams, every edge with that share × its attention 
 """
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._errors import RatLensError
+from ._json import JsonRoundTrip
 from ._summary_render import (render_html, render_markdown, render_rich, render_text,
                               token_label)
 from .result import TraceResult, beam_weights
@@ -98,7 +98,7 @@ class Prediction:
 
 
 @dataclass
-class Summary:
+class Summary(JsonRoundTrip):
     """Everything :func:`summarize` found; ``str(summary)`` is :meth:`to_text`."""
     target_pos: int
     target_token: str
@@ -157,12 +157,6 @@ class Summary:
                 data[name] = HeadTable.from_dict(data[name])
         return cls(**data)
 
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Summary":
-        return cls.from_dict(json.loads(text))
 
 
 def circuit_line(tokens: list[str], positions: list[int], layers: list[int],
