@@ -104,32 +104,29 @@ def row_entries(layer_rows: dict[int, Sequence[int]], n_heads: int,
     return out
 
 
-def random_path(target: int, layers: Sequence[int], heads: Sequence[Optional[int]], *,
-                chain: bool, generator: torch.Generator, exclude_bos: bool = False) -> list[int]:
-    """Positions of a random path from ``target`` with one edge per entry of ``layers``.
+def random_path(target: int, n_edges: int, *, chain: bool, generator: torch.Generator,
+                exclude_bos: bool = False) -> list[int]:
+    """Positions of a random path of ``n_edges`` edges backward from ``target``.
 
-    Each step draws a key from the row its query reads: ``k <= q`` in layers mode, ``k < q`` in
-    chain mode (leaving room for the steps still to come), position 0 left out when
-    ``exclude_bos``; every allowed key is equally likely. ``heads`` only give the shape: a
-    path's edge ``i`` is read in ``(layers[i], heads[i])`` by whoever ablates it.
+    Each step draws a key uniformly from the keys its query may read: ``k <= q`` in layers mode,
+    ``k < q`` in chain mode (leaving room for the steps still to come); position 0 is left out
+    when ``exclude_bos``, as the tracer leaves it out of the candidates.
 
     >>> g = torch.Generator().manual_seed(0)
-    >>> path = random_path(9, [1, 0], [2, 0], chain=False, generator=g)
+    >>> path = random_path(9, 2, chain=False, generator=g)
     >>> len(path), path[0], path[0] >= path[1] >= path[2]
     (3, 9, True)
-    >>> random_path(3, [0, 0, 0], [None] * 3, chain=True, generator=g)
+    >>> random_path(3, 3, chain=True, generator=g)
     [3, 2, 1, 0]
     """
     path = [target]
-    if len(heads) != len(layers):
-        raise RatLensError(f"{len(layers)} layers but {len(heads)} heads for a path")
-    for step in range(len(layers)):
+    for step in range(n_edges):
         query = path[-1]
-        lo = int(exclude_bos) + (len(layers) - step - 1 if chain else 0)
+        lo = int(exclude_bos) + (n_edges - step - 1 if chain else 0)
         hi = query if chain else query + 1  # keys lo .. hi - 1
         if hi <= lo:
-            raise RatLensError(f"no key for a random path step {step} from query {query} "
-                               f"({len(layers)} edges from target {target})")
+            raise RatLensError(f"no key for step {step} of a random path of {n_edges} edges "
+                               f"from target {target} (query {query}, chain={chain})")
         path.append(int(torch.randint(lo, hi, (1,), generator=generator)))
     return path
 
@@ -164,7 +161,7 @@ def curve_area(percents: Sequence[float], values: Sequence[Optional[float]]) -> 
     """Area under a faithfulness curve over the kept fraction, from (0, 0) to (1, f(100%)),
     by the trapezoid rule (nothing kept is all ablated: faithfulness 0 by definition).
 
-    >>> curve_area([50, 100], [1.0, 1.0])
+    >>> curve_area([50.0, 100.0], [1.0, 1.0])
     0.75
     """
     if any(v is None or not math.isfinite(v) for v in values):

@@ -10,14 +10,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["PathEffect", "BeamEffect", "Faithfulness", "TokenImportance", "Verification"]
+__all__ = ["PathEffect", "BeamEffect", "Faithfulness", "TokenImportance", "Verification", "NOISE"]
+
+NOISE = 1e-5  # nats: effects below this are float noise, not effects
 
 
 @dataclass
 class PathEffect:
     """One beam's effect on one metric, against random paths of the same shape.
 
-    ``ratio`` = effect / mean |random effect| (None when every random path had no effect);
+    ``ratio`` = effect / mean |random effect| (None when that mean is below :data:`NOISE`,
+    i.e. the random paths had no measurable effect: float32 log-probabilities carry ~1e-6);
     ``p_value`` = (1 + #random paths with effect >= this one) / (1 + #random paths).
     """
     effect: float
@@ -35,7 +38,7 @@ class PathEffect:
         mean = sum(baseline) / n
         std = math.sqrt(sum((b - mean) ** 2 for b in baseline) / (n - 1)) if n > 1 else 0.0
         scale = sum(abs(b) for b in baseline) / n
-        ratio = effect / scale if scale > 1e-9 else None
+        ratio = effect / scale if scale >= NOISE else None
         p_value = (1 + sum(b >= effect for b in baseline)) / (1 + n)
         return cls(effect, mean, std, ratio, p_value, list(baseline))
 
@@ -158,8 +161,8 @@ def _lines(v: Verification, markdown: bool) -> list[str]:
     if v.token is not None:
         head += f"; token {v.token!r} (log p {_num(v.token_logp)})"
     lines = [("### " if markdown else "") + head, "",
-             f"Effect = drop in log p when a beam's edges are ablated ({v.ablation!r}), against "
-             f"{v.n_random} random paths of the same shape per beam.", ""]
+             f"Effect: drop in log p when a beam's edges are ablated ({v.ablation!r});",
+             f"random: {v.n_random} random paths of the same shape per beam.", ""]
     if v.beams:
         cols = ["beam", "effect", "random mean", "random sd", "ratio", "p"]
         if v.token is not None:

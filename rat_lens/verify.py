@@ -43,7 +43,7 @@ PERCENTS = (1, 2, 5, 10, 20, 50, 100)
 
 def verify(model, result: TraceResult, *, token: Union[int, str, None] = None,
            ablation: str = "renorm", n_random: int = 20, seed: int = 0,
-           percents: Sequence[float] = PERCENTS,
+           percents: Sequence[Union[int, float]] = PERCENTS,
            token_importance: bool = True, blank: str = "mean",
            neutral_token: Optional[int] = None, batch_size: Optional[int] = None
            ) -> Verification:
@@ -109,7 +109,7 @@ def verify(model, result: TraceResult, *, token: Union[int, str, None] = None,
     generator = torch.Generator().manual_seed(seed)
     for beam in result.beams:
         for _ in range(n_random):
-            path = random_path(target, beam.layers, beam.heads, chain=result.mode == "chain",
+            path = random_path(target, beam.num_edges, chain=result.mode == "chain",
                                generator=generator, exclude_bos=result.exclude_bos)
             shape = zip(beam.layers, beam.heads, path, path[1:])
             variants.append(Variant(expand_heads(list(shape), n_heads)))
