@@ -136,3 +136,11 @@ def test_errors_are_one_line_without_traceback_from_the_installed_command(tmp_pa
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert done.stderr.strip() == "rat-lens trace: error: layer=9 out of range for n_layers 2"
+
+
+def test_open_browser_opens_the_written_page(tmp_path, capsys, monkeypatch):
+    opened = []
+    monkeypatch.setattr("webbrowser.open", lambda url: opened.append(url) or True)
+    code, _, _ = run(capsys, "trace", TEXT, "--out", str(tmp_path), "--open-browser")
+    assert code == 0
+    assert opened == [(tmp_path / "index.html").resolve().as_uri()]
