@@ -129,7 +129,7 @@ def test_every_widget_gets_its_own_ids(small):
     first, second = small._repr_html_(), small._repr_html_()
     assert not first.startswith("<!DOCTYPE") and small.to_html().startswith("<!DOCTYPE html>")
     ids = re.findall(r'id="([^"]+)"', first + second)
-    assert len(ids) == len(set(ids)) == 4
+    assert len(ids) == len(set(ids)) == 6  # widget, data and summary panel, twice
     several = html_fragment([small, small, small])
     assert len(embedded(several)) == 3 and several.count("<script>") == 1  # D3 inlined once
 
@@ -206,3 +206,21 @@ def test_cli_runs_as_a_module(small, tmp_path):
                            "-o", str(tmp_path / "out")], capture_output=True, text=True,
                           check=True)
     assert Path(done.stdout.strip()).is_file()
+
+
+def test_the_page_carries_the_circuit_summary_escaped():
+    import torch
+    import rat_lens
+    from rat_lens.render import to_html
+    from rat_lens.result import BeamPath, TraceResult, build_sankey, path_text
+    tokens = ["<bos>", "</script><img src=x onerror=alert(1)>", " sat"]
+    A = torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.1, 0.6, 0.3]])
+    beams = [BeamPath.from_beam(b, tokens, [0, 1, 2]) for b in rat_lens.trace_attention(A)]
+    result = TraceResult(3, 2, 0, 5, 5, tokens, beams, build_sankey(beams, tokens, "chain", 0),
+                         [path_text(b) for b in beams])
+    page = to_html(result)
+    panel = page[page.index('<details class="ratlens-summary"'):]
+    panel = panel[:panel.index("</details>")]
+    assert "Circuit summary" in panel and "Traced mass by head" in panel
+    assert "&lt;/script&gt;&lt;img" in panel  # shown as text (long tokens are shortened)
+    assert "<img" not in panel and "<script" not in panel

@@ -17,6 +17,7 @@ from typing import Sequence, Union
 
 from .._errors import RatLensError
 from ..result import TraceResult
+from ..summary import summarize
 from ._payload import inline_json, payload
 
 __all__ = ["html_fragment", "to_html", "render_html"]
@@ -62,6 +63,9 @@ def html_fragment(results: Results) -> str:
     parts = [f'<style>{_asset("widget.css")}</style>']
     for uid, result in zip(ids, items):
         parts.append(f'<div class="ratlens" id="ratlens-{uid}"></div>')
+        # The circuit summary beside the diagram: static tables, every string escaped by it.
+        parts.append(f'<details class="ratlens-summary" id="ratlens-summary-{uid}">'
+                     f'<summary>Circuit summary</summary>{summarize(result).to_html()}</details>')
         parts.append(f'<script type="application/json" id="ratlens-data-{uid}">'
                      f'{inline_json(payload(result))}</script>')
     vendor = "\n;\n".join(_asset(name) for name in VENDOR)
