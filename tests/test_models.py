@@ -132,7 +132,8 @@ def test_unknown_word_is_named(tl_model, text):
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(RatLensError, match=r"unknown model name='gpt9'; known: \['induction-2l'\]"):
+    with pytest.raises(RatLensError,
+                       match=r"unknown model name='gpt9': not one of \['induction-2l', 'smollm2'\]"):
         load("gpt9")
 
 
