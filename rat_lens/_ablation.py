@@ -98,10 +98,14 @@ def row_entries(layer_rows: dict[int, Sequence[int]], n_heads: int,
         kept = keep.get(layer)
         if kept is not None and len(kept):
             size = max(int(entries.max()), int(kept.max())) + 1
-            code = lambda e: (e[:, 0] * size + e[:, 1]) * size + e[:, 2]  # noqa: E731
-            entries = entries[~torch.isin(code(entries), code(kept))]
+            entries = entries[~torch.isin(_code(entries, size), _code(kept, size))]
         out[layer] = entries
     return out
+
+
+def _code(entries: Tensor, size: int) -> Tensor:
+    """One integer per ``[head, query, key]`` row, for set operations."""
+    return (entries[:, 0] * size + entries[:, 1]) * size + entries[:, 2]
 
 
 def random_path(target: int, n_edges: int, *, chain: bool, generator: torch.Generator,

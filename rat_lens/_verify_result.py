@@ -5,10 +5,11 @@ positive when the ablation hurts the prediction.
 """
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Optional
+
+from ._json import JsonRoundTrip
 
 __all__ = ["PathEffect", "BeamEffect", "Faithfulness", "TokenImportance", "Verification", "NOISE"]
 
@@ -84,8 +85,9 @@ class TokenImportance:
 
 
 @dataclass
-class Verification:
-    """Causal checks of one trace (see :func:`rat_lens.verify.verify`)."""
+class Verification(JsonRoundTrip):
+    """Causal checks of one trace (see :func:`rat_lens.verify.verify`); ``to_json()`` /
+    ``from_json()`` come from :class:`JsonRoundTrip`."""
     target_pos: int
     target_token: str
     prediction_id: int
@@ -139,16 +141,13 @@ class Verification:
             data["token_importance"] = TokenImportance(**data["token_importance"])
         return cls(**data)
 
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Verification":
-        return cls.from_dict(json.loads(text))
 
 
 def _num(value: Optional[float], digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    if value is None:
+        return "-"
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
 
 
 def _ratio(value: Optional[float]) -> str:
@@ -182,8 +181,8 @@ def _lines(v: Verification, markdown: bool) -> list[str]:
         cols = ["kept %"] + [f"{p:g}" for p in f.percents] + ["area"]
         rows = [["edges"] + [str(n) for n in f.kept_edges] + [""],
                 ["faithfulness"] + [_num(x, 2) for x in f.faithfulness] + [_num(f.area)]]
-        lines += [f"Faithfulness ({f.total_edges} traced edges, {f.rows} rows ablated; "
-                  f"log p full {f.full:.3f}, all ablated {f.empty:.3f})"]
+        lines.append(f"Faithfulness ({f.total_edges} traced edges, {f.rows} rows ablated; "
+                     f"log p full {f.full:.3f}, all ablated {f.empty:.3f})")
         lines += _table(cols, rows, markdown) + [""]
     t = v.token_importance
     if t is not None:
@@ -197,7 +196,8 @@ def _lines(v: Verification, markdown: bool) -> list[str]:
 def _table(cols: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
     if markdown:
         esc = [[c.replace("|", "\\|") for c in r] for r in [cols] + rows]
-        return ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(cols)] + \
+        rule = "|" + "---|" * len(cols)
+        return ["| " + " | ".join(esc[0]) + " |", rule] + \
             ["| " + " | ".join(r) + " |" for r in esc[1:]]
     widths = [max(len(r[i]) for r in [cols] + rows) for i in range(len(cols))]
     return ["  ".join(c.rjust(w) for c, w in zip(r, widths)).rstrip() for r in [cols] + rows]

@@ -55,8 +55,7 @@ def clean_run(model, tokens: Tensor, layers: list[int]) -> tuple[Tensor, int]:
         return out
 
     def keep_z(z: Tensor, hook):
-        zs[hook.name] = z.detach()
-        return None
+        zs[hook.name] = z.detach()  # returns None: z flows on unchanged
 
     hook_dict = model.hook_dict
     z_names = {layer: f"blocks.{layer}.attn.hook_z" for layer in layers}
@@ -132,10 +131,6 @@ def _embed_hook(blanks: list[tuple[int, int]]):
         out[rows, positions] = embed[rows].mean(1)  # the prompt's mean token embedding
         return out
     return hook
-
-
-def has_embed_hook(model) -> bool:
-    return EMBED_HOOK in model.hook_dict
 
 
 def _tl_version() -> str:

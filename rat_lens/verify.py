@@ -24,12 +24,19 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._ablation import (ABLATIONS, ablate_pattern, curve_area, expand_heads, random_path,
-                        row_entries, spearman)
+from ._ablation import (
+    ABLATIONS,
+    ablate_pattern,
+    curve_area,
+    expand_heads,
+    random_path,
+    row_entries,
+    spearman,
+)
 from ._errors import RatLensError
 from ._pattern import check_choice
 from ._verify_result import BeamEffect, Faithfulness, PathEffect, TokenImportance, Verification
-from ._verify_run import Variant, clean_run, has_embed_hook, run_variants
+from ._verify_run import Variant, clean_run, run_variants
 from .capture import pattern_layers
 from .result import TraceResult, beam_weights
 from .stats import beam_mass_importance
@@ -78,42 +85,15 @@ def verify(model, result: TraceResult, *, token: Union[int, str, None] = None,
     >>> Verification.from_json(check.to_json()) == check
     True
     """
-    if not isinstance(result, TraceResult):
-        raise TypeError(f"result must be a TraceResult, got {type(result).__name__}")
-    n_layers = pattern_layers(model)
-    check_choice("ablation", ablation, ABLATIONS)
-    check_choice("blank", blank, BLANKS)
-    n_random = _count("n_random", n_random)
-    percents = _percents(percents)
-    tokens = _prompt(model, result)
-    vocab = _vocab(model)
-    token_id = _token_id(model, token, vocab)
-    neutral = _neutral(model, neutral_token, vocab) if token_importance and blank == "token" \
-        else None
-    if token_importance and blank == "mean" and not has_embed_hook(model):
-        raise RatLensError("blank='mean' needs the model's hook_embed hook point, which this "
-                           "model lacks: use blank='token'")
-    layers = sorted({lay for beam in result.beams for lay in beam.layers} | {result.layer})
-    if max(layers) >= n_layers:
-        raise RatLensError(f"result traces layer {max(layers)}, but the model has {n_layers}")
-    if batch_size is None:
-        batch_size = max(1, min(64, 2 ** 26 // (len(tokens) * (vocab or 50_000))))
-    batch_size = _count("batch_size", batch_size, minimum=1)
-
+    tokens, layers, token_id, neutral, percents, batch_size = _checked(
+        model, result, token, ablation, n_random, percents, token_importance, blank,
+        neutral_token, batch_size)
     clean, n_heads = clean_run(model, tokens, layers)
-    top_id = int(clean.argmax())
-    target = result.target_pos
-    edges = [_edges(beam) for beam in result.beams]
-    variants = [Variant(expand_heads(e, n_heads)) for e in edges]
+    top_id, target = int(clean.argmax()), result.target_pos
 
-    generator = torch.Generator().manual_seed(seed)
-    for beam in result.beams:
-        for _ in range(n_random):
-            path = random_path(target, beam.num_edges, chain=result.mode == "chain",
-                               generator=generator, exclude_bos=result.exclude_bos)
-            shape = zip(beam.layers, beam.heads, path, path[1:])
-            variants.append(Variant(expand_heads(list(shape), n_heads)))
-
+    # Every ablated copy is one variant, in this order: beams, their random paths, the
+    # faithfulness curve (kept shares, then all ablated), the blanked positions.
+    variants = _beam_variants(result, n_heads, n_random, seed)
     traced = _traced_edges(result)
     curve = percents if traced else []
     kept_counts = [math.ceil(p / 100 * len(traced)) for p in curve]
@@ -123,36 +103,24 @@ def verify(model, result: TraceResult, *, token: Union[int, str, None] = None,
     for n_keep in kept_counts + ([0] if curve else []):
         keep = expand_heads(traced[:n_keep], n_heads)
         variants.append(Variant(row_entries(layer_rows, n_heads, keep)))
-
     positions = list(range(target + 1)) if token_importance else []
-    for p in positions:
-        variants.append(Variant(token_swap=(p, neutral)) if blank == "token"
-                        else Variant(blank_embed=p))
+    variants += [Variant(token_swap=(p, neutral)) if blank == "token" else Variant(blank_embed=p)
+                 for p in positions]
 
     logp = run_variants(model, tokens, variants, ablation, batch_size)
     drops = {"top": clean[top_id] - logp[:, top_id]}
     if token_id is not None:
         drops["token"] = clean[token_id] - logp[:, token_id]
-
-    n_beams = len(result.beams)
-    beams = []
-    for b, beam_edges in enumerate(edges):
-        start = n_beams + b * n_random
-        effects = {name: PathEffect.against(float(d[b]), d[start:start + n_random].tolist())
-                   for name, d in drops.items()}
-        beams.append(BeamEffect(b + 1, [list(e) for e in beam_edges], effects["top"],
-                                effects.get("token")))
-    at = n_beams * (1 + n_random)
+    beams = _beam_effects(result, drops, n_random)
+    at = len(result.beams) * (1 + n_random)
     faithfulness = None
     if curve:
         m = logp[at:at + len(curve) + 1, top_id].tolist()
         faithfulness = _faithfulness(curve, kept_counts, traced, layer_rows, m[:-1],
                                      float(clean[top_id]), m[-1])
         at += len(curve) + 1
-    importance = None
-    if token_importance:
-        importance = _token_importance(result, positions, blank,
-                                       drops["top"][at:at + len(positions)].tolist())
+    importance = _token_importance(result, positions, blank, drops["top"][at:].tolist()) \
+        if token_importance else None
     return Verification(
         target_pos=target, target_token=result.tokens[target], prediction_id=top_id,
         prediction=_decode(model, top_id), prediction_logp=float(clean[top_id]),
@@ -160,6 +128,61 @@ def verify(model, result: TraceResult, *, token: Union[int, str, None] = None,
         faithfulness=faithfulness, token_importance=importance, token_id=token_id,
         token=None if token_id is None else _decode(model, token_id),
         token_logp=None if token_id is None else float(clean[token_id]))
+
+
+def _checked(model, result, token, ablation, n_random, percents, token_importance, blank,
+             neutral_token, batch_size):
+    """Every option checked before any forward (a typo costs nothing); returns the prompt, the
+    layers to probe, the token ids, the percents and the batch size, resolved."""
+    if not isinstance(result, TraceResult):
+        raise TypeError(f"result must be a TraceResult, got {type(result).__name__}")
+    n_layers = pattern_layers(model)
+    check_choice("ablation", ablation, ABLATIONS)
+    check_choice("blank", blank, BLANKS)
+    _count("n_random", n_random)
+    percents = _percents(percents)
+    vocab = _vocab(model)
+    tokens = _prompt(model, result, vocab)
+    token_id = _token_id(model, token, vocab)
+    neutral = _neutral(model, neutral_token, vocab) if token_importance and blank == "token" \
+        else None
+    if token_importance and blank == "mean" and "hook_embed" not in model.hook_dict:
+        raise RatLensError("blank='mean' needs the model's hook_embed hook point, which this "
+                           "model lacks: use blank='token'")
+    layers = sorted({lay for beam in result.beams for lay in beam.layers} | {result.layer})
+    if max(layers) >= n_layers:
+        raise RatLensError(f"result traces layer {max(layers)}, but the model has {n_layers}")
+    if batch_size is None:  # keep a chunk's logits [batch, seq, vocab] under ~256 MB
+        batch_size = max(1, min(64, 2 ** 26 // (len(tokens) * (vocab or 50_000))))
+    _count("batch_size", batch_size, minimum=1)
+    return tokens, layers, token_id, neutral, percents, batch_size
+
+
+def _beam_variants(result: TraceResult, n_heads: int, n_random: int, seed: int
+                   ) -> list[Variant]:
+    """Each beam's edges, then ``n_random`` random paths of each beam's shape."""
+    variants = [Variant(expand_heads(_edges(beam), n_heads)) for beam in result.beams]
+    generator = torch.Generator().manual_seed(seed)
+    for beam in result.beams:
+        for _ in range(n_random):
+            path = random_path(result.target_pos, beam.num_edges,
+                               chain=result.mode == "chain", generator=generator,
+                               exclude_bos=result.exclude_bos)
+            shape = list(zip(beam.layers, beam.heads, path, path[1:]))
+            variants.append(Variant(expand_heads(shape, n_heads)))
+    return variants
+
+
+def _beam_effects(result: TraceResult, drops: dict[str, Tensor], n_random: int
+                  ) -> list[BeamEffect]:
+    n_beams, out = len(result.beams), []
+    for b, beam in enumerate(result.beams):
+        start = n_beams + b * n_random
+        effects = {name: PathEffect.against(float(d[b]), d[start:start + n_random].tolist())
+                   for name, d in drops.items()}
+        out.append(BeamEffect(b + 1, [list(e) for e in _edges(beam)], effects["top"],
+                              effects.get("token")))
+    return out
 
 
 def _edges(beam) -> list[tuple]:
@@ -206,11 +229,14 @@ def _token_importance(result: TraceResult, positions: list[int], blank: str,
                            rollout if "rollout" in corr else [], corr)
 
 
-def _prompt(model, result: TraceResult) -> Tensor:
+def _prompt(model, result: TraceResult, vocab: Optional[int]) -> Tensor:
     ids = result.token_ids
     if not ids:
         raise RatLensError("result has no token_ids (a trace_attention result?): verify needs "
                            "the prompt the model saw; trace with a model")
+    if vocab is not None and not all(0 <= i < vocab for i in ids):
+        raise RatLensError(f"result.token_ids hold ids outside the model's vocabulary of {vocab}: "
+                           "was it traced with another model?")
     if not 0 <= result.target_pos < len(ids):
         raise RatLensError(f"result.target_pos={result.target_pos} out of range for its "
                            f"{len(ids)} tokens")
