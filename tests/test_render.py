@@ -224,3 +224,15 @@ def test_the_page_carries_the_circuit_summary_escaped():
     assert "Circuit summary" in panel and "Traced mass by head" in panel
     assert "&lt;/script&gt;&lt;img" in panel  # shown as text (long tokens are shortened)
     assert "<img" not in panel and "<script" not in panel
+
+
+def test_a_page_of_several_targets_links_to_each(small):
+    import copy
+    other = copy.deepcopy(small)
+    other.target_pos = 1
+    page = html_fragment([small, other])
+    nav = page[page.index('<nav class="ratlens-targets">'):page.index("</nav>")]
+    ids = re.findall(r'href="#(ratlens-[0-9a-f]+)"', nav)
+    assert len(ids) == 2 and all(f'id="{i}"' in page for i in ids)
+    assert f"@{small.target_pos}" in nav and "@1" in nav
+    assert '<nav class="ratlens-targets">' not in html_fragment(small)

@@ -61,6 +61,11 @@ def html_fragment(results: Results) -> str:
     items = _as_list(results)
     ids = [_new_id() for _ in items]
     parts = [f'<style>{_asset("widget.css")}</style>']
+    if len(items) > 1:  # several targets (e.g. each generated token): links to pick one
+        links = " · ".join(
+            f'<a href="#ratlens-{uid}">{html.escape(_target_label(r))}</a>'
+            for uid, r in zip(ids, items))
+        parts.append(f'<nav class="ratlens-targets">Targets: {links}</nav>')
     for uid, result in zip(ids, items):
         parts.append(f'<div class="ratlens" id="ratlens-{uid}"></div>')
         # The circuit summary beside the diagram: static tables, every string escaped by it.
@@ -79,13 +84,17 @@ def html_fragment(results: Results) -> str:
     return "\n".join(parts)
 
 
+def _target_label(result: TraceResult) -> str:
+    token = result.tokens[result.target_pos] if result.target_pos < len(result.tokens) else ""
+    return f"{token!r}@{result.target_pos}" + (f" (prompt {result.batch_index})"
+                                                if result.batch_index else "")
+
+
 def to_html(results: Results) -> str:
     """A complete, self-contained HTML document showing one result, or several one below the
     other (e.g. what ``trace_batch`` returned)."""
     items = _as_list(results)
-    first = items[0]
-    target = first.tokens[first.target_pos] if first.target_pos < len(first.tokens) else ""
-    title = html.escape(f"rat_lens trace: {target!r} at position {first.target_pos}")
+    title = html.escape(f"rat_lens trace: {_target_label(items[0])}")
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<title>{title}</title>\n</head>\n<body class=\"ratlens-page\">\n"
