@@ -15,6 +15,7 @@ from .capture import PatternCapture, capture_patterns
 from .result import Beam, BeamPath, SankeyData, SankeyLink, SankeyNode, TraceResult
 from .beam import trace_attention
 from .tracer import ReverseAttentionTracer, trace
+from .verify import Verification, verify
 
 __all__ = [
     "ReverseAttentionTracer",
@@ -29,4 +30,6 @@ __all__ = [
     "SankeyNode",
     "SankeyLink",
     "RatLensError",
+    "verify",
+    "Verification",
 ]

@@ -76,10 +76,7 @@ def _title(s) -> tuple[str, str]:
 
 def sections(s) -> list[Section]:
     """The summary as titled tables, in reading order; empty parts are left out."""
-    out = [Section("Beams (best first)", ["#", "score", "raw", "share", "circuit"],
-                   [[str(b.rank), f"{b.score_norm:.3f}", f"{b.score_raw:.3f}", _pct(b.share),
-                     b.circuit] for b in s.beams], "rrrrl", flex=4, code={4},
-                   note="share = softmax(score_norm) over the beams")]
+    out = [_beams_section(s)]
     if s.heads:
         out.append(Section("Traced mass by head", ["head", "mass", "share", "edges", "role"],
                            [[_head(h.layer, h.head, s.agg_heads), f"{h.mass:.3f}", _pct(h.share),
@@ -108,6 +105,8 @@ def sections(s) -> list[Section]:
         out.append(_roles_section(s))
     if s.stats is not None:
         out.append(_stats_section(s))
+    if s.verification is not None:
+        out += _verification_sections(s.verification)
     if s.predictions:
         out.append(Section("Predictions at traced positions", ["pos", "token", "top next tokens"],
                            [[str(p.position), token_label(p.token),
@@ -115,6 +114,52 @@ def sections(s) -> list[Section]:
                                        zip(p.tokens, p.probs))] for p in s.predictions],
                            "rll", flex=2, code={1, 2}))
     return out
+
+
+def _beams_section(s) -> Section:
+    header = ["#", "score", "raw", "share", "circuit"]
+    rows = [[str(b.rank), f"{b.score_norm:.3f}", f"{b.score_raw:.3f}", _pct(b.share), b.circuit]
+            for b in s.beams]
+    note = "share = softmax(score_norm) over the beams"
+    v = s.verification
+    if v is None or len(v.beams) != len(rows):
+        return Section("Beams (best first)", header, rows, "rrrrl", flex=4, code={4}, note=note)
+    for row, b in zip(rows, v.beams):  # the causal effect goes before the circuit
+        row[4:4] = [f"{b.effect.effect:.3f}", _times(b.effect.ratio), _num(b.effect.p_value, 2)]
+    note += (f"; effect = drop in log p of {token_label(v.prediction)} when the beam's edges "
+             f"are ablated ({v.ablation}); ×random = effect / mean |effect| of {v.n_random} "
+             "random paths of its shape; p = share of them doing as much")
+    return Section("Beams (best first)", header[:4] + ["effect", "×random", "p", "circuit"],
+                   rows, "rrrrrrrl", flex=7, code={7}, note=note)
+
+
+def _verification_sections(v) -> list[Section]:
+    out = []
+    f = v.faithfulness
+    if f is not None:
+        out.append(Section(
+            "Faithfulness", ["kept", "edges", "faithfulness"],
+            [[f"{p:g}%", f"{n}/{f.total_edges}", _num(x, 3)]
+             for p, n, x in zip(f.percents, f.kept_edges, f.faithfulness)], "rrr",
+            note=f"top traced edges kept, the rest of their {f.rows} rows ablated; (m(kept) − "
+                 f"m(all ablated)) / (m(full) − m(all ablated)), m = log p of "
+                 f"{token_label(v.prediction)} (Hanna et al. 2024); area {_num(f.area, 3)}"))
+    t = v.token_importance
+    if t is not None and t.spearman:
+        out.append(Section(
+            "Blank-out importance vs trace", ["importance", "Spearman"],
+            [[name.replace("_", " "), _num(value, 3)] for name, value in t.spearman.items()],
+            "lr", note=f"each token blanked ({t.blank}); its drop in log p of "
+                       f"{token_label(v.prediction)}, rank-correlated with the trace's"))
+    return out
+
+
+def _num(x, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _times(x) -> str:
+    return "-" if x is None else f"{x:.1f}×"
 
 
 def _roles_section(s) -> Section:

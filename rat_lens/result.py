@@ -107,6 +107,7 @@ class TraceResult(JsonRoundTrip):
     top_attention: list[list] = field(default_factory=list)
     predictions: list[dict] = field(default_factory=list)
     rollout: list[float] = field(default_factory=list)
+    verification: Optional[dict] = None  # Verification.to_dict(), set by TraceResult.verify
 
     def __repr__(self) -> str:
         layers = f"layer={self.layer}" if self.mode == "chain" else \
@@ -130,7 +131,8 @@ class TraceResult(JsonRoundTrip):
         return summarize(self, **kwargs)
 
     def verify(self, model, **kwargs):
-        """Causal check of this trace in ``model``: :func:`rat_lens.verify.verify`.
+        """Causal check of this trace in ``model``: :func:`rat_lens.verify.verify`, kept in
+        ``self.verification`` (as a dict) so that the summary and the HTML page show it.
 
         >>> from rat_lens import trace
         >>> from rat_lens.models import load
@@ -141,7 +143,9 @@ class TraceResult(JsonRoundTrip):
         """
         from .verify import verify  # lazily: verify imports this module
 
-        return verify(model, self, **kwargs)
+        check = verify(model, self, **kwargs)
+        self.verification = check.to_dict()  # the summary and the page show it from here
+        return check
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

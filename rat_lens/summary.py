@@ -22,6 +22,7 @@ from ._errors import RatLensError
 from ._json import JsonRoundTrip
 from ._summary_render import (render_html, render_markdown, render_rich, render_text,
                               token_label)
+from ._verify_result import Verification
 from .result import TraceResult, beam_weights
 from .stats import (HeadTable, attention_stats, beam_mass_importance, rollout_importance,
                     top_predictions)
@@ -119,6 +120,7 @@ class Summary(JsonRoundTrip):
     role_threshold: float = 0.3
     stats: Optional[HeadTable] = None
     predictions: list[Prediction] = field(default_factory=list)
+    verification: Optional[Verification] = None
 
     def to_markdown(self) -> str:
         """GitHub-flavoured markdown: a heading, then one table per section."""
@@ -155,6 +157,8 @@ class Summary(JsonRoundTrip):
         for name in ("roles", "stats"):
             if data.get(name) is not None:
                 data[name] = HeadTable.from_dict(data[name])
+        if data.get("verification") is not None:
+            data["verification"] = Verification.from_dict(data["verification"])
         return cls(**data)
 
 
@@ -179,7 +183,8 @@ def summarize(result: TraceResult, *, patterns=None, logits: Optional[Tensor] = 
               roles: Union[HeadTable, dict, None] = None,
               stats: Union[HeadTable, dict, None] = None, predictions: Optional[list] = None,
               tokenizer=None, k: int = 3, top_edges: int = 8,
-              top_tokens: int = 8, role_threshold: float = 0.3) -> Summary:
+              top_tokens: int = 8, role_threshold: float = 0.3,
+              verification: Union[Verification, dict, None] = None) -> Summary:
     """Summarise ``result``; every extra argument adds a section and none is needed.
 
     Args:
@@ -192,9 +197,12 @@ def summarize(result: TraceResult, *, patterns=None, logits: Optional[Tensor] = 
             edges whose best role scores at least ``role_threshold``.
         stats, predictions: precomputed statistics (:class:`HeadTable`) / prediction records.
         top_edges, top_tokens: rows kept in those tables.
+        verification: :func:`rat_lens.verify.verify` of this result; adds each beam's causal
+            effect and the faithfulness curve.
 
     Fields the tracer records (``head_roles``, ``attention_stats``, ``predictions``,
-    ``rollout``) are used when present and not given here.
+    ``rollout``, and ``verification`` from ``result.verify(model)``) are used when present and
+    not given here.
 
     >>> from rat_lens import trace
     >>> from rat_lens.models import load
@@ -222,6 +230,10 @@ def summarize(result: TraceResult, *, patterns=None, logits: Optional[Tensor] = 
         predictions = getattr(result, "predictions", None) or None
     if predictions is None and logits is not None:
         predictions = predictions_at(result, logits, tokenizer, k)
+    if verification is None:
+        verification = getattr(result, "verification", None)
+    if isinstance(verification, dict):
+        verification = Verification.from_dict(verification)
 
     circuits, heads, edges = _masses(result, roles, role_threshold)
     total = sum(h.mass for h in heads) or 1.0
@@ -244,7 +256,8 @@ def summarize(result: TraceResult, *, patterns=None, logits: Optional[Tensor] = 
         tokens=_top_tokens(result.tokens, importance, top_tokens), importance=importance,
         roles=roles, role_threshold=role_threshold, stats=stats,
         predictions=[p if isinstance(p, Prediction) else Prediction(**p)
-                     for p in predictions or []])
+                     for p in predictions or []],
+        verification=verification)
 
 
 def _masses(result: TraceResult, roles: Optional[HeadTable], threshold: float

@@ -354,3 +354,25 @@ def test_spearman_against_hand_ranks():
     ry = torch.tensor([4, 1, 3, 2, 5.0]) - 3
     assert spearman(x, y) == pytest.approx(float((rx * ry).sum() / (rx.norm() * ry.norm())))
     assert spearman(x, torch.ones(5)) is None
+
+
+def test_verification_shows_in_the_summary_and_the_page(induction):
+    from rat_lens.render import to_html
+    from rat_lens.render._payload import payload
+    from rat_lens.summary import Summary
+
+    model, result = induction
+    result = rat_lens.TraceResult.from_dict(result.to_dict())  # a copy: verify() attaches
+    check = result.verify(model, n_random=3)
+    assert result.verification == check.to_dict()
+    assert rat_lens.TraceResult.from_json(result.to_json()) == result
+    summary = result.summary()
+    assert summary.verification == check and Summary.from_json(summary.to_json()) == summary
+    text = summary.to_text()
+    assert "×random" in text and "Faithfulness" in text and "Blank-out importance" in text
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert f"{check.beams[0].effect.effect:.3f}" in text
+    data = payload(result)["verification"]
+    assert [b["effect"] for b in data["beams"]] == \
+        pytest.approx([b.effect.effect for b in check.beams], abs=1e-3)
+    assert "beamEffect" in to_html(result) and "faithfulness area" in to_html(result)

@@ -10,7 +10,7 @@ import json
 
 from ..result import TraceResult, node_layers
 
-__all__ = ["payload", "strip_rows", "inline_json"]
+__all__ = ["payload", "strip_rows", "inline_json", "verification"]
 
 # Characters that could end the inline <script> element (``</script>``) or open a comment in it
 # (``<!--``), written as JSON \u escapes, which JSON.parse reads back to the same string. Non-ASCII
@@ -58,6 +58,22 @@ def payload(result: TraceResult) -> dict:
                   for lk in result.sankey.links],
         "strip": {"source": "attention" if result.top_attention else "edges",
                   "rows": strip_rows(result)},
+        **({"verification": verification(result.verification)} if result.verification else {}),
+    }
+
+
+def verification(v: dict) -> dict:
+    """What the info panel shows of a ``Verification.to_dict()``: each beam's causal effect,
+    the faithfulness curve's area and the blank-out correlations (rounded)."""
+    f, t = v.get("faithfulness"), v.get("token_importance")
+    return {
+        "prediction": v["prediction"], "ablation": v["ablation"], "n_random": v["n_random"],
+        "beams": [{"effect": _round(b["effect"]["effect"]),
+                   "ratio": None if b["effect"]["ratio"] is None else _round(b["effect"]["ratio"]),
+                   "p_value": b["effect"]["p_value"]} for b in v["beams"]],
+        "faithfulness_area": None if not f or f["area"] is None else _round(f["area"]),
+        "spearman": {k: None if x is None else _round(x)
+                     for k, x in ((t or {}).get("spearman") or {}).items()},
     }
 
 

@@ -60,6 +60,26 @@ function buildFacts(box, data) {
   if (m.residual !== "none") infoRow(box, "residual", m.residual);
   if (m.exclude_bos) infoRow(box, "exclude_bos", "yes");
   infoRow(box, "tokens", m.seq_len);
+  var v = data.verification;
+  if (v) {
+    infoRow(box, "causal check", "ablation " + v.ablation + ", " + v.n_random +
+      " random paths per beam");
+    infoRow(box, "prediction", visible(v.prediction), "ratlens-tokentext");
+    if (v.faithfulness_area !== null) infoRow(box, "faithfulness area", fmt(v.faithfulness_area));
+    Object.keys(v.spearman).forEach(function (k) {
+      if (v.spearman[k] !== null) infoRow(box, "Spearman (" + k + ")", fmt(v.spearman[k]));
+    });
+  }
+}
+
+// "effect 0.405, 113.2× random, p 0.05": a beam's causal effect, when the trace was verified.
+function beamEffect(data, i) {
+  var e = data.verification && data.verification.beams[i];
+  if (!e) return "";
+  var parts = ["effect " + fmt(e.effect)];
+  if (e.ratio !== null) parts.push(fmt(e.ratio, 1) + "\u00d7 random");
+  if (e.p_value !== null) parts.push("p " + fmt(e.p_value, 2));
+  return parts.join(", ");
 }
 
 function buildLegend(ui, data, pick) {
@@ -78,6 +98,11 @@ function buildLegend(ui, data, pick) {
   text.append("div").text(function (b, i) {
     return "#" + (i + 1) + "  score " + fmt(b.score_norm) + "  (raw " + fmt(b.score_raw) + ")";
   });
+  if (data.verification) {
+    text.append("div").attr("class", "ratlens-effect").attr("title",
+      "drop in log p of the prediction when this beam's edges are ablated, against random " +
+      "paths of the same shape").text(function (b, i) { return beamEffect(data, i); });
+  }
   // A 2,000-hop chain's path is pages long: cut, with the whole of it on hover.
   text.append("div").attr("class", "ratlens-path")
     .attr("title", function (b) { return b.text.length > 240 ? b.text : null; })
@@ -121,7 +146,9 @@ function showNode(ui, data, node, through) {
     .data(Array.from(through).sort(d3.ascending)).join("li");
   items.append("div").text(function (b) {
     var beam = data.beams[b];
-    return "#" + (b + 1) + " score " + fmt(beam.score_norm) + " (raw " + fmt(beam.score_raw) + ")";
+    var effect = beamEffect(data, b);
+    return "#" + (b + 1) + " score " + fmt(beam.score_norm) + " (raw " + fmt(beam.score_raw) + ")" +
+      (effect ? "; " + effect : "");
   });
   items.append("div").attr("class", "ratlens-path").text(function (b) {
     return beamEdgesAt(data, data.beams[b], node.id);
