@@ -14,6 +14,7 @@ import random
 import time
 
 import torch
+from beam_search import previous_token_matrix  # same matrix as the search benchmark
 
 import rat_lens
 from rat_lens.render import to_html
@@ -33,15 +34,6 @@ def causal_stack(layers: int, heads: int, n: int, seed: int = 0) -> torch.Tensor
         logits = torch.randn(heads, n, n, generator=gen) * 3
         stack[layer] = logits.masked_fill_(future, float("-inf")).softmax(-1)
     return stack
-
-
-def previous_token_matrix(n: int, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    rest = torch.rand(n, n, generator=gen).tril(-2)
-    attn = rest / rest.sum(-1, keepdim=True).clamp_min(1e-9) * 0.1
-    attn[torch.arange(1, n), torch.arange(n - 1)] += 0.9
-    attn[0, 0] = attn[1, 0] = 1.0
-    return attn
 
 
 def as_result(beams, tokens, layer_ids, *, chain, agg_heads, top_beam, top_k) -> TraceResult:
