@@ -4,6 +4,11 @@ Works on whatever exposes ``blocks.{l}.attn.hook_pattern`` with TransformerLens'
 (``hook_dict``, ``hooks()``): ``TransformerBridge`` in TL 3.x/4.x, ``HookedTransformer`` in TL 2.x/3.x.
 Patterns are reduced over heads as the forward runs, only the layers asked for are kept, and the
 forward stops right after the highest of them (no later layers, no unembed).
+
+Memory: TransformerBridge's fused-QKV attention (GPT-2 and kin) stores every layer's full pattern on
+the module (``attn._pattern``, written, never read) and keeps it after the forward: 12 layers ×
+[12, 2,048, 2,048] floats is 2.4 GB. Our forwards drop each one as soon as its layer is done
+(a hook on ``blocks.{l}.attn.hook_out``), so only one layer's attention is alive at a time.
 """
 
 import re
@@ -133,13 +138,29 @@ def _run(model, tokens, layers, agg_heads, attention_mask, stop_early: bool):
     if bad or not layers:
         raise RatLensError(f"layers {list(layers)} must be non-empty and within 0..{n_layers - 1}")
     capture = PatternCapture(layers, agg_heads, stop_after=stop_early)
+    last = max(layers) if stop_early else n_layers - 1
     logits = None
-    with torch.no_grad(), model.hooks(fwd_hooks=capture.fwd_hooks):
+    with torch.no_grad(), model.hooks(fwd_hooks=capture.fwd_hooks + _release_hooks(model, last)):
         try:
             logits = model(tokens, attention_mask=attention_mask)
         except _StopForward:
             pass
     return logits, capture.to_cache(model)
+
+
+def _release_hooks(model, last: int) -> list:
+    """Hooks that free the bridge's own copy of each layer's pattern once the layer is done."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) <= last:  # a wrapper without the bridge's modules
+        return []
+    hooks = []
+    for layer in range(last + 1):
+        attn, name = getattr(blocks[layer], "attn", None), f"blocks.{layer}.attn.hook_out"
+        if hasattr(attn, "_pattern") and name in model.hook_dict:
+            def release(out, hook, attn=attn):
+                attn._pattern = None  # the bridge's __init__ value
+            hooks.append((name, release))
+    return hooks
 
 
 def patterns_from_cache(cache, layers: Sequence[int], agg_heads: str = "mean",

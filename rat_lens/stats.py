@@ -29,7 +29,7 @@ from ._errors import RatLensError
 
 __all__ = ["STAT_NAMES", "HeadTable", "entropy", "max_weight", "sink_mass", "self_mass",
            "prev_mass", "attention_stats", "attention_rollout", "rollout_importance",
-           "beam_mass_importance", "top_predictions"]
+           "rollout_rows", "beam_mass_importance", "top_predictions"]
 
 STAT_NAMES = ("entropy", "max_weight", "sink_mass", "self_mass", "prev_mass")
 
@@ -182,11 +182,26 @@ def rollout_importance(patterns: Float[Tensor, "layer *batch head query key"], t
     >>> rollout_importance(torch.stack([A, A])[:, None], target=1)
     tensor([0.7500, 0.2500])
     """
+    return rollout_rows(patterns, [target], residual)[..., 0, :]
+
+
+def rollout_rows(patterns: Float[Tensor, "layer *batch head query key"], targets: Sequence[int],
+                 residual: float = 0.5) -> Float[Tensor, "*batch target key"]:
+    """Rows ``targets`` of :func:`attention_rollout`: every target of a prompt in one pass.
+
+    The layers are mixed once for all targets, so N targets cost one rollout's set-up plus
+    N-row products (the tracer's many-target case).
+
+    >>> A = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    >>> rollout_rows(torch.stack([A, A])[:, None], targets=[1, 0])
+    tensor([[0.7500, 0.2500],
+            [1.0000, 0.0000]])
+    """
     mixed = _with_residual(_head_mean(patterns), residual)
-    row = mixed[-1][..., target, :]  # [*batch, key]
+    rows = mixed[-1][..., list(targets), :]  # [*batch, target, key]
     for layer_attn in reversed(mixed[:-1]):
-        row = (row.unsqueeze(-2) @ layer_attn).squeeze(-2)
-    return row
+        rows = rows @ layer_attn
+    return rows
 
 
 def beam_mass_importance(keys: Int[Tensor, " edge"], mass: Float[Tensor, " edge"], seq_len: int

@@ -18,7 +18,7 @@ from ._pattern import (AGG_HEADS, check_choice, check_pattern_values, check_posi
 from .capture import (capture_patterns, hook_name, pattern_layers, patterns_from_cache,
                       run_with_patterns)
 from .result import BeamPath, TraceResult, build_sankey, path_text
-from .stats import rollout_importance
+from .stats import rollout_rows
 from .summary import predictions_at
 from .beam import beam_search, resolve_layers
 
@@ -128,12 +128,15 @@ class ReverseAttentionTracer:
                           length_norm=length_norm)
             bos = [p for p, t in enumerate(ids) if t == bos_id and mask[b, p]]
             patterns = [p[b] for p in stacked]
-            for target in targets[b]:
+            # Rollout is not defined for max-aggregated heads; all targets share one pass.
+            rollouts = [[]] * len(targets[b]) if agg_heads == "max" else \
+                rollout_rows(torch.stack(patterns[::-1]), targets[b]).tolist()
+            for target, rollout in zip(targets[b], rollouts):
                 beams = beam_search(
                     patterns, layer_ids, target, per_head=agg_heads == "none",
                     stop_at_bos=stop_at_bos, bos_positions=bos, attention_mask=mask[b],
                     residual=residual, exclude_bos=exclude_bos, **search)
-                result = _result(prompt, target, beams, patterns)
+                result = _result(prompt, target, beams, rollout)
                 if logits is not None:
                     result.predictions = [dataclasses.asdict(p) for p in predictions_at(
                         result, logits[b], self.tokenizer, predictions)]
@@ -220,12 +223,10 @@ def generate(model, tokens: Int[Tensor, "batch seq"], n_new: int) -> Int[Tensor,
     return tokens
 
 
-def _result(prompt: dict, target: int, beams, patterns: list[Tensor]) -> TraceResult:
+def _result(prompt: dict, target: int, beams, rollout: list[float]) -> TraceResult:
     """One target's TraceResult: the beams with their tokens, the Sankey graph, the path texts
-    and the target's rollout importance (head-mean; not defined for max-aggregated heads)."""
+    and the target's rollout importance."""
     paths = [BeamPath.from_beam(beam, prompt["tokens"], prompt["token_ids"]) for beam in beams]
-    rollout = [] if prompt["agg_heads"] == "max" else \
-        rollout_importance(torch.stack(patterns[::-1]), target).tolist()
     return TraceResult(
         target_pos=target, beams=paths, paths_text=[path_text(p) for p in paths],
         sankey=build_sankey(paths, prompt["tokens"], prompt["mode"], prompt["layer"]),

@@ -7,7 +7,7 @@ from transformer_lens import ActivationCache
 
 from conftest import hook_count
 from rat_lens import PatternCapture, RatLensError, capture_patterns
-from rat_lens.capture import patterns_from_cache
+from rat_lens.capture import patterns_from_cache, run_with_patterns
 from rat_lens.models import repeated_tokens
 
 NAMES = lambda name: name.endswith("hook_pattern")  # noqa: E731
@@ -118,3 +118,33 @@ def test_models_without_hook_points_are_refused():
 
     with pytest.raises(RatLensError, match="no blocks.{l}.attn.hook_pattern"):
         capture_patterns(NoPatterns(), torch.zeros(1, 2, dtype=torch.long), [0])
+
+
+def test_the_bridges_own_copy_of_each_pattern_is_freed_by_our_forwards():
+    """GPT-2's fused-QKV bridge keeps every layer's full pattern on ``attn._pattern`` after a
+    forward (2.4 GB at 2,048 tokens on GPT-2 small); the layers our forward ran give it back."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformer_lens.model_bridge import TransformerBridge
+    from rat_lens.models import load_induction_tokenizer
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=4, n_embd=32, vocab_size=64,
+                                    n_positions=64, attn_implementation="eager")).eval()
+    model = TransformerBridge.boot_transformers("gpt2", hf_model=hf,
+                                                tokenizer=load_induction_tokenizer())
+    tokens = repeated_tokens(1, 10, 5, seed=0)
+    with torch.no_grad():
+        logits = model(tokens)
+    kept = [block.attn._pattern for block in model.blocks]
+    assert all(p is not None and p.shape == (1, 4, 16, 16) for p in kept)  # the leak is real
+
+    cache = capture_patterns(model, tokens, [1], agg_heads="none")
+    torch.testing.assert_close(cache["pattern", 1], kept[1])
+    # Layer 0 ran whole: its new copy is freed. The forward stopped inside layer 1 (before the
+    # bridge stores the pattern) and never reached 2: what an earlier forward left stays as it was.
+    assert model.blocks[0].attn._pattern is None
+    assert all(model.blocks[l].attn._pattern is kept[l] for l in (1, 2))
+    assert hook_count(model) == 0
+    run_with_patterns(model, tokens, [1])  # the whole forward: every layer's copy is freed
+    assert all(block.attn._pattern is None for block in model.blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), logits)

@@ -9,7 +9,7 @@ import torch
 from rat_lens import RatLensError
 from rat_lens.stats import (STAT_NAMES, HeadTable, attention_rollout, attention_stats,
                             beam_mass_importance, entropy, max_weight, prev_mass,
-                            rollout_importance, self_mass, sink_mass, top_predictions)
+                            rollout_importance, rollout_rows, self_mass, sink_mass, top_predictions)
 
 N = 5
 
@@ -129,6 +129,9 @@ def test_rollout_equals_plain_matrix_product_loop(seed, residual):
         for target in range(7):  # the row-only path agrees with the full matrix
             np.testing.assert_allclose(rollout_importance(patterns[:, b], target, residual).numpy(),
                                        expected[target], rtol=1e-10, atol=1e-12)
+        order = [6, 0, 3, 3]  # several targets in one pass, any order, repeats allowed
+        np.testing.assert_allclose(rollout_rows(patterns[:, b], order, residual).numpy(),
+                                   expected[order], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(rollout.sum(-1), torch.ones(2, 7, dtype=torch.float64))
 
 
