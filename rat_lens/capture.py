@@ -9,11 +9,18 @@ Memory: TransformerBridge's fused-QKV attention (GPT-2 and kin) stores every lay
 the module (``attn._pattern``, written, never read) and keeps it after the forward: 12 layers ×
 [12, 2,048, 2,048] floats is 2.4 GB. Our forwards drop each one as soon as its layer is done
 (a hook on ``blocks.{l}.attn.hook_out``), so only one layer's attention is alive at a time.
+
+Long contexts: ``query_chunk=N`` runs the forward N query positions at a time with a KV cache, so
+the model never holds more than ``[batch, head, N, seq]`` of attention scores (the full
+``[seq, seq]`` scores of one layer are 3.2 GB at 8,192 tokens on GPT-2 small). The captured rows
+are exactly the one-shot forward's wherever the model computes each query's attention from its
+cache as it would in one pass (checked against ``run_with_cache`` in the tests).
 """
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+import inspect
+from typing import Callable, Optional, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -21,7 +28,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from ._errors import RatLensError
-from ._pattern import aggregate_heads, check_choice, AGG_HEADS
+from ._pattern import aggregate_heads, check_choice, check_positive_int, AGG_HEADS
 
 __all__ = ["PatternCapture", "capture_patterns", "run_with_patterns", "patterns_from_cache",
            "pattern_layers", "hook_name"]
@@ -63,6 +70,10 @@ class PatternCapture:
     ``to_cache(model)``, a real ``ActivationCache`` (``cache["pattern", l]`` is
     ``[batch, head, query, key]``, head of length 1 unless ``agg_heads="none"``).
 
+    A pattern with more keys than queries comes from a forward that continues a KV cache: its
+    rows are appended below the rows captured so far (so one capture spans a chunked or
+    incremental run, e.g. token-by-token generation with ``past_key_values``).
+
     >>> from rat_lens.models import load
     >>> model = load("induction-2l")
     >>> capture = PatternCapture([1])
@@ -74,7 +85,7 @@ class PatternCapture:
     layers: Sequence[int]
     agg_heads: str = "mean"
     stop_after: bool = False
-    store: dict = field(default_factory=dict)
+    store: dict = field(default_factory=dict)  # hook name -> list of row blocks
 
     def __post_init__(self):
         check_choice("agg_heads", self.agg_heads, AGG_HEADS)
@@ -84,7 +95,17 @@ class PatternCapture:
         last = max(self.layers)
 
         def keep(pattern: Tensor, hook):
-            self.store[hook.name] = aggregate_heads(pattern.detach(), self.agg_heads)
+            rows = aggregate_heads(pattern.detach(), self.agg_heads)
+            queries, keys = rows.shape[-2:]
+            blocks = self.store.setdefault(hook.name, [])
+            if keys == queries:  # a forward from position 0: starts afresh
+                blocks.clear()
+            seen = sum(block.shape[-2] for block in blocks)
+            if seen + queries != keys:
+                raise RatLensError(
+                    f"{hook.name} gave {queries} query rows over {keys} keys after {seen} rows "
+                    f"captured: the model did not continue its KV cache (past_key_values)")
+            blocks.append(rows)
             if self.stop_after and hook.name == hook_name(last):
                 raise _StopForward
             return None  # the model's own pattern flows on unchanged
@@ -92,21 +113,24 @@ class PatternCapture:
         return [(hook_name(layer), keep) for layer in sorted(set(self.layers))]
 
     def to_cache(self, model) -> ActivationCache:
-        missing = [hook_name(layer) for layer in self.layers if hook_name(layer) not in self.store]
+        names = [hook_name(layer) for layer in self.layers]
+        missing = [name for name in names if not self.store.get(name)]
         if missing:
             raise RatLensError(f"no pattern was captured for {missing}: run the model with "
                                f"these hooks first")
-        return ActivationCache(dict(self.store), model)
+        return ActivationCache({name: _stack_rows(blocks) for name, blocks in self.store.items()},
+                               model)
 
 
 def capture_patterns(model, tokens: Int[Tensor, "batch seq"], layers: Sequence[int], *,
                      agg_heads: str = "mean",
                      attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
-                     ) -> ActivationCache:
+                     query_chunk: Optional[int] = None) -> ActivationCache:
     """Run ``model`` once on ``tokens`` under no_grad and return the reduced patterns of ``layers``.
 
     The forward stops after the highest layer in ``layers``. Hooks are removed on every exit path
     (TransformerLens's ``hooks()`` context); the model's parameters are never touched.
+    ``query_chunk=N`` runs it N positions at a time with a KV cache (long contexts, see above).
 
     >>> from rat_lens.models import load
     >>> model = load("induction-2l")
@@ -114,12 +138,13 @@ def capture_patterns(model, tokens: Int[Tensor, "batch seq"], layers: Sequence[i
     >>> sorted(cache.keys()), cache["pattern", 0].shape
     (['blocks.0.attn.hook_pattern', 'blocks.1.attn.hook_pattern'], torch.Size([1, 4, 6, 6]))
     """
-    return _run(model, tokens, layers, agg_heads, attention_mask, stop_early=True)[1]
+    return _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_early=True)[1]
 
 
 def run_with_patterns(model, tokens: Int[Tensor, "batch seq"], layers: Sequence[int], *,
                       agg_heads: str = "mean",
                       attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
+                      query_chunk: Optional[int] = None,
                       ) -> tuple[Float[Tensor, "batch seq vocab"], ActivationCache]:
     """:func:`capture_patterns` with the whole forward: the logits too, as ``run_with_cache``.
 
@@ -129,23 +154,68 @@ def run_with_patterns(model, tokens: Int[Tensor, "batch seq"], layers: Sequence[
     >>> logits.shape, cache["pattern", 1].shape
     (torch.Size([1, 4, 64]), torch.Size([1, 1, 4, 4]))
     """
-    return _run(model, tokens, layers, agg_heads, attention_mask, stop_early=False)
+    return _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_early=False)
 
 
-def _run(model, tokens, layers, agg_heads, attention_mask, stop_early: bool):
+def _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_early: bool):
     n_layers = pattern_layers(model)
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad or not layers:
         raise RatLensError(f"layers {list(layers)} must be non-empty and within 0..{n_layers - 1}")
+    seq = tokens.shape[-1]
+    chunk = seq if query_chunk is None else check_positive_int("query_chunk", query_chunk)
+    if chunk < seq and attention_mask is not None:
+        raise RatLensError("query_chunk needs unpadded prompts (no attention_mask): trace long "
+                           "prompts one at a time")
+    kwargs = _chunk_kwargs(model, tokens) if chunk < seq else \
+        lambda chunk: {"attention_mask": attention_mask}
     capture = PatternCapture(layers, agg_heads, stop_after=stop_early)
     last = max(layers) if stop_early else n_layers - 1
-    logits = None
+    logits = []
     with torch.no_grad(), model.hooks(fwd_hooks=capture.fwd_hooks + _release_hooks(model, last)):
-        try:
-            logits = model(tokens, attention_mask=attention_mask)
-        except _StopForward:
-            pass
-    return logits, capture.to_cache(model)
+        for start in range(0, seq, chunk):
+            piece = tokens[:, start:start + chunk]
+            try:
+                logits.append(model(piece, **kwargs(piece)))
+            except _StopForward:
+                pass
+    short = {name: n for name, blocks in capture.store.items()
+             if (n := sum(block.shape[-2] for block in blocks)) != seq}
+    if short:  # each chunk restarted from position 0
+        raise RatLensError(f"{type(model).__name__} ignored the KV cache across query chunks "
+                           f"(rows captured per layer {short}, expected {seq}): query_chunk is "
+                           f"not available for this model; trace without it")
+    return (torch.cat(logits, dim=1) if logits else None), capture.to_cache(model)
+
+
+def _chunk_kwargs(model, tokens) -> Callable[[Tensor], dict]:
+    """Each chunk's forward keywords: the model's KV cache, carried from chunk to chunk."""
+    params = inspect.signature(model.forward).parameters
+    if "past_kv_cache" in params:  # HookedTransformer
+        from transformer_lens import TransformerLensKeyValueCache
+        kv = TransformerLensKeyValueCache.init_cache(model.cfg, tokens.device, tokens.shape[0])
+        # Without a mask it infers one from the tokens, masking any that equal the pad token.
+        return lambda chunk: {"past_kv_cache": kv, "attention_mask": torch.ones_like(chunk)}
+    if "past_key_values" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        from transformers import DynamicCache  # the bridge hands it to the HF model
+        kv = DynamicCache()
+        return lambda chunk: {"past_key_values": kv}
+    raise RatLensError(f"{type(model).__name__}.forward takes no KV cache: query_chunk is not "
+                       f"available for it")
+
+
+def _stack_rows(blocks: list[Tensor]) -> Tensor:
+    """Row blocks of a causal pattern (each over the keys seen so far) as one [.., seq, seq]."""
+    if len(blocks) == 1:
+        return blocks[0]
+    seq = blocks[-1].shape[-1]
+    out = blocks[0].new_zeros(*blocks[0].shape[:-2], seq, seq)
+    row = 0
+    for block in blocks:
+        queries, keys = block.shape[-2:]
+        out[..., row:row + queries, :keys] = block
+        row += queries
+    return out
 
 
 def _release_hooks(model, last: int) -> list:

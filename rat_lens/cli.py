@@ -80,7 +80,7 @@ def _trace(args: argparse.Namespace) -> int:
     options = dict(top_beam=args.top_beam, top_k=args.top_k, min_attn=args.min_attn,
                    agg_heads=args.agg_heads, length_norm=args.length_norm,
                    stop_at_bos=not args.no_stop_at_bos, exclude_bos=args.exclude_bos,
-                   predictions=args.predictions)
+                   predictions=args.predictions, query_chunk=args.query_chunk)
     if args.layers is not None:
         options.update(layers=args.layers, residual=args.residual)
     else:
@@ -183,6 +183,9 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--predictions", type=int, default=0, metavar="K",
                        help="also show the model's top-K next tokens at traced positions "
                             "(runs the whole forward)")
+    trace.add_argument("--query-chunk", type=int, metavar="N",
+                       help="run the forward N positions at a time over a KV cache: attention "
+                            "memory grows with N x tokens, not tokens^2 (long contexts)")
     trace.add_argument("--generate", type=int, default=0, metavar="N",
                        help="generate N tokens greedily and trace each of them")
     trace.add_argument("--out", "--output", dest="out", default="rat_lens_out", metavar="DIR",

@@ -76,14 +76,17 @@ class ReverseAttentionTracer:
                     agg_heads: str = "mean", length_norm: str = "avg_logprob",
                     stop_at_bos: bool = True, bos_token_id: Optional[int] = None,
                     residual: Optional[str] = None, exclude_bos: bool = False,
-                    cache=None, predictions: int = 0) -> list[TraceResult]:
+                    cache=None, predictions: int = 0,
+                    query_chunk: Optional[int] = None) -> list[TraceResult]:
         """Trace every prompt of a batch from every position in ``target_pos``: ONE forward.
 
         ``inputs`` is ``[batch, seq]`` token ids (pad them and give ``attention_mask``) or a
         list of strings (padded here). Negative targets count back from each prompt's last
         unmasked token. Results come prompt by prompt, targets in the order given.
         ``predictions=k`` runs the whole forward (not stopping after the traced layers) and
-        records the model's top-k next tokens at every traced position.
+        records the model's top-k next tokens at every traced position. ``query_chunk=N`` runs
+        the forward N positions at a time over a KV cache: the model then never holds more than
+        N rows of attention scores (long contexts; unpadded prompts; same patterns).
         """
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs):
             if attention_mask is not None:
@@ -111,8 +114,17 @@ class ReverseAttentionTracer:
             if cache is not None:
                 raise RatLensError("predictions need the model's logits, which a cache does not "
                                    "hold: trace without cache=, or pass logits to summary()")
+        if query_chunk is not None:
+            check_positive_int("query_chunk", query_chunk)
+            if cache is not None:
+                raise RatLensError("query_chunk splits the forward, and a trace from cache= runs "
+                                   "none: give one or the other")
+            if not mask.all():
+                raise RatLensError("query_chunk needs unpadded prompts (no padding in "
+                                   "attention_mask): trace long prompts one at a time")
 
-        logits, stacked = self._patterns(tokens, mask, layer_ids, agg_heads, cache, predictions)
+        logits, stacked = self._patterns(tokens, mask, layer_ids, agg_heads, cache, predictions,
+                                         query_chunk)
         overview = sum(reduce(p, "batch head query key -> batch query key", "mean")
                        for p in stacked) / len(stacked)
         bos_id = bos_token_id if bos_token_id is not None else \
@@ -143,7 +155,7 @@ class ReverseAttentionTracer:
                 results.append(result)
         return results
 
-    def _patterns(self, tokens, mask, layer_ids, agg_heads, cache, predictions
+    def _patterns(self, tokens, mask, layer_ids, agg_heads, cache, predictions, query_chunk
                   ) -> tuple[Optional[Tensor], list[Tensor]]:
         """The reduced patterns of ``layer_ids`` (top first) from one forward or the user's cache;
         the logits too when predictions are asked for (then the forward runs to the end)."""
@@ -153,10 +165,11 @@ class ReverseAttentionTracer:
             patterns = patterns_from_cache(cache, layer_ids, agg_heads, tuple(tokens.shape))
         elif predictions:
             logits, patterns = run_with_patterns(self.model, tokens, layer_ids,
-                                                 agg_heads=agg_heads, attention_mask=model_mask)
+                                                 agg_heads=agg_heads, attention_mask=model_mask,
+                                                 query_chunk=query_chunk)
         else:
             patterns = capture_patterns(self.model, tokens, layer_ids, agg_heads=agg_heads,
-                                        attention_mask=model_mask)
+                                        attention_mask=model_mask, query_chunk=query_chunk)
         stacked = [patterns[hook_name(layer)].float().cpu() for layer in layer_ids]
         for layer, pattern in zip(layer_ids, stacked):
             check_pattern_values(pattern, hook_name(layer))

@@ -39,6 +39,21 @@ def model(request):
     return load("induction-2l", source=request.param)
 
 
+@pytest.fixture(scope="session")
+def gpt2_bridge():
+    """A tiny random GPT-2 through TransformerBridge.boot_transformers: the HF-backed bridge
+    (fused-QKV attention, KV cache) that users get for Hugging Face models."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformer_lens.model_bridge import TransformerBridge
+    from rat_lens.models import load_induction_tokenizer
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=4, n_embd=32, vocab_size=64,
+                                    n_positions=128, attn_implementation="eager")).eval()
+    return TransformerBridge.boot_transformers("gpt2", hf_model=hf,
+                                               tokenizer=load_induction_tokenizer())
+
+
 def hook_count(model) -> int:
     """Forward hooks currently registered on the model's hook points."""
     return sum(len(hp._forward_hooks) for hp in model.hook_dict.values())

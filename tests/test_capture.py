@@ -5,7 +5,7 @@ import torch
 from einops import reduce
 from transformer_lens import ActivationCache
 
-from conftest import hook_count
+from conftest import SOURCES, hook_count
 from rat_lens import PatternCapture, RatLensError, capture_patterns
 from rat_lens.capture import patterns_from_cache, run_with_patterns
 from rat_lens.models import repeated_tokens
@@ -120,18 +120,10 @@ def test_models_without_hook_points_are_refused():
         capture_patterns(NoPatterns(), torch.zeros(1, 2, dtype=torch.long), [0])
 
 
-def test_the_bridges_own_copy_of_each_pattern_is_freed_by_our_forwards():
+def test_the_bridges_own_copy_of_each_pattern_is_freed_by_our_forwards(gpt2_bridge):
     """GPT-2's fused-QKV bridge keeps every layer's full pattern on ``attn._pattern`` after a
     forward (2.4 GB at 2,048 tokens on GPT-2 small); the layers our forward ran give it back."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformer_lens.model_bridge import TransformerBridge
-    from rat_lens.models import load_induction_tokenizer
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=4, n_embd=32, vocab_size=64,
-                                    n_positions=64, attn_implementation="eager")).eval()
-    model = TransformerBridge.boot_transformers("gpt2", hf_model=hf,
-                                                tokenizer=load_induction_tokenizer())
-    tokens = repeated_tokens(1, 10, 5, seed=0)
+    model, tokens = gpt2_bridge, repeated_tokens(1, 10, 5, seed=0)
     with torch.no_grad():
         logits = model(tokens)
     kept = [block.attn._pattern for block in model.blocks]
@@ -148,3 +140,66 @@ def test_the_bridges_own_copy_of_each_pattern_is_freed_by_our_forwards():
     assert all(block.attn._pattern is None for block in model.blocks)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), logits)
+
+
+def kv_models() -> list[str]:
+    return ["gpt2-bridge"] + (["hooked"] if "hooked" in SOURCES else [])
+
+
+@pytest.fixture(params=kv_models())
+def kv_model(request, gpt2_bridge):
+    """Models whose forward continues a KV cache: HF-backed bridge, HookedTransformer (TL 3.x)."""
+    from rat_lens.models import load
+    return gpt2_bridge if request.param == "gpt2-bridge" else load("induction-2l", source="hooked")
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 40])
+@pytest.mark.parametrize("agg", ["mean", "none"])
+def test_query_chunks_capture_the_one_forward_patterns(kv_model, chunk, agg):
+    tokens, layers = repeated_tokens(2, 20, 10, seed=3), [0, kv_model.cfg.n_layers - 1]
+    whole = capture_patterns(kv_model, tokens, layers, agg_heads=agg)
+    chunked = capture_patterns(kv_model, tokens, layers, agg_heads=agg, query_chunk=chunk)
+    assert sorted(chunked.keys()) == sorted(whole.keys())
+    for name in whole.keys():
+        torch.testing.assert_close(chunked[name], whole[name], atol=1e-6, rtol=0)
+    logits, _ = run_with_patterns(kv_model, tokens, [0])
+    chunk_logits, _ = run_with_patterns(kv_model, tokens, [0], query_chunk=chunk)
+    torch.testing.assert_close(chunk_logits, logits, atol=1e-4, rtol=1e-4)
+    assert hook_count(kv_model) == 0
+
+
+def test_pattern_capture_spans_a_users_own_kv_cached_steps(gpt2_bridge):
+    """Prefill then token-by-token steps over past_key_values: one capture, the whole matrix."""
+    from transformers import DynamicCache
+    tokens = repeated_tokens(1, 12, 6, seed=4)
+    capture, kv = PatternCapture([1], agg_heads="none"), DynamicCache()
+    with torch.no_grad(), gpt2_bridge.hooks(fwd_hooks=capture.fwd_hooks):
+        gpt2_bridge(tokens[:, :10], past_key_values=kv)
+        for pos in range(10, tokens.shape[1]):
+            gpt2_bridge(tokens[:, pos:pos + 1], past_key_values=kv)
+    torch.testing.assert_close(capture.to_cache(gpt2_bridge)["pattern", 1],
+                               capture_patterns(gpt2_bridge, tokens, [1], agg_heads="none")
+                               ["pattern", 1], atol=1e-6, rtol=0)
+
+
+def test_query_chunks_on_a_model_that_ignores_the_kv_cache_are_refused():
+    from rat_lens.models import load
+    model = load("induction-2l", source="bridge")  # the native bridge keeps no KV cache
+    tokens = repeated_tokens(1, 10, 5, seed=0)
+    with torch.no_grad():
+        logits = model(tokens)
+    with pytest.raises(RatLensError, match="ignored the KV cache across query chunks"):
+        capture_patterns(model, tokens, [1], query_chunk=4)
+    assert hook_count(model) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), logits)
+
+
+@pytest.mark.parametrize("chunk, error, message", [
+    (0, RatLensError, "query_chunk must be >= 1, got 0"),
+    ("8", TypeError, "query_chunk must be an int, got '8'"),
+])
+def test_bad_query_chunks_are_named(gpt2_bridge, chunk, error, message, no_typecheck):
+    with pytest.raises(error, match=message):
+        capture_patterns(gpt2_bridge, repeated_tokens(1, 10, 5, seed=0), [1], query_chunk=chunk)
+    assert hook_count(gpt2_bridge) == 0

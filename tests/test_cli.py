@@ -115,6 +115,8 @@ def test_models_lists_what_loads_offline(capsys):
     (["trace", TEXT, "--residual", "rollout"], 1, "needs layers mode"),
     (["trace", TEXT, "--generate", "90"], 1, "exceeds the model's context of 64"),
     (["trace", "cat zebra"], 1, "zebra"),
+    (["trace", TEXT, "--query-chunk", "0"], 1, "query_chunk must be >= 1, got 0"),
+    (["trace", TEXT, "--query-chunk", "4"], 1, "ignored the KV cache across query chunks"),
     (["render", "missing.json", "-o", "x"], 2, "cannot read a trace from 'missing.json'"),
     ([], 2, "required: COMMAND"),
 ])

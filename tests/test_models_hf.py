@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rat_lens
-from rat_lens import RatLensError
+from rat_lens import RatLensError, TraceResult
 from rat_lens.models import catalogue, load, load_induction_tokenizer, repeated_tokens
 from rat_lens.models._hf import smollm2_gguf
 from rat_lens.render import render_html
@@ -34,6 +34,17 @@ def test_a_local_hugging_face_folder_loads_and_traces(gpt2_folder):
     for (q, k), w, layer, head in zip(zip(best.positions, best.positions[1:]), best.edge_attns,
                                       best.layers, best.heads):
         assert w == pytest.approx(float(cache["pattern", layer][0, head, q, k]), abs=1e-6)
+
+
+def test_the_cli_traces_a_hugging_face_folder_in_query_chunks(gpt2_folder, tmp_path):
+    from rat_lens.cli import main
+    text = "cat dog red blue fox cat dog red blue fox cat dog"
+    for name, extra in (("whole", []), ("chunked", ["--query-chunk", "3"])):
+        assert main(["trace", text, "--model", str(gpt2_folder), "--layers", "0:2",
+                     "--format", "json", "--out", str(tmp_path / name), *extra]) == 0
+    whole, chunked = (TraceResult.from_json((tmp_path / name / "trace.json").read_text())
+                      for name in ("whole", "chunked"))
+    assert chunked.paths_text == whole.paths_text and chunked.beams[0].positions[0] == 12
 
 
 def test_names_that_are_nothing_are_refused_with_the_options():

@@ -165,6 +165,11 @@ def test_top_beam_follows_the_induction_circuit_on_many_prompts(model):
     (lambda t, x: t.trace(x.repeat(2, 1)), RatLensError, "use trace_batch"),
     (lambda t, x: t.trace(x.float()), TypeError, "integer token ids"),
     (lambda t, x: t.trace(x, cache={}), RatLensError, "the cache has no"),
+    (lambda t, x: t.trace(x, query_chunk=0), RatLensError, "query_chunk must be >= 1, got 0"),
+    (lambda t, x: t.trace(x, query_chunk=8, cache={}), RatLensError, "give one or the other"),
+    (lambda t, x: t.trace_batch(x.repeat(2, 1), query_chunk=8, attention_mask=torch.stack(
+        [torch.ones(40), (torch.arange(40) < 30).float()])),
+     RatLensError, "query_chunk needs unpadded prompts"),
 ])
 def test_bad_input_raises_one_clear_error_and_leaves_the_model_alone(model, call, error, message,
                                                                     no_typecheck):
@@ -226,3 +231,21 @@ def test_predictions_and_rollout_come_from_the_same_forward(model):
     assert "Predictions at traced positions" in results[0].summary().to_text()
     with pytest.raises(RatLensError, match="predictions need the model's logits"):
         ReverseAttentionTracer(model).trace(tokens[:1], cache=cache, predictions=3)
+
+
+def test_query_chunks_trace_exactly_as_one_forward(gpt2_bridge):
+    """Long-context mode (the forward in chunks over a KV cache) changes memory, not results."""
+    tokens = repeated_tokens(2, prefix_len=30, repeat_len=15, seed=5)
+    tracer = ReverseAttentionTracer(gpt2_bridge)
+    for opts in ({"layer": 2}, {"layers": (0, 2), "agg_heads": "none"}, {"predictions": 3}):
+        whole = tracer.trace_batch(tokens, [-1, -6], **opts)
+        chunked = tracer.trace_batch(tokens, [-1, -6], query_chunk=8, **opts)
+        for a, b in zip(chunked, whole, strict=True):
+            assert a.paths_text == b.paths_text
+            assert [(p.positions, p.layers, p.heads) for p in a.beams] == \
+                [(p.positions, p.layers, p.heads) for p in b.beams]
+            assert [w for p in a.beams for w in p.edge_attns] == \
+                pytest.approx([w for p in b.beams for w in p.edge_attns], abs=1e-6)
+            top = [[p["token_ids"] for p in r.predictions] for r in (a, b)]
+            assert top[0] == top[1] and top[0]
+            assert a.rollout == pytest.approx(b.rollout, abs=1e-6)
