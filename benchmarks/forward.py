@@ -3,10 +3,14 @@
 A GPT-2-small-config Hugging Face model with seeded random weights (eager attention), wrapped by
 TransformerBridge for rat_lens and used directly by the peer; plus a plain no-hook forward of the
 same HF model as the floor. Every configuration runs in a fresh process: wall time is the median
-of --repeat runs, memory is the peak RSS above the process's RSS after loading the model.
+of --repeat runs, memory is the peak RSS above the process's RSS after loading the model and one
+16-token warm-up call (imports and first-call set-up are not the trace's working memory); the
+peak is reset there (Linux ``clear_refs``), so the model's own construction is not counted.
 
-    python benchmarks/forward.py             # tables 1 (vs peer), 2 (many targets), 4 (long context)
-    python benchmarks/forward.py --quick     # 256 and 1,024 tokens only
+    python benchmarks/forward.py              # tables 1 (vs peer), 2 (many targets),
+                                              # 3 (layers mode per head), 4 (long context)
+    python benchmarks/forward.py --quick      # 256 and 1,024 tokens only
+    python benchmarks/forward.py --only long  # one table
 """
 
 import argparse
@@ -19,6 +23,8 @@ import time
 
 import torch
 
+CHUNK = 256  # query_chunk of the "chunked" columns
+
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -26,7 +32,15 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's peak RSS since the last reset_peak() (Linux VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def reset_peak() -> None:
+    """Forget the peak so far (building the model peaks above where it settles)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def build(n_ctx: int):
@@ -38,39 +52,66 @@ def build(n_ctx: int):
     return hf, load_induction_tokenizer()
 
 
-def run_one(who: str, n: int, layer: int, targets: int, repeat: int) -> dict:
-    hf, tok = build(max(n, 1024))
-    ids = torch.randint(1, 64, (1, n), generator=torch.Generator().manual_seed(1))
-    if who == "rat_lens":
+def runner(who: str, hf, tok, layer: int, targets: int, chunk: int):
+    """``(run(ids, **options), bridge)`` for one contender: rat_lens (bridge is its model), the
+    peer or the plain forward (bridge is None).
+
+    ``layers_head`` is rat_lens in layers mode per head over all 12 layers (top_beam 50, top_k 10).
+    """
+    if who in ("rat_lens", "layers_head"):
         from transformer_lens.model_bridge import TransformerBridge
         from rat_lens import ReverseAttentionTracer
         model = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tok)
         tracer = ReverseAttentionTracer(model)
-        run = lambda: tracer.trace_batch(ids, list(range(-targets, 0)), layer=layer)  # noqa: E731
-    elif who == "peer":
+        where = dict(layers=(0, 11), agg_heads="none", top_beam=50, top_k=10) \
+            if who == "layers_head" else dict(layer=layer)
+        return (lambda ids, **options: tracer.trace_batch(
+            ids, list(range(-targets, 0)), query_chunk=chunk or None, **where, **options)), model
+    if who == "peer":
         from reverse_attention import ReverseAttentionTracer as Peer
         tracer = Peer(hf, tok)
-        run = lambda: [tracer.trace(ids, target_pos=-t, layer=layer)  # noqa: E731
-                       for t in range(1, targets + 1)]
-    else:  # the floor: a plain forward, no hooks, no attention returned
-        def run():
-            with torch.no_grad():
-                return hf(ids)
-    base = rss_mb()
+        return (lambda ids: [tracer.trace(ids, target_pos=-t, layer=layer)
+                             for t in range(1, targets + 1)]), None
+
+    def forward(ids):  # the floor: a plain forward, no hooks, no attention returned
+        with torch.no_grad():
+            return hf(ids)
+    return forward, None
+
+
+def timed(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        run()
+        fn()
         times.append(time.perf_counter() - start)
-    return dict(seconds=statistics.median(times), mb=max(peak_mb() - base, 0.0))
+    return statistics.median(times)
 
 
-def measure(who, n, layer, targets, repeat) -> dict:
+def run_one(who: str, n: int, layer: int, targets: int, repeat: int, chunk: int = 0) -> dict:
+    hf, tok = build(max(n, 1024))
+    ids = torch.randint(1, 64, (1, n), generator=torch.Generator().manual_seed(1))
+    run, bridge = runner(who, hf, tok, layer, targets, chunk)
+    run(ids[:, :16])
+    reset_peak()
+    base = rss_mb()
+    out = dict(seconds=timed(lambda: run(ids), repeat))
+    out.update(mb=max(peak_mb() - base, 0.0), peak=peak_mb())
+    if who == "layers_head":
+        # The same trace from patterns captured beforehand: everything but the forward.
+        from rat_lens.capture import capture_patterns
+        cache = capture_patterns(bridge, ids, list(range(12)), agg_heads="none")
+        out["search_seconds"] = timed(lambda: run(ids, cache=cache), repeat)
+    return out
+
+
+def measure(who, n, layer, targets, repeat, chunk=0) -> dict:
     out = subprocess.run([sys.executable, __file__, "--one",
-                          json.dumps([who, n, layer, targets, repeat])],
+                          json.dumps([who, n, layer, targets, repeat, chunk])],
                          capture_output=True, text=True)
     if out.returncode:
-        return dict(seconds=float("nan"), mb=float("nan"), error=out.stderr.strip()[-200:])
+        return dict(seconds=float("nan"), mb=float("nan"), peak=float("nan"),
+                    error=out.stderr.strip()[-200:])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -84,34 +125,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", choices=["peer", "targets", "long"])
+    parser.add_argument("--only", choices=["peer", "targets", "layers", "long"])
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(*json.loads(args.one))))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPT-2-small config, "
-          f"random weights; seconds = median of {args.repeat}; MB = peak RSS above the model")
+          f"random weights; seconds = median of {args.repeat}; MB = peak RSS above the model; "
+          f"chunked = `query_chunk={CHUNK}`")
     sizes = [256, 1024] if args.quick else [256, 1024, 2048]
+    want = lambda name: args.only in (None, name)  # noqa: E731
 
-    if args.only in (None, "peer"):
+    if want("peer"):
         rows = []
         for n in sizes:
             floor = measure("floor", n, -1, 1, args.repeat)
             for layer, name in ((11, "last"), (5, "middle")):
                 ours = measure("rat_lens", n, layer, 1, args.repeat)
+                chunked = measure("rat_lens", n, layer, 1, args.repeat, CHUNK)
                 peer = measure("peer", n, layer, 1, args.repeat)
-                rows.append([f"{n:,}", name, f"{floor['seconds']:.2f}", f"{ours['seconds']:.2f}",
+                rows.append([f"{n:,}", name, f"{floor['seconds']:.2f}",
+                             f"{ours['seconds']:.2f}", f"{chunked['seconds']:.2f}",
                              f"{peer['seconds']:.2f}",
                              f"{ours['seconds'] / floor['seconds']:.2f}",
                              f"{ours['seconds'] / peer['seconds']:.2f}",
-                             f"{floor['mb']:.0f}", f"{ours['mb']:.0f}", f"{peer['mb']:.0f}",
-                             f"{ours['mb'] / max(peer['mb'], 1):.2f}"])
+                             f"{floor['mb']:.0f}", f"{ours['mb']:.0f}", f"{chunked['mb']:.0f}",
+                             f"{peer['mb']:.0f}", f"{ours['mb'] / max(peer['mb'], 1):.2f}",
+                             f"{chunked['mb'] / max(peer['mb'], 1):.2f}"])
         table("1. One trace: rat_lens vs reverse-attention (and a plain forward)",
-              ["tokens", "layer", "forward s", "rat_lens s", "peer s", "rat/forward",
-               "rat/peer", "forward MB", "rat_lens MB", "peer MB", "rat/peer MB"], rows)
+              ["tokens", "layer", "forward s", "rat_lens s", "chunked s", "peer s",
+               "rat/forward", "rat/peer", "forward MB", "rat_lens MB", "chunked MB", "peer MB",
+               "rat/peer MB", "chunked/peer MB"], rows)
 
-    if args.only in (None, "targets"):
+    if want("targets"):
         n = 1024
         one = measure("rat_lens", n, 11, 1, args.repeat)
         rows = []
@@ -124,14 +171,27 @@ def main() -> None:
         table(f"2. Many targets in one {n:,}-token prompt (last layer)",
               ["targets", "rat_lens s", "peer s", "rat_lens / 1 target", "speed-up"], rows)
 
-    if args.only in (None, "long") and not args.quick:
+    if want("layers") and not args.quick:
+        rows = []
+        for n in (1024, 2048):
+            ours = measure("layers_head", n, 11, 1, args.repeat)
+            rows.append([f"{n:,}", f"{ours['seconds']:.2f}", f"{ours['search_seconds']:.3f}",
+                         f"{100 * ours['search_seconds'] / ours['seconds']:.1f}%",
+                         f"{ours['mb']:.0f}"])
+        table("3. Layers mode per head: 12 layers x 12 heads, top_beam 50, top_k 10",
+              ["tokens", "trace s", "all but the forward s", "share of the trace",
+               "MB above model"], rows)
+
+    if want("long") and not args.quick:
         rows = []
         for n in (4096, 8192):
-            ours = measure("rat_lens", n, 11, 1, 1)
-            rows.append([f"{n:,}", f"{ours['seconds']:.1f}", f"{ours['mb']:.0f}",
-                         ours.get("error", "")])
-        table("4. Long context, rat_lens alone (n_ctx raised)",
-              ["tokens", "seconds", "MB above model", "error"], rows)
+            for chunk in (0, 512):
+                ours = measure("rat_lens", n, 11, 1, 1, chunk)
+                rows.append([f"{n:,}", f"query_chunk={chunk}" if chunk else "one forward",
+                             f"{ours['seconds']:.1f}", f"{ours['mb']:.0f}",
+                             f"{ours['peak'] / 1024:.2f}", ours.get("error", "")])
+        table("4. Long context, rat_lens alone (n_ctx raised, last layer)",
+              ["tokens", "forward", "seconds", "MB above model", "peak RSS GB", "error"], rows)
 
 
 if __name__ == "__main__":

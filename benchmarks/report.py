@@ -1,6 +1,6 @@
 """Regenerate docs/benchmarks.md: run every benchmark script, name the machine, write the tables.
 
-    python benchmarks/report.py          # about 15 minutes on 2 cores
+    python benchmarks/report.py          # about 25 minutes on 2 cores
 """
 
 import datetime

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rat_lens
-from rat_lens import RatLensError, TraceResult
+from rat_lens import RatLensError, TraceResult, capture_patterns
 from rat_lens.models import catalogue, load, load_induction_tokenizer, repeated_tokens
 from rat_lens.models._hf import smollm2_gguf
 from rat_lens.render import render_html
@@ -80,6 +80,10 @@ def test_smollm2_induction_heads_and_an_indirect_object_prompt(tmp_path):
         _, cache = model.run_with_cache(tokens)
         q = torch.arange(21, 41)
         assert float(cache["pattern", layer][0, head, q, q - 19].mean()) > 0.5
+        # Long-context mode on a rotary model: chunks over the KV cache give the same patterns.
+        chunked = capture_patterns(model, tokens, [3, layer], agg_heads="none", query_chunk=6)
+        for name in chunked.keys():
+            torch.testing.assert_close(chunked[name], cache[name], atol=1e-5, rtol=0)
 
     ioi = rat_lens.trace(model, "When Mary and John went to the store, John gave a drink to",
                          layers=(0, 29), agg_heads="none", exclude_bos=True, predictions=3)
