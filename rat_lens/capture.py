@@ -1,7 +1,8 @@
 """Collect attention from any TransformerLens model through its ``hook_pattern`` hook points.
 
 Works on whatever exposes ``blocks.{l}.attn.hook_pattern`` with TransformerLens's hook API
-(``hook_dict``, ``hooks()``): ``TransformerBridge`` in TL 3.x/4.x, ``HookedTransformer`` in TL 2.x/3.x.
+(``hook_dict``, ``hooks()``): ``TransformerBridge`` in TL 3.x/4.x, ``HookedTransformer`` in
+TL 2.x/3.x.
 Patterns are reduced over heads as the forward runs, only the layers asked for are kept, and the
 forward stops right after the highest of them (no later layers, no unembed).
 
@@ -17,9 +18,9 @@ are exactly the one-shot forward's wherever the model computes each query's atte
 cache as it would in one pass (checked against ``run_with_cache`` in the tests).
 """
 
+import inspect
 import re
 from dataclasses import dataclass, field
-import inspect
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -28,7 +29,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from ._errors import RatLensError
-from ._pattern import aggregate_heads, check_choice, check_positive_int, AGG_HEADS
+from ._pattern import AGG_HEADS, aggregate_heads, check_choice, check_positive_int
 
 __all__ = ["PatternCapture", "capture_patterns", "run_with_patterns", "patterns_from_cache",
            "pattern_layers", "hook_name"]
@@ -168,7 +169,7 @@ def _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_ear
         raise RatLensError("query_chunk needs unpadded prompts (no attention_mask): trace long "
                            "prompts one at a time")
     kwargs = _chunk_kwargs(model, tokens) if chunk < seq else \
-        lambda chunk: {"attention_mask": attention_mask}
+        lambda piece: {"attention_mask": attention_mask}
     capture = PatternCapture(layers, agg_heads, stop_after=stop_early)
     last = max(layers) if stop_early else n_layers - 1
     logits = []
