@@ -4,7 +4,7 @@ A GPT-2-small-config Hugging Face model with seeded random weights (eager attent
 TransformerBridge for rat_lens and used directly by the peer; plus a plain no-hook forward of the
 same HF model as the floor. Every configuration runs in a fresh process: wall time is the median
 of --repeat runs, memory is the peak RSS above the process's RSS after loading the model and one
-16-token warm-up call (imports and first-call set-up are not the trace's working memory); the
+64-token warm-up call (imports and first-call set-up are not the trace's working memory); the
 peak is reset there (Linux ``clear_refs``), so the model's own construction is not counted.
 
     python benchmarks/forward.py              # tables 1 (vs peer), 2 (many targets),
@@ -92,7 +92,7 @@ def run_one(who: str, n: int, layer: int, targets: int, repeat: int, chunk: int 
     hf, tok = build(max(n, 1024))
     ids = torch.randint(1, 64, (1, n), generator=torch.Generator().manual_seed(1))
     run, bridge = runner(who, hf, tok, layer, targets, chunk)
-    run(ids[:, :16])
+    run(ids[:, :64])
     reset_peak()
     base = rss_mb()
     out = dict(seconds=timed(lambda: run(ids), repeat))
@@ -136,15 +136,20 @@ def main() -> None:
           f"chunked = `query_chunk={CHUNK}`")
     sizes = [256, 1024] if args.quick else [256, 1024, 2048]
     want = lambda name: args.only in (None, name)  # noqa: E731
+    targets = []  # (issue 7's target, what was measured, met)
 
     if want("peer"):
-        rows = []
+        rows, seen = [], {}
         for n in sizes:
             floor = measure("floor", n, -1, 1, args.repeat)
             for layer, name in ((11, "last"), (5, "middle")):
                 ours = measure("rat_lens", n, layer, 1, args.repeat)
                 chunked = measure("rat_lens", n, layer, 1, args.repeat, CHUNK)
                 peer = measure("peer", n, layer, 1, args.repeat)
+                seen[n, name] = dict(forward=ours["seconds"] / floor["seconds"],
+                                     peer=ours["seconds"] / peer["seconds"],
+                                     mb=ours["mb"] / max(peer["mb"], 1),
+                                     chunked_mb=chunked["mb"] / max(peer["mb"], 1))
                 rows.append([f"{n:,}", name, f"{floor['seconds']:.2f}",
                              f"{ours['seconds']:.2f}", f"{chunked['seconds']:.2f}",
                              f"{peer['seconds']:.2f}",
@@ -157,19 +162,35 @@ def main() -> None:
               ["tokens", "layer", "forward s", "rat_lens s", "chunked s", "peer s",
                "rat/forward", "rat/peer", "forward MB", "rat_lens MB", "chunked MB", "peer MB",
                "rat/peer MB", "chunked/peer MB"], rows)
+        worst = max(seen, key=lambda key: seen[key]["forward"])
+        targets.append(("trace time <= 1.05x a plain forward",
+                        f"at most {seen[worst]['forward']:.2f}x ({worst[0]:,}, {worst[1]})",
+                        seen[worst]["forward"] <= 1.05))
+        last = max(v["peer"] for (n, name), v in seen.items() if name == "last")
+        lower = all(seen[n, "middle"]["peer"] < seen[n, "last"]["peer"] for n in sizes)
+        targets.append(("trace time <= 0.8x the peer's (last layer), lower for a middle layer",
+                        f"last layer at most {last:.2f}x; middle lower at every size: "
+                        f"{'yes' if lower else 'no'}", last <= 0.8 and lower))
+        if 2048 in sizes:
+            for key, what in (("mb", "one forward"), ("chunked_mb", f"query_chunk={CHUNK}")):
+                ratio = max(seen[2048, name][key] for name in ("last", "middle"))
+                targets.append((f"memory above the model <= 0.15x the peer's at 2,048 tokens "
+                                f"({what})", f"at most {ratio:.2f}x", ratio <= 0.15))
 
     if want("targets"):
         n = 1024
         one = measure("rat_lens", n, 11, 1, args.repeat)
         rows = []
-        for targets in (1, 8, 32):
-            ours = one if targets == 1 else measure("rat_lens", n, 11, targets, args.repeat)
-            peer = measure("peer", n, 11, targets, 1)
-            rows.append([str(targets), f"{ours['seconds']:.2f}", f"{peer['seconds']:.2f}",
+        for many in (1, 8, 32):
+            ours = one if many == 1 else measure("rat_lens", n, 11, many, args.repeat)
+            peer = measure("peer", n, 11, many, 1)
+            rows.append([str(many), f"{ours['seconds']:.2f}", f"{peer['seconds']:.2f}",
                          f"{ours['seconds'] / one['seconds']:.2f}",
                          f"{peer['seconds'] / ours['seconds']:.1f}x"])
         table(f"2. Many targets in one {n:,}-token prompt (last layer)",
               ["targets", "rat_lens s", "peer s", "rat_lens / 1 target", "speed-up"], rows)
+        ratio = ours["seconds"] / one["seconds"]
+        targets.append(("32 targets <= 1.3x one target", f"{ratio:.2f}x", ratio <= 1.3))
 
     if want("layers") and not args.quick:
         rows = []
@@ -181,17 +202,28 @@ def main() -> None:
         table("3. Layers mode per head: 12 layers x 12 heads, top_beam 50, top_k 10",
               ["tokens", "trace s", "all but the forward s", "share of the trace",
                "MB above model"], rows)
+        share = ours["search_seconds"] / ours["seconds"]
+        targets.append(("multi-layer per-head beam search <= 5% of the trace's time (2,048)",
+                        f"{100 * share:.1f}% (search, rollout and results together)",
+                        share <= 0.05))
 
     if want("long") and not args.quick:
         rows = []
         for n in (4096, 8192):
             for chunk in (0, 512):
                 ours = measure("rat_lens", n, 11, 1, 1, chunk)
-                rows.append([f"{n:,}", f"query_chunk={chunk}" if chunk else "one forward",
-                             f"{ours['seconds']:.1f}", f"{ours['mb']:.0f}",
+                what = f"query_chunk={chunk}" if chunk else "one forward"
+                rows.append([f"{n:,}", what, f"{ours['seconds']:.1f}", f"{ours['mb']:.0f}",
                              f"{ours['peak'] / 1024:.2f}", ours.get("error", "")])
+                if n == 8192:
+                    targets.append((f"8,192 tokens traced with peak RSS under 8 GB ({what})",
+                                    f"{ours['peak'] / 1024:.2f} GB", ours["peak"] < 8 * 1024))
         table("4. Long context, rat_lens alone (n_ctx raised, last layer)",
               ["tokens", "forward", "seconds", "MB above model", "peak RSS GB", "error"], rows)
+
+    if targets:
+        table("Issue 7's targets", ["target", "measured", "met"],
+              [[t, value, "yes" if met else "**no**"] for t, value, met in targets])
 
 
 if __name__ == "__main__":

@@ -134,10 +134,14 @@ def attention_stats(pattern: Float[Tensor, "*lead head query key"], query_mask: 
             "prev_mass": prev_mass(pattern, query_mask)}
 
 
-def _with_residual(attn: Float[Tensor, "*lead query key"], residual: float
-                   ) -> Float[Tensor, "*lead query key"]:
+def _check_residual(residual: float) -> None:
     if not 0.0 <= residual <= 1.0:
         raise RatLensError(f"residual={residual} must be within [0, 1]")
+
+
+def _with_residual(attn: Float[Tensor, "*lead query key"], residual: float
+                   ) -> Float[Tensor, "*lead query key"]:
+    _check_residual(residual)
     eye = torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
     mixed = (1.0 - residual) * attn + residual * eye
     # Re-normalised as in the paper; a no-op for rows that already sum to 1.
@@ -189,18 +193,23 @@ def rollout_rows(patterns: Float[Tensor, "layer *batch head query key"], targets
                  residual: float = 0.5) -> Float[Tensor, "*batch target key"]:
     """Rows ``targets`` of :func:`attention_rollout`: every target of a prompt in one pass.
 
-    The layers are mixed once for all targets, so N targets cost one rollout's set-up plus
-    N-row products (the tracer's many-target case).
+    Each layer's mixed matrix ``Ã`` is never formed: ``rows @ Ã`` is computed from ``A`` and its
+    row sums, so N targets cost one pass over the layers (the tracer's many-target case).
 
     >>> A = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     >>> rollout_rows(torch.stack([A, A])[:, None], targets=[1, 0])
     tensor([[0.7500, 0.2500],
             [1.0000, 0.0000]])
     """
-    mixed = _with_residual(_head_mean(patterns), residual)
-    rows = mixed[-1][..., list(targets), :]  # [*batch, target, key]
-    for layer_attn in reversed(mixed[:-1]):
-        rows = rows @ layer_attn
+    _check_residual(residual)
+    attn = _head_mean(patterns)
+    rows = attn.new_zeros(*attn.shape[1:-2], len(targets), attn.shape[-1])
+    rows[..., torch.arange(len(targets)), list(targets)] = 1.0
+    for layer_attn in attn.unbind(0)[::-1]:  # top layer first (views, no copy)
+        # Ã = ((1 - r)·A + r·I) / rowsum, so rows @ Ã = (1 - r)·(w @ A) + r·w with w = rows / rowsum.
+        rowsum = (1.0 - residual) * layer_attn.sum(-1) + residual
+        w = rows / rowsum.clamp(min=torch.finfo(attn.dtype).tiny).unsqueeze(-2)
+        rows = (1.0 - residual) * (w @ layer_attn) + residual * w
     return rows
 
 

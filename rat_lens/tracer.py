@@ -125,8 +125,9 @@ class ReverseAttentionTracer:
 
         logits, stacked = self._patterns(tokens, mask, layer_ids, agg_heads, cache, predictions,
                                          query_chunk)
-        overview = sum(reduce(p, "batch head query key -> batch query key", "mean")
-                       for p in stacked) / len(stacked)
+        head_means = torch.stack([reduce(p, "batch head query key -> batch query key", "mean")
+                                  for p in stacked])  # [layer (top first), batch, query, key]
+        overview = head_means.mean(0)
         bos_id = bos_token_id if bos_token_id is not None else \
             getattr(self.tokenizer, "bos_token_id", None)
         results = []
@@ -142,7 +143,7 @@ class ReverseAttentionTracer:
             patterns = [p[b] for p in stacked]
             # Rollout is not defined for max-aggregated heads; all targets share one pass.
             rollouts = [[]] * len(targets[b]) if agg_heads == "max" else \
-                rollout_rows(torch.stack(patterns[::-1]), targets[b]).tolist()
+                rollout_rows(head_means[:, b, None].flip(0), targets[b]).tolist()
             for target, rollout in zip(targets[b], rollouts):
                 beams = beam_search(
                     patterns, layer_ids, target, per_head=agg_heads == "none",
