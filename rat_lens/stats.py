@@ -206,7 +206,7 @@ def rollout_rows(patterns: Float[Tensor, "layer *batch head query key"], targets
     rows = attn.new_zeros(*attn.shape[1:-2], len(targets), attn.shape[-1])
     rows[..., torch.arange(len(targets)), list(targets)] = 1.0
     for layer_attn in attn.unbind(0)[::-1]:  # top layer first (views, no copy)
-        # Ã = ((1 - r)·A + r·I) / rowsum, so rows @ Ã = (1 - r)·(w @ A) + r·w with w = rows / rowsum.
+        # Ã = ((1 - r)·A + r·I) / rowsum, so rows @ Ã = (1 - r)·(w @ A) + r·w, w = rows / rowsum.
         rowsum = (1.0 - residual) * layer_attn.sum(-1) + residual
         w = rows / rowsum.clamp(min=torch.finfo(attn.dtype).tiny).unsqueeze(-2)
         rows = (1.0 - residual) * (w @ layer_attn) + residual * w

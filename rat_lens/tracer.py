@@ -114,14 +114,9 @@ class ReverseAttentionTracer:
             if cache is not None:
                 raise RatLensError("predictions need the model's logits, which a cache does not "
                                    "hold: trace without cache=, or pass logits to summary()")
-        if query_chunk is not None:
-            check_positive_int("query_chunk", query_chunk)
-            if cache is not None:
-                raise RatLensError("query_chunk splits the forward, and a trace from cache= runs "
-                                   "none: give one or the other")
-            if not mask.all():
-                raise RatLensError("query_chunk needs unpadded prompts (no padding in "
-                                   "attention_mask): trace long prompts one at a time")
+        if query_chunk is not None and cache is not None:
+            raise RatLensError("query_chunk splits the forward, and a trace from cache= runs "
+                               "none: give one or the other")
 
         logits, stacked = self._patterns(tokens, mask, layer_ids, agg_heads, cache, predictions,
                                          query_chunk)
