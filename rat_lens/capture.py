@@ -14,14 +14,17 @@ the module (``attn._pattern``, written, never read) and keeps it after the forwa
 Long contexts: ``query_chunk=N`` runs the forward N query positions at a time with a KV cache, so
 the model never holds more than ``[batch, head, N, seq]`` of attention scores (the full
 ``[seq, seq]`` scores of one layer are 3.2 GB at 8,192 tokens on GPT-2 small). The captured rows
-are exactly the one-shot forward's wherever the model computes each query's attention from its
-cache as it would in one pass (checked against ``run_with_cache`` in the tests).
+are the one-shot forward's wherever the model computes each query's attention from its cache as
+it would in one pass (checked against ``run_with_cache`` in the tests). The default,
+``query_chunk="auto"``, chunks prompts longer than ``AUTO_ABOVE`` tokens by ``AUTO_CHUNK`` when a
+probe on the prompt's first ``PROBE_LEN`` tokens shows the chunked forward reproduces the one-shot
+patterns (two forwards of 16 tokens); otherwise, and for padded batches, one forward.
 """
 
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -30,6 +33,8 @@ from transformer_lens import ActivationCache
 
 from ._errors import RatLensError
 from ._pattern import AGG_HEADS, aggregate_heads, check_choice, check_positive_int
+
+AUTO_ABOVE, AUTO_CHUNK, PROBE_LEN = 512, 256, 16
 
 __all__ = ["PatternCapture", "capture_patterns", "run_with_patterns", "patterns_from_cache",
            "pattern_layers", "hook_name"]
@@ -126,12 +131,13 @@ class PatternCapture:
 def capture_patterns(model, tokens: Int[Tensor, "batch seq"], layers: Sequence[int], *,
                      agg_heads: str = "mean",
                      attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
-                     query_chunk: Optional[int] = None) -> ActivationCache:
+                     query_chunk: Union[int, str, None] = "auto") -> ActivationCache:
     """Run ``model`` once on ``tokens`` under no_grad and return the reduced patterns of ``layers``.
 
     The forward stops after the highest layer in ``layers``. Hooks are removed on every exit path
     (TransformerLens's ``hooks()`` context); the model's parameters are never touched.
-    ``query_chunk=N`` runs it N positions at a time with a KV cache (long contexts, see above).
+    ``query_chunk=N`` runs it N positions at a time over the model's KV cache, ``None`` in one
+    pass; the default ``"auto"`` chunks long unpadded prompts where that is exact (see above).
 
     >>> from rat_lens.models import load
     >>> model = load("induction-2l")
@@ -145,7 +151,7 @@ def capture_patterns(model, tokens: Int[Tensor, "batch seq"], layers: Sequence[i
 def run_with_patterns(model, tokens: Int[Tensor, "batch seq"], layers: Sequence[int], *,
                       agg_heads: str = "mean",
                       attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
-                      query_chunk: Optional[int] = None,
+                      query_chunk: Union[int, str, None] = "auto",
                       ) -> tuple[Float[Tensor, "batch seq vocab"], ActivationCache]:
     """:func:`capture_patterns` with the whole forward: the logits too, as ``run_with_cache``.
 
@@ -164,10 +170,7 @@ def _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_ear
     if bad or not layers:
         raise RatLensError(f"layers {list(layers)} must be non-empty and within 0..{n_layers - 1}")
     seq = tokens.shape[-1]
-    chunk = seq if query_chunk is None else check_positive_int("query_chunk", query_chunk)
-    if chunk < seq and attention_mask is not None:
-        raise RatLensError("query_chunk needs unpadded prompts (no attention_mask): trace long "
-                           "prompts one at a time")
+    chunk = _chunk_size(model, tokens, layers, attention_mask, query_chunk)
     kwargs = _chunk_kwargs(model, tokens) if chunk < seq else \
         lambda piece: {"attention_mask": attention_mask}
     capture = PatternCapture(layers, agg_heads, stop_after=stop_early)
@@ -187,6 +190,36 @@ def _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_ear
                            f"(rows captured per layer {short}, expected {seq}): query_chunk is "
                            f"not available for this model; trace without it")
     return (torch.cat(logits, dim=1) if logits else None), capture.to_cache(model)
+
+
+def _chunk_size(model, tokens, layers, attention_mask, query_chunk) -> int:
+    """How many positions each forward takes: the whole prompt unless chunking is asked for or,
+    with "auto", the prompt is long and the model's KV-cached forward passes the probe."""
+    seq = tokens.shape[-1]
+    if query_chunk is None:
+        return seq
+    if query_chunk == "auto":
+        if seq <= AUTO_ABOVE or attention_mask is not None:
+            return seq
+        return AUTO_CHUNK if _chunks_match(model, tokens[:, :PROBE_LEN], layers) else seq
+    if isinstance(query_chunk, str):
+        raise RatLensError(f"query_chunk must be an int, 'auto' or None, got {query_chunk!r}")
+    check_positive_int("query_chunk", query_chunk)
+    if query_chunk < seq and attention_mask is not None:
+        raise RatLensError("query_chunk needs unpadded prompts (no attention_mask): trace long "
+                           "prompts one at a time")
+    return query_chunk
+
+
+def _chunks_match(model, probe: Tensor, layers) -> bool:
+    """Whether forwards in chunks over the model's KV cache reproduce a one-shot forward's
+    patterns on ``probe`` (a model may ignore the cache, or lack one)."""
+    try:
+        chunked = capture_patterns(model, probe, layers, agg_heads="none", query_chunk=5)
+    except RatLensError:
+        return False
+    whole = capture_patterns(model, probe, layers, agg_heads="none", query_chunk=None)
+    return all(torch.allclose(chunked[name], whole[name], atol=1e-5) for name in whole.keys())
 
 
 def _chunk_kwargs(model, tokens) -> Callable[[Tensor], dict]:

@@ -54,6 +54,17 @@ def _layers(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def _query_chunk(text: str):
+    """``N`` → N, ``auto`` → "auto", ``off`` → None (one forward)."""
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--query-chunk {text!r} is not a number, auto or "
+                                         f"off") from None
+
+
 def _formats(text: str) -> list[str]:
     formats = [f.strip() for f in text.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
@@ -183,9 +194,10 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--predictions", type=int, default=0, metavar="K",
                        help="also show the model's top-K next tokens at traced positions "
                             "(runs the whole forward)")
-    trace.add_argument("--query-chunk", type=int, metavar="N",
-                       help="run the forward N positions at a time over a KV cache: attention "
-                            "memory grows with N x tokens, not tokens^2 (long contexts)")
+    trace.add_argument("--query-chunk", type=_query_chunk, default="auto", metavar="N|auto|off",
+                       help="run the forward N positions at a time over the model's KV cache: "
+                            "attention memory grows with N x tokens, not tokens^2 (default auto: "
+                            "chunks of 256 above 512 tokens where that is exact; off: one pass)")
     trace.add_argument("--generate", type=int, default=0, metavar="N",
                        help="generate N tokens greedily and trace each of them")
     trace.add_argument("--out", "--output", dest="out", default="rat_lens_out", metavar="DIR",

@@ -77,7 +77,7 @@ class ReverseAttentionTracer:
                     stop_at_bos: bool = True, bos_token_id: Optional[int] = None,
                     residual: Optional[str] = None, exclude_bos: bool = False,
                     cache=None, predictions: int = 0,
-                    query_chunk: Optional[int] = None) -> list[TraceResult]:
+                    query_chunk: Union[int, str, None] = "auto") -> list[TraceResult]:
         """Trace every prompt of a batch from every position in ``target_pos``: ONE forward.
 
         ``inputs`` is ``[batch, seq]`` token ids (pad them and give ``attention_mask``) or a
@@ -85,8 +85,10 @@ class ReverseAttentionTracer:
         unmasked token. Results come prompt by prompt, targets in the order given.
         ``predictions=k`` runs the whole forward (not stopping after the traced layers) and
         records the model's top-k next tokens at every traced position. ``query_chunk=N`` runs
-        the forward N positions at a time over a KV cache: the model then never holds more than
-        N rows of attention scores (long contexts; unpadded prompts; same patterns).
+        the forward N positions at a time over the model's KV cache, so it never holds more than
+        N rows of attention scores (long contexts; unpadded prompts; same patterns); the default
+        ``"auto"`` does so for unpadded prompts over 512 tokens where a probe shows it exact;
+        ``None`` always runs one forward.
         """
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs):
             if attention_mask is not None:
@@ -114,7 +116,7 @@ class ReverseAttentionTracer:
             if cache is not None:
                 raise RatLensError("predictions need the model's logits, which a cache does not "
                                    "hold: trace without cache=, or pass logits to summary()")
-        if query_chunk is not None and cache is not None:
+        if isinstance(query_chunk, int) and cache is not None:
             raise RatLensError("query_chunk splits the forward, and a trace from cache= runs "
                                "none: give one or the other")
 

@@ -197,9 +197,51 @@ def test_query_chunks_on_a_model_that_ignores_the_kv_cache_are_refused():
 
 @pytest.mark.parametrize("chunk, error, message", [
     (0, RatLensError, "query_chunk must be >= 1, got 0"),
-    ("8", TypeError, "query_chunk must be an int, got '8'"),
+    ("8", RatLensError, "query_chunk must be an int, 'auto' or None, got '8'"),
+    (2.5, TypeError, "query_chunk must be an int, got 2.5"),
 ])
 def test_bad_query_chunks_are_named(gpt2_bridge, chunk, error, message, no_typecheck):
     with pytest.raises(error, match=message):
         capture_patterns(gpt2_bridge, repeated_tokens(1, 10, 5, seed=0), [1], query_chunk=chunk)
     assert hook_count(gpt2_bridge) == 0
+
+
+@pytest.fixture
+def small_auto(monkeypatch):
+    """query_chunk="auto" thresholds scaled down to the test models' contexts."""
+    import rat_lens.capture
+    monkeypatch.setattr(rat_lens.capture, "AUTO_ABOVE", 20)
+    monkeypatch.setattr(rat_lens.capture, "AUTO_CHUNK", 8)
+
+
+def query_lengths(model, run) -> list[int]:
+    """The query length of layer 0's pattern in each forward that ``run`` makes."""
+    seen = []
+    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern",
+                                 lambda pattern, hook: seen.append(pattern.shape[-2]))]):
+        run()
+    return seen
+
+
+def test_auto_chunks_a_long_prompt_where_the_probe_passes(kv_model, small_auto):
+    tokens = repeated_tokens(1, 20, 10, seed=3)  # 31 tokens, over the (scaled) threshold
+    seen = query_lengths(kv_model, lambda: capture_patterns(kv_model, tokens, [1]))
+    # The probe (16 tokens in chunks of 5, then at once), then the prompt in chunks of 8.
+    assert seen == [5, 5, 5, 1, 16, 8, 8, 8, 7]
+    torch.testing.assert_close(capture_patterns(kv_model, tokens, [1])["pattern", 1],
+                               capture_patterns(kv_model, tokens, [1], query_chunk=None)
+                               ["pattern", 1], atol=1e-6, rtol=0)
+
+
+def test_auto_runs_one_forward_for_short_padded_or_cacheless_runs(gpt2_bridge, small_auto):
+    from rat_lens.models import load
+    native = load("induction-2l", source="bridge")  # ignores the KV cache: the probe fails
+    tokens = repeated_tokens(2, 20, 10, seed=3)
+    seen = query_lengths(native, lambda: capture_patterns(native, tokens, [1]))
+    assert seen[-1] == 31 and 8 not in seen
+    mask = torch.ones_like(tokens)
+    mask[1, 25:] = 0
+    assert query_lengths(gpt2_bridge, lambda: capture_patterns(
+        gpt2_bridge, tokens, [1], attention_mask=mask)) == [31]
+    assert query_lengths(gpt2_bridge, lambda: capture_patterns(
+        gpt2_bridge, tokens[:, :20], [1])) == [20]

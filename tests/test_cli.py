@@ -117,6 +117,7 @@ def test_models_lists_what_loads_offline(capsys):
     (["trace", "cat zebra"], 1, "zebra"),
     (["trace", TEXT, "--query-chunk", "0"], 1, "query_chunk must be >= 1, got 0"),
     (["trace", TEXT, "--query-chunk", "4"], 1, "ignored the KV cache across query chunks"),
+    (["trace", TEXT, "--query-chunk", "x"], 2, "--query-chunk 'x' is not a number, auto or off"),
     (["render", "missing.json", "-o", "x"], 2, "cannot read a trace from 'missing.json'"),
     ([], 2, "required: COMMAND"),
 ])
