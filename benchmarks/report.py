@@ -32,10 +32,10 @@ READING = """\
   materialises each layer's `[head, seq, seq]` scores and weights (200 MB each at 2,048 tokens).
   TransformerBridge's GPT-2 attention also keeps every layer's full pattern on the module after
   the forward (2.4 GB at 2,048 tokens); rat_lens's forwards release it layer by layer.
-  `query_chunk=N` runs the forward N positions at a time over the KV cache, so only
-  `N x seq` of attention exists at once: that is what meets the memory and long-context
-  targets. It is exact (bitwise here) and usually faster, but needs a model whose forward takes a
-  KV cache, so it is an option rather than the default.
+  By default (`query_chunk="auto"`) prompts over 512 tokens run 256 positions at a time over
+  the model's KV cache, so only `256 x seq` of attention exists at once; that is what meets the
+  memory and long-context targets (and saves time). It is exact (bitwise on this model); the
+  "one forward" columns (`query_chunk=None`) show what it saves.
 - **Search.** Chain mode finds each row's top-k candidates once and walks with NumPy parent
   pointers; the peer re-sorts every beam's row at every step.
 - **Noise.** Two shared cores: timings move by 10-30% between runs; ratios within a row come
