@@ -3,7 +3,7 @@
 A GPT-2-small-config Hugging Face model with seeded random weights (eager attention), wrapped by
 TransformerBridge for rat_lens and used directly by the peer; plus a plain no-hook forward of the
 same HF model as the floor. Every configuration runs in a fresh process: wall time is the median
-of --repeat runs, memory is the peak RSS above the process's RSS after loading the model and one
+of --repeat runs (more for short ones, up to 3 s in all), memory is the peak RSS above the process's RSS after loading the model and one
 64-token warm-up call (imports and first-call set-up are not the trace's working memory); the
 peak is reset there (Linux ``clear_refs``), so the model's own construction is not counted.
 
@@ -78,9 +78,11 @@ def runner(who: str, hf, tok, layer: int, targets: int, chunk: int):
     return forward, None
 
 
-def timed(fn, repeat: int) -> float:
+def timed(fn, repeat: int, at_least_s: float = 3.0) -> float:
+    """Median of ``repeat`` runs, more while they add up to under ``at_least_s`` (short runs are
+    the noisiest on a shared machine)."""
     times = []
-    for _ in range(repeat):
+    while len(times) < repeat or sum(times) < at_least_s:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -138,7 +140,7 @@ def main() -> None:
         print(json.dumps(run_one(*json.loads(args.one))))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPT-2-small config, "
-          f"random weights; seconds = median of {args.repeat}; MB = peak RSS above the model; "
+          f"random weights; seconds = median of {args.repeat} or more runs; MB = peak RSS above the model; "
           f"rat_lens runs with its default query_chunk=\"auto\" (chunks of 256 above 512 "
           f"tokens), \"one forward\" with query_chunk=None")
     sizes = [256, 1024] if args.quick else [256, 1024, 2048]
