@@ -3,9 +3,10 @@
 A GPT-2-small-config Hugging Face model with seeded random weights (eager attention), wrapped by
 TransformerBridge for rat_lens and used directly by the peer; plus a plain no-hook forward of the
 same HF model as the floor. Every configuration runs in a fresh process: wall time is the median
-of --repeat runs (more for short ones, up to 3 s in all), memory is the peak RSS above the process's RSS after loading the model and one
-64-token warm-up call (imports and first-call set-up are not the trace's working memory); the
-peak is reset there (Linux ``clear_refs``), so the model's own construction is not counted.
+of --repeat runs (more for short ones, up to 3 s in all); memory is the peak RSS above the
+process's RSS after loading the model and one 64-token warm-up call (imports and first-call
+set-up are not the trace's working memory). The peak is reset there (Linux ``clear_refs``), so
+the model's own construction is not counted.
 
     python benchmarks/forward.py              # tables 1 (vs peer), 2 (many targets),
                                               # 3 (layers mode per head), 4 (long context)
@@ -140,8 +141,8 @@ def main() -> None:
         print(json.dumps(run_one(*json.loads(args.one))))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPT-2-small config, "
-          f"random weights; seconds = median of {args.repeat} or more runs; MB = peak RSS above the model; "
-          f"rat_lens runs with its default query_chunk=\"auto\" (chunks of 256 above 512 "
+          f"random weights; seconds = median of {args.repeat}+ runs; MB = peak RSS above the "
+          f"model; rat_lens runs with its default query_chunk=\"auto\" (chunks of 256 above 512 "
           f"tokens), \"one forward\" with query_chunk=None")
     sizes = [256, 1024] if args.quick else [256, 1024, 2048]
     want = lambda name: args.only in (None, name)  # noqa: E731
