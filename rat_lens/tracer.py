@@ -139,7 +139,7 @@ class ReverseAttentionTracer:
             bos = [p for p, t in enumerate(ids) if t == bos_id and mask[b, p]]
             patterns = [p[b] for p in stacked]
             # Rollout is not defined for max-aggregated heads; all targets share one pass.
-            rollouts = [[]] * len(targets[b]) if agg_heads == "max" else \
+            rollouts = [[] for _ in targets[b]] if agg_heads == "max" else \
                 rollout_rows(head_means[:, b, None].flip(0), targets[b]).tolist()
             for target, rollout in zip(targets[b], rollouts):
                 beams = beam_search(
