@@ -23,6 +23,9 @@ patterns (two forwards of 16 tokens); otherwise, and for padded batches, one for
 
 import inspect
 import re
+import warnings
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -34,10 +37,11 @@ from transformer_lens import ActivationCache
 from ._errors import RatLensError
 from ._pattern import AGG_HEADS, aggregate_heads, check_choice, check_positive_int
 
-AUTO_ABOVE, AUTO_CHUNK, PROBE_LEN = 512, 256, 16
+AUTO_ABOVE, AUTO_CHUNK, PROBE_LEN, PROBE_ATOL = 512, 256, 16, 2e-5
+_warned = weakref.WeakSet()  # models told once that the probe failed
 
 __all__ = ["PatternCapture", "capture_patterns", "run_with_patterns", "patterns_from_cache",
-           "pattern_layers", "hook_name"]
+           "pattern_layers", "hook_name", "kv_cache_reaches_attention"]
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
 
@@ -176,7 +180,8 @@ def _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_ear
     capture = PatternCapture(layers, agg_heads, stop_after=stop_early)
     last = max(layers) if stop_early else n_layers - 1
     logits = []
-    with torch.no_grad(), model.hooks(fwd_hooks=capture.fwd_hooks + _release_hooks(model, last)):
+    with torch.no_grad(), kv_cache_reaches_attention(model), \
+            model.hooks(fwd_hooks=capture.fwd_hooks + _release_hooks(model, last)):
         for start in range(0, seq, chunk):
             piece = tokens[:, start:start + chunk]
             try:
@@ -213,13 +218,34 @@ def _chunk_size(model, tokens, layers, attention_mask, query_chunk) -> int:
 
 def _chunks_match(model, probe: Tensor, layers) -> bool:
     """Whether forwards in chunks over the model's KV cache reproduce a one-shot forward's
-    patterns on ``probe`` (a model may ignore the cache, or lack one)."""
+    patterns on ``probe`` (a model may ignore the cache, or lack one). A model built to continue
+    its cache (HookedTransformer, a Hugging Face model in a bridge) that fails gets one warning:
+    it then runs in one forward, with the memory that costs."""
     try:
         chunked = capture_patterns(model, probe, layers, agg_heads="none", query_chunk=5)
-    except RatLensError:
-        return False
+        why = "it did not continue the KV cache"
+    except RatLensError as error:
+        chunked, why = None, str(error)
     whole = capture_patterns(model, probe, layers, agg_heads="none", query_chunk=None)
-    return all(torch.allclose(chunked[name], whole[name], atol=1e-5) for name in whole.keys())
+    if chunked is not None:
+        worst = max(float((chunked[name] - whole[name]).abs().max()) for name in whole.keys())
+        if worst <= PROBE_ATOL:
+            return True
+        why = f"its chunked patterns differ from one forward's by {worst:.2g} (> {PROBE_ATOL})"
+    if _keeps_a_kv_cache(model) and model not in _warned:
+        _warned.add(model)
+        warnings.warn(f"query_chunk='auto': {type(model).__name__} should continue its KV cache "
+                      f"across query chunks, but on a {probe.shape[-1]}-token probe {why}; long "
+                      f"prompts run in one forward (attention memory grows with seq²). Pass "
+                      f"query_chunk=None to silence this.", RuntimeWarning, stacklevel=4)
+    return False
+
+
+def _keeps_a_kv_cache(model) -> bool:
+    """HookedTransformer, or a bridge around a Hugging Face model (not TL's native modules)."""
+    from transformers import PreTrainedModel  # the bridge itself imports it
+    return ("past_kv_cache" in inspect.signature(model.forward).parameters
+            or isinstance(getattr(model, "original_model", None), PreTrainedModel))
 
 
 def _chunk_kwargs(model, tokens) -> Callable[[Tensor], dict]:
@@ -233,9 +259,44 @@ def _chunk_kwargs(model, tokens) -> Callable[[Tensor], dict]:
     if "past_key_values" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         from transformers import DynamicCache  # the bridge hands it to the HF model
         kv = DynamicCache()
-        return lambda chunk: {"past_key_values": kv}
+        hf_forward = getattr(getattr(model, "original_model", None), "forward", None)
+        # Newer transformers name the forward's cache `cache` (`past_key_values` deprecated);
+        # give it the name the installed model's forward declares.
+        if hf_forward is not None and "cache" in inspect.signature(hf_forward).parameters:
+            kwargs = {"cache": kv, "use_cache": True}
+        else:
+            kwargs = {"past_key_values": kv}
+        return lambda chunk: kwargs
     raise RatLensError(f"{type(model).__name__}.forward takes no KV cache: query_chunk is not "
                        f"available for it")
+
+
+@contextmanager
+def kv_cache_reaches_attention(model):
+    """Within this block, a KV cache handed to a TransformerBridge forward reaches its attention
+    layers whatever the installed transformers calls it.
+
+    Newer transformers blocks call their attention with ``cache=`` (``past_key_values`` is
+    deprecated); TransformerBridge's attention layers (TL 3.9, 4.3) read ``past_key_values`` or
+    ``layer_past`` and, finding neither, silently run without the cache: every cached step then
+    attends to itself alone. A pre-hook on each ``blocks.{l}.attn`` passes the cache under both
+    names; where the caller already passes ``past_key_values`` nothing changes. rat_lens's own
+    chunked forwards use it; wrap your own cached generation in it to capture it with
+    ``PatternCapture``. The hooks are gone when the block ends, errors included.
+    """
+    def alias(module, args, kwargs):
+        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+            return args, {**kwargs, "past_key_values": kwargs["cache"]}
+        return None
+
+    blocks = getattr(model, "blocks", None) or []
+    handles = [block.attn.register_forward_pre_hook(alias, with_kwargs=True)
+               for block in blocks if isinstance(getattr(block, "attn", None), torch.nn.Module)]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _stack_rows(blocks: list[Tensor]) -> Tensor:

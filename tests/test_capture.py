@@ -1,5 +1,7 @@
 """Capture through hooks equals run_with_cache, stops early, composes, and leaves no trace."""
 
+import warnings
+
 import pytest
 import torch
 from einops import reduce
@@ -7,7 +9,7 @@ from transformer_lens import ActivationCache
 
 from conftest import SOURCES, hook_count
 from rat_lens import PatternCapture, RatLensError, capture_patterns
-from rat_lens.capture import patterns_from_cache, run_with_patterns
+from rat_lens.capture import kv_cache_reaches_attention, patterns_from_cache, run_with_patterns
 from rat_lens.models import repeated_tokens
 
 NAMES = lambda name: name.endswith("hook_pattern")  # noqa: E731
@@ -169,11 +171,13 @@ def test_query_chunks_capture_the_one_forward_patterns(kv_model, chunk, agg):
 
 
 def test_pattern_capture_spans_a_users_own_kv_cached_steps(gpt2_bridge):
-    """Prefill then token-by-token steps over past_key_values: one capture, the whole matrix."""
+    """Prefill then token-by-token steps over past_key_values: one capture, the whole matrix
+    (inside kv_cache_reaches_attention, which newer transformers need for the bridge's cache)."""
     from transformers import DynamicCache
     tokens = repeated_tokens(1, 12, 6, seed=4)
     capture, kv = PatternCapture([1], agg_heads="none"), DynamicCache()
-    with torch.no_grad(), gpt2_bridge.hooks(fwd_hooks=capture.fwd_hooks):
+    with torch.no_grad(), kv_cache_reaches_attention(gpt2_bridge), \
+            gpt2_bridge.hooks(fwd_hooks=capture.fwd_hooks):
         gpt2_bridge(tokens[:, :10], past_key_values=kv)
         for pos in range(10, tokens.shape[1]):
             gpt2_bridge(tokens[:, pos:pos + 1], past_key_values=kv)
@@ -245,3 +249,66 @@ def test_auto_runs_one_forward_for_short_padded_or_cacheless_runs(gpt2_bridge, s
         gpt2_bridge, tokens, [1], attention_mask=mask)) == [31]
     assert query_lengths(gpt2_bridge, lambda: capture_patterns(
         gpt2_bridge, tokens[:, :20], [1])) == [20]
+
+
+def tiny_hf_bridge(kind: str):
+    """A random HF model (GPT-2: learned positions, fused QKV; Qwen2: rotary, grouped KV heads)
+    with room for 1,100 tokens, in a TransformerBridge as users get it for Hugging Face models."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+    from transformer_lens.model_bridge import TransformerBridge
+    from rat_lens.models import load_induction_tokenizer
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=64,
+                                        n_positions=1200, attn_implementation="eager"))
+    else:
+        hf = Qwen2ForCausalLM(Qwen2Config(
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+            intermediate_size=64, vocab_size=64, max_position_embeddings=2048,
+            attn_implementation="eager"))
+    return TransformerBridge.boot_transformers("gpt2" if kind == "gpt2" else "Qwen/Qwen2-0.5B",
+                                               hf_model=hf.eval(),
+                                               tokenizer=load_induction_tokenizer())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
+def test_a_long_prompt_runs_in_chunks_by_default_with_the_one_forward_patterns(kind):
+    """At the real defaults (no scaled thresholds): 1,100 tokens go in chunks of AUTO_CHUNK over
+    the installed transformers' KV cache, whatever it names it, and give one forward's rows."""
+    import rat_lens.capture
+    model = tiny_hf_bridge(kind)
+    tokens = torch.randint(1, 64, (1, 1100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(tokens[:, :4])  # the bridge adds its own pre-hooks on a first forward
+    pre_hooks = sum(len(m._forward_pre_hooks) for m in model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed probe would warn
+        seen = query_lengths(model, lambda: capture_patterns(model, tokens, [0, 1],
+                                                             agg_heads="none"))
+    chunk = rat_lens.capture.AUTO_CHUNK
+    assert seen[-5:] == [chunk] * 4 + [1100 - 4 * chunk]
+    chunked = capture_patterns(model, tokens, [0, 1], agg_heads="none")
+    whole = capture_patterns(model, tokens, [0, 1], agg_heads="none", query_chunk=None)
+    for name in whole.keys():
+        torch.testing.assert_close(chunked[name], whole[name], atol=1e-5, rtol=0)
+    assert hook_count(model) == 0
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == pre_hooks
+
+
+def test_a_failed_probe_on_a_model_that_should_keep_its_cache_warns_once(gpt2_bridge, small_auto,
+                                                                        monkeypatch):
+    """A cache that is lost between chunks (as the bridge's was under transformers 5.24 before
+    the cache reached its attention layers) is found by the probe, said once, and the prompt
+    runs in one forward."""
+    import rat_lens.capture
+    from transformers import DynamicCache
+    monkeypatch.setattr(rat_lens.capture, "_chunk_kwargs",
+                        lambda model, tokens: lambda chunk: {"past_key_values": DynamicCache()})
+    monkeypatch.setattr(rat_lens.capture, "_warned", __import__("weakref").WeakSet())
+    tokens = repeated_tokens(1, 20, 10, seed=3)
+    with pytest.warns(RuntimeWarning, match="should continue its KV cache across query chunks"):
+        seen = query_lengths(gpt2_bridge, lambda: capture_patterns(gpt2_bridge, tokens, [1]))
+    assert seen[-1] == 31
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        capture_patterns(gpt2_bridge, tokens, [1])  # said once per model
