@@ -47,17 +47,24 @@ def timed(fn, repeat: int) -> tuple[float, object]:
 
 def run_one(kind: str, n: int, top_beam: int, top_k: int, repeat: int) -> dict:
     from rat_lens import trace_attention
+
     if kind == "chain":
         from reverse_attention.beam import beam_search_backward
+
         attn = previous_token_matrix(n)
         ours_t, ours = timed(lambda: trace_attention(attn, top_beam=top_beam, top_k=top_k), repeat)
         peer_t, peer = timed(lambda: beam_search_backward(attn, n - 1, top_beam, top_k), repeat)
         same = [b.positions for b in ours] == [p.positions for p in peer] and all(
-            abs(b.score_raw - p.log_score) < 1e-6 for b, p in zip(ours, peer))
+            abs(b.score_raw - p.log_score) < 1e-6 for b, p in zip(ours, peer)
+        )
         return dict(ours=ours_t, peer=peer_t, same=same, hops=ours[0].num_edges)
     stack = per_head_stack(n)
-    ours_t, ours = timed(lambda: trace_attention(stack, layers=(0, 11), agg_heads="none",
-                                                 top_beam=top_beam, top_k=top_k), repeat)
+    ours_t, ours = timed(
+        lambda: trace_attention(
+            stack, layers=(0, 11), agg_heads="none", top_beam=top_beam, top_k=top_k
+        ),
+        repeat,
+    )
     return dict(ours=ours_t, peer=None, same=None, hops=ours[0].num_edges)
 
 
@@ -75,25 +82,42 @@ def main() -> None:
     configs = [("chain", n, b, k) for n in sizes for b, k in ((5, 5), (20, 20), (50, 10))]
     configs.append(("layers/head", 1024 if args.quick else 2048, 50, 10))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| search | tokens | top_beam/top_k | hops | rat_lens (s) | reverse-attention (s) "
-          "| speed-up | same beams |")
+    print(
+        "| search | tokens | top_beam/top_k | hops | rat_lens (s) | reverse-attention (s) "
+        "| speed-up | same beams |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for kind, n, b, k in configs:
-        out = subprocess.run([sys.executable, __file__, "--repeat", str(args.repeat), "--one",
-                              json.dumps([kind.split("/")[0], n, b, k])],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--repeat",
+                str(args.repeat),
+                "--one",
+                json.dumps([kind.split("/")[0], n, b, k]),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(out.stdout)
         peer = "-" if r["peer"] is None else f"{r['peer']:.3f}"
         ratio = "-" if r["peer"] is None else f"{r['peer'] / r['ours']:.0f}x"
         same = "-" if r["same"] is None else ("yes" if r["same"] else "NO")
-        print(f"| {kind} | {n:,} | {b}/{k} | {r['hops']} | {r['ours']:.3f} | {peer} | {ratio} "
-              f"| {same} |", flush=True)
+        print(
+            f"| {kind} | {n:,} | {b}/{k} | {r['hops']} | {r['ours']:.3f} | {peer} | {ratio} "
+            f"| {same} |",
+            flush=True,
+        )
         if (kind, n, b, k) == ("chain", 2048, 50, 10):
             speed_up = r["peer"] / r["ours"]
-            target = (f"\nTarget (issue 7): chain mode at 2,048 tokens, 50/10, >= 100x faster than "
-                      f"the peer with identical beams: {speed_up:.0f}x, beams "
-                      f"{'identical' if r['same'] else 'DIFFERENT'}: "
-                      f"{'met' if speed_up >= 100 and r['same'] else '**missed**'}.")
+            target = (
+                f"\nTarget (issue 7): chain mode at 2,048 tokens, 50/10, >= 100x faster than "
+                f"the peer with identical beams: {speed_up:.0f}x, beams "
+                f"{'identical' if r['same'] else 'DIFFERENT'}: "
+                f"{'met' if speed_up >= 100 and r['same'] else '**missed**'}."
+            )
     if not args.quick:
         print(target)
 

@@ -21,8 +21,23 @@ from rat_lens.render import to_html
 from rat_lens.render._payload import inline_json, payload
 from rat_lens.result import BeamPath, TraceResult, build_sankey, path_text
 
-WORDS = [" the", " cat", " sat", " on", " mat", ",", ".", "\n", " attention", " sink",
-         " über", " 東京", " 🙂", "\t", " supercalifragilisticexpialidocious"]
+WORDS = [
+    " the",
+    " cat",
+    " sat",
+    " on",
+    " mat",
+    ",",
+    ".",
+    "\n",
+    " attention",
+    " sink",
+    " über",
+    " 東京",
+    " 🙂",
+    "\t",
+    " supercalifragilisticexpialidocious",
+]
 
 
 def causal_stack(layers: int, heads: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -42,19 +57,30 @@ def as_result(beams, tokens, layer_ids, *, chain, agg_heads, top_beam, top_k) ->
     mode = "chain" if chain else "layers"
     paths = [BeamPath.from_beam(beam, tokens, ids) for beam in beams]
     return TraceResult(
-        seq_len=len(tokens), target_pos=len(tokens) - 1, layer=layer_ids[0], top_beam=top_beam,
-        top_k=top_k, tokens=tokens, beams=paths,
+        seq_len=len(tokens),
+        target_pos=len(tokens) - 1,
+        layer=layer_ids[0],
+        top_beam=top_beam,
+        top_k=top_k,
+        tokens=tokens,
+        beams=paths,
         sankey=build_sankey(paths, tokens, mode, layer_ids[0]),
-        paths_text=[path_text(p) for p in paths], mode=mode, layer_lo=layer_ids[-1],
-        agg_heads=agg_heads, token_ids=ids)
+        paths_text=[path_text(p) for p in paths],
+        mode=mode,
+        layer_lo=layer_ids[-1],
+        agg_heads=agg_heads,
+        token_ids=ids,
+    )
 
 
 def measure(name: str, result: TraceResult) -> None:
     page = to_html(result).encode()
     data = inline_json(payload(result)).encode()
-    print(f"| {name} | {len(result.beams)} | {len(result.sankey.nodes)} | "
-          f"{len(result.sankey.links)} | {len(data) / 1e3:,.1f} kB | {len(page) / 1e6:.3f} MB | "
-          f"{'yes' if len(page) < 2e6 else 'NO'} |")
+    print(
+        f"| {name} | {len(result.beams)} | {len(result.sankey.nodes)} | "
+        f"{len(result.sankey.links)} | {len(data) / 1e3:,.1f} kB | {len(page) / 1e6:.3f} MB | "
+        f"{'yes' if len(page) < 2e6 else 'NO'} |"
+    )
 
 
 def main() -> None:
@@ -72,18 +98,37 @@ def main() -> None:
     print("| trace | beams | nodes | links | inline data | HTML | < 2 MB |")
     print("|---|---|---|---|---|---|---|")
     for top_beam, top_k in [(5, 5), (20, 10)]:
-        beams = rat_lens.trace_attention(stack, n - 1, layers=(0, args.layers - 1),
-                                         agg_heads="none", top_beam=top_beam, top_k=top_k,
-                                         bos_positions=[0], exclude_bos=True)
-        result = as_result(beams, tokens, list(range(args.layers - 1, -1, -1)), chain=False,
-                           agg_heads="none", top_beam=top_beam, top_k=top_k)
-        measure(f"layers {args.layers - 1}→0, {args.heads} heads, per head, {n} tokens, "
-                f"top_beam {top_beam}, top_k {top_k}", result)
+        beams = rat_lens.trace_attention(
+            stack,
+            n - 1,
+            layers=(0, args.layers - 1),
+            agg_heads="none",
+            top_beam=top_beam,
+            top_k=top_k,
+            bos_positions=[0],
+            exclude_bos=True,
+        )
+        result = as_result(
+            beams,
+            tokens,
+            list(range(args.layers - 1, -1, -1)),
+            chain=False,
+            agg_heads="none",
+            top_beam=top_beam,
+            top_k=top_k,
+        )
+        measure(
+            f"layers {args.layers - 1}→0, {args.heads} heads, per head, {n} tokens, "
+            f"top_beam {top_beam}, top_k {top_k}",
+            result,
+        )
     del stack
 
     beams = rat_lens.trace_attention(previous_token_matrix(n), n - 1, top_beam=5, top_k=5)
-    measure(f"chain, previous-token matrix, {n} tokens, top_beam 5, top_k 5",
-            as_result(beams, tokens, [0], chain=True, agg_heads="mean", top_beam=5, top_k=5))
+    measure(
+        f"chain, previous-token matrix, {n} tokens, top_beam 5, top_k 5",
+        as_result(beams, tokens, [0], chain=True, agg_heads="mean", top_beam=5, top_k=5),
+    )
 
 
 if __name__ == "__main__":

@@ -25,23 +25,32 @@ import inspect
 import re
 import warnings
 import weakref
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
-from ._errors import RatLensError
-from ._pattern import AGG_HEADS, aggregate_heads, check_choice, check_positive_int
+from .errors import RatLensError, check_choice, check_int
+from .options import AGG_HEADS
+from .search.pattern import aggregate_heads
 
 AUTO_ABOVE, AUTO_CHUNK, PROBE_LEN, PROBE_ATOL = 512, 256, 16, 2e-5
 _warned = weakref.WeakSet()  # models told once that the probe failed
 
-__all__ = ["PatternCapture", "capture_patterns", "run_with_patterns", "patterns_from_cache",
-           "pattern_layers", "hook_name", "kv_cache_reaches_attention"]
+__all__ = [
+    "PatternCapture",
+    "capture_patterns",
+    "run_with_patterns",
+    "patterns_from_cache",
+    "pattern_layers",
+    "hook_name",
+    "kv_cache_reaches_attention",
+]
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
 
@@ -59,12 +68,16 @@ def pattern_layers(model) -> int:
     """How many layers expose ``hook_pattern``; a model without them gets a clear error."""
     hook_dict = getattr(model, "hook_dict", None)
     if not hasattr(model, "hooks") or not isinstance(hook_dict, dict):
-        raise TypeError(f"expected a TransformerLens model (TransformerBridge or HookedTransformer)"
-                        f" with hook points, got {type(model).__name__}")
+        raise RatLensError(
+            f"expected a TransformerLens model (TransformerBridge or HookedTransformer)"
+            f" with hook points, got {type(model).__name__}"
+        )
     layers = sorted(int(m[1]) for m in map(_HOOK_RE.match, hook_dict) if m)
     if not layers or layers != list(range(len(layers))):
-        raise RatLensError(f"{type(model).__name__} has no blocks.{{l}}.attn.hook_pattern hook "
-                           f"points for every layer (found layers {layers})")
+        raise RatLensError(
+            f"{type(model).__name__} has no blocks.{{l}}.attn.hook_pattern hook "
+            f"points for every layer (found layers {layers})"
+        )
     return len(layers)
 
 
@@ -114,7 +127,8 @@ class PatternCapture:
             if seen + queries != keys:
                 raise RatLensError(
                     f"{hook.name} gave {queries} query rows over {keys} keys after {seen} rows "
-                    f"captured: the model did not continue its KV cache (past_key_values)")
+                    f"captured: the model did not continue its KV cache (past_key_values)"
+                )
             blocks.append(rows)
             if self.stop_after and hook.name == hook_name(last):
                 raise _StopForward
@@ -126,16 +140,23 @@ class PatternCapture:
         names = [hook_name(layer) for layer in self.layers]
         missing = [name for name in names if not self.store.get(name)]
         if missing:
-            raise RatLensError(f"no pattern was captured for {missing}: run the model with "
-                               f"these hooks first")
-        return ActivationCache({name: _stack_rows(blocks) for name, blocks in self.store.items()},
-                               model)
+            raise RatLensError(
+                f"no pattern was captured for {missing}: run the model with these hooks first"
+            )
+        return ActivationCache(
+            {name: _stack_rows(blocks) for name, blocks in self.store.items()}, model
+        )
 
 
-def capture_patterns(model, tokens: Int[Tensor, "batch seq"], layers: Sequence[int], *,
-                     agg_heads: str = "mean",
-                     attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
-                     query_chunk: Union[int, str, None] = "auto") -> ActivationCache:
+def capture_patterns(
+    model,
+    tokens: Int[Tensor, "batch seq"],
+    layers: Sequence[int],
+    *,
+    agg_heads: str = "mean",
+    attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
+    query_chunk: Union[int, str, None] = "auto",
+) -> ActivationCache:
     """Run ``model`` once on ``tokens`` under no_grad and return the reduced patterns of ``layers``.
 
     The forward stops after the highest layer in ``layers``. Hooks are removed on every exit path
@@ -145,18 +166,23 @@ def capture_patterns(model, tokens: Int[Tensor, "batch seq"], layers: Sequence[i
 
     >>> from rat_lens.models import load
     >>> model = load("induction-2l")
-    >>> cache = capture_patterns(model, model.to_tokens("cat dog red cat dog"), [0, 1], agg_heads="none")
+    >>> tokens = model.to_tokens("cat dog red cat dog")
+    >>> cache = capture_patterns(model, tokens, [0, 1], agg_heads="none")
     >>> sorted(cache.keys()), cache["pattern", 0].shape
     (['blocks.0.attn.hook_pattern', 'blocks.1.attn.hook_pattern'], torch.Size([1, 4, 6, 6]))
     """
     return _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_early=True)[1]
 
 
-def run_with_patterns(model, tokens: Int[Tensor, "batch seq"], layers: Sequence[int], *,
-                      agg_heads: str = "mean",
-                      attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
-                      query_chunk: Union[int, str, None] = "auto",
-                      ) -> tuple[Float[Tensor, "batch seq vocab"], ActivationCache]:
+def run_with_patterns(
+    model,
+    tokens: Int[Tensor, "batch seq"],
+    layers: Sequence[int],
+    *,
+    agg_heads: str = "mean",
+    attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
+    query_chunk: Union[int, str, None] = "auto",
+) -> tuple[Float[Tensor, "batch seq vocab"], ActivationCache]:
     """:func:`capture_patterns` with the whole forward: the logits too, as ``run_with_cache``.
 
     >>> from rat_lens.models import load
@@ -175,25 +201,36 @@ def _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_ear
         raise RatLensError(f"layers {list(layers)} must be non-empty and within 0..{n_layers - 1}")
     seq = tokens.shape[-1]
     chunk = _chunk_size(model, tokens, layers, attention_mask, query_chunk)
-    kwargs = _chunk_kwargs(model, tokens) if chunk < seq else \
-        lambda piece: {"attention_mask": attention_mask}
+    kwargs = (
+        _chunk_kwargs(model, tokens)
+        if chunk < seq
+        else lambda piece: {"attention_mask": attention_mask}
+    )
     capture = PatternCapture(layers, agg_heads, stop_after=stop_early)
     last = max(layers) if stop_early else n_layers - 1
     logits = []
-    with torch.no_grad(), kv_cache_reaches_attention(model), \
-            model.hooks(fwd_hooks=capture.fwd_hooks + _release_hooks(model, last)):
+    with (
+        torch.no_grad(),
+        kv_cache_reaches_attention(model),
+        model.hooks(fwd_hooks=capture.fwd_hooks + _release_hooks(model, last)),
+    ):
         for start in range(0, seq, chunk):
-            piece = tokens[:, start:start + chunk]
+            piece = tokens[:, start : start + chunk]
             try:
                 logits.append(model(piece, **kwargs(piece)))
             except _StopForward:
                 pass
-    short = {name: n for name, blocks in capture.store.items()
-             if (n := sum(block.shape[-2] for block in blocks)) != seq}
+    short = {
+        name: n
+        for name, blocks in capture.store.items()
+        if (n := sum(block.shape[-2] for block in blocks)) != seq
+    }
     if short:  # each chunk restarted from position 0
-        raise RatLensError(f"{type(model).__name__} ignored the KV cache across query chunks "
-                           f"(rows captured per layer {short}, expected {seq}): query_chunk is "
-                           f"not available for this model; trace without it")
+        raise RatLensError(
+            f"{type(model).__name__} ignored the KV cache across query chunks "
+            f"(rows captured per layer {short}, expected {seq}): query_chunk is "
+            f"not available for this model; trace without it"
+        )
     return (torch.cat(logits, dim=1) if logits else None), capture.to_cache(model)
 
 
@@ -209,10 +246,12 @@ def _chunk_size(model, tokens, layers, attention_mask, query_chunk) -> int:
         return AUTO_CHUNK if _chunks_match(model, tokens[:, :PROBE_LEN], layers) else seq
     if isinstance(query_chunk, str):
         raise RatLensError(f"query_chunk must be an int, 'auto' or None, got {query_chunk!r}")
-    check_positive_int("query_chunk", query_chunk)
+    check_int("query_chunk", query_chunk)
     if query_chunk < seq and attention_mask is not None:
-        raise RatLensError("query_chunk needs unpadded prompts (no attention_mask): trace long "
-                           "prompts one at a time")
+        raise RatLensError(
+            "query_chunk needs unpadded prompts (no attention_mask): trace long "
+            "prompts one at a time"
+        )
     return query_chunk
 
 
@@ -234,18 +273,24 @@ def _chunks_match(model, probe: Tensor, layers) -> bool:
         why = f"its chunked patterns differ from one forward's by {worst:.2g} (> {PROBE_ATOL})"
     if _keeps_a_kv_cache(model) and model not in _warned:
         _warned.add(model)
-        warnings.warn(f"query_chunk='auto': {type(model).__name__} should continue its KV cache "
-                      f"across query chunks, but on a {probe.shape[-1]}-token probe {why}; long "
-                      f"prompts run in one forward (attention memory grows with seq²). Pass "
-                      f"query_chunk=None to silence this.", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"query_chunk='auto': {type(model).__name__} should continue its KV cache "
+            f"across query chunks, but on a {probe.shape[-1]}-token probe {why}; long "
+            f"prompts run in one forward (attention memory grows with seq²). Pass "
+            f"query_chunk=None to silence this.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     return False
 
 
 def _keeps_a_kv_cache(model) -> bool:
     """HookedTransformer, or a bridge around a Hugging Face model (not TL's native modules)."""
     from transformers import PreTrainedModel  # the bridge itself imports it
-    return ("past_kv_cache" in inspect.signature(model.forward).parameters
-            or isinstance(getattr(model, "original_model", None), PreTrainedModel))
+
+    return "past_kv_cache" in inspect.signature(model.forward).parameters or isinstance(
+        getattr(model, "original_model", None), PreTrainedModel
+    )
 
 
 def _chunk_kwargs(model, tokens) -> Callable[[Tensor], dict]:
@@ -253,11 +298,13 @@ def _chunk_kwargs(model, tokens) -> Callable[[Tensor], dict]:
     params = inspect.signature(model.forward).parameters
     if "past_kv_cache" in params:  # HookedTransformer
         from transformer_lens import TransformerLensKeyValueCache
+
         kv = TransformerLensKeyValueCache.init_cache(model.cfg, tokens.device, tokens.shape[0])
         # Without a mask it infers one from the tokens, masking any that equal the pad token.
         return lambda chunk: {"past_kv_cache": kv, "attention_mask": torch.ones_like(chunk)}
     if "past_key_values" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         from transformers import DynamicCache  # the bridge hands it to the HF model
+
         kv = DynamicCache()
         hf_forward = getattr(getattr(model, "original_model", None), "forward", None)
         # Newer transformers name the forward's cache `cache` (`past_key_values` deprecated);
@@ -267,8 +314,9 @@ def _chunk_kwargs(model, tokens) -> Callable[[Tensor], dict]:
         else:
             kwargs = {"past_key_values": kv}
         return lambda chunk: kwargs
-    raise RatLensError(f"{type(model).__name__}.forward takes no KV cache: query_chunk is not "
-                       f"available for it")
+    raise RatLensError(
+        f"{type(model).__name__}.forward takes no KV cache: query_chunk is not available for it"
+    )
 
 
 @contextmanager
@@ -284,14 +332,18 @@ def kv_cache_reaches_attention(model):
     chunked forwards use it; wrap your own cached generation in it to capture it with
     ``PatternCapture``. The hooks are gone when the block ends, errors included.
     """
+
     def alias(module, args, kwargs):
         if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
             return args, {**kwargs, "past_key_values": kwargs["cache"]}
         return None
 
     blocks = getattr(model, "blocks", None) or []
-    handles = [block.attn.register_forward_pre_hook(alias, with_kwargs=True)
-               for block in blocks if isinstance(getattr(block, "attn", None), torch.nn.Module)]
+    handles = [
+        block.attn.register_forward_pre_hook(alias, with_kwargs=True)
+        for block in blocks
+        if isinstance(getattr(block, "attn", None), torch.nn.Module)
+    ]
     try:
         yield model
     finally:
@@ -308,7 +360,7 @@ def _stack_rows(blocks: list[Tensor]) -> Tensor:
     row = 0
     for block in blocks:
         queries, keys = block.shape[-2:]
-        out[..., row:row + queries, :keys] = block
+        out[..., row : row + queries, :keys] = block
         row += queries
     return out
 
@@ -322,14 +374,20 @@ def _release_hooks(model, last: int) -> list:
     for layer in range(last + 1):
         attn, name = getattr(blocks[layer], "attn", None), f"blocks.{layer}.attn.hook_out"
         if hasattr(attn, "_pattern") and name in model.hook_dict:
+
             def release(out, hook, attn=attn):
                 attn._pattern = None  # the bridge's __init__ value
+
             hooks.append((name, release))
     return hooks
 
 
-def patterns_from_cache(cache, layers: Sequence[int], agg_heads: str = "mean",
-                        batch_seq: Optional[tuple[int, int]] = None) -> ActivationCache:
+def patterns_from_cache(
+    cache,
+    layers: Sequence[int],
+    agg_heads: str = "mean",
+    batch_seq: Optional[tuple[int, int]] = None,
+) -> ActivationCache:
     """Reduce the patterns a user already cached (``run_with_cache``), without touching theirs."""
     store = {}
     for layer in layers:
@@ -337,10 +395,14 @@ def patterns_from_cache(cache, layers: Sequence[int], agg_heads: str = "mean",
         try:
             pattern = cache[name]
         except KeyError:
-            raise RatLensError(f"the cache has no {name!r}: cache it with run_with_cache "
-                               f"(names_filter may have left it out)") from None
+            raise RatLensError(
+                f"the cache has no {name!r}: cache it with run_with_cache "
+                f"(names_filter may have left it out)"
+            ) from None
         if pattern.ndim != 4 or (batch_seq and (pattern.shape[0], pattern.shape[-1]) != batch_seq):
-            raise RatLensError(f"cached {name} has shape {tuple(pattern.shape)}, expected "
-                               f"[batch, head, query, key] with (batch, seq) = {batch_seq}")
+            raise RatLensError(
+                f"cached {name} has shape {tuple(pattern.shape)}, expected "
+                f"[batch, head, query, key] with (batch, seq) = {batch_seq}"
+            )
         store[name] = aggregate_heads(pattern.detach(), agg_heads)
     return ActivationCache(store, getattr(cache, "model", None))

@@ -9,14 +9,21 @@ on stderr names why), 2 bad command line.
 """
 
 import argparse
+import importlib.metadata
 import json
 import sys
+from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
+from .errors import RatLensError
+from .options import AGG_HEADS, RESIDUALS, TraceOptions
 from .result import TraceResult
 
 __all__ = ["main"]
+
+_DEFAULT = TraceOptions()
 
 
 def _load_traces(path: str) -> list[TraceResult]:
@@ -27,17 +34,22 @@ def _load_traces(path: str) -> list[TraceResult]:
 
 def _render(args: argparse.Namespace) -> int:
     from .render import render_html  # the renderer is only needed by this subcommand
+
     results = []
     for path in args.traces:
         try:
             results.extend(_load_traces(path))
         except (OSError, ValueError, TypeError, KeyError) as err:
             # ValueError: not JSON; TypeError / KeyError: JSON that is not a TraceResult.
-            print(f"rat-lens render: error: cannot read a trace from {path!r}: "
-                  f"{type(err).__name__}: {err}", file=sys.stderr)
+            print(
+                f"rat-lens render: error: cannot read a trace from {path!r}: "
+                f"{type(err).__name__}: {err}",
+                file=sys.stderr,
+            )
             return 2
-    index = render_html(results[0] if len(results) == 1 else results, args.out,
-                        open_browser=args.open)
+    index = render_html(
+        results[0] if len(results) == 1 else results, args.out, open_browser=args.open
+    )
     print(index)
     return 0
 
@@ -61,8 +73,9 @@ def _query_chunk(text: str):
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--query-chunk {text!r} is not a number, auto or "
-                                         f"off") from None
+        raise argparse.ArgumentTypeError(
+            f"--query-chunk {text!r} is not a number, auto or off"
+        ) from None
 
 
 def _formats(text: str) -> list[str]:
@@ -71,33 +84,43 @@ def _formats(text: str) -> list[str]:
     if bad or not formats:
         raise argparse.ArgumentTypeError(
             f"--format {text!r}: {', '.join(map(repr, bad)) or 'nothing'} not in "
-            f"{{{', '.join(FORMATS)}}}")
+            f"{{{', '.join(FORMATS)}}}"
+        )
     return formats
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from .tracer import ReverseAttentionTracer, generate
-    from .models import load
-    from ._progress import progress
-
     text = args.text if args.text is not None else args.text_option
     if text is None:
-        print("rat-lens trace: error: give the text to trace (rat-lens trace \"some text\")",
-              file=sys.stderr)
+        print(
+            'rat-lens trace: error: give the text to trace (rat-lens trace "some text")',
+            file=sys.stderr,
+        )
         return 2
+    try:  # the search options are checked before the (slow) model load
+        options = TraceOptions(
+            layer=args.layer if args.layer is not None else _DEFAULT.layer,
+            layers=args.layers,
+            top_beam=args.top_beam,
+            top_k=args.top_k,
+            min_attn=args.min_attn,
+            agg_heads=args.agg_heads,
+            length_norm=args.length_norm,
+            stop_at_bos=not args.no_stop_at_bos,
+            residual=args.residual,
+            exclude_bos=args.exclude_bos,
+        )
+    except RatLensError as err:
+        print(f"rat-lens trace: error: {err}", file=sys.stderr)
+        return 2
+
+    from .models import load
+    from .summary import summarize
+    from .tracer import ReverseAttentionTracer, generate
+
     with progress(f"loading {args.model}"):
         model = load(args.model, device=args.device)
     tracer = ReverseAttentionTracer(model)
-    options = dict(top_beam=args.top_beam, top_k=args.top_k, min_attn=args.min_attn,
-                   agg_heads=args.agg_heads, length_norm=args.length_norm,
-                   stop_at_bos=not args.no_stop_at_bos, exclude_bos=args.exclude_bos,
-                   predictions=args.predictions, query_chunk=args.query_chunk)
-    if args.layers is not None:
-        options.update(layers=args.layers, residual=args.residual)
-    else:
-        options.update(layer=args.layer if args.layer is not None else -1)
-        if args.residual != "none":
-            options.update(residual=args.residual)  # the tracer says why this needs --layers
     tokens, mask = tracer.tokenize([text])
     targets = args.target_pos
     if args.generate:
@@ -107,23 +130,34 @@ def _trace(args: argparse.Namespace) -> int:
         # Each generated token was computed at the position before it: trace from there.
         targets = list(range(tokens.shape[1] - args.generate - 1, tokens.shape[1] - 1))
     with progress(f"tracing {len(targets)} target{'s' * (len(targets) > 1)}"):
-        results = tracer.trace_batch(tokens, targets, mask, **options)
+        results = tracer.trace_batch(
+            tokens,
+            targets,
+            mask,
+            options=options,
+            predictions=args.predictions,
+            query_chunk=args.query_chunk,
+        )
 
     for result in results:
         where = f"{result.target_pos} {result.tokens[result.target_pos]!r}"
-        span = f"layer {result.layer}" if result.mode == "chain" else \
-            f"layers {result.layer_lo}..{result.layer}"
+        span = (
+            f"layer {result.layer}"
+            if result.mode == "chain"
+            else f"layers {result.layer_lo}..{result.layer}"
+        )
         print(f"target {where}, {span}, {len(result.beams)} beams:")
         for line in result.paths_text:
             print(f"  {line}")
         print()
-        print(result.summary().to_text())
+        print(summarize(result).to_text())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     one_or_all = results[0] if len(results) == 1 else results
     if "html" in args.format:
         from .render import render_html
+
         written.append(render_html(one_or_all, out, open_browser=args.open_browser))
     if "json" in args.format and "html" not in args.format:  # render_html wrote it already
         data = [r.to_dict() for r in results] if len(results) > 1 else results[0].to_dict()
@@ -138,11 +172,34 @@ def _trace(args: argparse.Namespace) -> int:
 
 
 def _markdown(results: list[TraceResult]) -> str:
-    return "\n\n".join(r.summary().to_markdown() for r in results)
+    from .summary import summarize
+
+    return "\n\n".join(summarize(r).to_markdown() for r in results)
+
+
+@contextmanager
+def progress(description: str):
+    """Show ``description`` with a spinner and elapsed time on stderr while the block runs
+    (terminals only: piped output stays clean)."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not sys.stderr.isatty(),
+    ) as bar:
+        bar.add_task(description, total=None)
+        yield
 
 
 def _models(args: argparse.Namespace) -> int:
     from .models import catalogue
+
     for name, available, note in catalogue():
         print(f"{name:16} {'offline' if available else 'not here':9} {note}")
     return 0
@@ -150,66 +207,150 @@ def _models(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rat-lens", description="Reverse Attention Tracer for TransformerLens.")
+        prog="rat-lens", description="Reverse Attention Tracer for TransformerLens."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"rat-lens {importlib.metadata.version('rat-lens')}"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     render = commands.add_parser(
-        "render", help="render saved traces (JSON) as one self-contained HTML page",
+        "render",
+        help="render saved traces (JSON) as one self-contained HTML page",
         description="Write OUT/index.html (and OUT/trace.json) from traces saved with "
-                    "TraceResult.to_json(); no model is loaded.")
-    render.add_argument("traces", nargs="+", metavar="TRACE_JSON",
-                        help="a TraceResult JSON file (several: one page showing all)")
-    render.add_argument("-o", "--out", required=True, metavar="OUT",
-                        help="output folder (created if missing)")
+        "TraceResult.to_json(); no model is loaded.",
+    )
+    render.add_argument(
+        "traces",
+        nargs="+",
+        metavar="TRACE_JSON",
+        help="a TraceResult JSON file (several: one page showing all)",
+    )
+    render.add_argument(
+        "-o", "--out", required=True, metavar="OUT", help="output folder (created if missing)"
+    )
     render.add_argument("--open", action="store_true", help="open the page in a browser")
     render.set_defaults(run=_render)
 
     trace = commands.add_parser(
-        "trace", help="trace which earlier tokens fed a token, print the paths, write HTML",
+        "trace",
+        help="trace which earlier tokens fed a token, print the paths, write HTML",
         description="Trace attention backward from a target token (default: the last) and "
-                    "write index.html (+ trace.json, trace.md) to --out.")
+        "write index.html (+ trace.json, trace.md) to --out.",
+    )
     trace.add_argument("text", nargs="?", help="the text to trace")
-    trace.add_argument("--text", dest="text_option", metavar="TEXT",
-                       help="the text (reverse-attention's demo flag; same as the argument)")
-    trace.add_argument("--model", default="induction-2l",
-                       help="induction-2l (embedded, default), smollm2, a Hugging Face name or a "
-                            "local folder (see rat-lens models)")
-    trace.add_argument("--target-pos", type=int, nargs="+", default=[-1], metavar="POS",
-                       help="position(s) to trace from; negative counts from the end (default -1)")
+    trace.add_argument(
+        "--text",
+        dest="text_option",
+        metavar="TEXT",
+        help="the text (reverse-attention's demo flag; same as the argument)",
+    )
+    trace.add_argument(
+        "--model",
+        default="induction-2l",
+        help="induction-2l (embedded, default), smollm2, a Hugging Face name or a "
+        "local folder (see rat-lens models)",
+    )
+    trace.add_argument(
+        "--target-pos",
+        type=int,
+        nargs="+",
+        default=[-1],
+        metavar="POS",
+        help="position(s) to trace from; negative counts from the end (default -1)",
+    )
     where = trace.add_mutually_exclusive_group()
     where.add_argument("--layer", type=int, help="chain mode in this layer (default -1)")
-    where.add_argument("--layers", type=_layers, metavar="LO:HI",
-                       help="layers mode: one edge per layer from HI down to LO")
-    trace.add_argument("--top-beam", type=int, default=5, help="beams kept (default 5)")
-    trace.add_argument("--top-k", type=int, default=5, help="candidates per step (default 5)")
-    trace.add_argument("--min-attn", type=float, default=0.0, help="minimum edge weight")
-    trace.add_argument("--agg-heads", choices=["mean", "max", "none"], default="mean",
-                       help="how heads combine; none = per-head edges (default mean)")
-    trace.add_argument("--length-norm", default="avg_logprob",
-                       help="none, avg_logprob (default), sqrt or pow:ALPHA")
-    trace.add_argument("--residual", choices=["none", "rollout"], default="none",
-                       help="rollout: 0.5*A + 0.5*I, needs --layers")
-    trace.add_argument("--exclude-bos", action="store_true",
-                       help="leave BOS / position 0 (attention sinks) out of the candidates")
+    where.add_argument(
+        "--layers",
+        type=_layers,
+        metavar="LO:HI",
+        help="layers mode: one edge per layer from HI down to LO",
+    )
+    trace.add_argument(
+        "--top-beam",
+        type=int,
+        default=_DEFAULT.top_beam,
+        help=f"beams kept (default {_DEFAULT.top_beam})",
+    )
+    trace.add_argument(
+        "--top-k",
+        type=int,
+        default=_DEFAULT.top_k,
+        help=f"candidates per step (default {_DEFAULT.top_k})",
+    )
+    trace.add_argument(
+        "--min-attn", type=float, default=_DEFAULT.min_attn, help="minimum edge weight"
+    )
+    trace.add_argument(
+        "--agg-heads",
+        choices=AGG_HEADS,
+        default=_DEFAULT.agg_heads,
+        help=f"how heads combine; none = per-head edges (default {_DEFAULT.agg_heads})",
+    )
+    trace.add_argument(
+        "--length-norm",
+        default=_DEFAULT.length_norm,
+        help=f"none, avg_logprob, sqrt or pow:ALPHA (default {_DEFAULT.length_norm})",
+    )
+    trace.add_argument(
+        "--residual",
+        choices=RESIDUALS,
+        default=_DEFAULT.residual,
+        help="rollout: 0.5*A + 0.5*I, needs --layers",
+    )
+    trace.add_argument(
+        "--exclude-bos",
+        action="store_true",
+        help="leave BOS / position 0 (attention sinks) out of the candidates",
+    )
     trace.add_argument("--no-stop-at-bos", action="store_true", help="walk on past BOS tokens")
-    trace.add_argument("--predictions", type=int, default=0, metavar="K",
-                       help="also show the model's top-K next tokens at traced positions "
-                            "(runs the whole forward)")
-    trace.add_argument("--query-chunk", type=_query_chunk, default="auto", metavar="N|auto|off",
-                       help="run the forward N positions at a time over the model's KV cache: "
-                            "attention memory grows with N x tokens, not tokens^2 (default auto: "
-                            "chunks of 256 above 512 tokens where that is exact; off: one pass)")
-    trace.add_argument("--generate", type=int, default=0, metavar="N",
-                       help="generate N tokens greedily and trace each of them")
-    trace.add_argument("--out", "--output", dest="out", default="rat_lens_out", metavar="DIR",
-                       help="output folder (default rat_lens_out)")
-    trace.add_argument("--format", type=_formats, default=["html", "json"],
-                       help="comma-separated: html, json, md (default html,json)")
+    trace.add_argument(
+        "--predictions",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also show the model's top-K next tokens at traced positions (runs the whole forward)",
+    )
+    trace.add_argument(
+        "--query-chunk",
+        type=_query_chunk,
+        default="auto",
+        metavar="N|auto|off",
+        help="run the forward N positions at a time over the model's KV cache: "
+        "attention memory grows with N x tokens, not tokens^2 (default auto: "
+        "chunks of 256 above 512 tokens where that is exact; off: one pass)",
+    )
+    trace.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="generate N tokens greedily and trace each of them",
+    )
+    trace.add_argument(
+        "-o",
+        "--out",
+        "--output",
+        dest="out",
+        default="rat_lens_out",
+        metavar="DIR",
+        help="output folder (default rat_lens_out)",
+    )
+    trace.add_argument(
+        "--format",
+        type=_formats,
+        default=["html", "json"],
+        help="comma-separated: html, json, md (default html,json)",
+    )
     trace.add_argument("--open-browser", action="store_true", help="open the page when done")
     trace.add_argument("--device", help="torch device for the model (default: its own)")
     trace.set_defaults(run=_trace)
 
-    models = commands.add_parser("models", help="list the models rat-lens can load",
-                                 description="Models by name, and whether they load offline.")
+    models = commands.add_parser(
+        "models",
+        help="list the models rat-lens can load",
+        description="Models by name, and whether they load offline.",
+    )
     models.set_defaults(run=_models)
     return parser
 

@@ -1,4 +1,10 @@
-"""What a trace returns: beams, the Sankey graph built from them, and JSON round trips.
+"""What rat_lens returns: plain dataclasses with JSON round trips, at the bottom of the package.
+
+A trace gives a :class:`TraceResult` (its :class:`BeamPath` beams, the :class:`SankeyData`
+graph built from them, :class:`Prediction` records), a causal check gives a
+:class:`Verification`, statistics and head roles come as a :class:`HeadTable`. Everything else
+in rat_lens produces or reads these; this module imports neither torch nor TransformerLens
+(``rat-lens render`` loads saved traces without them).
 
 Field names follow reverse-attention 0.1.0 (``BeamPath.positions``, ``TraceResult.sankey``...),
 so code written against it reads ours; the multi-layer and per-head modes add ``layers`` and
@@ -6,11 +12,49 @@ so code written against it reads ours; the multi-layer and per-head modes add ``
 """
 
 import dataclasses
+import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ._json import JsonRoundTrip
+from .errors import RatLensError
+
+__all__ = [
+    "TraceResult",
+    "Beam",
+    "BeamPath",
+    "SankeyData",
+    "SankeyNode",
+    "SankeyLink",
+    "Prediction",
+    "Verification",
+    "BeamEffect",
+    "PathEffect",
+    "Faithfulness",
+    "TokenImportance",
+    "HeadTable",
+    "JsonRoundTrip",
+    "node_id",
+    "node_layers",
+    "beam_weights",
+    "build_sankey",
+    "path_text",
+    "NOISE",
+]
+
+NOISE = 1e-5  # nats: causal effects below this are float noise, not effects
+
+
+class JsonRoundTrip:
+    """Mixin: ``to_json()`` and ``from_json()`` for a class with ``to_dict`` / ``from_dict``."""
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
 
 
 @dataclass
@@ -45,9 +89,11 @@ class BeamPath(Beam):
 
     @classmethod
     def from_beam(cls, beam: Beam, tokens: list[str], token_ids: list[int]) -> "BeamPath":
-        return cls(**dataclasses.asdict(beam),
-                   tokens=[tokens[p] for p in beam.positions],
-                   token_ids=[token_ids[p] for p in beam.positions])
+        return cls(
+            **dataclasses.asdict(beam),
+            tokens=[tokens[p] for p in beam.positions],
+            token_ids=[token_ids[p] for p in beam.positions],
+        )
 
 
 @dataclass
@@ -75,6 +121,292 @@ class SankeyData:
 
 
 @dataclass
+class Prediction:
+    """The model's top next tokens at a traced position."""
+
+    position: int
+    token: str
+    token_ids: list[int]
+    tokens: list[str]
+    probs: list[float]
+
+
+@dataclass
+class PathEffect:
+    """One beam's effect on one metric, against random paths of the same shape.
+
+    ``ratio`` = effect / mean |random effect| (None when that mean is below :data:`NOISE`,
+    i.e. the random paths had no measurable effect: float32 log-probabilities carry ~1e-6);
+    ``p_value`` = (1 + #random paths with effect >= this one) / (1 + #random paths).
+    """
+
+    effect: float
+    baseline_mean: Optional[float] = None
+    baseline_std: Optional[float] = None
+    ratio: Optional[float] = None
+    p_value: Optional[float] = None
+    baseline: list[float] = field(default_factory=list)
+
+    @classmethod
+    def against(cls, effect: float, baseline: list[float]) -> "PathEffect":
+        if not baseline:
+            return cls(effect)
+        n = len(baseline)
+        mean = sum(baseline) / n
+        std = math.sqrt(sum((b - mean) ** 2 for b in baseline) / (n - 1)) if n > 1 else 0.0
+        scale = sum(abs(b) for b in baseline) / n
+        ratio = effect / scale if scale >= NOISE else None
+        p_value = (1 + sum(b >= effect for b in baseline)) / (1 + n)
+        return cls(effect, mean, std, ratio, p_value, list(baseline))
+
+
+@dataclass
+class BeamEffect:
+    """Ablating beam ``rank`` (1 = best): ``edges`` are ``[layer, head, query, key]`` (head None
+    when heads were aggregated: every head's entry was ablated)."""
+
+    rank: int
+    edges: list[list[Optional[int]]]
+    effect: PathEffect  # on log p of the model's top prediction
+    token_effect: Optional[PathEffect] = None  # on log p of the token asked for
+
+
+@dataclass
+class Faithfulness:
+    """Keep the top ``percents`` of traced edges (by traced mass), ablate every other entry of
+    the rows they leave from, in every head: ``faithfulness[i]`` = (m(kept) − m(empty)) /
+    (m(full) − m(empty)), m = log p of the top prediction (Hanna, Pezzelle & Belinkov 2024).
+    ``area`` is under the curve over the kept fraction, from (0, 0) to (1, f(100%))."""
+
+    percents: list[float]
+    kept_edges: list[int]
+    total_edges: int
+    rows: int
+    metric: list[float]
+    full: float
+    empty: float
+    faithfulness: list[Optional[float]]
+    area: Optional[float]
+
+
+@dataclass
+class TokenImportance:
+    """Blank-out importance of each position (its drop in log p of the top prediction when its
+    token is blanked) and its Spearman correlation with the trace's token importances."""
+
+    positions: list[int]
+    tokens: list[str]
+    blank: str
+    blank_effect: list[float]
+    beam_mass: list[float]
+    rollout: list[float] = field(default_factory=list)
+    spearman: dict[str, Optional[float]] = field(default_factory=dict)
+
+
+@dataclass
+class Verification(JsonRoundTrip):
+    """Causal checks of one trace (see :func:`rat_lens.verify`); ``to_json()`` /
+    ``from_json()`` come from :class:`JsonRoundTrip`."""
+
+    target_pos: int
+    target_token: str
+    prediction_id: int
+    prediction: str
+    prediction_logp: float
+    ablation: str
+    n_random: int
+    seed: int
+    beams: list[BeamEffect]
+    faithfulness: Optional[Faithfulness] = None
+    token_importance: Optional[TokenImportance] = None
+    token_id: Optional[int] = None
+    token: Optional[str] = None
+    token_logp: Optional[float] = None
+
+    def __repr__(self) -> str:
+        best = f"{self.beams[0].effect.effect:.3f}" if self.beams else "-"
+        ratio = self.beams[0].effect.ratio if self.beams else None
+        area = self.faithfulness.area if self.faithfulness else None
+        return (
+            f"Verification(target_pos={self.target_pos}, prediction={self.prediction!r}, "
+            f"ablation={self.ablation!r}, beams={len(self.beams)}, top_effect={best}, "
+            f"top_ratio={_num(ratio)}, faithfulness_area={_num(area)})"
+        )
+
+    def to_text(self) -> str:
+        """Plain text, every line under 100 columns."""
+        return "\n".join(_lines(self, markdown=False))
+
+    def to_markdown(self) -> str:
+        """The same as GitHub-flavoured markdown tables."""
+        return "\n".join(_lines(self, markdown=True))
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Verification":
+        data = dict(data)
+        data["beams"] = [
+            BeamEffect(
+                b["rank"],
+                [list(e) for e in b["edges"]],
+                PathEffect(**b["effect"]),
+                None if b.get("token_effect") is None else PathEffect(**b["token_effect"]),
+            )
+            for b in data["beams"]
+        ]
+        if data.get("faithfulness") is not None:
+            data["faithfulness"] = Faithfulness(**data["faithfulness"])
+        if data.get("token_importance") is not None:
+            data["token_importance"] = TokenImportance(**data["token_importance"])
+        return cls(**data)
+
+
+def _num(value: Optional[float], digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}x"
+
+
+def _lines(v: Verification, markdown: bool) -> list[str]:
+    head = (
+        f"Causal check: target {v.target_token!r}@{v.target_pos} predicts "
+        f"{v.prediction!r} (log p {v.prediction_logp:.3f})"
+    )
+    if v.token is not None:
+        head += f"; token {v.token!r} (log p {_num(v.token_logp)})"
+    lines = [
+        ("### " if markdown else "") + head,
+        "",
+        f"Effect: drop in log p when a beam's edges are ablated ({v.ablation!r});",
+        f"random: {v.n_random} random paths of the same shape per beam.",
+        "",
+    ]
+    if v.beams:
+        cols = ["beam", "effect", "random mean", "random sd", "ratio", "p"]
+        if v.token is not None:
+            cols += ["token effect", "token ratio"]
+        rows = []
+        for b in v.beams:
+            e = b.effect
+            row = [
+                str(b.rank),
+                _num(e.effect),
+                _num(e.baseline_mean),
+                _num(e.baseline_std),
+                _ratio(e.ratio),
+                _num(e.p_value, 2),
+            ]
+            if v.token is not None:
+                t = b.token_effect
+                row += [_num(t.effect if t else None), _ratio(t.ratio if t else None)]
+            rows.append(row)
+        lines += _table(cols, rows, markdown) + [""]
+    f = v.faithfulness
+    if f is not None:
+        cols = ["kept %"] + [f"{p:g}" for p in f.percents] + ["area"]
+        rows = [
+            ["edges"] + [str(n) for n in f.kept_edges] + [""],
+            ["faithfulness"] + [_num(x, 2) for x in f.faithfulness] + [_num(f.area)],
+        ]
+        lines.append(
+            f"Faithfulness ({f.total_edges} traced edges, {f.rows} rows ablated; "
+            f"log p full {f.full:.3f}, all ablated {f.empty:.3f})"
+        )
+        lines += _table(cols, rows, markdown) + [""]
+    t = v.token_importance
+    if t is not None:
+        corr = ", ".join(f"{name} {_num(value)}" for name, value in t.spearman.items())
+        lines.append(f"Blank-out importance (blank={t.blank!r}): Spearman with {corr or '-'}")
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def _table(cols: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        esc = [[c.replace("|", "\\|") for c in r] for r in [cols] + rows]
+        rule = "|" + "---|" * len(cols)
+        return ["| " + " | ".join(esc[0]) + " |", rule] + [
+            "| " + " | ".join(r) + " |" for r in esc[1:]
+        ]
+    widths = [max(len(r[i]) for r in [cols] + rows) for i in range(len(cols))]
+    return ["  ".join(c.rjust(w) for c, w in zip(r, widths)).rstrip() for r in [cols] + rows]
+
+
+@dataclass
+class HeadTable:
+    """Named values per (layer, head): ``scores[name][i][h]`` belongs to layer ``layers[i]``.
+
+    Holds attention statistics or head-role scores as plain lists (JSON-ready). ``head`` is
+    ``None`` when the values describe heads aggregated into one (``agg_heads="mean"``).
+
+    >>> import torch
+    >>> table = HeadTable.from_tensors([3], {"entropy": torch.tensor([[0.5, 1.5]])})
+    >>> table.get("entropy", 3, 1), table.n_heads, HeadTable.from_dict(table.to_dict()) == table
+    (1.5, 2, True)
+    """
+
+    layers: list[int]
+    scores: dict[str, list[list[float]]] = field(default_factory=dict)
+    aggregated: bool = False
+
+    @classmethod
+    def from_tensors(
+        cls, layers: Sequence[int], scores: dict, aggregated: bool = False
+    ) -> "HeadTable":
+        """From ``[layer, head]`` tensors (anything with ``ndim``, ``shape`` and torch's
+        ``detach().double().cpu().tolist()``: this module does not import torch)."""
+        for name, value in scores.items():
+            if value.ndim != 2 or value.shape[0] != len(layers):
+                raise RatLensError(
+                    f"scores[{name!r}] has shape {tuple(value.shape)}, expected "
+                    f"[layer, head] with {len(layers)} layers"
+                )
+        return cls(
+            [int(x) for x in layers],
+            {name: value.detach().double().cpu().tolist() for name, value in scores.items()},
+            aggregated,
+        )
+
+    @property
+    def n_heads(self) -> int:
+        return len(next(iter(self.scores.values()))[0]) if self.scores and self.layers else 0
+
+    def get(self, name: str, layer: int, head: Optional[int]) -> Optional[float]:
+        """The value for (layer, head), or None when the table does not hold it."""
+        if name not in self.scores or layer not in self.layers:
+            return None
+        row = self.scores[name][self.layers.index(layer)]
+        index = 0 if head is None and self.aggregated else head
+        return row[index] if index is not None and 0 <= index < len(row) else None
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": list(self.layers),
+            "scores": {k: [list(r) for r in v] for k, v in self.scores.items()},
+            "aggregated": self.aggregated,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HeadTable":
+        scores = {name: [list(row) for row in rows] for name, rows in data["scores"].items()}
+        return cls(list(data["layers"]), scores, bool(data.get("aggregated", False)))
+
+
+@dataclass
 class TraceResult(JsonRoundTrip):
     """Beams traced backward from one target token of one prompt, ranked best first.
 
@@ -83,7 +415,9 @@ class TraceResult(JsonRoundTrip):
     holds ``[query, key, weight]`` for the strongest keys of every query, in the captured
     patterns averaged over the traced layers and heads (the renderer's token strip).
     ``predictions`` (when traced with ``predictions=k``) are the model's top-k next tokens at the
-    traced positions; ``rollout`` is the target's attention-rollout importance over positions
+    traced positions; ``verification`` is a causal check (``rat_lens.verify``) kept with the
+    trace, which the summary and the page then show; ``rollout`` is the target's
+    attention-rollout importance over positions
     (Abnar & Zuidema 2020) across the traced layers (head-mean; empty for ``agg_heads="max"``).
     """
 
@@ -105,47 +439,22 @@ class TraceResult(JsonRoundTrip):
     batch_index: int = 0
     token_ids: list[int] = field(default_factory=list)
     top_attention: list[list] = field(default_factory=list)
-    predictions: list[dict] = field(default_factory=list)
+    predictions: list[Prediction] = field(default_factory=list)
     rollout: list[float] = field(default_factory=list)
-    verification: Optional[dict] = None  # Verification.to_dict(), set by TraceResult.verify
+    verification: Optional[Verification] = None  # result.verification = rat_lens.verify(...)
 
     def __repr__(self) -> str:
-        layers = f"layer={self.layer}" if self.mode == "chain" else \
-            f"layers={self.layer_lo}..{self.layer}"
+        layers = (
+            f"layer={self.layer}"
+            if self.mode == "chain"
+            else f"layers={self.layer_lo}..{self.layer}"
+        )
         best = f"{self.beams[0].score_norm:.3f}" if self.beams else "-"
-        return (f"TraceResult(target_pos={self.target_pos}, {layers}, mode={self.mode!r}, "
-                f"agg_heads={self.agg_heads!r}, top_beam={self.top_beam}, top_k={self.top_k}, "
-                f"beams={len(self.beams)}, best_score={best})")
-
-    def summary(self, **kwargs):
-        """Circuit-style summary: :func:`rat_lens.summary.summarize` of this result.
-
-        >>> from rat_lens import trace
-        >>> from rat_lens.models import load
-        >>> result = trace(load("induction-2l"), "cat dog red cat", layers=(0, 1))
-        >>> print(result.summary().to_text().splitlines()[0])
-        Trace summary: target 'cat'@4
-        """
-        from .summary import summarize  # lazily: summary imports this module
-
-        return summarize(self, **kwargs)
-
-    def verify(self, model, **kwargs):
-        """Causal check of this trace in ``model``: :func:`rat_lens.verify.verify`, kept in
-        ``self.verification`` (as a dict) so that the summary and the HTML page show it.
-
-        >>> from rat_lens import trace
-        >>> from rat_lens.models import load
-        >>> model = load("induction-2l")
-        >>> result = trace(model, "cat dog red blue cat dog red", layers=(0, 1))
-        >>> result.verify(model, n_random=4).prediction
-        'blue'
-        """
-        from .verify import verify  # lazily: verify imports this module
-
-        check = verify(model, self, **kwargs)
-        self.verification = check.to_dict()  # the summary and the page show it from here
-        return check
+        return (
+            f"TraceResult(target_pos={self.target_pos}, {layers}, mode={self.mode!r}, "
+            f"agg_heads={self.agg_heads!r}, top_beam={self.top_beam}, top_k={self.top_k}, "
+            f"beams={len(self.beams)}, best_score={best})"
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -155,19 +464,26 @@ class TraceResult(JsonRoundTrip):
         data = dict(data)
         data["beams"] = [BeamPath(**b) for b in data["beams"]]
         sankey = data["sankey"]
-        data["sankey"] = SankeyData(nodes=[SankeyNode(**n) for n in sankey["nodes"]],
-                                    links=[SankeyLink(**lk) for lk in sankey["links"]])
+        data["sankey"] = SankeyData(
+            nodes=[SankeyNode(**n) for n in sankey["nodes"]],
+            links=[SankeyLink(**lk) for lk in sankey["links"]],
+        )
+        data["predictions"] = [Prediction(**p) for p in data.get("predictions", [])]
+        if data.get("verification") is not None:
+            data["verification"] = Verification.from_dict(data["verification"])
         return cls(**data)
 
-
-    def to_html(self) -> str:
-        """This trace as one self-contained interactive HTML page (see ``rat_lens.render``)."""
-        from .render import to_html  # lazy: the renderer imports this module, not the reverse
-        return to_html(self)
-
     def _repr_html_(self) -> str:
+        # The one import upward in the package (documented in CONTRIBUTING.md): a notebook
+        # shows a result by asking the result itself.
         from .render import html_fragment
+
         return html_fragment(self)
+
+
+def node_id(layer: int, position: int) -> str:
+    """The id of a Sankey node, the one place it is made: ``node_id(1, 7) == "L1_P7"``."""
+    return f"L{layer}_P{position}"
 
 
 def node_layers(beam: Beam, mode: str, layer: int) -> list[int]:
@@ -195,11 +511,12 @@ def build_sankey(beams: list[Beam], tokens: list[str], mode: str, layer: int) ->
     for b, (beam, weight) in enumerate(zip(beams, beam_weights(beams))):
         ids = []
         for pos, lay in zip(beam.positions, node_layers(beam, mode, layer)):
-            ids.append(f"L{lay}_P{pos}")
+            ids.append(node_id(lay, pos))
             nodes.setdefault(ids[-1], SankeyNode(ids[-1], tokens[pos], pos, lay))
         for i, attn in enumerate(beam.edge_attns):
-            link = links.setdefault((ids[i + 1], ids[i]),
-                                    SankeyLink(ids[i + 1], ids[i], 0.0, layer=beam.layers[i]))
+            link = links.setdefault(
+                (ids[i + 1], ids[i]), SankeyLink(ids[i + 1], ids[i], 0.0, layer=beam.layers[i])
+            )
             link.value += weight * attn
             if b not in link.beam_indices:
                 link.beam_indices.append(b)

@@ -8,17 +8,17 @@ head's pattern, padding cut out first, then averaged over prompts as ``detect_he
 list of prompts. Patterns are copied before scoring: some TL versions write into them.
 """
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import head_detector
 
-from ._errors import RatLensError
-from ._pattern import check_choice
 from .capture import capture_patterns, hook_name, pattern_layers
-from .stats import HeadTable
+from .errors import RatLensError, check_choice
+from .result import HeadTable
 
 __all__ = ["ROLE_NAMES", "ERROR_MEASURES", "detection_patterns", "role_scores", "head_roles"]
 
@@ -26,8 +26,9 @@ ROLE_NAMES = ("previous_token_head", "duplicate_token_head", "induction_head")
 ERROR_MEASURES = ("mul", "abs")
 
 
-def detection_patterns(tokens: Int[Tensor, " seq"], names: Sequence[str] = ROLE_NAMES
-                       ) -> dict[str, Float[Tensor, "seq seq"]]:
+def detection_patterns(
+    tokens: Int[Tensor, " seq"], names: Sequence[str] = ROLE_NAMES
+) -> dict[str, Float[Tensor, "seq seq"]]:
     """TL's ideal ``[query, key]`` pattern of each role for these token ids.
 
     >>> pats = detection_patterns(torch.tensor([0, 5, 6, 5, 6]))
@@ -38,15 +39,22 @@ def detection_patterns(tokens: Int[Tensor, " seq"], names: Sequence[str] = ROLE_
     """
     _check_names(names)
     tokens = tokens.detach().cpu()
-    return {name: getattr(head_detector, f"get_{name}_detection_pattern")(tokens).float()
-            for name in names}
+    return {
+        name: getattr(head_detector, f"get_{name}_detection_pattern")(tokens).float()
+        for name in names
+    }
 
 
-def role_scores(pattern: Float[Tensor, "batch head query key"], tokens: Int[Tensor, "batch seq"],
-                *, attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
-                names: Sequence[str] = ROLE_NAMES, exclude_bos: bool = False,
-                exclude_current_token: bool = False, error_measure: str = "mul",
-                ) -> dict[str, Float[Tensor, "batch head"]]:
+def role_scores(
+    pattern: Float[Tensor, "batch head query key"],
+    tokens: Int[Tensor, "batch seq"],
+    *,
+    attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
+    names: Sequence[str] = ROLE_NAMES,
+    exclude_bos: bool = False,
+    exclude_current_token: bool = False,
+    error_measure: str = "mul",
+) -> dict[str, Float[Tensor, "batch head"]]:
     """TL's detector score of every head of one layer, for every prompt of a batch.
 
     Pure tensors in and out, so it can run inside a ``hook_pattern`` hook on the full pattern.
@@ -62,12 +70,17 @@ def role_scores(pattern: Float[Tensor, "batch head query key"], tokens: Int[Tens
     _check_names(names)
     check_choice("error_measure", error_measure, ERROR_MEASURES)
     if pattern.ndim != 4 or tokens.shape != (pattern.shape[0], pattern.shape[-1]):
-        raise RatLensError(f"pattern {tuple(pattern.shape)} and tokens {tuple(tokens.shape)} "
-                           "must be [batch, head, seq, seq] and [batch, seq]")
+        raise RatLensError(
+            f"pattern {tuple(pattern.shape)} and tokens {tuple(tokens.shape)} "
+            "must be [batch, head, seq, seq] and [batch, seq]"
+        )
     out = {name: torch.empty(pattern.shape[:2], dtype=torch.float64) for name in names}
     for b in range(pattern.shape[0]):
-        keep = torch.arange(tokens.shape[1]) if attention_mask is None else \
-            attention_mask[b].detach().cpu().nonzero().flatten()
+        keep = (
+            torch.arange(tokens.shape[1])
+            if attention_mask is None
+            else attention_mask[b].detach().cpu().nonzero().flatten()
+        )
         if len(keep) < 2:
             raise RatLensError(f"prompt {b} has {len(keep)} unmasked tokens; head roles need 2")
         ideal = detection_patterns(tokens[b].detach().cpu()[keep], names)
@@ -75,16 +88,27 @@ def role_scores(pattern: Float[Tensor, "batch head query key"], tokens: Int[Tens
         for head in range(rows.shape[0]):
             for name in names:
                 out[name][b, head] = head_detector.compute_head_attention_similarity_score(
-                    rows[head].clone(), ideal[name], exclude_bos=exclude_bos,
-                    exclude_current_token=exclude_current_token, error_measure=error_measure)
+                    rows[head].clone(),
+                    ideal[name],
+                    exclude_bos=exclude_bos,
+                    exclude_current_token=exclude_current_token,
+                    error_measure=error_measure,
+                )
     return out
 
 
-def head_roles(model, inputs: Union[str, Sequence[str], Tensor], *,
-               layers: Optional[Sequence[int]] = None, cache=None,
-               attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
-               names: Sequence[str] = ROLE_NAMES, exclude_bos: bool = False,
-               exclude_current_token: bool = False, error_measure: str = "mul") -> HeadTable:
+def head_roles(
+    model,
+    inputs: Union[str, Sequence[str], Tensor],
+    *,
+    layers: Optional[Sequence[int]] = None,
+    cache=None,
+    attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
+    names: Sequence[str] = ROLE_NAMES,
+    exclude_bos: bool = False,
+    exclude_current_token: bool = False,
+    error_measure: str = "mul",
+) -> HeadTable:
     """Every head's TL detector score for each role, averaged over the prompts of ``inputs``.
 
     ``inputs`` is text, a list of texts (each tokenized alone with ``model.to_tokens``) or token
@@ -101,33 +125,61 @@ def head_roles(model, inputs: Union[str, Sequence[str], Tensor], *,
     _check_names(names)
     check_choice("error_measure", error_measure, ERROR_MEASURES)
     n_layers = pattern_layers(model)
-    layer_ids = list(range(n_layers)) if layers is None else \
-        sorted({_resolve_layer(layer, n_layers) for layer in layers})
+    layer_ids = (
+        list(range(n_layers))
+        if layers is None
+        else sorted({_resolve_layer(layer, n_layers) for layer in layers})
+    )
     if isinstance(inputs, (list, tuple)) and all(isinstance(t, str) for t in inputs) and inputs:
         if cache is not None:
-            raise RatLensError("one cache holds one batch of tokens: pass token ids with it, "
-                               "or texts without it")
-        tables = [head_roles(model, t, layers=layer_ids, names=names, exclude_bos=exclude_bos,
-                             exclude_current_token=exclude_current_token,
-                             error_measure=error_measure) for t in inputs]
-        return HeadTable.from_tensors(layer_ids, {name: torch.stack(
-            [t.tensor(name) for t in tables]).mean(0) for name in names})
+            raise RatLensError(
+                "one cache holds one batch of tokens: pass token ids with it, or texts without it"
+            )
+        tables = [
+            head_roles(
+                model,
+                t,
+                layers=layer_ids,
+                names=names,
+                exclude_bos=exclude_bos,
+                exclude_current_token=exclude_current_token,
+                error_measure=error_measure,
+            )
+            for t in inputs
+        ]
+        return HeadTable.from_tensors(
+            layer_ids,
+            {
+                name: torch.stack(
+                    [torch.tensor(t.scores[name], dtype=torch.float64) for t in tables]
+                ).mean(0)
+                for name in names
+            },
+        )
     tokens = model.to_tokens(inputs) if isinstance(inputs, str) else inputs
     if not isinstance(tokens, Tensor) or tokens.dtype.is_floating_point:
-        raise TypeError(f"inputs must be text, a list of texts or a tensor of token ids, got "
-                        f"{type(inputs).__name__}")
+        raise RatLensError(
+            f"inputs must be text, a list of texts or a tensor of token ids, got "
+            f"{type(inputs).__name__}"
+        )
     tokens = (tokens.unsqueeze(0) if tokens.ndim == 1 else tokens).cpu()
     if cache is None:
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
-        cache = capture_patterns(model, tokens.to(_device(model)), layer_ids, agg_heads="none",
-                                 attention_mask=mask)
+        cache = capture_patterns(
+            model, tokens.to(_device(model)), layer_ids, agg_heads="none", attention_mask=mask
+        )
     scores = {name: [] for name in names}
     for layer in layer_ids:
         pattern = _cached_pattern(cache, layer)
-        per_prompt = role_scores(pattern, tokens, attention_mask=attention_mask, names=names,
-                                 exclude_bos=exclude_bos,
-                                 exclude_current_token=exclude_current_token,
-                                 error_measure=error_measure)
+        per_prompt = role_scores(
+            pattern,
+            tokens,
+            attention_mask=attention_mask,
+            names=names,
+            exclude_bos=exclude_bos,
+            exclude_current_token=exclude_current_token,
+            error_measure=error_measure,
+        )
         for name in names:
             scores[name].append(per_prompt[name].mean(0))
     return HeadTable.from_tensors(layer_ids, {n: torch.stack(s) for n, s in scores.items()})
@@ -137,8 +189,9 @@ def _cached_pattern(cache, layer: int) -> Tensor:
     try:
         pattern = cache[hook_name(layer)]
     except KeyError:
-        raise RatLensError(f"the cache has no {hook_name(layer)!r}: cache it with "
-                           "run_with_cache") from None
+        raise RatLensError(
+            f"the cache has no {hook_name(layer)!r}: cache it with run_with_cache"
+        ) from None
     # run_with_cache(..., remove_batch_dim=True), what detect_head expects, drops the batch axis.
     return pattern.unsqueeze(0) if pattern.ndim == 3 else pattern
 

@@ -4,27 +4,33 @@
 TransformerLens model and the tokenizer defaults to its own.
 """
 
-import dataclasses
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from einops import reduce
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._errors import RatLensError
-from ._pattern import (AGG_HEADS, check_choice, check_pattern_values, check_positive_int,
-                       check_search_options, resolve_index)
-from .capture import (capture_patterns, hook_name, pattern_layers, patterns_from_cache,
-                      run_with_patterns)
+from .capture import (
+    capture_patterns,
+    hook_name,
+    pattern_layers,
+    patterns_from_cache,
+    run_with_patterns,
+)
+from .errors import RatLensError, check_int
+from .options import TraceOptions
 from .result import BeamPath, TraceResult, build_sankey, path_text
-from .stats import rollout_rows
-from .summary import predictions_at
-from .beam import beam_search, resolve_layers
+from .search.beam import beam_search
+from .search.pattern import check_pattern_values
+from .search.stats import predictions_at, rollout_rows
 
 __all__ = ["ReverseAttentionTracer", "trace", "generate"]
 
 Targets = Union[int, Sequence[int]]
+QueryChunk = Union[int, str, None]
+_DEFAULT = TraceOptions()  # the defaults below are read from here, written only in options.py
 
 
 class ReverseAttentionTracer:
@@ -42,119 +48,207 @@ class ReverseAttentionTracer:
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
 
-    def trace(self, input_ids, target_pos: int = -1, attention_mask=None, layer: int = -1,
-              top_beam: int = 5, top_k: int = 5, min_attn: float = 0.0, agg_heads: str = "mean",
-              length_norm: str = "avg_logprob", stop_at_bos: bool = True,
-              bos_token_id: Optional[int] = None, **options) -> TraceResult:
+    def trace(
+        self,
+        input_ids,
+        target_pos: Optional[int] = -1,
+        attention_mask=None,
+        *,
+        layer: int = _DEFAULT.layer,
+        layers: Optional[tuple[int, int]] = _DEFAULT.layers,
+        top_beam: int = _DEFAULT.top_beam,
+        top_k: int = _DEFAULT.top_k,
+        min_attn: float = _DEFAULT.min_attn,
+        agg_heads: str = _DEFAULT.agg_heads,
+        length_norm: str = _DEFAULT.length_norm,
+        stop_at_bos: bool = _DEFAULT.stop_at_bos,
+        residual: Optional[str] = _DEFAULT.residual,
+        exclude_bos: bool = _DEFAULT.exclude_bos,
+        options: Optional[TraceOptions] = None,
+        bos_token_id: Optional[int] = None,
+        cache=None,
+        predictions: int = 0,
+        query_chunk: QueryChunk = "auto",
+    ) -> TraceResult:
         """Trace one prompt (``input_ids`` ``[seq]`` or ``[1, seq]``) from ``target_pos``.
 
-        Args as reverse-attention's ``trace``; ``layers=(lo, hi)`` switches to layers mode (one
-        edge per layer from ``hi`` down to ``lo``), ``agg_heads="none"`` gives per-head edges,
-        ``residual="rollout"`` adds the residual stream (0.5·A + 0.5·I), ``exclude_bos`` leaves
-        BOS / position 0 out of the candidates, ``cache`` reuses a ``run_with_cache`` cache.
+        Args as reverse-attention's ``trace`` (``target_pos=None`` is the last token), plus the
+        rest of :class:`~rat_lens.options.TraceOptions` (``layers=(lo, hi)`` for layers mode,
+        ``agg_heads="none"`` for per-head edges, ``residual``, ``exclude_bos``) or a whole
+        ``options=TraceOptions(...)``; ``cache``, ``predictions`` and ``query_chunk`` as in
+        :meth:`trace_batch`.
         """
         tokens = _as_batch(input_ids)
         if tokens.shape[0] != 1:
-            raise RatLensError(f"trace takes one prompt, got a batch of {tokens.shape[0]}: "
-                               "use trace_batch")
+            raise RatLensError(
+                f"trace takes one prompt, got a batch of {tokens.shape[0]}: use trace_batch"
+            )
+        target_pos = -1 if target_pos is None else target_pos
         if not isinstance(target_pos, int) or isinstance(target_pos, bool):
-            raise TypeError(f"target_pos must be an int, got {target_pos!r}: for several "
-                            "targets use trace_batch")
+            raise RatLensError(
+                f"target_pos must be an int, got {target_pos!r}: for several "
+                "targets use trace_batch"
+            )
+        options = _options(
+            options,
+            layer=layer,
+            layers=layers,
+            top_beam=top_beam,
+            top_k=top_k,
+            min_attn=min_attn,
+            agg_heads=agg_heads,
+            length_norm=length_norm,
+            stop_at_bos=stop_at_bos,
+            residual=residual,
+            exclude_bos=exclude_bos,
+        )
         return self.trace_batch(
-            tokens, target_pos, attention_mask, layer=layer, top_beam=top_beam, top_k=top_k,
-            min_attn=min_attn, agg_heads=agg_heads, length_norm=length_norm,
-            stop_at_bos=stop_at_bos, bos_token_id=bos_token_id, **options)[0]
+            tokens,
+            target_pos,
+            attention_mask,
+            options=options,
+            bos_token_id=bos_token_id,
+            cache=cache,
+            predictions=predictions,
+            query_chunk=query_chunk,
+        )[0]
 
-    def trace_text(self, text: str, target_pos: int = -1, **kwargs) -> TraceResult:
-        """Tokenize ``text`` as the model does (``to_tokens``: BOS prepended) and trace it."""
+    def trace_text(self, text: str, target_pos: Optional[int] = -1, **kwargs) -> TraceResult:
+        """Tokenize ``text`` as the model does (``to_tokens``: BOS prepended) and trace it;
+        keywords as :meth:`trace`."""
         tokens, mask = self.tokenize([text])
         return self.trace(tokens, target_pos, mask, **kwargs)
 
-    def trace_batch(self, inputs, target_pos: Targets = -1, attention_mask=None, *,
-                    layer: int = -1, layers: Optional[tuple[int, int]] = None,
-                    top_beam: int = 5, top_k: int = 5, min_attn: float = 0.0,
-                    agg_heads: str = "mean", length_norm: str = "avg_logprob",
-                    stop_at_bos: bool = True, bos_token_id: Optional[int] = None,
-                    residual: Optional[str] = None, exclude_bos: bool = False,
-                    cache=None, predictions: int = 0,
-                    query_chunk: Union[int, str, None] = "auto") -> list[TraceResult]:
+    def trace_batch(
+        self,
+        inputs,
+        target_pos: Targets = -1,
+        attention_mask=None,
+        *,
+        layer: int = _DEFAULT.layer,
+        layers: Optional[tuple[int, int]] = _DEFAULT.layers,
+        top_beam: int = _DEFAULT.top_beam,
+        top_k: int = _DEFAULT.top_k,
+        min_attn: float = _DEFAULT.min_attn,
+        agg_heads: str = _DEFAULT.agg_heads,
+        length_norm: str = _DEFAULT.length_norm,
+        stop_at_bos: bool = _DEFAULT.stop_at_bos,
+        residual: Optional[str] = _DEFAULT.residual,
+        exclude_bos: bool = _DEFAULT.exclude_bos,
+        options: Optional[TraceOptions] = None,
+        bos_token_id: Optional[int] = None,
+        cache=None,
+        predictions: int = 0,
+        query_chunk: QueryChunk = "auto",
+    ) -> list[TraceResult]:
         """Trace every prompt of a batch from every position in ``target_pos``: ONE forward.
 
         ``inputs`` is ``[batch, seq]`` token ids (pad them and give ``attention_mask``) or a
         list of strings (padded here). Negative targets count back from each prompt's last
         unmasked token. Results come prompt by prompt, targets in the order given.
-        ``predictions=k`` runs the whole forward (not stopping after the traced layers) and
-        records the model's top-k next tokens at every traced position. ``query_chunk=N`` runs
-        the forward N positions at a time over the model's KV cache, so it never holds more than
-        N rows of attention scores (long contexts; unpadded prompts; same patterns); the default
-        ``"auto"`` does so for unpadded prompts over 512 tokens where a probe shows it exact;
-        ``None`` always runs one forward.
+        The search options are :class:`~rat_lens.options.TraceOptions`'s, given one by one or
+        as ``options=`` (then the others keep their defaults).
+        ``bos_token_id`` marks BOS positions (default: the tokenizer's). ``cache`` traces a
+        ``run_with_cache`` cache of these tokens and runs nothing. ``predictions=k`` runs the
+        whole forward (not stopping after the traced layers) and records the model's top-k next
+        tokens at every traced position. ``query_chunk=N`` runs the forward N positions at a
+        time over the model's KV cache, so it never holds more than N rows of attention scores
+        (long contexts; unpadded prompts; same patterns); the default ``"auto"`` does so for
+        unpadded prompts over 512 tokens where a probe shows it exact; ``None`` always runs one
+        forward.
         """
+        options = _options(
+            options,
+            layer=layer,
+            layers=layers,
+            top_beam=top_beam,
+            top_k=top_k,
+            min_attn=min_attn,
+            agg_heads=agg_heads,
+            length_norm=length_norm,
+            stop_at_bos=stop_at_bos,
+            residual=residual,
+            exclude_bos=exclude_bos,
+        )
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs):
             if attention_mask is not None:
-                raise RatLensError("attention_mask is built from the texts; pass token ids to "
-                                   "give your own")
+                raise RatLensError(
+                    "attention_mask is built from the texts; pass token ids to give your own"
+                )
             tokens, attention_mask = self.tokenize(list(inputs))
         else:
             tokens = _as_batch(inputs)
         mask = _check_mask(attention_mask, tokens)
-        n_layers = pattern_layers(self.model)
-        if layers is not None and layer != -1:
-            raise RatLensError(f"give either layer={layer} (chain mode) or layers={layers} "
-                               "(layers mode), not both")
-        chain = layers is None
-        layer_ids = [resolve_index("layer", layer, n_layers, "n_layers")] if chain \
-            else resolve_layers(layers, n_layers)
         # Every option is checked before the forward: a typo costs nothing.
-        check_choice("agg_heads", agg_heads, AGG_HEADS)
-        search = dict(chain=chain, top_beam=top_beam, top_k=top_k, min_attn=min_attn,
-                      length_norm=length_norm)
-        residual = check_search_options(residual=residual, **search)
+        layer_ids = options.layer_ids(pattern_layers(self.model))
         targets = _resolve_targets(target_pos, mask)
         if predictions:
-            check_positive_int("predictions", predictions)
+            check_int("predictions", predictions)
             if cache is not None:
-                raise RatLensError("predictions need the model's logits, which a cache does not "
-                                   "hold: trace without cache=, or pass logits to summary()")
+                raise RatLensError(
+                    "predictions need the model's logits, which a cache does not "
+                    "hold: trace without cache=, or pass logits to summarize()"
+                )
         if isinstance(query_chunk, int) and cache is not None:
-            raise RatLensError("query_chunk splits the forward, and a trace from cache= runs "
-                               "none: give one or the other")
+            raise RatLensError(
+                "query_chunk splits the forward, and a trace from cache= runs "
+                "none: give one or the other"
+            )
 
-        logits, stacked = self._patterns(tokens, mask, layer_ids, agg_heads, cache, predictions,
-                                         query_chunk)
-        head_means = torch.stack([reduce(p, "batch head query key -> batch query key", "mean")
-                                  for p in stacked])  # [layer (top first), batch, query, key]
+        logits, stacked = self._patterns(
+            tokens, mask, layer_ids, options.agg_heads, cache, predictions, query_chunk
+        )
+        head_means = torch.stack(
+            [reduce(p, "batch head query key -> batch query key", "mean") for p in stacked]
+        )  # [layer (top first), batch, query, key]
         overview = head_means.mean(0)
-        bos_id = bos_token_id if bos_token_id is not None else \
-            getattr(self.tokenizer, "bos_token_id", None)
+        bos_id = (
+            bos_token_id
+            if bos_token_id is not None
+            else getattr(self.tokenizer, "bos_token_id", None)
+        )
         results = []
         for b in range(tokens.shape[0]):
             ids = tokens[b].tolist()
-            prompt = dict(tokens=self.token_strings(ids), token_ids=ids, seq_len=len(ids),
-                          batch_index=b, top_attention=_top_attention(overview[b], mask[b]),
-                          mode="chain" if chain else "layers", layer=layer_ids[0],
-                          layer_lo=layer_ids[-1], agg_heads=agg_heads, residual=residual,
-                          exclude_bos=exclude_bos, top_beam=top_beam, top_k=top_k,
-                          length_norm=length_norm)
+            prompt = dict(
+                tokens=self.token_strings(ids),
+                token_ids=ids,
+                seq_len=len(ids),
+                batch_index=b,
+                top_attention=_top_attention(overview[b], mask[b]),
+                mode="chain" if options.chain else "layers",
+                layer=layer_ids[0],
+                layer_lo=layer_ids[-1],
+                agg_heads=options.agg_heads,
+                residual=options.residual,
+                exclude_bos=options.exclude_bos,
+                top_beam=options.top_beam,
+                top_k=options.top_k,
+                length_norm=options.length_norm,
+            )
             bos = [p for p, t in enumerate(ids) if t == bos_id and mask[b, p]]
             patterns = [p[b] for p in stacked]
             # Rollout is not defined for max-aggregated heads; all targets share one pass.
-            rollouts = [[] for _ in targets[b]] if agg_heads == "max" else \
-                rollout_rows(head_means[:, b, None].flip(0), targets[b]).tolist()
+            rollouts = (
+                [[] for _ in targets[b]]
+                if options.agg_heads == "max"
+                else rollout_rows(head_means[:, b, None].flip(0), targets[b]).tolist()
+            )
             for target, rollout in zip(targets[b], rollouts):
                 beams = beam_search(
-                    patterns, layer_ids, target, per_head=agg_heads == "none",
-                    stop_at_bos=stop_at_bos, bos_positions=bos, attention_mask=mask[b],
-                    residual=residual, exclude_bos=exclude_bos, **search)
+                    patterns, layer_ids, target, options, bos_positions=bos, attention_mask=mask[b]
+                )
                 result = _result(prompt, target, beams, rollout)
                 if logits is not None:
-                    result.predictions = [dataclasses.asdict(p) for p in predictions_at(
-                        result, logits[b], self.tokenizer, predictions)]
+                    result.predictions = predictions_at(
+                        result, logits[b], self.tokenizer, predictions
+                    )
                 results.append(result)
         return results
 
-    def _patterns(self, tokens, mask, layer_ids, agg_heads, cache, predictions, query_chunk
-                  ) -> tuple[Optional[Tensor], list[Tensor]]:
+    def _patterns(
+        self, tokens, mask, layer_ids, agg_heads, cache, predictions, query_chunk
+    ) -> tuple[Optional[Tensor], list[Tensor]]:
         """The reduced patterns of ``layer_ids`` (top first) from one forward or the user's cache;
         the logits too when predictions are asked for (then the forward runs to the end)."""
         logits = None
@@ -162,25 +256,42 @@ class ReverseAttentionTracer:
         if cache is not None:
             patterns = patterns_from_cache(cache, layer_ids, agg_heads, tuple(tokens.shape))
         elif predictions:
-            logits, patterns = run_with_patterns(self.model, tokens, layer_ids,
-                                                 agg_heads=agg_heads, attention_mask=model_mask,
-                                                 query_chunk=query_chunk)
+            logits, patterns = run_with_patterns(
+                self.model,
+                tokens,
+                layer_ids,
+                agg_heads=agg_heads,
+                attention_mask=model_mask,
+                query_chunk=query_chunk,
+            )
         else:
-            patterns = capture_patterns(self.model, tokens, layer_ids, agg_heads=agg_heads,
-                                        attention_mask=model_mask, query_chunk=query_chunk)
+            patterns = capture_patterns(
+                self.model,
+                tokens,
+                layer_ids,
+                agg_heads=agg_heads,
+                attention_mask=model_mask,
+                query_chunk=query_chunk,
+            )
         stacked = [patterns[hook_name(layer)].float().cpu() for layer in layer_ids]
         for layer, pattern in zip(layer_ids, stacked):
             check_pattern_values(pattern, hook_name(layer))
         return logits, stacked
 
-    def tokenize(self, texts: list[str]) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
+    def tokenize(
+        self, texts: list[str]
+    ) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
         """Token ids and attention mask for ``texts``, each tokenized alone, right-padded."""
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
             raise RatLensError(f"texts must be non-empty strings, got {texts!r}")
         if self.tokenizer is None:
-            raise RatLensError("this model has no tokenizer: pass token ids, or a tokenizer to "
-                               "ReverseAttentionTracer(model, tokenizer)")
-        if self.tokenizer is getattr(self.model, "tokenizer", None) and hasattr(self.model, "to_tokens"):
+            raise RatLensError(
+                "this model has no tokenizer: pass token ids, or a tokenizer to "
+                "ReverseAttentionTracer(model, tokenizer)"
+            )
+        if self.tokenizer is getattr(self.model, "tokenizer", None) and hasattr(
+            self.model, "to_tokens"
+        ):
             rows = [self.model.to_tokens(t)[0].cpu() for t in texts]
         else:
             rows = [self.tokenizer(t, return_tensors="pt").input_ids[0] for t in texts]
@@ -188,7 +299,7 @@ class ReverseAttentionTracer:
         tokens = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
         mask = torch.zeros_like(tokens)
         for i, row in enumerate(rows):
-            mask[i, :len(row)] = 1
+            mask[i, : len(row)] = 1
         return tokens, mask
 
     def token_strings(self, ids: list[int]) -> list[str]:
@@ -198,19 +309,80 @@ class ReverseAttentionTracer:
         return self.tokenizer.batch_decode([[i] for i in ids])
 
 
-def trace(model, inputs, target_pos: int = -1, **kwargs) -> TraceResult:
-    """One-call trace for notebooks: ``inputs`` is text or token ids of one prompt.
+def trace(
+    model,
+    inputs,
+    target_pos: Optional[int] = -1,
+    *,
+    tokenizer=None,
+    layer: int = _DEFAULT.layer,
+    layers: Optional[tuple[int, int]] = _DEFAULT.layers,
+    top_beam: int = _DEFAULT.top_beam,
+    top_k: int = _DEFAULT.top_k,
+    min_attn: float = _DEFAULT.min_attn,
+    agg_heads: str = _DEFAULT.agg_heads,
+    length_norm: str = _DEFAULT.length_norm,
+    stop_at_bos: bool = _DEFAULT.stop_at_bos,
+    residual: Optional[str] = _DEFAULT.residual,
+    exclude_bos: bool = _DEFAULT.exclude_bos,
+    options: Optional[TraceOptions] = None,
+    attention_mask=None,
+    bos_token_id: Optional[int] = None,
+    cache=None,
+    predictions: int = 0,
+    query_chunk: QueryChunk = "auto",
+) -> TraceResult:
+    """One-call trace for notebooks: ``inputs`` is text or token ids of one prompt; keywords as
+    :meth:`ReverseAttentionTracer.trace`.
 
     >>> from rat_lens.models import load
     >>> model = load("induction-2l")
     >>> result = trace(model, "cat dog red blue cat dog red", layers=(0, 1), agg_heads="none")
-    >>> [(lay, head is not None) for lay, head in zip(result.beams[0].layers, result.beams[0].heads)]
+    >>> best = result.beams[0]
+    >>> [(lay, head is not None) for lay, head in zip(best.layers, best.heads)]
     [(1, True), (0, True)]
     """
-    tracer = ReverseAttentionTracer(model, kwargs.pop("tokenizer", None))
+    tracer = ReverseAttentionTracer(model, tokenizer)
+    options = _options(
+        options,
+        layer=layer,
+        layers=layers,
+        top_beam=top_beam,
+        top_k=top_k,
+        min_attn=min_attn,
+        agg_heads=agg_heads,
+        length_norm=length_norm,
+        stop_at_bos=stop_at_bos,
+        residual=residual,
+        exclude_bos=exclude_bos,
+    )
+    run = dict(
+        options=options,
+        bos_token_id=bos_token_id,
+        cache=cache,
+        predictions=predictions,
+        query_chunk=query_chunk,
+    )
     if isinstance(inputs, str):
-        return tracer.trace_text(inputs, target_pos, **kwargs)
-    return tracer.trace(inputs, target_pos, **kwargs)
+        if attention_mask is not None:
+            raise RatLensError(
+                "attention_mask is built from the text; pass token ids to give your own"
+            )
+        return tracer.trace_text(inputs, target_pos, **run)
+    return tracer.trace(inputs, target_pos, attention_mask, **run)
+
+
+def _options(options: Optional[TraceOptions], **given) -> TraceOptions:
+    """``options`` if given (then every keyword must be left at its default), else the options
+    the keywords spell."""
+    if options is None:
+        return TraceOptions(**given)
+    if not isinstance(options, TraceOptions):
+        raise RatLensError(f"options must be a TraceOptions, got {type(options).__name__}")
+    changed = sorted(k for k, v in given.items() if v != getattr(_DEFAULT, k))
+    if changed:
+        raise RatLensError(f"give options=TraceOptions(...) or the keywords {changed}, not both")
+    return options
 
 
 def generate(model, tokens: Int[Tensor, "batch seq"], n_new: int) -> Int[Tensor, "batch seq_out"]:
@@ -222,11 +394,13 @@ def generate(model, tokens: Int[Tensor, "batch seq"], n_new: int) -> Int[Tensor,
     >>> model.to_string(out[0, -2:])
     'red blue'
     """
-    check_positive_int("generate", n_new)
+    check_int("generate", n_new)
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
     if n_ctx is not None and tokens.shape[1] + n_new > n_ctx:
-        raise RatLensError(f"generating {n_new} tokens after {tokens.shape[1]} exceeds the "
-                           f"model's context of {n_ctx}")
+        raise RatLensError(
+            f"generating {n_new} tokens after {tokens.shape[1]} exceeds the "
+            f"model's context of {n_ctx}"
+        )
     with torch.no_grad():
         for _ in range(n_new):
             next_token = model(tokens)[:, -1].argmax(-1, keepdim=True)
@@ -239,30 +413,41 @@ def _result(prompt: dict, target: int, beams, rollout: list[float]) -> TraceResu
     and the target's rollout importance."""
     paths = [BeamPath.from_beam(beam, prompt["tokens"], prompt["token_ids"]) for beam in beams]
     return TraceResult(
-        target_pos=target, beams=paths, paths_text=[path_text(p) for p in paths],
+        target_pos=target,
+        beams=paths,
+        paths_text=[path_text(p) for p in paths],
         sankey=build_sankey(paths, prompt["tokens"], prompt["mode"], prompt["layer"]),
-        rollout=rollout, **prompt)
+        rollout=rollout,
+        **prompt,
+    )
 
 
-def _top_attention(pattern: Float[Tensor, "query key"], mask: Int[Tensor, " seq"],
-                   k: int = 4) -> list[list]:
+def _top_attention(
+    pattern: Float[Tensor, "query key"], mask: Int[Tensor, " seq"], k: int = 4
+) -> list[list]:
     """``[query, key, weight]`` for the ``k`` strongest keys of each unmasked query."""
     weights, keys = pattern.topk(min(k, pattern.shape[-1]), dim=-1)
-    return [[q, key, round(w, 4)]
-            for q in mask.nonzero()[:, 0].tolist()
-            for key, w in zip(keys[q].tolist(), weights[q].tolist()) if w > 0]
+    return [
+        [q, key, round(w, 4)]
+        for q in mask.nonzero()[:, 0].tolist()
+        for key, w in zip(keys[q].tolist(), weights[q].tolist())
+        if w > 0
+    ]
 
 
 def _as_batch(input_ids) -> Int[Tensor, "batch seq"]:
     if not isinstance(input_ids, Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got "
-                        f"{type(input_ids).__name__}")
+        raise RatLensError(
+            f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}"
+        )
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        raise RatLensError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
     tokens = input_ids.unsqueeze(0) if input_ids.ndim == 1 else input_ids
     if tokens.ndim != 2 or tokens.numel() == 0:
-        raise RatLensError(f"input_ids must be [seq] or [batch, seq] and non-empty, got shape "
-                           f"{tuple(input_ids.shape)}")
+        raise RatLensError(
+            f"input_ids must be [seq] or [batch, seq] and non-empty, got shape "
+            f"{tuple(input_ids.shape)}"
+        )
     return tokens
 
 
@@ -272,8 +457,10 @@ def _check_mask(attention_mask, tokens: Tensor) -> Tensor:
     mask = torch.as_tensor(attention_mask)
     mask = mask.unsqueeze(0) if mask.ndim == 1 else mask
     if mask.shape != tokens.shape:
-        raise RatLensError(f"attention_mask shape {tuple(mask.shape)} does not match input_ids "
-                           f"shape {tuple(tokens.shape)}")
+        raise RatLensError(
+            f"attention_mask shape {tuple(mask.shape)} does not match input_ids "
+            f"shape {tuple(tokens.shape)}"
+        )
     mask = mask.long().cpu()
     if not ((mask == 0) | (mask == 1)).all():
         raise RatLensError("attention_mask must hold only 0 and 1")
@@ -293,11 +480,10 @@ def _resolve_targets(target_pos: Targets, mask: Tensor) -> list[list[int]]:
         resolved = []
         for t in wanted:
             if isinstance(t, bool) or not isinstance(t, int):
-                raise TypeError(f"target_pos must be ints, got {t!r}")
+                raise RatLensError(f"target_pos must be ints, got {t!r}")
             p = last + 1 + t if t < 0 else t
             if not 0 <= p <= last or not row[p]:
-                raise RatLensError(f"target_pos={t} out of range for a prompt of "
-                                   f"{last + 1} tokens")
+                raise RatLensError(f"target_pos={t} out of range for a prompt of {last + 1} tokens")
             resolved.append(p)
         out.append(resolved)
     return out

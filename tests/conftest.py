@@ -17,12 +17,14 @@ def _sources() -> list[str]:
     found = []
     try:
         from transformer_lens.model_bridge import TransformerBridge
+
         if hasattr(TransformerBridge, "boot_native"):
             found.append("bridge")
     except ImportError:
         pass
     try:
         from transformer_lens import HookedTransformer  # noqa: F401
+
         found.append("hooked")
     except ImportError:
         pass
@@ -36,6 +38,7 @@ SOURCES = _sources()
 def model(request):
     """The embedded induction model, once per TransformerLens model class installed."""
     from rat_lens.models import load
+
     return load("induction-2l", source=request.param)
 
 
@@ -44,14 +47,25 @@ def gpt2_bridge():
     """A tiny random GPT-2 through TransformerBridge.boot_transformers: the HF-backed bridge
     (fused-QKV attention, KV cache) that users get for Hugging Face models."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     from rat_lens.models import load_induction_tokenizer
+
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=4, n_embd=32, vocab_size=64,
-                                    n_positions=128, attn_implementation="eager")).eval()
-    return TransformerBridge.boot_transformers("gpt2", hf_model=hf,
-                                               tokenizer=load_induction_tokenizer())
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=3,
+            n_head=4,
+            n_embd=32,
+            vocab_size=64,
+            n_positions=128,
+            attn_implementation="eager",
+        )
+    ).eval()
+    return TransformerBridge.boot_transformers(
+        "gpt2", hf_model=hf, tokenizer=load_induction_tokenizer()
+    )
 
 
 def hook_count(model) -> int:

@@ -18,8 +18,14 @@ TEXT = "cat dog red blue green cat dog red"
 def test_the_readme_main_job_runs_offline_as_a_real_command(tmp_path):
     """Exactly the README's line: installed console script, no flags, no network."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run(["rat-lens", "trace", TEXT], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["rat-lens", "trace", TEXT],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "target 8 'red', layer 1, 5 beams:" in done.stdout
     assert " -> " in done.stdout and "(score: " in done.stdout
@@ -42,19 +48,57 @@ def saved(out_dir):
 
 def test_every_trace_flag_reaches_the_tracer(tmp_path, capsys):
     out = tmp_path / "o"
-    code, stdout, _ = run(capsys, "trace", "--text", TEXT, "--model", "induction-2l",
-                          "--target-pos", "-1", "-2", "--layers", "0:1", "--top-beam", "3",
-                          "--top-k", "4", "--min-attn", "0.01", "--agg-heads", "none",
-                          "--length-norm", "pow:0.5", "--residual", "rollout", "--exclude-bos",
-                          "--no-stop-at-bos", "--output", str(out), "--format", "json,md",
-                          "--predictions", "2",
-                          "--device", "cpu")
+    code, stdout, _ = run(
+        capsys,
+        "trace",
+        "--text",
+        TEXT,
+        "--model",
+        "induction-2l",
+        "--target-pos",
+        "-1",
+        "-2",
+        "--layers",
+        "0:1",
+        "--top-beam",
+        "3",
+        "--top-k",
+        "4",
+        "--min-attn",
+        "0.01",
+        "--agg-heads",
+        "none",
+        "--length-norm",
+        "pow:0.5",
+        "--residual",
+        "rollout",
+        "--exclude-bos",
+        "--no-stop-at-bos",
+        "--output",
+        str(out),
+        "--format",
+        "json,md",
+        "--predictions",
+        "2",
+        "--device",
+        "cpu",
+    )
     assert code == 0
     results = saved(out)
     assert [r.target_pos for r in results] == [8, 7]
     expected = rat_lens.ReverseAttentionTracer(load("induction-2l")).trace_text(
-        TEXT, -2, layers=(0, 1), top_beam=3, top_k=4, min_attn=0.01, agg_heads="none",
-        length_norm="pow:0.5", residual="rollout", exclude_bos=True, stop_at_bos=False)
+        TEXT,
+        -2,
+        layers=(0, 1),
+        top_beam=3,
+        top_k=4,
+        min_attn=0.01,
+        agg_heads="none",
+        length_norm="pow:0.5",
+        residual="rollout",
+        exclude_bos=True,
+        stop_at_bos=False,
+    )
     assert results[1].beams == expected.beams
     assert (results[1].top_beam, results[1].top_k, results[1].residual) == (3, 4, "rollout")
     assert not (out / "index.html").exists()
@@ -62,12 +106,13 @@ def test_every_trace_flag_reaches_the_tracer(tmp_path, capsys):
     assert markdown.count("'red'@8") >= 1 and "| " in markdown
     assert "-[L1.H" in stdout
     assert "Traced mass by head" in stdout and "Predictions at traced positions" in stdout
-    assert len(results[0].predictions[0]["token_ids"]) == 2
+    assert len(results[0].predictions[0].token_ids) == 2
 
 
 def test_layer_flag_chain_mode_and_html_only(tmp_path, capsys):
-    code, _, _ = run(capsys, "trace", TEXT, "--layer", "0", "--out", str(tmp_path),
-                     "--format", "html")
+    code, _, _ = run(
+        capsys, "trace", TEXT, "--layer", "0", "--out", str(tmp_path), "--format", "html"
+    )
     assert code == 0
     assert (tmp_path / "index.html").exists()
     (result,) = saved(tmp_path)  # the page's own trace.json
@@ -75,8 +120,9 @@ def test_layer_flag_chain_mode_and_html_only(tmp_path, capsys):
 
 
 def test_generate_traces_each_generated_token(tmp_path, capsys):
-    code, stdout, _ = run(capsys, "trace", "cat dog red blue cat dog", "--generate", "2",
-                          "--out", str(tmp_path))
+    code, stdout, _ = run(
+        capsys, "trace", "cat dog red blue cat dog", "--generate", "2", "--out", str(tmp_path)
+    )
     assert code == 0
     results = saved(tmp_path)
     assert [r.target_pos for r in results] == [6, 7]  # the positions that produced them
@@ -86,8 +132,9 @@ def test_generate_traces_each_generated_token(tmp_path, capsys):
 
 def test_render_round_trips_a_trace_written_by_trace(tmp_path, capsys):
     assert run(capsys, "trace", TEXT, "--out", str(tmp_path / "a"))[0] == 0
-    code, stdout, _ = run(capsys, "render", str(tmp_path / "a" / "trace.json"), "-o",
-                          str(tmp_path / "b"))
+    code, stdout, _ = run(
+        capsys, "render", str(tmp_path / "a" / "trace.json"), "-o", str(tmp_path / "b")
+    )
     assert code == 0 and stdout.strip().endswith("index.html")
     assert saved(tmp_path / "b") == saved(tmp_path / "a")
 
@@ -95,34 +142,42 @@ def test_render_round_trips_a_trace_written_by_trace(tmp_path, capsys):
 def test_models_lists_what_loads_offline(capsys):
     code, stdout, _ = run(capsys, "models")
     assert code == 0
-    line = next(l for l in stdout.splitlines() if l.startswith("induction-2l"))
+    line = next(row for row in stdout.splitlines() if row.startswith("induction-2l"))
     assert "offline" in line
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["trace", TEXT, "--layers", "1-3"], 2, "--layers '1-3' is not LO:HI"),
-    (["trace", TEXT, "--layer", "0", "--layers", "0:1"], 2, "not allowed with argument"),
-    (["trace", TEXT, "--format", "pdf"], 2, "'pdf' not in {html, json, md}"),
-    (["trace", TEXT, "--agg-heads", "sum"], 2, "invalid choice: 'sum'"),
-    (["trace", TEXT, "--top-beam", "x"], 2, "invalid int value: 'x'"),
-    (["trace"], 2, "give the text to trace"),
-    (["trace", TEXT, "--model", "no-such-model"], 1, "no-such-model"),
-    (["trace", TEXT, "--layers", "0:5"], 1, "layers[1]=5 out of range for n_layers 2"),
-    (["trace", TEXT, "--layer", "7"], 1, "layer=7 out of range for n_layers 2"),
-    (["trace", TEXT, "--target-pos", "99"], 1, "target_pos=99 out of range"),
-    (["trace", TEXT, "--top-k", "0"], 1, "top_k must be >= 1, got 0"),
-    (["trace", TEXT, "--length-norm", "avg"], 1, "length_norm='avg' not in"),
-    (["trace", TEXT, "--residual", "rollout"], 1, "needs layers mode"),
-    (["trace", TEXT, "--generate", "90"], 1, "exceeds the model's context of 64"),
-    (["trace", "cat zebra"], 1, "zebra"),
-    (["trace", TEXT, "--query-chunk", "0"], 1, "query_chunk must be >= 1, got 0"),
-    (["trace", TEXT, "--query-chunk", "4"], 1, "ignored the KV cache across query chunks"),
-    (["trace", TEXT, "--query-chunk", "x"], 2, "--query-chunk 'x' is not a number, auto or off"),
-    (["render", "missing.json", "-o", "x"], 2, "cannot read a trace from 'missing.json'"),
-    ([], 2, "required: COMMAND"),
-])
-def test_bad_values_exit_with_one_line_naming_the_problem(tmp_path, monkeypatch, capsys, args,
-                                                          code, message):
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["trace", TEXT, "--layers", "1-3"], 2, "--layers '1-3' is not LO:HI"),
+        (["trace", TEXT, "--layer", "0", "--layers", "0:1"], 2, "not allowed with argument"),
+        (["trace", TEXT, "--format", "pdf"], 2, "'pdf' not in {html, json, md}"),
+        (["trace", TEXT, "--agg-heads", "sum"], 2, "invalid choice: 'sum'"),
+        (["trace", TEXT, "--top-beam", "x"], 2, "invalid int value: 'x'"),
+        (["trace"], 2, "give the text to trace"),
+        (["trace", TEXT, "--model", "no-such-model"], 1, "no-such-model"),
+        (["trace", TEXT, "--layers", "0:5"], 1, "layers[1]=5 out of range for n_layers 2"),
+        (["trace", TEXT, "--layer", "7"], 1, "layer=7 out of range for n_layers 2"),
+        (["trace", TEXT, "--target-pos", "99"], 1, "target_pos=99 out of range"),
+        (["trace", TEXT, "--top-k", "0"], 2, "top_k must be >= 1, got 0"),
+        (["trace", TEXT, "--length-norm", "avg"], 2, "length_norm='avg' not in"),
+        (["trace", TEXT, "--residual", "rollout"], 2, "needs layers mode"),
+        (["trace", TEXT, "--generate", "90"], 1, "exceeds the model's context of 64"),
+        (["trace", "cat zebra"], 1, "zebra"),
+        (["trace", TEXT, "--query-chunk", "0"], 1, "query_chunk must be >= 1, got 0"),
+        (["trace", TEXT, "--query-chunk", "4"], 1, "ignored the KV cache across query chunks"),
+        (
+            ["trace", TEXT, "--query-chunk", "x"],
+            2,
+            "--query-chunk 'x' is not a number, auto or off",
+        ),
+        (["render", "missing.json", "-o", "x"], 2, "cannot read a trace from 'missing.json'"),
+        ([], 2, "required: COMMAND"),
+    ],
+)
+def test_bad_values_exit_with_one_line_naming_the_problem(
+    tmp_path, monkeypatch, capsys, args, code, message
+):
     monkeypatch.chdir(tmp_path)
     try:
         got = main(args)  # an uncaught exception here would be a traceback for the user
@@ -135,10 +190,17 @@ def test_bad_values_exit_with_one_line_naming_the_problem(tmp_path, monkeypatch,
 
 
 def test_errors_are_one_line_without_traceback_from_the_installed_command(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "rat_lens.cli", "trace", TEXT, "--layer", "9"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "rat_lens.cli", "trace", TEXT, "--layer", "9"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1
-    assert done.stderr.strip() == "rat-lens trace: error: layer=9 out of range for n_layers 2"
+    assert done.stderr.strip() == (
+        "rat-lens trace: error: layer=9 out of range for n_layers 2 (valid: -2..1)"
+    )
 
 
 def test_open_browser_opens_the_written_page(tmp_path, capsys, monkeypatch):

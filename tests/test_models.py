@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformer_lens.head_detector import detect_head
 
-from rat_lens._errors import RatLensError
+from rat_lens.errors import RatLensError
 from rat_lens.models import (
     BOS,
     WORDS,
@@ -44,23 +44,32 @@ def tl_model(request):
 
 
 def test_the_installed_transformer_lens_offers_a_source():
-    assert SOURCES, f"TransformerLens {TL_VERSION} has neither the native bridge nor HookedTransformer"
-    assert load().__class__.__name__ == {"bridge": "TransformerBridge",
-                                         "hooked": "HookedTransformer"}[SOURCES[0]]
+    assert SOURCES, (
+        f"TransformerLens {TL_VERSION} has neither the native bridge nor HookedTransformer"
+    )
+    assert (
+        load().__class__.__name__
+        == {"bridge": "TransformerBridge", "hooked": "HookedTransformer"}[SOURCES[0]]
+    )
 
 
 # --- the same numbers everywhere ---------------------------------------------------------------
 
 
 def test_our_module_is_tls_native_model_bitwise(ours):
-    """Our parameter names load strictly into TL's NativeModel, and its forward is ours, bit for bit."""
+    """Our parameter names load strictly into TL's NativeModel, and its forward is ours, bit
+    for bit."""
     native = pytest.importorskip(
         "transformer_lens.model_bridge.sources.native.model", reason=f"TL {TL_VERSION}: no bridge"
     )
     from transformer_lens.config import TransformerBridgeConfig
 
-    cfg = TransformerBridgeConfig(**asdict(InductionConfig()), attn_only=True,
-                                  normalization_type="LN", positional_embedding_type="standard")
+    cfg = TransformerBridgeConfig(
+        **asdict(InductionConfig()),
+        attn_only=True,
+        normalization_type="LN",
+        positional_embedding_type="standard",
+    )
     model = native.NativeModel(cfg)
     model.load_state_dict(load_induction_weights())  # strict: the same names, the same shapes
     tokens = torch.randint(0, 64, (8, 64), generator=torch.Generator().manual_seed(0))
@@ -73,8 +82,11 @@ def test_tl_logits_and_patterns_equal_our_module(ours, tl_model, kind):
     """Logits to 1e-5 of their scale, ``cache["pattern", l]`` to 1e-5 (measured: 3e-6, 1.3e-6;
     TL's own LayerNorm arithmetic is the difference)."""
     g = torch.Generator().manual_seed(1)
-    tokens = (repeated_tokens(16, 30, 20, seed=1) if kind == "repeated"
-              else torch.randint(0, 64, (16, 64), generator=g))
+    tokens = (
+        repeated_tokens(16, 30, 20, seed=1)
+        if kind == "repeated"
+        else torch.randint(0, 64, (16, 64), generator=g)
+    )
     with torch.no_grad():
         want_logits, want_patterns = ours.forward_with_patterns(tokens)
         logits, cache = tl_model.run_with_cache(tokens)
@@ -132,8 +144,9 @@ def test_unknown_word_is_named(tl_model, text):
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(RatLensError,
-                       match=r"unknown model name='gpt9': not one of \['induction-2l', 'smollm2'\]"):
+    with pytest.raises(
+        RatLensError, match=r"unknown model name='gpt9': not one of \['induction-2l', 'smollm2'\]"
+    ):
         load("gpt9")
 
 
@@ -162,8 +175,10 @@ def test_the_bridge_layout_is_the_one_we_fill():
         assert TL_VERSION.startswith("2."), f"TL {TL_VERSION} should have the native bridge"
         return
     bridge = load(source="bridge")
-    names = {n.replace("._original_component", "")
-             for n, _ in bridge.original_model.named_parameters(remove_duplicate=False)}
+    names = {
+        n.replace("._original_component", "")
+        for n, _ in bridge.original_model.named_parameters(remove_duplicate=False)
+    }
     assert names - {"head.bias"} == set(load_induction_weights())
 
 
@@ -207,8 +222,10 @@ def test_layer1_induction_and_layer0_previous_token_heads(tl_model, prefix_len, 
 def detector_scores(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """TransformerLens's own head detector ("mul" score, BOS excluded) over decoded prompts."""
     texts = [model.tokenizer.decode(row[1:]) for row in tokens]
-    return {kind: detect_head(model, texts, kind, exclude_bos=True)
-            for kind in ("induction_head", "previous_token_head")}
+    return {
+        kind: detect_head(model, texts, kind, exclude_bos=True)
+        for kind in ("induction_head", "previous_token_head")
+    }
 
 
 def test_tls_head_detector_finds_the_circuit(tl_model):
@@ -241,11 +258,14 @@ def test_repeated_tokens_layout():
     assert repeated_tokens(2, 100, 3, seed=0, d_vocab=1000).max() < 1000
 
 
-@pytest.mark.parametrize("args, message", [
-    ((1, 64, 3), r"prefix_len=64 not in 1\.\.63"),
-    ((1, 10, 11), r"repeat_len=11 not in 0\.\.prefix_len=10"),
-    ((0, 10, 5), r"n_prompts=0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((1, 64, 3), r"prefix_len=64 not in 1\.\.63"),
+        ((1, 10, 11), r"repeat_len=11 not in 0\.\.prefix_len=10"),
+        ((0, 10, 5), r"n_prompts=0 must be >= 1"),
+    ],
+)
 def test_repeated_tokens_errors(args, message):
     with pytest.raises(RatLensError, match=message):
         repeated_tokens(*args)
@@ -262,7 +282,9 @@ def test_training_targets_are_predictable_by_induction_only():
             earlier = [j for j in range(1, t) if row[j] == row[t]]
             if row_mask[t]:
                 assert earlier and row[earlier[-1] + 1] == row[t + 1]
-            if earlier:  # a repeat: inside the stretch, whose tokens are masked targets or its first
+            if (
+                earlier
+            ):  # a repeat: inside the stretch, whose tokens are masked targets or its first
                 assert row_mask[t] or row_mask[t - 1]
 
 

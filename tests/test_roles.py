@@ -12,6 +12,11 @@ from rat_lens.roles import ROLE_NAMES, detection_patterns, head_roles, role_scor
 TEXT = "cat dog red blue green cat dog red blue"
 
 
+def table(roles, name: str) -> torch.Tensor:
+    """One score of a HeadTable as a [layer, head] tensor."""
+    return torch.tensor(roles.scores[name], dtype=torch.float64)
+
+
 def test_detection_patterns_are_tls():
     tokens = torch.tensor([0, 4, 9, 4, 9, 4])
     patterns = detection_patterns(tokens)
@@ -58,7 +63,11 @@ def test_padding_is_cut_out_before_scoring():
     padded = torch.zeros(2, 2, 9, 9)
     mask = torch.zeros(2, 9, dtype=torch.long)
     for b, (row, pat) in enumerate(zip(rows, patterns)):
-        tokens[b, :len(row)], padded[b, :, :len(row), :len(row)], mask[b, :len(row)] = row, pat, 1
+        tokens[b, : len(row)], padded[b, :, : len(row), : len(row)], mask[b, : len(row)] = (
+            row,
+            pat,
+            1,
+        )
     batched = role_scores(padded, tokens, attention_mask=mask)
     for b, (row, pat) in enumerate(zip(rows, patterns)):
         alone = role_scores(pat[None], row[None])
@@ -69,7 +78,7 @@ def test_padding_is_cut_out_before_scoring():
 @pytest.mark.parametrize("name", ROLE_NAMES)
 @pytest.mark.parametrize("exclude_bos", [False, True])
 def test_head_roles_give_detect_heads_numbers(model, name, exclude_bos):
-    ours = head_roles(model, TEXT, exclude_bos=exclude_bos).tensor(name)
+    ours = table(head_roles(model, TEXT, exclude_bos=exclude_bos), name)
     theirs = detect_head(model, TEXT, name, exclude_bos=exclude_bos)
     torch.testing.assert_close(ours, theirs.double(), rtol=0, atol=1e-7)
 
@@ -78,7 +87,7 @@ def test_abs_error_measure_and_lists_of_texts(model):
     texts = [TEXT, "sun moon star sun moon star sun"]
     ours = head_roles(model, texts, names=["induction_head"], error_measure="abs")
     theirs = detect_head(model, texts, "induction_head", error_measure="abs")
-    torch.testing.assert_close(ours.tensor("induction_head"), theirs.double(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(table(ours, "induction_head"), theirs.double(), atol=1e-6, rtol=0)
 
 
 def test_cache_is_used_and_left_untouched(model):
@@ -97,8 +106,8 @@ def test_token_ids_need_no_tokenizer():
     tokens = repeated_tokens(3, 12, 8, seed=4)
     roles = head_roles(model, tokens, layers=[-1])
     assert roles.layers == [1] and roles.n_heads == 4
-    per_prompt = [head_roles(model, row, layers=[1]).tensor("induction_head") for row in tokens]
-    torch.testing.assert_close(roles.tensor("induction_head"), torch.stack(per_prompt).mean(0))
+    per_prompt = [table(head_roles(model, row, layers=[1]), "induction_head") for row in tokens]
+    torch.testing.assert_close(table(roles, "induction_head"), torch.stack(per_prompt).mean(0))
 
 
 def test_bad_arguments(model):
@@ -120,7 +129,7 @@ def test_induction_model_has_its_circuit_by_tls_detector():
     Fails until the shipped induction-2l weights show the circuit the model was trained for.
     """
     roles = head_roles(load("induction-2l"), repeated_tokens(32, 24, 24, seed=7))
-    induction, previous = roles.tensor("induction_head"), roles.tensor("previous_token_head")
+    induction, previous = table(roles, "induction_head"), table(roles, "previous_token_head")
     # TL's score is a share of ALL the head's attention: rows before the repeat have no
     # induction target, so half-repeated prompts cap it near 0.5.
     assert induction[1].max() > 0.3 and induction[0].max() < 0.1

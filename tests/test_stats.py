@@ -7,9 +7,21 @@ import pytest
 import torch
 
 from rat_lens import RatLensError
-from rat_lens.stats import (STAT_NAMES, HeadTable, attention_rollout, attention_stats,
-                            beam_mass_importance, entropy, max_weight, prev_mass,
-                            rollout_importance, rollout_rows, self_mass, sink_mass, top_predictions)
+from rat_lens.result import HeadTable
+from rat_lens.search.stats import (
+    STAT_NAMES,
+    attention_rollout,
+    attention_stats,
+    beam_mass_importance,
+    entropy,
+    max_weight,
+    prev_mass,
+    rollout_importance,
+    rollout_rows,
+    self_mass,
+    sink_mass,
+    top_predictions,
+)
 
 N = 5
 
@@ -30,8 +42,15 @@ def stats_of(matrix: torch.Tensor, **kwargs) -> dict[str, float]:
 
 def test_uniform_rows_hand_computed():
     stats = stats_of(torch.full((N, N), 1.0 / N))
-    assert stats == pytest.approx({"entropy": math.log(N), "max_weight": 1 / N,
-                                   "sink_mass": 1 / N, "self_mass": 1 / N, "prev_mass": 1 / N})
+    assert stats == pytest.approx(
+        {
+            "entropy": math.log(N),
+            "max_weight": 1 / N,
+            "sink_mass": 1 / N,
+            "self_mass": 1 / N,
+            "prev_mass": 1 / N,
+        }
+    )
 
 
 def test_causal_uniform_hand_computed():
@@ -48,19 +67,31 @@ def test_causal_uniform_hand_computed():
 
 def test_one_hot_patterns_hand_computed():
     identity = torch.eye(N)
-    assert stats_of(identity) == pytest.approx({"entropy": 0.0, "max_weight": 1.0,
-                                                "sink_mass": 1 / N, "self_mass": 1.0,
-                                                "prev_mass": 0.0})
+    assert stats_of(identity) == pytest.approx(
+        {"entropy": 0.0, "max_weight": 1.0, "sink_mass": 1 / N, "self_mass": 1.0, "prev_mass": 0.0}
+    )
     previous = torch.eye(N).roll(-1, dims=1).tril()
     previous[0, 0] = 1.0  # row 0 can only read itself
-    assert stats_of(previous) == pytest.approx({"entropy": 0.0, "max_weight": 1.0,
-                                                "sink_mass": 2 / N, "self_mass": 1 / N,
-                                                "prev_mass": 1.0})
+    assert stats_of(previous) == pytest.approx(
+        {
+            "entropy": 0.0,
+            "max_weight": 1.0,
+            "sink_mass": 2 / N,
+            "self_mass": 1 / N,
+            "prev_mass": 1.0,
+        }
+    )
     to_bos = torch.zeros(N, N)
     to_bos[:, 0] = 1.0  # the attention sink
-    assert stats_of(to_bos) == pytest.approx({"entropy": 0.0, "max_weight": 1.0,
-                                              "sink_mass": 1.0, "self_mass": 1 / N,
-                                              "prev_mass": 1 / (N - 1)})
+    assert stats_of(to_bos) == pytest.approx(
+        {
+            "entropy": 0.0,
+            "max_weight": 1.0,
+            "sink_mass": 1.0,
+            "self_mass": 1 / N,
+            "prev_mass": 1 / (N - 1),
+        }
+    )
 
 
 def test_query_mask_and_sink_positions():
@@ -70,7 +101,8 @@ def test_query_mask_and_sink_positions():
     assert prev_mass(pattern, keep).item() == pytest.approx((1 / 3 + 1 / 4) / 2)
     sinks = torch.tensor([[True, True, False, False, False]])  # e.g. BOS at 0 and 1
     assert sink_mass(pattern, sink=sinks).item() == pytest.approx(
-        (1 + 1 + 2 / 3 + 2 / 4 + 2 / 5) / N)
+        (1 + 1 + 2 / 3 + 2 / 4 + 2 / 5) / N
+    )
     nothing = torch.zeros(1, N, dtype=torch.bool)
     assert max_weight(pattern, nothing).item() == 0.0  # no row counted: 0, not NaN
 
@@ -127,11 +159,19 @@ def test_rollout_equals_plain_matrix_product_loop(seed, residual):
         expected = rollout_by_hand(patterns[:, b].numpy(), residual)
         np.testing.assert_allclose(rollout[b].numpy(), expected, rtol=1e-10, atol=1e-12)
         for target in range(7):  # the row-only path agrees with the full matrix
-            np.testing.assert_allclose(rollout_importance(patterns[:, b], target, residual).numpy(),
-                                       expected[target], rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(
+                rollout_importance(patterns[:, b], target, residual).numpy(),
+                expected[target],
+                rtol=1e-10,
+                atol=1e-12,
+            )
         order = [6, 0, 3, 3]  # several targets in one pass, any order, repeats allowed
-        np.testing.assert_allclose(rollout_rows(patterns[:, b], order, residual).numpy(),
-                                   expected[order], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            rollout_rows(patterns[:, b], order, residual).numpy(),
+            expected[order],
+            rtol=1e-10,
+            atol=1e-12,
+        )
     torch.testing.assert_close(rollout.sum(-1), torch.ones(2, 7, dtype=torch.float64))
 
 
@@ -139,8 +179,8 @@ def test_rollout_of_one_layer_and_bad_residual():
     pattern = causal_uniform()[None, None]  # [layer 1, head 1, q, k]
     expected = 0.5 * causal_uniform() + 0.5 * torch.eye(N)
     torch.testing.assert_close(attention_rollout(pattern), expected)
-    with pytest.raises(RatLensError, match="residual=1.5"):
-        attention_rollout(pattern, residual=1.5)
+    with pytest.raises(RatLensError, match="residual_share=1.5"):
+        attention_rollout(pattern, residual_share=1.5)
 
 
 def test_beam_mass_importance_and_top_predictions():

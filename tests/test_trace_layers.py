@@ -1,5 +1,6 @@
 """Layers mode, per-head edges and the residual rollout, against hand-computed tiny matrices and an
-exhaustive enumeration of every path (with top_beam and top_k large enough, beam search is exact)."""
+exhaustive enumeration of every path (with top_beam and top_k large enough, beam search is
+exact)."""
 
 import math
 
@@ -55,10 +56,12 @@ def test_rollout_adds_the_residual_stream_as_an_edge():
 
 
 def test_per_head_edges_record_their_head():
-    heads = torch.stack([
-        torch.stack([A0, torch.tensor([[1.0, 0, 0], [0.1, 0.9, 0], [0.05, 0.05, 0.9]])]),
-        torch.stack([A1, torch.tensor([[1.0, 0, 0], [0.8, 0.2, 0], [0.0, 0.95, 0.05]])]),
-    ])  # [layer, head, query, key]
+    heads = torch.stack(
+        [
+            torch.stack([A0, torch.tensor([[1.0, 0, 0], [0.1, 0.9, 0], [0.05, 0.05, 0.9]])]),
+            torch.stack([A1, torch.tensor([[1.0, 0, 0], [0.8, 0.2, 0], [0.0, 0.95, 0.05]])]),
+        ]
+    )  # [layer, head, query, key]
     best = trace_attention(heads, 2, layers=(0, 1), agg_heads="none", top_beam=3, top_k=4)[0]
     # Layer 1 head 1 sends 0.95 from 2 to 1, then layer 0 head 1 keeps 0.9 on 1 itself.
     assert (best.positions, best.heads, best.layers) == ([2, 1, 1], [1, 1], [1, 0])
@@ -112,16 +115,30 @@ def test_exhaustive_beam_search_equals_path_enumeration(seed):
     stack[stack < 0.08] = 0.0  # some zero entries: fewer candidates, some dead ends
     stack = stack if per_head else stack.mean(1, keepdim=True)
     paths = all_paths(stack, n - 1, chain, per_head, rollout, stop={0})
-    beams = trace_attention(stack, n - 1, layer=1, layers=None if chain else (0, 1),
-                            agg_heads="none" if per_head else "mean", top_beam=10_000,
-                            top_k=n * n_heads, residual="rollout" if rollout else None)
+    beams = trace_attention(
+        stack,
+        n - 1,
+        layer=1 if chain else -1,
+        layers=None if chain else (0, 1),
+        agg_heads="none" if per_head else "mean",
+        top_beam=10_000,
+        top_k=n * n_heads,
+        residual="rollout" if rollout else None,
+    )
     expected = sorted(
-        ((sum(ln(w) for *_, w in p) / max(len(p), 1), [n - 1] + [k for _, _, k, _ in p],
-          [h for _, h, _, _ in p]) for p in paths), key=lambda e: -e[0])
+        (
+            (
+                sum(ln(w) for *_, w in p) / max(len(p), 1),
+                [n - 1] + [k for _, _, k, _ in p],
+                [h for _, h, _, _ in p],
+            )
+            for p in paths
+        ),
+        key=lambda e: -e[0],
+    )
     assert len(beams) == len(expected)
     assert [b.score_norm for b in beams] == pytest.approx([e[0] for e in expected])
-    assert sorted((b.positions, b.heads) for b in beams) == \
-        sorted((e[1], e[2]) for e in expected)
+    assert sorted((b.positions, b.heads) for b in beams) == sorted((e[1], e[2]) for e in expected)
 
 
 def test_stop_at_bos_and_exclude_bos():
@@ -147,26 +164,34 @@ def test_min_attn_and_mask_remove_candidates():
     assert [b.positions for b in masked] == [[2, 1]]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(agg_heads="sum"), "agg_heads='sum' not in"),
-    (dict(length_norm="avg"), "length_norm='avg' not in"),
-    (dict(length_norm="pow:x"), "length_norm='pow:x' is malformed"),
-    (dict(length_norm="pow:"), "length_norm='pow:' is malformed"),
-    (dict(residual="skip", layers=(0, 1)), "residual='skip' not in"),
-    (dict(residual="rollout"), "residual='rollout' needs layers mode"),
-    (dict(top_beam=0), "top_beam must be >= 1, got 0"),
-    (dict(top_k=-1), "top_k must be >= 1, got -1"),
-    (dict(layer=2), "layer=2 out of range for n_layers 2"),
-    (dict(layers=(1, 0)), "layers=(1, 0) is empty"),
-    (dict(layers=(0, 5)), "layers[1]=5 out of range"),
-    (dict(target=3), "target_pos=3 out of range for sequence length 3"),
-    (dict(target=-4), "target_pos=-4 out of range"),
-    (dict(attention_mask=torch.ones(4)), "attention_mask has shape (4,)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(agg_heads="sum"), "agg_heads='sum' not in"),
+        (dict(length_norm="avg"), "length_norm='avg' not in"),
+        (dict(length_norm="pow:x"), "length_norm='pow:x' is malformed"),
+        (dict(length_norm="pow:"), "length_norm='pow:' is malformed"),
+        (dict(residual="skip", layers=(0, 1)), "residual='skip' not in"),
+        (dict(residual="rollout"), "residual='rollout' needs layers mode"),
+        (dict(top_beam=0), "top_beam must be >= 1, got 0"),
+        (dict(top_k=-1), "top_k must be >= 1, got -1"),
+        (dict(layer=2), "layer=2 out of range for n_layers 2"),
+        (dict(layers=(1, 0)), "layers=(1, 0) is empty"),
+        (dict(layers=(0, 5)), "layers[1]=5 out of range"),
+        (dict(target=3), "target_pos=3 out of range for sequence length 3"),
+        (dict(target=-4), "target_pos=-4 out of range"),
+        (dict(attention_mask=torch.ones(4)), "attention_mask has shape (4,)"),
+    ],
+)
 def test_bad_options_raise_one_clear_error(kwargs, message):
     target = kwargs.pop("target", -1)
-    with pytest.raises(RatLensError, match=message.replace("(", r"\(").replace(")", r"\)")
-                       .replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        RatLensError,
+        match=message.replace("(", r"\(")
+        .replace(")", r"\)")
+        .replace("[", r"\[")
+        .replace("]", r"\]"),
+    ):
         trace_attention(STACK, target, **kwargs)
 
 
@@ -177,8 +202,8 @@ def test_bad_tensors_raise_one_clear_error():
         trace_attention(torch.ones(2, 3))
 
 
-def test_bad_types_raise_type_errors_naming_the_value(no_typecheck):
-    with pytest.raises(TypeError, match="target_pos must be an int, got 1.5"):
+def test_bad_types_raise_one_error_class_naming_the_value(no_typecheck):
+    with pytest.raises(RatLensError, match="target_pos must be an int, got 1.5"):
         trace_attention(A0, 1.5)
-    with pytest.raises(TypeError, match="attn must be a torch.Tensor, got list"):
+    with pytest.raises(RatLensError, match="attn must be a torch.Tensor, got list"):
         trace_attention(A0.tolist())

@@ -1,6 +1,5 @@
 """Chain mode reproduces reverse-attention 0.1.0's beam search exactly (the peer is the oracle)."""
 
-import math
 import random
 import warnings
 
@@ -9,7 +8,7 @@ import torch
 from reverse_attention.beam import beam_search_backward
 from reverse_attention.utils import normalize_score
 
-from rat_lens.beam import trace_attention
+from rat_lens.search.beam import trace_attention
 
 LENGTH_NORMS = ["none", "avg_logprob", "sqrt", "pow:0.7", "pow:1.5"]
 

@@ -3,10 +3,12 @@
 import math
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from rat_lens._pattern import aggregate_heads, length_norm_denominator
-from rat_lens.beam import trace_attention
+from rat_lens.options import length_norm_denominator
+from rat_lens.search.beam import trace_attention
+from rat_lens.search.pattern import aggregate_heads
 
 
 @st.composite
@@ -21,11 +23,13 @@ def traces(draw):
     attn = logits.masked_fill(~causal, float("-inf")).softmax(-1)
     chain = draw(st.booleans())
     lo = draw(st.integers(0, n_layers - 1))
+    layer = draw(st.integers(0, n_layers - 1))
     options = dict(
         target_pos=draw(st.integers(0, n - 1)),
-        layer=draw(st.integers(0, n_layers - 1)),
+        layer=layer if chain else -1,  # layer and layers together are refused
         layers=None if chain else (lo, draw(st.integers(lo, n_layers - 1))),
-        top_beam=draw(st.integers(1, 6)), top_k=draw(st.integers(1, 6)),
+        top_beam=draw(st.integers(1, 6)),
+        top_k=draw(st.integers(1, 6)),
         min_attn=draw(st.sampled_from([0.0, 0.05, 0.3])),
         agg_heads=draw(st.sampled_from(["mean", "max", "none"])),
         length_norm=draw(st.sampled_from(["none", "avg_logprob", "sqrt", "pow:0.6"])),
@@ -78,8 +82,9 @@ def test_trace_invariants(case):
         # A path ends only where it must: position 0, a BOS it may stop at, the lowest layer,
         # or a row with no candidate left.
         last = b.positions[-1]
-        at_stop = last == 0 or (opts["stop_at_bos"] and b.num_edges and
-                                last in opts["bos_positions"])
+        at_stop = last == 0 or (
+            opts["stop_at_bos"] and b.num_edges and last in opts["bos_positions"]
+        )
         bottom = not chain and b.num_edges == opts["layers"][1] - opts["layers"][0] + 1
         if not (at_stop or bottom):
             layer = opts["layer"] if chain else opts["layers"][1] - b.num_edges
@@ -89,6 +94,8 @@ def test_trace_invariants(case):
             keys = torch.arange(n)
             ok = (keys < last) if chain else (keys <= last)
             if opts["exclude_bos"]:
-                ok &= (keys != 0) & ~torch.isin(keys, torch.tensor(opts["bos_positions"], dtype=torch.long))
+                ok &= (keys != 0) & ~torch.isin(
+                    keys, torch.tensor(opts["bos_positions"], dtype=torch.long)
+                )
             candidates = row[:, ok]
             assert not ((candidates >= opts["min_attn"]) & (candidates > 0)).any()

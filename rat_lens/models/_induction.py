@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from rat_lens._errors import RatLensError
+from ..errors import RatLensError
 
 BOS = 0  # also the pad and end-of-text token
 
@@ -107,7 +107,8 @@ class InductionTransformer(nn.Module):
 
 
 def init_weights(model: InductionTransformer, generator: torch.Generator) -> None:
-    """GPT-2 style init drawn from ``generator``: N(0, 0.02) weights, zero biases, unit LayerNorm."""
+    """GPT-2 style init drawn from ``generator``: N(0, 0.02) weights, zero biases, unit
+    LayerNorm."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.LayerNorm):
@@ -123,10 +124,12 @@ def init_weights(model: InductionTransformer, generator: torch.Generator) -> Non
 def repeated_tokens(
     n_prompts: int, prefix_len: int, repeat_len: int, seed: int = 0, *, d_vocab: int = 64
 ) -> Int[Tensor, "batch seq"]:
-    """Induction prompts: BOS, ``prefix_len`` distinct random tokens, then their first ``repeat_len``.
+    """Induction prompts: BOS, ``prefix_len`` distinct random tokens, then their first
+    ``repeat_len``.
 
     Token ids are drawn from 1..d_vocab-1 (0 is BOS) with a seeded ``torch.Generator``, so the same
-    arguments give the same prompts on every machine. Sequence length is 1 + prefix_len + repeat_len.
+    arguments give the same prompts on every machine. Sequence length is
+    1 + prefix_len + repeat_len.
 
     >>> tokens = repeated_tokens(3, prefix_len=5, repeat_len=2, seed=0)
     >>> tokens.shape

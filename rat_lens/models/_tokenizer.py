@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from rat_lens._errors import RatLensError
+from ..errors import RatLensError
 
 BOS_TOKEN = "<bos>"
 # fmt: off

@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from rat_lens.models._induction import (
+from ._induction import (
     InductionConfig,
     InductionTransformer,
     init_weights,
     training_batch,
 )
-from rat_lens.models._tokenizer import build_tokenizer
+from ._tokenizer import build_tokenizer
 
 DEFAULTS = {"seed": 0, "steps": 1500, "batch_size": 64, "lr": 1e-3}
 
@@ -53,7 +53,9 @@ def _reproducible() -> Iterator[None]:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
-def repeat_loss(model: InductionTransformer, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def repeat_loss(
+    model: InductionTransformer, tokens: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Mean next-token cross-entropy over the predictable repeated positions (``mask`` = 1)."""
     logits = model(tokens)[:, :-1]
     loss = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
@@ -78,7 +80,8 @@ def train(
         log: called as ``log(step, loss)`` every 100 steps and after the last.
 
     Returns:
-        ``{name: tensor}`` in the native layout (``tok_embed.weight``, ``layers.0.attn.q.weight``...).
+        ``{name: tensor}`` in the native layout (``tok_embed.weight``,
+        ``layers.0.attn.q.weight``...).
     """
     g = torch.Generator().manual_seed(seed)
     with _reproducible(), torch.random.fork_rng(devices=[]):
@@ -108,7 +111,8 @@ def evaluate(state_dict: dict[str, torch.Tensor], seed: int = 12345, n: int = 51
 
 
 def save(state_dict: dict[str, torch.Tensor], out: Path, info: dict) -> None:
-    """Write model.safetensors, info.json (config, training run) and the tokenizer files into ``out``."""
+    """Write model.safetensors, info.json (config, training run) and the tokenizer files into
+    ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     save_file(state_dict, out / "model.safetensors", metadata={"format": "pt"})
     config = {"model": asdict(InductionConfig()), "training": info}
@@ -128,8 +132,14 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - start
     held_out = evaluate(state)
     print(f"trained in {seconds:.1f} s; held-out repeat loss {held_out:.4f}")
-    info = {**DEFAULTS, "seed": args.seed, "steps": args.steps, "held_out_repeat_loss": held_out,
-            "seconds": round(seconds, 1), "torch": torch.__version__}
+    info = {
+        **DEFAULTS,
+        "seed": args.seed,
+        "steps": args.steps,
+        "held_out_repeat_loss": held_out,
+        "seconds": round(seconds, 1),
+        "torch": torch.__version__,
+    }
     save(state, args.out, info)
     print(f"wrote {args.out}")
 

@@ -15,7 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Sequence, Union
 
-from .._errors import RatLensError
+from ..errors import RatLensError
 from ..result import TraceResult
 from ..summary import summarize
 from ._payload import inline_json, payload
@@ -47,8 +47,8 @@ def _new_id() -> str:
 def _as_list(results: Results) -> list[TraceResult]:
     items = [results] if isinstance(results, TraceResult) else list(results)
     if not items or not all(isinstance(r, TraceResult) for r in items):
-        raise TypeError(f"expected a TraceResult or a non-empty list of them, got "
-                        f"{type(results).__name__}")
+        raise RatLensError(f"expected a TraceResult or a non-empty list of them, got "
+                           f"{type(results).__name__}")
     return items
 
 
@@ -70,7 +70,7 @@ def html_fragment(results: Results) -> str:
         parts.append(f'<div class="ratlens" id="ratlens-{uid}"></div>')
         # The circuit summary beside the diagram: static tables, every string escaped by it.
         parts.append(f'<details class="ratlens-summary" id="ratlens-summary-{uid}">'
-                     f'<summary>Circuit summary</summary>{summarize(result).to_html()}</details>')
+                     f'<summary>Circuit summary</summary>{summarize(result).html_fragment()}</details>')
         parts.append(f'<script type="application/json" id="ratlens-data-{uid}">'
                      f'{inline_json(payload(result))}</script>')
     vendor = "\n;\n".join(_asset(name) for name in VENDOR)

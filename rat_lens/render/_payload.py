@@ -8,7 +8,7 @@ token text (for the token strip) and the strip's attention rows. Nothing else is
 
 import json
 
-from ..result import TraceResult, node_layers
+from ..result import TraceResult, Verification, node_layers
 
 __all__ = ["payload", "strip_rows", "inline_json", "verification"]
 
@@ -62,18 +62,18 @@ def payload(result: TraceResult) -> dict:
     }
 
 
-def verification(v: dict) -> dict:
-    """What the info panel shows of a ``Verification.to_dict()``: each beam's causal effect,
-    the faithfulness curve's area and the blank-out correlations (rounded)."""
-    f, t = v.get("faithfulness"), v.get("token_importance")
+def verification(v: Verification) -> dict:
+    """What the info panel shows of a :class:`Verification`: each beam's causal effect, the
+    faithfulness curve's area and the blank-out correlations (rounded)."""
+    f, t = v.faithfulness, v.token_importance
     return {
-        "prediction": v["prediction"], "ablation": v["ablation"], "n_random": v["n_random"],
-        "beams": [{"effect": _round(b["effect"]["effect"]),
-                   "ratio": None if b["effect"]["ratio"] is None else _round(b["effect"]["ratio"]),
-                   "p_value": b["effect"]["p_value"]} for b in v["beams"]],
-        "faithfulness_area": None if not f or f["area"] is None else _round(f["area"]),
+        "prediction": v.prediction, "ablation": v.ablation, "n_random": v.n_random,
+        "beams": [{"effect": _round(b.effect.effect),
+                   "ratio": None if b.effect.ratio is None else _round(b.effect.ratio),
+                   "p_value": b.effect.p_value} for b in v.beams],
+        "faithfulness_area": None if f is None or f.area is None else _round(f.area),
         "spearman": {k: None if x is None else _round(x)
-                     for k, x in ((t or {}).get("spearman") or {}).items()},
+                     for k, x in (t.spearman if t is not None else {}).items()},
     }
 
 

@@ -10,8 +10,14 @@ import textwrap
 import unicodedata
 from dataclasses import dataclass, field
 
-__all__ = ["token_label", "sections", "render_markdown", "render_text", "render_rich",
-           "render_html"]
+__all__ = [
+    "token_label",
+    "sections",
+    "summary_markdown",
+    "summary_text",
+    "summary_rich",
+    "summary_html",
+]
 
 MAX_TOKEN_CELLS = 18
 
@@ -29,8 +35,10 @@ class Section:
 
 def cells(text: str) -> int:
     """Terminal columns ``text`` takes: wide East Asian characters 2, combining marks 0."""
-    return sum(0 if unicodedata.combining(c) else
-               2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
+    )
 
 
 def token_label(token: str) -> str:
@@ -68,39 +76,83 @@ def _title(s) -> tuple[str, str]:
     span = f"layer {s.layer} (chain)" if s.mode == "chain" else f"layers L{s.layer}→L{s.layer_lo}"
     heads = "per-head edges" if s.agg_heads == "none" else f"heads aggregated by {s.agg_heads}"
     extra = ", BOS/position 0 excluded" if s.exclude_bos else ""
-    return (f"Trace summary: target {_at(s.target_token, s.target_pos)}"
-            + (f" (prompt {s.batch_index})" if s.batch_index else ""),
-            f"{span}; {heads}; length_norm {s.length_norm}; {len(s.beams)} "
-            f"beam{'' if len(s.beams) == 1 else 's'}{extra}")
+    return (
+        f"Trace summary: target {_at(s.target_token, s.target_pos)}"
+        + (f" (prompt {s.batch_index})" if s.batch_index else ""),
+        f"{span}; {heads}; length_norm {s.length_norm}; {len(s.beams)} "
+        f"beam{'' if len(s.beams) == 1 else 's'}{extra}",
+    )
 
 
 def sections(s) -> list[Section]:
     """The summary as titled tables, in reading order; empty parts are left out."""
     out = [_beams_section(s)]
     if s.heads:
-        out.append(Section("Traced mass by head", ["head", "mass", "share", "edges", "role"],
-                           [[_head(h.layer, h.head, s.agg_heads), f"{h.mass:.3f}", _pct(h.share),
-                             str(h.edges), _role(h.role, h.role_score)] for h in s.heads],
-                           "lrrrl", note="mass = Σ over beams of share × edge attention"))
-        out.append(Section("Traced mass by layer", ["layer", "mass", "share"],
-                           [[f"L{x.layer}", f"{x.mass:.3f}", _pct(x.share)] for x in s.layers],
-                           "lrr"))
-        out.append(Section("Top edges", ["edge", "key → query", "attn", "mass", "sink", "beams",
-                                         "role"],
-                           [[_head(e.layer, e.head, s.agg_heads),
-                             f"{_at(e.key_token, e.key)} → {_at(e.query_token, e.query)}",
-                             f"{e.attn:.2f}", f"{e.mass:.3f}", f"{e.bos_mass:.2f}",
-                             ",".join(str(b + 1) for b in e.beams), e.role] for e in s.edges],
-                           "llrrrll", flex=1, code={1},
-                           note="sink = the row's attention on BOS / position 0"))
+        out.append(
+            Section(
+                "Traced mass by head",
+                ["head", "mass", "share", "edges", "role"],
+                [
+                    [
+                        _head(h.layer, h.head, s.agg_heads),
+                        f"{h.mass:.3f}",
+                        _pct(h.share),
+                        str(h.edges),
+                        _role(h.role, h.role_score),
+                    ]
+                    for h in s.heads
+                ],
+                "lrrrl",
+                note="mass = Σ over beams of share × edge attention",
+            )
+        )
+        out.append(
+            Section(
+                "Traced mass by layer",
+                ["layer", "mass", "share"],
+                [[f"L{x.layer}", f"{x.mass:.3f}", _pct(x.share)] for x in s.layers],
+                "lrr",
+            )
+        )
+        out.append(
+            Section(
+                "Top edges",
+                ["edge", "key → query", "attn", "mass", "sink", "beams", "role"],
+                [
+                    [
+                        _head(e.layer, e.head, s.agg_heads),
+                        f"{_at(e.key_token, e.key)} → {_at(e.query_token, e.query)}",
+                        f"{e.attn:.2f}",
+                        f"{e.mass:.3f}",
+                        f"{e.bos_mass:.2f}",
+                        ",".join(str(b + 1) for b in e.beams),
+                        e.role,
+                    ]
+                    for e in s.edges
+                ],
+                "llrrrll",
+                flex=1,
+                code={1},
+                note="sink = the row's attention on BOS / position 0",
+            )
+        )
     if s.tokens:
         roll = "rollout" in s.importance
-        out.append(Section("Token importance", ["pos", "token", "beam mass"] + ["rollout"] * roll,
-                           [[str(t.position), token_label(t.token), f"{t.beam_mass:.3f}"]
-                            + ([f"{t.rollout:.3f}"] if roll else []) for t in s.tokens],
-                           "rlr" + "r" * roll, code={1},
-                           note="beam mass: traced mass landing on the token; rollout: Abnar & "
-                                "Zuidema (2020) over the traced layers"))
+        out.append(
+            Section(
+                "Token importance",
+                ["pos", "token", "beam mass"] + ["rollout"] * roll,
+                [
+                    [str(t.position), token_label(t.token), f"{t.beam_mass:.3f}"]
+                    + ([f"{t.rollout:.3f}"] if roll else [])
+                    for t in s.tokens
+                ],
+                "rlr" + "r" * roll,
+                code={1},
+                note="beam mass: traced mass landing on the token; rollout: Abnar & "
+                "Zuidema (2020) over the traced layers",
+            )
+        )
     if s.roles is not None:
         out.append(_roles_section(s))
     if s.stats is not None:
@@ -108,49 +160,84 @@ def sections(s) -> list[Section]:
     if s.verification is not None:
         out += _verification_sections(s.verification)
     if s.predictions:
-        out.append(Section("Predictions at traced positions", ["pos", "token", "top next tokens"],
-                           [[str(p.position), token_label(p.token),
-                             ", ".join(f"{token_label(t)} {q:.2f}" for t, q in
-                                       zip(p.tokens, p.probs))] for p in s.predictions],
-                           "rll", flex=2, code={1, 2}))
+        out.append(
+            Section(
+                "Predictions at traced positions",
+                ["pos", "token", "top next tokens"],
+                [
+                    [
+                        str(p.position),
+                        token_label(p.token),
+                        ", ".join(f"{token_label(t)} {q:.2f}" for t, q in zip(p.tokens, p.probs)),
+                    ]
+                    for p in s.predictions
+                ],
+                "rll",
+                flex=2,
+                code={1, 2},
+            )
+        )
     return out
 
 
 def _beams_section(s) -> Section:
     header = ["#", "score", "raw", "share", "circuit"]
-    rows = [[str(b.rank), f"{b.score_norm:.3f}", f"{b.score_raw:.3f}", _pct(b.share), b.circuit]
-            for b in s.beams]
+    rows = [
+        [str(b.rank), f"{b.score_norm:.3f}", f"{b.score_raw:.3f}", _pct(b.share), b.circuit]
+        for b in s.beams
+    ]
     note = "share = softmax(score_norm) over the beams"
     v = s.verification
     if v is None or len(v.beams) != len(rows):
         return Section("Beams (best first)", header, rows, "rrrrl", flex=4, code={4}, note=note)
     for row, b in zip(rows, v.beams):  # the causal effect goes before the circuit
         row[4:4] = [f"{b.effect.effect:.3f}", _times(b.effect.ratio), _num(b.effect.p_value, 2)]
-    note += (f"; effect = drop in log p of {token_label(v.prediction)} when the beam's edges "
-             f"are ablated ({v.ablation}); ×random = effect / mean |effect| of {v.n_random} "
-             "random paths of its shape; p = share of them doing as much")
-    return Section("Beams (best first)", header[:4] + ["effect", "×random", "p", "circuit"],
-                   rows, "rrrrrrrl", flex=7, code={7}, note=note)
+    note += (
+        f"; effect = drop in log p of {token_label(v.prediction)} when the beam's edges "
+        f"are ablated ({v.ablation}); ×random = effect / mean |effect| of {v.n_random} "
+        "random paths of its shape; p = share of them doing as much"
+    )
+    return Section(
+        "Beams (best first)",
+        header[:4] + ["effect", "×random", "p", "circuit"],
+        rows,
+        "rrrrrrrl",
+        flex=7,
+        code={7},
+        note=note,
+    )
 
 
 def _verification_sections(v) -> list[Section]:
     out = []
     f = v.faithfulness
     if f is not None:
-        out.append(Section(
-            "Faithfulness", ["kept", "edges", "faithfulness"],
-            [[f"{p:g}%", f"{n}/{f.total_edges}", _num(x, 3)]
-             for p, n, x in zip(f.percents, f.kept_edges, f.faithfulness)], "rrr",
-            note=f"top traced edges kept, the rest of their {f.rows} rows ablated; (m(kept) − "
-                 f"m(all ablated)) / (m(full) − m(all ablated)), m = log p of "
-                 f"{token_label(v.prediction)} (Hanna et al. 2024); area {_num(f.area, 3)}"))
+        out.append(
+            Section(
+                "Faithfulness",
+                ["kept", "edges", "faithfulness"],
+                [
+                    [f"{p:g}%", f"{n}/{f.total_edges}", _num(x, 3)]
+                    for p, n, x in zip(f.percents, f.kept_edges, f.faithfulness)
+                ],
+                "rrr",
+                note=f"top traced edges kept, the rest of their {f.rows} rows ablated; (m(kept) − "
+                f"m(all ablated)) / (m(full) − m(all ablated)), m = log p of "
+                f"{token_label(v.prediction)} (Hanna et al. 2024); area {_num(f.area, 3)}",
+            )
+        )
     t = v.token_importance
     if t is not None and t.spearman:
-        out.append(Section(
-            "Blank-out importance vs trace", ["importance", "Spearman"],
-            [[name.replace("_", " "), _num(value, 3)] for name, value in t.spearman.items()],
-            "lr", note=f"each token blanked ({t.blank}); its drop in log p of "
-                       f"{token_label(v.prediction)}, rank-correlated with the trace's"))
+        out.append(
+            Section(
+                "Blank-out importance vs trace",
+                ["importance", "Spearman"],
+                [[name.replace("_", " "), _num(value, 3)] for name, value in t.spearman.items()],
+                "lr",
+                note=f"each token blanked ({t.blank}); its drop in log p of "
+                f"{token_label(v.prediction)}, rank-correlated with the trace's",
+            )
+        )
     return out
 
 
@@ -165,14 +252,22 @@ def _times(x) -> str:
 def _roles_section(s) -> Section:
     rows = []
     for name, table in s.roles.scores.items():
-        scored = sorted(((v, layer, h) for layer, row in zip(s.roles.layers, table)
-                         for h, v in enumerate(row)), reverse=True)
+        scored = sorted(
+            ((v, layer, h) for layer, row in zip(s.roles.layers, table) for h, v in enumerate(row)),
+            reverse=True,
+        )
         named = [f"L{layer}.H{h} {v:.2f}" for v, layer, h in scored if v >= s.role_threshold]
         best = f"none (best L{scored[0][1]}.H{scored[0][2]} {scored[0][0]:.2f})" if scored else ""
         rows.append([name, ", ".join(named) or best])
-    return Section("Head roles", ["role", "heads (score)"], rows, "ll", flex=1,
-                   note=f"TransformerLens head_detector scores on the traced tokens, "
-                        f"shown when >= {s.role_threshold:.2f}")
+    return Section(
+        "Head roles",
+        ["role", "heads (score)"],
+        rows,
+        "ll",
+        flex=1,
+        note=f"TransformerLens head_detector scores on the traced tokens, "
+        f"shown when >= {s.role_threshold:.2f}",
+    )
 
 
 def _stats_section(s) -> Section:
@@ -187,15 +282,21 @@ def _stats_section(s) -> Section:
                 label = s.agg_heads if table.aggregated else f"H{h}"
                 rows.append([f"L{layer}", label] + [f"{table.scores[n][i][h]:.3f}" for n in names])
         if not table.aggregated and table.n_heads > 1:
-            rows.append([f"L{layer}", "mean"] + [
-                f"{sum(table.scores[n][i]) / table.n_heads:.3f}" for n in names])
-    return Section("Attention statistics", ["layer", "head"] + [n.replace("_", " ") for n in names],
-                   rows, "ll" + "r" * len(names),
-                   note="means over query rows; entropy in nats" + (
-                       "" if show_all else "; heads on the traced paths and each layer's mean"))
+            rows.append(
+                [f"L{layer}", "mean"]
+                + [f"{sum(table.scores[n][i]) / table.n_heads:.3f}" for n in names]
+            )
+    return Section(
+        "Attention statistics",
+        ["layer", "head"] + [n.replace("_", " ") for n in names],
+        rows,
+        "ll" + "r" * len(names),
+        note="means over query rows; entropy in nats"
+        + ("" if show_all else "; heads on the traced paths and each layer's mean"),
+    )
 
 
-def render_markdown(s) -> str:
+def summary_markdown(s) -> str:
     title, sub = _title(s)
     out = [f"## {_md(title)}", "", _md(sub)]
     for sec in sections(s):
@@ -203,8 +304,11 @@ def render_markdown(s) -> str:
         out.append("| " + " | ".join(_md(h) for h in sec.header) + " |")
         out.append("|" + "|".join("---:" if a == "r" else ":---" for a in sec.align) + "|")
         for row in sec.rows:
-            out.append("| " + " | ".join(_code(c) if i in sec.code else _md(c)
-                                         for i, c in enumerate(row)) + " |")
+            out.append(
+                "| "
+                + " | ".join(_code(c) if i in sec.code else _md(c) for i, c in enumerate(row))
+                + " |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -220,24 +324,31 @@ def _code(text: str) -> str:
     return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
 
 
-def render_html(s) -> str:
+def summary_html(s) -> str:
     """One ``<div class="rat-summary">`` of plain tables, every string escaped, no script."""
     esc = html.escape
     title, sub = _title(s)
     out = [f'<div class="rat-summary"><h3>{esc(title)}</h3><p>{esc(sub)}</p>']
     for sec in sections(s):
-        kinds = ["num" if a == "r" else "code" if i in sec.code else "text"
-                 for i, a in enumerate(sec.align)]
-        out.append(f"<table><caption>{esc(sec.title)}</caption><thead><tr>"
-                   + "".join(f"<th>{esc(h)}</th>" for h in sec.header) + "</tr></thead><tbody>")
-        out += ["<tr>" + "".join(f'<td class="{k}">{esc(c)}</td>' for k, c in zip(kinds, row))
-                + "</tr>" for row in sec.rows]
+        kinds = [
+            "num" if a == "r" else "code" if i in sec.code else "text"
+            for i, a in enumerate(sec.align)
+        ]
+        out.append(
+            f"<table><caption>{esc(sec.title)}</caption><thead><tr>"
+            + "".join(f"<th>{esc(h)}</th>" for h in sec.header)
+            + "</tr></thead><tbody>"
+        )
+        out += [
+            "<tr>" + "".join(f'<td class="{k}">{esc(c)}</td>' for k, c in zip(kinds, row)) + "</tr>"
+            for row in sec.rows
+        ]
         note = f'<p class="note">{esc(sec.note)}</p>' if sec.note else ""
         out.append("</tbody></table>" + note)
     return "\n".join(out) + "</div>\n"
 
 
-def render_text(s, width: int = 100) -> str:
+def summary_text(s, width: int = 100) -> str:
     title, sub = _title(s)
     lines = _wrap(title, width) + _wrap(sub, width)
     for sec in sections(s):
@@ -280,7 +391,7 @@ def _wrap(text: str, width: int) -> list[str]:
         while cells(line) > width:
             head = _cut(line, width, mark="")
             lines.append(head)
-            line = line[len(head):]
+            line = line[len(head) :]
     return lines + [line] if line or not lines else lines
 
 
@@ -292,7 +403,7 @@ def _cut(text: str, width: int, mark: str = "…") -> str:
     return text + mark
 
 
-def render_rich(s):
+def summary_rich(s):
     from rich import box
     from rich.console import Group
     from rich.table import Table
@@ -301,11 +412,20 @@ def render_rich(s):
     title, sub = _title(s)
     parts = [Text(title, style="bold"), Text(sub)]
     for sec in sections(s):
-        table = Table(title=sec.title, caption=sec.note or None, box=box.SIMPLE_HEAD,
-                      title_justify="left", caption_justify="left")
+        table = Table(
+            title=sec.title,
+            caption=sec.note or None,
+            box=box.SIMPLE_HEAD,
+            title_justify="left",
+            caption_justify="left",
+        )
         for i, header in enumerate(sec.header):
-            table.add_column(header, justify="right" if sec.align[i] == "r" else "left",
-                             overflow="fold", no_wrap=i != sec.flex % len(sec.header))
+            table.add_column(
+                header,
+                justify="right" if sec.align[i] == "r" else "left",
+                overflow="fold",
+                no_wrap=i != sec.flex % len(sec.header),
+            )
         for row in sec.rows:
             table.add_row(*(Text(c) for c in row))
         parts += [Text(""), table]

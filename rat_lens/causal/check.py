@@ -19,41 +19,54 @@ Definitions and sources: ``docs/verify.md``.
 """
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from ._ablation import (
+from ..capture import pattern_layers
+from ..errors import RatLensError, check_choice, check_int
+from ..result import (
+    BeamEffect,
+    Faithfulness,
+    PathEffect,
+    TokenImportance,
+    TraceResult,
+    Verification,
+    beam_weights,
+)
+from ..search.stats import beam_mass_importance
+from .ablation import (
     ABLATIONS,
-    ablate_pattern,
     curve_area,
     expand_heads,
     random_path,
     row_entries,
     spearman,
 )
-from ._errors import RatLensError
-from ._pattern import check_choice
-from ._verify_result import BeamEffect, Faithfulness, PathEffect, TokenImportance, Verification
-from ._verify_run import Variant, clean_run, run_variants
-from .capture import pattern_layers
-from .result import TraceResult, beam_weights
-from .stats import beam_mass_importance
+from .run import Variant, clean_run, run_variants
 
-__all__ = ["verify", "Verification", "BeamEffect", "PathEffect", "Faithfulness",
-           "TokenImportance", "ablate_pattern", "spearman", "ABLATIONS", "BLANKS", "PERCENTS"]
+__all__ = ["verify", "BLANKS", "PERCENTS"]
 
 BLANKS = ("mean", "token")
 PERCENTS = (1, 2, 5, 10, 20, 50, 100)
 
 
-def verify(model, result: TraceResult, *, token: Union[int, str, None] = None,
-           ablation: str = "renorm", n_random: int = 20, seed: int = 0,
-           percents: Sequence[Union[int, float]] = PERCENTS,
-           token_importance: bool = True, blank: str = "mean",
-           neutral_token: Optional[int] = None, batch_size: Optional[int] = None
-           ) -> Verification:
+def verify(
+    model,
+    result: TraceResult,
+    *,
+    token: Union[int, str, None] = None,
+    ablation: str = "renorm",
+    n_random: int = 20,
+    seed: int = 0,
+    percents: Sequence[Union[int, float]] = PERCENTS,
+    token_importance: bool = True,
+    blank: str = "mean",
+    neutral_token: Optional[int] = None,
+    batch_size: Optional[int] = None,
+) -> Verification:
     """Ablate each beam of ``result`` in ``model`` and compare with random same-shape paths.
 
     The prompt rerun is ``result.token_ids[:target_pos + 1]`` (causal: later tokens cannot
@@ -86,8 +99,17 @@ def verify(model, result: TraceResult, *, token: Union[int, str, None] = None,
     True
     """
     tokens, layers, token_id, neutral, percents, batch_size = _checked(
-        model, result, token, ablation, n_random, percents, token_importance, blank,
-        neutral_token, batch_size)
+        model,
+        result,
+        token,
+        ablation,
+        n_random,
+        percents,
+        token_importance,
+        blank,
+        neutral_token,
+        batch_size,
+    )
     clean, n_heads = clean_run(model, tokens, layers)
     top_id, target = int(clean.argmax()), result.target_pos
 
@@ -104,8 +126,10 @@ def verify(model, result: TraceResult, *, token: Union[int, str, None] = None,
         keep = expand_heads(traced[:n_keep], n_heads)
         variants.append(Variant(row_entries(layer_rows, n_heads, keep)))
     positions = list(range(target + 1)) if token_importance else []
-    variants += [Variant(token_swap=(p, neutral)) if blank == "token" else Variant(blank_embed=p)
-                 for p in positions]
+    variants += [
+        Variant(token_swap=(p, neutral)) if blank == "token" else Variant(blank_embed=p)
+        for p in positions
+    ]
 
     logp = run_variants(model, tokens, variants, ablation, batch_size)
     drops = {"top": clean[top_id] - logp[:, top_id]}
@@ -115,79 +139,112 @@ def verify(model, result: TraceResult, *, token: Union[int, str, None] = None,
     at = len(result.beams) * (1 + n_random)
     faithfulness = None
     if curve:
-        m = logp[at:at + len(curve) + 1, top_id].tolist()
-        faithfulness = _faithfulness(curve, kept_counts, traced, layer_rows, m[:-1],
-                                     float(clean[top_id]), m[-1])
+        m = logp[at : at + len(curve) + 1, top_id].tolist()
+        faithfulness = _faithfulness(
+            curve, kept_counts, traced, layer_rows, m[:-1], float(clean[top_id]), m[-1]
+        )
         at += len(curve) + 1
-    importance = _token_importance(result, positions, blank, drops["top"][at:].tolist()) \
-        if token_importance else None
+    importance = (
+        _token_importance(result, positions, blank, drops["top"][at:].tolist())
+        if token_importance
+        else None
+    )
     return Verification(
-        target_pos=target, target_token=result.tokens[target], prediction_id=top_id,
-        prediction=_decode(model, top_id), prediction_logp=float(clean[top_id]),
-        ablation=ablation, n_random=n_random, seed=seed, beams=beams,
-        faithfulness=faithfulness, token_importance=importance, token_id=token_id,
+        target_pos=target,
+        target_token=result.tokens[target],
+        prediction_id=top_id,
+        prediction=_decode(model, top_id),
+        prediction_logp=float(clean[top_id]),
+        ablation=ablation,
+        n_random=n_random,
+        seed=seed,
+        beams=beams,
+        faithfulness=faithfulness,
+        token_importance=importance,
+        token_id=token_id,
         token=None if token_id is None else _decode(model, token_id),
-        token_logp=None if token_id is None else float(clean[token_id]))
+        token_logp=None if token_id is None else float(clean[token_id]),
+    )
 
 
-def _checked(model, result, token, ablation, n_random, percents, token_importance, blank,
-             neutral_token, batch_size):
+def _checked(
+    model,
+    result,
+    token,
+    ablation,
+    n_random,
+    percents,
+    token_importance,
+    blank,
+    neutral_token,
+    batch_size,
+):
     """Every option checked before any forward (a typo costs nothing); returns the prompt, the
     layers to probe, the token ids, the percents and the batch size, resolved."""
     if not isinstance(result, TraceResult):
-        raise TypeError(f"result must be a TraceResult, got {type(result).__name__}")
+        raise RatLensError(f"result must be a TraceResult, got {type(result).__name__}")
     n_layers = pattern_layers(model)
     check_choice("ablation", ablation, ABLATIONS)
     check_choice("blank", blank, BLANKS)
-    _count("n_random", n_random)
+    check_int("n_random", n_random, minimum=0)
     percents = _percents(percents)
     vocab = _vocab(model)
     tokens = _prompt(model, result, vocab)
     token_id = _token_id(model, token, vocab)
-    neutral = _neutral(model, neutral_token, vocab) if token_importance and blank == "token" \
-        else None
+    neutral = (
+        _neutral(model, neutral_token, vocab) if token_importance and blank == "token" else None
+    )
     if token_importance and blank == "mean" and "hook_embed" not in model.hook_dict:
-        raise RatLensError("blank='mean' needs the model's hook_embed hook point, which this "
-                           "model lacks: use blank='token'")
+        raise RatLensError(
+            "blank='mean' needs the model's hook_embed hook point, which this "
+            "model lacks: use blank='token'"
+        )
     layers = sorted({lay for beam in result.beams for lay in beam.layers} | {result.layer})
     if max(layers) >= n_layers:
         raise RatLensError(f"result traces layer {max(layers)}, but the model has {n_layers}")
     if batch_size is None:  # keep a chunk's logits [batch, seq, vocab] under ~256 MB
-        batch_size = max(1, min(64, 2 ** 26 // (len(tokens) * (vocab or 50_000))))
-    _count("batch_size", batch_size, minimum=1)
+        batch_size = max(1, min(64, 2**26 // (len(tokens) * (vocab or 50_000))))
+    check_int("batch_size", batch_size)
     return tokens, layers, token_id, neutral, percents, batch_size
 
 
-def _beam_variants(result: TraceResult, n_heads: int, n_random: int, seed: int
-                   ) -> list[Variant]:
+def _beam_variants(result: TraceResult, n_heads: int, n_random: int, seed: int) -> list[Variant]:
     """Each beam's edges, then ``n_random`` random paths of each beam's shape."""
     variants = [Variant(expand_heads(_edges(beam), n_heads)) for beam in result.beams]
     generator = torch.Generator().manual_seed(seed)
     for beam in result.beams:
         for _ in range(n_random):
-            path = random_path(result.target_pos, beam.num_edges,
-                               chain=result.mode == "chain", generator=generator,
-                               exclude_bos=result.exclude_bos)
+            path = random_path(
+                result.target_pos,
+                beam.num_edges,
+                chain=result.mode == "chain",
+                generator=generator,
+                exclude_bos=result.exclude_bos,
+            )
             shape = list(zip(beam.layers, beam.heads, path, path[1:]))
             variants.append(Variant(expand_heads(shape, n_heads)))
     return variants
 
 
-def _beam_effects(result: TraceResult, drops: dict[str, Tensor], n_random: int
-                  ) -> list[BeamEffect]:
+def _beam_effects(result: TraceResult, drops: dict[str, Tensor], n_random: int) -> list[BeamEffect]:
     n_beams, out = len(result.beams), []
     for b, beam in enumerate(result.beams):
         start = n_beams + b * n_random
-        effects = {name: PathEffect.against(float(d[b]), d[start:start + n_random].tolist())
-                   for name, d in drops.items()}
-        out.append(BeamEffect(b + 1, [list(e) for e in _edges(beam)], effects["top"],
-                              effects.get("token")))
+        effects = {
+            name: PathEffect.against(float(d[b]), d[start : start + n_random].tolist())
+            for name, d in drops.items()
+        }
+        out.append(
+            BeamEffect(b + 1, [list(e) for e in _edges(beam)], effects["top"], effects.get("token"))
+        )
     return out
 
 
 def _edges(beam) -> list[tuple]:
-    return [(beam.layers[i], beam.heads[i], beam.positions[i], beam.positions[i + 1])
-            for i in range(beam.num_edges)]
+    return [
+        (beam.layers[i], beam.heads[i], beam.positions[i], beam.positions[i + 1])
+        for i in range(beam.num_edges)
+    ]
 
 
 def _traced_edges(result: TraceResult) -> list[tuple]:
@@ -200,51 +257,72 @@ def _traced_edges(result: TraceResult) -> list[tuple]:
     return sorted(mass, key=lambda e: (-mass[e], -e[0], e[2], e[3], -1 if e[1] is None else e[1]))
 
 
-def _faithfulness(curve, kept_counts, traced, layer_rows, m_kept, m_full, m_empty
-                  ) -> Faithfulness:
+def _faithfulness(curve, kept_counts, traced, layer_rows, m_kept, m_full, m_empty) -> Faithfulness:
     span = m_full - m_empty
     values = [None if abs(span) < 1e-9 else (m - m_empty) / span for m in m_kept]
     return Faithfulness(
-        percents=list(curve), kept_edges=kept_counts, total_edges=len(traced),
-        rows=sum(len(set(q)) for q in layer_rows.values()), metric=m_kept, full=m_full,
-        empty=m_empty, faithfulness=values, area=curve_area(curve, values))
+        percents=list(curve),
+        kept_edges=kept_counts,
+        total_edges=len(traced),
+        rows=sum(len(set(q)) for q in layer_rows.values()),
+        metric=m_kept,
+        full=m_full,
+        empty=m_empty,
+        faithfulness=values,
+        area=curve_area(curve, values),
+    )
 
 
-def _token_importance(result: TraceResult, positions: list[int], blank: str,
-                      blank_effect: list[float]) -> TokenImportance:
+def _token_importance(
+    result: TraceResult, positions: list[int], blank: str, blank_effect: list[float]
+) -> TokenImportance:
     keys, mass = [], []
     for beam, share in zip(result.beams, beam_weights(result.beams)):
         keys += beam.positions[1:]
         mass += [share * a for a in beam.edge_attns]
-    beam_mass = beam_mass_importance(torch.tensor(keys, dtype=torch.long),
-                                     torch.tensor(mass, dtype=torch.float64),
-                                     result.seq_len)[:len(positions)]
+    beam_mass = beam_mass_importance(
+        torch.tensor(keys, dtype=torch.long),
+        torch.tensor(mass, dtype=torch.float64),
+        result.seq_len,
+    )[: len(positions)]
     effect = torch.tensor(blank_effect, dtype=torch.float64)
     corr = {"beam_mass": spearman(effect, beam_mass) if positions else None}
-    rollout = [float(x) for x in (result.rollout or [])][:len(positions)]
+    rollout = [float(x) for x in (result.rollout or [])][: len(positions)]
     if len(rollout) == len(positions) and positions:
         corr["rollout"] = spearman(effect, torch.tensor(rollout, dtype=torch.float64))
-    return TokenImportance(positions, [result.tokens[p] for p in positions], blank,
-                           blank_effect, beam_mass.tolist(),
-                           rollout if "rollout" in corr else [], corr)
+    return TokenImportance(
+        positions,
+        [result.tokens[p] for p in positions],
+        blank,
+        blank_effect,
+        beam_mass.tolist(),
+        rollout if "rollout" in corr else [],
+        corr,
+    )
 
 
 def _prompt(model, result: TraceResult, vocab: Optional[int]) -> Tensor:
     ids = result.token_ids
     if not ids:
-        raise RatLensError("result has no token_ids (a trace_attention result?): verify needs "
-                           "the prompt the model saw; trace with a model")
+        raise RatLensError(
+            "result has no token_ids (a trace_attention result?): verify needs "
+            "the prompt the model saw; trace with a model"
+        )
     if vocab is not None and not all(0 <= i < vocab for i in ids):
-        raise RatLensError(f"result.token_ids hold ids outside the model's vocabulary of {vocab}: "
-                           "was it traced with another model?")
+        raise RatLensError(
+            f"result.token_ids hold ids outside the model's vocabulary of {vocab}: "
+            "was it traced with another model?"
+        )
     if not 0 <= result.target_pos < len(ids):
-        raise RatLensError(f"result.target_pos={result.target_pos} out of range for its "
-                           f"{len(ids)} tokens")
+        raise RatLensError(
+            f"result.target_pos={result.target_pos} out of range for its {len(ids)} tokens"
+        )
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
     if n_ctx is not None and result.target_pos + 1 > n_ctx:
-        raise RatLensError(f"target_pos={result.target_pos} is beyond the model's context of "
-                           f"{n_ctx}")
-    return torch.tensor(ids[:result.target_pos + 1], dtype=torch.long)
+        raise RatLensError(
+            f"target_pos={result.target_pos} is beyond the model's context of {n_ctx}"
+        )
+    return torch.tensor(ids[: result.target_pos + 1], dtype=torch.long)
 
 
 def _vocab(model) -> Optional[int]:
@@ -259,14 +337,15 @@ def _token_id(model, token, vocab: Optional[int]) -> Optional[int]:
     if isinstance(token, str):
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is None:
-            raise RatLensError(f"token={token!r} needs a tokenizer, and the model has none: "
-                               "pass a token id")
+            raise RatLensError(
+                f"token={token!r} needs a tokenizer, and the model has none: pass a token id"
+            )
         ids = tokenizer.encode(token, add_special_tokens=False)
         if len(ids) != 1:
             raise RatLensError(f"token={token!r} is {len(ids)} tokens ({ids}), not one")
         return int(ids[0])
     if isinstance(token, bool) or not isinstance(token, int):
-        raise TypeError(f"token must be an int id or a str, got {token!r}")
+        raise RatLensError(f"token must be an int id or a str, got {token!r}")
     if token < 0 or (vocab is not None and token >= vocab):
         raise RatLensError(f"token={token} out of range for a vocabulary of {vocab}")
     return token
@@ -280,19 +359,20 @@ def _neutral(model, neutral_token: Optional[int], vocab: Optional[int]) -> int:
             if neutral_token is not None:
                 break
         if neutral_token is None:
-            raise RatLensError("blank='token' needs neutral_token=<id> (the model's tokenizer "
-                               "has no pad or BOS token to default to)")
-    if isinstance(neutral_token, bool) or not isinstance(neutral_token, int) or \
-            neutral_token < 0 or (vocab is not None and neutral_token >= vocab):
-        raise RatLensError(f"neutral_token={neutral_token!r} is not a token id of a vocabulary "
-                           f"of {vocab}")
+            raise RatLensError(
+                "blank='token' needs neutral_token=<id> (the model's tokenizer "
+                "has no pad or BOS token to default to)"
+            )
+    if (
+        isinstance(neutral_token, bool)
+        or not isinstance(neutral_token, int)
+        or neutral_token < 0
+        or (vocab is not None and neutral_token >= vocab)
+    ):
+        raise RatLensError(
+            f"neutral_token={neutral_token!r} is not a token id of a vocabulary of {vocab}"
+        )
     return neutral_token
-
-
-def _count(name: str, value, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RatLensError(f"{name}={value!r} must be an int >= {minimum}")
-    return value
 
 
 def _percents(percents) -> list[float]:

@@ -1,4 +1,4 @@
-"""The model-facing half of :mod:`rat_lens.verify`: batched forwards with ablations in hooks.
+"""The model-facing half of :func:`rat_lens.verify`: batched forwards with ablations in hooks.
 
 Every forward runs under ``no_grad`` inside TransformerLens's ``hooks()`` context, which removes
 the hooks on every exit path; the model's parameters, buffers and mode are never touched.
@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._ablation import _ablate
-from ._errors import RatLensError
-from .capture import hook_name
+from ..capture import hook_name
+from ..errors import RatLensError
+from .ablation import _ablate
 
 EMBED_HOOK = "hook_embed"
 
@@ -79,17 +79,19 @@ def clean_run(model, tokens: Tensor, layers: list[int]) -> tuple[Tensor, int]:
                 "pattern after the attention used it, so every ablation would read 0. Verify "
                 "on a model whose pattern edits take effect: HookedTransformer "
                 "(rat_lens.models.load(..., source='hooked') on TL 3.x) or TransformerBridge "
-                "on TL >= 4.")
+                "on TL >= 4."
+            )
     return logits[0].log_softmax(-1).cpu(), heads[layers[0]]
 
 
-def run_variants(model, tokens: Tensor, variants: list[Variant], ablation: str,
-                 batch_size: int) -> Tensor:
+def run_variants(
+    model, tokens: Tensor, variants: list[Variant], ablation: str, batch_size: int
+) -> Tensor:
     """Log-probabilities ``[variant, vocab]`` at the last position of every ablated copy."""
     out = []
     device = device_of(model)
     for start in range(0, len(variants), batch_size):
-        chunk = variants[start:start + batch_size]
+        chunk = variants[start : start + batch_size]
         batch = tokens.to(device).unsqueeze(0).repeat(len(chunk), 1)
         for row, variant in enumerate(chunk):
             if variant.token_swap is not None:
@@ -108,8 +110,10 @@ def _hooks(chunk: list[Variant], ablation: str) -> list:
             if len(entries):
                 rows = torch.full((len(entries), 1), row, dtype=torch.long)
                 by_layer.setdefault(layer, []).append(torch.cat([rows, entries], 1))
-    hooks = [(hook_name(layer), _pattern_hook(torch.cat(parts), ablation))
-             for layer, parts in sorted(by_layer.items())]
+    hooks = [
+        (hook_name(layer), _pattern_hook(torch.cat(parts), ablation))
+        for layer, parts in sorted(by_layer.items())
+    ]
     blanks = [(row, v.blank_embed) for row, v in enumerate(chunk) if v.blank_embed is not None]
     if blanks:
         hooks.append((EMBED_HOOK, _embed_hook(blanks)))
@@ -119,6 +123,7 @@ def _hooks(chunk: list[Variant], ablation: str) -> list:
 def _pattern_hook(entries: Tensor, ablation: str):
     def hook(pattern: Tensor, hook):
         return _ablate(pattern, entries, ablation)
+
     return hook
 
 
@@ -130,6 +135,7 @@ def _embed_hook(blanks: list[tuple[int, int]]):
         out = embed.clone()
         out[rows, positions] = embed[rows].mean(1)  # the prompt's mean token embedding
         return out
+
     return hook
 
 

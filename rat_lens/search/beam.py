@@ -9,8 +9,9 @@ before the search starts, since the matrix never changes). The step loop then wo
 arrays, and paths are kept as parent pointers, rebuilt only for the beams returned.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,36 +19,39 @@ from einops import rearrange
 from jaxtyping import Float, Shaped
 from torch import Tensor
 
-from ._errors import RatLensError
-from ._pattern import (aggregate_heads, check_pattern_values, check_search_options,
-                       length_norm_denominator, resolve_index)
-from .result import Beam
+from ..errors import RatLensError, resolve_index
+from ..options import TraceOptions, length_norm_denominator
+from ..result import Beam
+from .pattern import aggregate_heads, check_pattern_values
 
-__all__ = ["beam_search", "trace_attention", "resolve_layers"]
+__all__ = ["beam_search", "trace_attention"]
+
+_DEFAULT = TraceOptions()
 
 
 def trace_attention(
     attn: Float[Tensor, "*layer_head query key"],
     target_pos: int = -1,
     *,
-    layer: int = -1,
-    layers: Optional[tuple[int, int]] = None,
-    top_beam: int = 5,
-    top_k: int = 5,
-    min_attn: float = 0.0,
-    agg_heads: str = "mean",
-    length_norm: str = "avg_logprob",
-    stop_at_bos: bool = True,
+    layer: int = _DEFAULT.layer,
+    layers: Optional[tuple[int, int]] = _DEFAULT.layers,
+    top_beam: int = _DEFAULT.top_beam,
+    top_k: int = _DEFAULT.top_k,
+    min_attn: float = _DEFAULT.min_attn,
+    agg_heads: str = _DEFAULT.agg_heads,
+    length_norm: str = _DEFAULT.length_norm,
+    stop_at_bos: bool = _DEFAULT.stop_at_bos,
+    residual: Optional[str] = _DEFAULT.residual,
+    exclude_bos: bool = _DEFAULT.exclude_bos,
     bos_positions: Sequence[int] = (),
     attention_mask: Optional[Shaped[Tensor, " seq"]] = None,
-    residual: Optional[str] = None,
-    exclude_bos: bool = False,
 ) -> list[Beam]:
     """Trace backward from ``target_pos`` through any attention tensor; best beam first.
 
     ``attn`` is ``[query, key]`` (one matrix), ``[layer, query, key]`` (heads already
     aggregated) or ``[layer, head, query, key]``. Without ``layers`` the trace is a chain in
     ``layer``; with ``layers=(lo, hi)`` it descends one layer per edge from ``hi`` to ``lo``.
+    The search options are :class:`~rat_lens.options.TraceOptions`'s.
 
     >>> A = torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.1, 0.6, 0.3]])
     >>> [(b.positions, [round(w, 2) for w in b.edge_attns]) for b in trace_attention(A, top_beam=2)]
@@ -57,55 +61,67 @@ def trace_attention(
     >>> best.positions, best.layers
     ([2, 2, 1], [1, 0])
     """
+    options = TraceOptions(
+        layer=layer,
+        layers=layers,
+        top_beam=top_beam,
+        top_k=top_k,
+        min_attn=min_attn,
+        agg_heads=agg_heads,
+        length_norm=length_norm,
+        stop_at_bos=stop_at_bos,
+        residual=residual,
+        exclude_bos=exclude_bos,
+    )
     if not isinstance(attn, Tensor):
-        raise TypeError(f"attn must be a torch.Tensor, got {type(attn).__name__}")
+        raise RatLensError(f"attn must be a torch.Tensor, got {type(attn).__name__}")
     if attn.ndim not in (2, 3, 4) or attn.shape[-1] != attn.shape[-2]:
         raise RatLensError(
             f"attn must be [query, key], [layer, query, key] or [layer, head, query, key] with "
-            f"query == key, got shape {tuple(attn.shape)}")
+            f"query == key, got shape {tuple(attn.shape)}"
+        )
     check_pattern_values(attn, "trace_attention")
     stack = attn.reshape(-1, 1, *attn.shape[-2:]) if attn.ndim < 4 else attn
     stack = aggregate_heads(stack, agg_heads)
-    chain = layers is None
-    layer_ids = [resolve_index("layer", layer, stack.shape[0], "n_layers")] if chain \
-        else resolve_layers(layers, stack.shape[0])
+    layer_ids = options.layer_ids(stack.shape[0])
     if attention_mask is not None and attention_mask.shape != stack.shape[-1:]:
-        raise RatLensError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
-                           f"({stack.shape[-1]},) to match the attention's key axis")
+        raise RatLensError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+            f"({stack.shape[-1]},) to match the attention's key axis"
+        )
     return beam_search(
-        [stack[i] for i in layer_ids], layer_ids,
+        [stack[i] for i in layer_ids],
+        layer_ids,
         resolve_index("target_pos", target_pos, stack.shape[-1], "sequence length"),
-        chain=chain, per_head=agg_heads == "none", top_beam=top_beam, top_k=top_k,
-        min_attn=min_attn, length_norm=length_norm, stop_at_bos=stop_at_bos,
-        bos_positions=bos_positions, attention_mask=attention_mask, residual=residual,
-        exclude_bos=exclude_bos)
-
-
-def resolve_layers(layers, n_layers: int) -> list[int]:
-    """``(lo, hi)`` with Python-style indices → the layers a path walks, top first."""
-    if not (isinstance(layers, (tuple, list)) and len(layers) == 2):
-        raise RatLensError(f"layers={layers!r} must be a pair (lo, hi) of layer indices")
-    lo = resolve_index("layers[0]", layers[0], n_layers, "n_layers")
-    hi = resolve_index("layers[1]", layers[1], n_layers, "n_layers")
-    if lo > hi:
-        raise RatLensError(f"layers={tuple(layers)} is empty: lo={lo} > hi={hi}")
-    return list(range(hi, lo - 1, -1))
+        options,
+        bos_positions=bos_positions,
+        attention_mask=attention_mask,
+    )
 
 
 @dataclass
 class _Candidates:
     """The ``top_k`` (head, key) candidates of some query rows, best first (weight 0 = none)."""
-    weights: np.ndarray   # [row, k] float64
-    flat: np.ndarray      # [row, k] head * n_keys + key
+
+    weights: np.ndarray  # [row, k] float64
+    flat: np.ndarray  # [row, k] head * n_keys + key
     bos_mass: np.ndarray  # [row, head] attention of the row on BOS / position 0
 
     def __getitem__(self, rows) -> "_Candidates":
         return _Candidates(self.weights[rows], self.flat[rows], self.bos_mass[rows])
 
 
-def _top_candidates(rows: Float[Tensor, "head row key"], row_pos: Tensor, *, chain: bool,
-                    key_ok: Tensor, is_sink: Tensor, min_attn: float, top_k: int,
-                    rollout: bool) -> _Candidates:
+def _top_candidates(
+    rows: Float[Tensor, "head row key"],
+    row_pos: Tensor,
+    *,
+    chain: bool,
+    key_ok: Tensor,
+    is_sink: Tensor,
+    min_attn: float,
+    top_k: int,
+    rollout: bool,
+) -> _Candidates:
     keys = torch.arange(rows.shape[-1], device=rows.device)
     if rollout:  # Abnar & Zuidema: half the mass stays in the residual stream
         rows = 0.5 * rows + 0.5 * (keys == row_pos[:, None]).to(rows.dtype)
@@ -114,39 +130,37 @@ def _top_candidates(rows: Float[Tensor, "head row key"], row_pos: Tensor, *, cha
     w = rows.masked_fill(~(earlier & key_ok), 0.0)
     w = w.masked_fill(w < min_attn, 0.0)
     vals, flat = rearrange(w, "head row key -> row (head key)").topk(min(top_k, w[:, 0].numel()))
-    return _Candidates(vals.double().cpu().numpy(), flat.cpu().numpy(),
-                       rearrange(bos_mass, "head row -> row head").double().cpu().numpy())
+    return _Candidates(
+        vals.double().cpu().numpy(),
+        flat.cpu().numpy(),
+        rearrange(bos_mass, "head row -> row head").double().cpu().numpy(),
+    )
 
 
-def _chain_table(pattern: Float[Tensor, "head query key"], last_row: int, chunk: int = 256,
-                 **kw) -> _Candidates:
+def _chain_table(
+    pattern: Float[Tensor, "head query key"], last_row: int, chunk: int = 256, **kw
+) -> _Candidates:
     """Chain mode reads one matrix, so each row's candidates are found once, for every row up to
     the target, in chunks (bounded memory) — the search loop then only gathers."""
     parts = []
     for start in range(0, last_row + 1, chunk):
         row_pos = torch.arange(start, min(start + chunk, last_row + 1), device=pattern.device)
-        parts.append(_top_candidates(pattern[:, start:start + len(row_pos)], row_pos,
-                                     chain=True, **kw))
-    return _Candidates(*(np.concatenate([getattr(p, f) for p in parts])
-                         for f in ("weights", "flat", "bos_mass")))
+        parts.append(
+            _top_candidates(pattern[:, start : start + len(row_pos)], row_pos, chain=True, **kw)
+        )
+    return _Candidates(
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in ("weights", "flat", "bos_mass"))
+    )
 
 
 def beam_search(
     patterns: Sequence[Float[Tensor, "head query key"]],
     layer_ids: Sequence[int],
     target_pos: int,
+    options: TraceOptions,
     *,
-    chain: bool,
-    per_head: bool = False,
-    top_beam: int = 5,
-    top_k: int = 5,
-    min_attn: float = 0.0,
-    length_norm: str = "avg_logprob",
-    stop_at_bos: bool = True,
     bos_positions: Sequence[int] = (),
     attention_mask: Optional[Shaped[Tensor, " seq"]] = None,
-    residual: Optional[str] = None,
-    exclude_bos: bool = False,
 ) -> list[Beam]:
     """The search itself, on one prompt: ``patterns[t]`` is the ``[head, query, key]`` matrix of
     layer ``layer_ids[t]`` (chain mode uses ``patterns[0]`` at every step).
@@ -156,9 +170,7 @@ def beam_search(
     beams reaching position 0 or a BOS position (``stop_at_bos``) end, and the rest are cut to
     ``top_beam`` by normalised score (stable, so ties keep expansion order).
     """
-    residual = check_search_options(chain=chain, top_beam=top_beam, top_k=top_k,
-                                    min_attn=min_attn, length_norm=length_norm, residual=residual)
-
+    chain, top_beam, length_norm = options.chain, options.top_beam, options.length_norm
     n = patterns[0].shape[-1]
     device = patterns[0].device
     is_sink = torch.zeros(n, dtype=torch.bool, device=device)
@@ -166,15 +178,19 @@ def beam_search(
     key_ok = torch.ones(n, dtype=torch.bool, device=device)
     if attention_mask is not None:
         key_ok &= attention_mask.to(device) != 0
-    if exclude_bos:
+    if options.exclude_bos:
         key_ok &= ~is_sink
-    stops = (is_sink if stop_at_bos else torch.arange(n, device=device) == 0).cpu().numpy()
-    find = dict(key_ok=key_ok, is_sink=is_sink, min_attn=min_attn, top_k=top_k,
-                rollout=residual == "rollout")
+    stops = (is_sink if options.stop_at_bos else torch.arange(n, device=device) == 0).cpu().numpy()
+    find = dict(
+        key_ok=key_ok,
+        is_sink=is_sink,
+        min_attn=options.min_attn,
+        top_k=options.top_k,
+        rollout=options.residual == "rollout",
+    )
     table = _chain_table(patterns[0], target_pos, **find) if chain else None
     n_steps = target_pos + 1 if chain else len(patterns)
-    denominators = np.array([length_norm_denominator(length_norm, e)
-                             for e in range(n_steps + 1)])
+    denominators = np.array([length_norm_denominator(length_norm, e) for e in range(n_steps + 1)])
 
     # Step s holds, for every beam it created, its key, parent (index into step s-1), head,
     # weight and BOS mass; a live beam is an index into the latest step.
@@ -189,9 +205,16 @@ def beam_search(
         if live.size == 0:
             break
         live_pos = steps[t]["key"][live]
-        cand = table[live_pos] if chain else _top_candidates(
-            patterns[t][:, torch.as_tensor(live_pos, device=device)],
-            torch.as_tensor(live_pos, device=device), chain=False, **find)
+        cand = (
+            table[live_pos]
+            if chain
+            else _top_candidates(
+                patterns[t][:, torch.as_tensor(live_pos, device=device)],
+                torch.as_tensor(live_pos, device=device),
+                chain=False,
+                **find,
+            )
+        )
         ok = cand.weights > 0
         dead = ~ok.any(1)  # end before the new beams, in beam order (as the peer does)
         if dead.any():
@@ -200,8 +223,15 @@ def beam_search(
         head, key = np.divmod(cand.flat[parent, j], n)
         weight = cand.weights[parent, j]
         score = live_score[parent] + np.log(np.maximum(weight, 1e-12))
-        steps.append(dict(key=key, parent=live[parent], head=head, weight=weight,
-                          bos_mass=cand.bos_mass[parent, head]))
+        steps.append(
+            dict(
+                key=key,
+                parent=live[parent],
+                head=head,
+                weight=weight,
+                bos_mass=cand.bos_mass[parent, head],
+            )
+        )
 
         ends = stops[key] | (not chain and t == n_steps - 1)
         if ends.any():
@@ -212,7 +242,7 @@ def beam_search(
             live = live[np.argsort(-norm, kind="stable")[:top_beam]]
         live_score = score[live]
 
-    return _best_beams(ended, steps, denominators, layer_ids, chain, per_head, top_beam)
+    return _best_beams(ended, steps, denominators, layer_ids, chain, options.per_head, top_beam)
 
 
 def _best_beams(ended, steps, denominators, layer_ids, chain, per_head, top_beam) -> list[Beam]:
@@ -239,10 +269,15 @@ def _best_beams(ended, steps, denominators, layer_ids, chain, per_head, top_beam
             values[on, s - 1] = steps[s][f][c]
         cur[on] = steps[s]["parent"][c]
 
-    return [Beam(positions=positions[i, :e + 1].tolist(),
-                 edge_attns=fields["weight"][i, :e].tolist(),
-                 layers=[layer_ids[0] if chain else layer_ids[s] for s in range(e)],
-                 heads=fields["head"][i, :e].astype(int).tolist() if per_head else [None] * e,
-                 bos_mass=fields["bos_mass"][i, :e].tolist(),
-                 score_raw=float(raw[i]), score_norm=float(norm[i]))
-            for i, e in enumerate(n_edges.tolist())]
+    return [
+        Beam(
+            positions=positions[i, : e + 1].tolist(),
+            edge_attns=fields["weight"][i, :e].tolist(),
+            layers=[layer_ids[0] if chain else layer_ids[s] for s in range(e)],
+            heads=fields["head"][i, :e].astype(int).tolist() if per_head else [None] * e,
+            bos_mass=fields["bos_mass"][i, :e].tolist(),
+            score_raw=float(raw[i]),
+            score_norm=float(norm[i]),
+        )
+        for i, e in enumerate(n_edges.tolist())
+    ]

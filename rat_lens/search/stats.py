@@ -13,23 +13,37 @@ means over query rows, so they read as "on average, a row of this head ...":
 =============== ===========================================================================
 
 Token importance for one target: attention rollout (Abnar & Zuidema 2020) and the beam mass
-that a trace put on each position. :class:`HeadTable` carries named ``[layer][head]`` values
-(statistics, head-role scores) as plain lists, so results holding them round-trip through JSON.
+that a trace put on each position. :class:`rat_lens.result.HeadTable` carries named
+``[layer][head]`` values (statistics, head-role scores) as plain lists, so results holding them
+round-trip through JSON.
 """
 
-from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from einops import reduce
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ._errors import RatLensError
+from ..errors import RatLensError
+from ..result import Prediction, TraceResult
 
-__all__ = ["STAT_NAMES", "HeadTable", "entropy", "max_weight", "sink_mass", "self_mass",
-           "prev_mass", "attention_stats", "attention_rollout", "rollout_importance",
-           "rollout_rows", "beam_mass_importance", "top_predictions"]
+__all__ = [
+    "STAT_NAMES",
+    "entropy",
+    "max_weight",
+    "sink_mass",
+    "self_mass",
+    "prev_mass",
+    "attention_stats",
+    "attention_rollout",
+    "rollout_importance",
+    "rollout_rows",
+    "beam_mass_importance",
+    "top_predictions",
+    "predictions_at",
+]
 
 STAT_NAMES = ("entropy", "max_weight", "sink_mass", "self_mass", "prev_mass")
 
@@ -38,8 +52,9 @@ STAT_NAMES = ("entropy", "max_weight", "sink_mass", "self_mass", "prev_mass")
 QueryMask = Optional[Bool[Tensor, "*mask_lead query"]]
 
 
-def _row_mean(per_row: Float[Tensor, "*lead head query"], query_mask: QueryMask
-              ) -> Float[Tensor, "*lead head"]:
+def _row_mean(
+    per_row: Float[Tensor, "*lead head query"], query_mask: QueryMask
+) -> Float[Tensor, "*lead head"]:
     """Mean over query rows, counting only rows where ``query_mask`` is True."""
     if query_mask is None:
         return reduce(per_row, "... query -> ...", "mean")
@@ -49,8 +64,9 @@ def _row_mean(per_row: Float[Tensor, "*lead head query"], query_mask: QueryMask
     return (per_row * keep).sum(-1) / keep.sum(-1).clamp(min=1)
 
 
-def entropy(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None
-            ) -> Float[Tensor, "*lead head"]:
+def entropy(
+    pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None
+) -> Float[Tensor, "*lead head"]:
     """Mean row entropy in nats (0·ln 0 = 0).
 
     >>> causal_uniform = torch.tril(torch.ones(3, 3)) / torch.arange(1, 4.0)[:, None]
@@ -60,8 +76,9 @@ def entropy(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMas
     return _row_mean(torch.special.entr(pattern).sum(-1), query_mask)
 
 
-def max_weight(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None
-               ) -> Float[Tensor, "*lead head"]:
+def max_weight(
+    pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None
+) -> Float[Tensor, "*lead head"]:
     """Mean over rows of the largest weight in the row.
 
     >>> max_weight(torch.eye(4)[None])
@@ -70,8 +87,11 @@ def max_weight(pattern: Float[Tensor, "*lead head query key"], query_mask: Query
     return _row_mean(pattern.amax(-1), query_mask)
 
 
-def sink_mass(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None,
-              sink: Optional[Bool[Tensor, "*sink_lead key"]] = None) -> Float[Tensor, "*lead head"]:
+def sink_mass(
+    pattern: Float[Tensor, "*lead head query key"],
+    query_mask: QueryMask = None,
+    sink: Optional[Bool[Tensor, "*sink_lead key"]] = None,
+) -> Float[Tensor, "*lead head"]:
     """Mean over rows of the mass on sink keys: ``sink`` (e.g. BOS positions), else position 0.
 
     >>> causal_uniform = torch.tril(torch.ones(4, 4)) / torch.arange(1, 5.0)[:, None]
@@ -84,8 +104,9 @@ def sink_mass(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryM
     return _row_mean((pattern * on_sink).sum(-1), query_mask)
 
 
-def self_mass(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None
-              ) -> Float[Tensor, "*lead head"]:
+def self_mass(
+    pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None
+) -> Float[Tensor, "*lead head"]:
     """Mean over rows of the diagonal ``A[q, q]``: how much a token reads itself.
 
     >>> self_mass(torch.eye(3)[None])
@@ -94,8 +115,9 @@ def self_mass(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryM
     return _row_mean(torch.diagonal(pattern, dim1=-2, dim2=-1), query_mask)
 
 
-def prev_mass(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None
-              ) -> Float[Tensor, "*lead head"]:
+def prev_mass(
+    pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None
+) -> Float[Tensor, "*lead head"]:
     """Mean over rows q ≥ 1 of ``A[q, q - 1]`` (row 0 has no previous token, so it is left out).
 
     >>> previous = torch.eye(4).roll(-1, dims=1).tril()   # every row q >= 1 reads q - 1
@@ -110,9 +132,11 @@ def prev_mass(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryM
     return _row_mean(below, mask)
 
 
-def attention_stats(pattern: Float[Tensor, "*lead head query key"], query_mask: QueryMask = None,
-                    sink: Optional[Bool[Tensor, "*sink_lead key"]] = None
-                    ) -> dict[str, Float[Tensor, "*lead head"]]:
+def attention_stats(
+    pattern: Float[Tensor, "*lead head query key"],
+    query_mask: QueryMask = None,
+    sink: Optional[Bool[Tensor, "*sink_lead key"]] = None,
+) -> dict[str, Float[Tensor, "*lead head"]]:
     """All five statistics of :data:`STAT_NAMES`, per head, for one layer or stacked layers.
 
     Cheap enough to run inside a ``hook_pattern`` hook on the full pattern before heads are
@@ -127,37 +151,42 @@ def attention_stats(pattern: Float[Tensor, "*lead head query key"], query_mask: 
     self_mass  [1.0, 1.0]
     prev_mass  [0.0, 0.0]
     """
-    return {"entropy": entropy(pattern, query_mask),
-            "max_weight": max_weight(pattern, query_mask),
-            "sink_mass": sink_mass(pattern, query_mask, sink),
-            "self_mass": self_mass(pattern, query_mask),
-            "prev_mass": prev_mass(pattern, query_mask)}
+    return {
+        "entropy": entropy(pattern, query_mask),
+        "max_weight": max_weight(pattern, query_mask),
+        "sink_mass": sink_mass(pattern, query_mask, sink),
+        "self_mass": self_mass(pattern, query_mask),
+        "prev_mass": prev_mass(pattern, query_mask),
+    }
 
 
-def _check_residual(residual: float) -> None:
-    if not 0.0 <= residual <= 1.0:
-        raise RatLensError(f"residual={residual} must be within [0, 1]")
+def _check_residual(residual_share: float) -> None:
+    if not 0.0 <= residual_share <= 1.0:
+        raise RatLensError(f"residual_share={residual_share} must be within [0, 1]")
 
 
-def _with_residual(attn: Float[Tensor, "*lead query key"], residual: float
-                   ) -> Float[Tensor, "*lead query key"]:
-    _check_residual(residual)
+def _with_residual(
+    attn: Float[Tensor, "*lead query key"], residual_share: float
+) -> Float[Tensor, "*lead query key"]:
+    _check_residual(residual_share)
     eye = torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
-    mixed = (1.0 - residual) * attn + residual * eye
+    mixed = (1.0 - residual_share) * attn + residual_share * eye
     # Re-normalised as in the paper; a no-op for rows that already sum to 1.
     return mixed / mixed.sum(-1, keepdim=True).clamp(min=torch.finfo(attn.dtype).tiny)
 
 
-def _head_mean(patterns: Float[Tensor, "layer *batch head query key"]
-               ) -> Float[Tensor, "layer *batch query key"]:
+def _head_mean(
+    patterns: Float[Tensor, "layer *batch head query key"],
+) -> Float[Tensor, "layer *batch query key"]:
     return reduce(patterns, "layer ... head q k -> layer ... q k", "mean")
 
 
-def attention_rollout(patterns: Float[Tensor, "layer *batch head query key"],
-                      residual: float = 0.5) -> Float[Tensor, "*batch query key"]:
+def attention_rollout(
+    patterns: Float[Tensor, "layer *batch head query key"], residual_share: float = 0.5
+) -> Float[Tensor, "*batch query key"]:
     """Attention rollout (Abnar & Zuidema 2020) through the stacked layers, lowest first.
 
-    Heads are averaged, each layer becomes ``Ã = (1 - residual)·A + residual·I`` (rows
+    Heads are averaged, each layer becomes ``Ã = (1 - residual_share)·A + residual_share·I`` (rows
     re-normalised), and ``R = Ã_top ··· Ã_bottom``: ``R[q, k]`` is how much of position ``q``
     after the top layer traces back to token ``k`` before the bottom one.
 
@@ -169,15 +198,16 @@ def attention_rollout(patterns: Float[Tensor, "layer *batch head query key"],
     tensor([[1.0000, 0.0000],
             [0.7500, 0.2500]])
     """
-    mixed = _with_residual(_head_mean(patterns), residual)
+    mixed = _with_residual(_head_mean(patterns), residual_share)
     rollout = mixed[0]
     for layer_attn in mixed[1:]:
         rollout = layer_attn @ rollout
     return rollout
 
 
-def rollout_importance(patterns: Float[Tensor, "layer *batch head query key"], target: int,
-                       residual: float = 0.5) -> Float[Tensor, "*batch key"]:
+def rollout_importance(
+    patterns: Float[Tensor, "layer *batch head query key"], target: int, residual_share: float = 0.5
+) -> Float[Tensor, "*batch key"]:
     """Row ``target`` of :func:`attention_rollout`, computed as vector × matrix products.
 
     O(layers · seq²) instead of O(layers · seq³): only the target's row is ever formed.
@@ -186,11 +216,14 @@ def rollout_importance(patterns: Float[Tensor, "layer *batch head query key"], t
     >>> rollout_importance(torch.stack([A, A])[:, None], target=1)
     tensor([0.7500, 0.2500])
     """
-    return rollout_rows(patterns, [target], residual)[..., 0, :]
+    return rollout_rows(patterns, [target], residual_share)[..., 0, :]
 
 
-def rollout_rows(patterns: Float[Tensor, "layer *batch head query key"], targets: Sequence[int],
-                 residual: float = 0.5) -> Float[Tensor, "*batch target key"]:
+def rollout_rows(
+    patterns: Float[Tensor, "layer *batch head query key"],
+    targets: Sequence[int],
+    residual_share: float = 0.5,
+) -> Float[Tensor, "*batch target key"]:
     """Rows ``targets`` of :func:`attention_rollout`: every target of a prompt in one pass.
 
     Each layer's mixed matrix ``Ã`` is never formed: ``rows @ Ã`` is computed from ``A`` and its
@@ -201,20 +234,21 @@ def rollout_rows(patterns: Float[Tensor, "layer *batch head query key"], targets
     tensor([[0.7500, 0.2500],
             [1.0000, 0.0000]])
     """
-    _check_residual(residual)
+    _check_residual(residual_share)
     attn = _head_mean(patterns)
     rows = attn.new_zeros(*attn.shape[1:-2], len(targets), attn.shape[-1])
     rows[..., torch.arange(len(targets)), list(targets)] = 1.0
     for layer_attn in attn.unbind(0)[::-1]:  # top layer first (views, no copy)
         # Ã = ((1 - r)·A + r·I) / rowsum, so rows @ Ã = (1 - r)·(w @ A) + r·w, w = rows / rowsum.
-        rowsum = (1.0 - residual) * layer_attn.sum(-1) + residual
+        rowsum = (1.0 - residual_share) * layer_attn.sum(-1) + residual_share
         w = rows / rowsum.clamp(min=torch.finfo(attn.dtype).tiny).unsqueeze(-2)
-        rows = (1.0 - residual) * (w @ layer_attn) + residual * w
+        rows = (1.0 - residual_share) * (w @ layer_attn) + residual_share * w
     return rows
 
 
-def beam_mass_importance(keys: Int[Tensor, " edge"], mass: Float[Tensor, " edge"], seq_len: int
-                         ) -> Float[Tensor, " seq"]:
+def beam_mass_importance(
+    keys: Int[Tensor, " edge"], mass: Float[Tensor, " edge"], seq_len: int
+) -> Float[Tensor, " seq"]:
     """Sum of edge mass landing on each key position (a trace's edges, flattened over beams).
 
     With ``mass`` = softmax(score_norm) of the beam × edge attention this is the Sankey link
@@ -227,8 +261,9 @@ def beam_mass_importance(keys: Int[Tensor, " edge"], mass: Float[Tensor, " edge"
     return out.index_add_(0, keys.to(mass.device), mass)
 
 
-def top_predictions(logits: Float[Tensor, "seq vocab"], positions: Union[Sequence[int], Tensor],
-                    k: int = 3) -> tuple[Float[Tensor, "n k"], Int[Tensor, "n k"]]:
+def top_predictions(
+    logits: Float[Tensor, "seq vocab"], positions: Union[Sequence[int], Tensor], k: int = 3
+) -> tuple[Float[Tensor, "n k"], Int[Tensor, "n k"]]:
     """The model's top-``k`` next tokens (probabilities, ids) at each of ``positions``.
 
     >>> logits = torch.log(torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]]))
@@ -242,54 +277,28 @@ def top_predictions(logits: Float[Tensor, "seq vocab"], positions: Union[Sequenc
     return top.values, top.indices
 
 
-@dataclass
-class HeadTable:
-    """Named values per (layer, head): ``scores[name][i][h]`` belongs to layer ``layers[i]``.
-
-    Holds attention statistics or head-role scores as plain lists (JSON-ready). ``head`` is
-    ``None`` when the values describe heads aggregated into one (``agg_heads="mean"``).
-
-    >>> table = HeadTable.from_tensors([3], {"entropy": torch.tensor([[0.5, 1.5]])})
-    >>> table.get("entropy", 3, 1), table.n_heads, HeadTable.from_dict(table.to_dict()) == table
-    (1.5, 2, True)
-    """
-
-    layers: list[int]
-    scores: dict[str, list[list[float]]] = field(default_factory=dict)
-    aggregated: bool = False
-
-    @classmethod
-    def from_tensors(cls, layers: Sequence[int], scores: dict[str, Float[Tensor, "layer head"]],
-                     aggregated: bool = False) -> "HeadTable":
-        for name, value in scores.items():
-            if value.ndim != 2 or value.shape[0] != len(layers):
-                raise RatLensError(f"scores[{name!r}] has shape {tuple(value.shape)}, expected "
-                                   f"[layer, head] with {len(layers)} layers")
-        return cls([int(x) for x in layers],
-                   {name: value.detach().double().cpu().tolist() for name, value in scores.items()},
-                   aggregated)
-
-    @property
-    def n_heads(self) -> int:
-        return len(next(iter(self.scores.values()))[0]) if self.scores and self.layers else 0
-
-    def get(self, name: str, layer: int, head: Optional[int]) -> Optional[float]:
-        """The value for (layer, head), or None when the table does not hold it."""
-        if name not in self.scores or layer not in self.layers:
-            return None
-        row = self.scores[name][self.layers.index(layer)]
-        index = 0 if head is None and self.aggregated else head
-        return row[index] if index is not None and 0 <= index < len(row) else None
-
-    def tensor(self, name: str) -> Float[Tensor, "layer head"]:
-        return torch.tensor(self.scores[name], dtype=torch.float64)
-
-    def to_dict(self) -> dict:
-        return {"layers": list(self.layers), "scores": {k: [list(r) for r in v]
-                                                        for k, v in self.scores.items()},
-                "aggregated": self.aggregated}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "HeadTable":
-        scores = {name: [list(row) for row in rows] for name, rows in data["scores"].items()}
-        return cls(list(data["layers"]), scores, bool(data.get("aggregated", False)))
+def predictions_at(
+    result: TraceResult, logits: Float[Tensor, "*batch seq vocab"], tokenizer, k: int
+) -> list[Prediction]:
+    """The top-``k`` next tokens at the target and every traced position, from final logits
+    (decoded by ``tokenizer`` when there is one, else shown as ids)."""
+    if logits.ndim == 3:
+        logits = logits[result.batch_index if logits.shape[0] > 1 else 0]
+    if logits.ndim != 2 or logits.shape[0] != result.seq_len:
+        raise RatLensError(
+            f"logits have shape {tuple(logits.shape)}; expected [seq, vocab] or "
+            f"[batch, seq, vocab] with seq = {result.seq_len}"
+        )
+    positions = list(dict.fromkeys(p for beam in result.beams for p in beam.positions))
+    if not positions:
+        positions = [result.target_pos]
+    probs, ids = top_predictions(logits.detach().cpu(), positions, k)
+    out = []
+    for p, row_probs, row_ids in zip(positions, probs.tolist(), ids.tolist()):
+        words = (
+            tokenizer.batch_decode([[i] for i in row_ids])
+            if tokenizer is not None
+            else [str(i) for i in row_ids]
+        )
+        out.append(Prediction(p, result.tokens[p], row_ids, words, row_probs))
+    return out

@@ -1,4 +1,4 @@
-"""Ablation arithmetic for :mod:`rat_lens.verify`: pure tensor functions, no model in sight.
+"""Ablation arithmetic for :func:`rat_lens.verify`: pure tensor functions, no model in sight.
 
 An *entry* is one weight of ``hook_pattern``, addressed ``(batch, head, query, key)``; an
 *edge* of a trace is ``(layer, head, query, key)`` with ``head`` None when heads were aggregated
@@ -6,26 +6,35 @@ An *entry* is one weight of ``hook_pattern``, addressed ``(batch, head, query, k
 """
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._errors import RatLensError
-from ._pattern import check_choice
+from ..errors import RatLensError, check_choice
 
-__all__ = ["ABLATIONS", "ablate_pattern", "spearman", "curve_area", "random_path",
-           "expand_heads", "row_entries"]
+__all__ = [
+    "ABLATIONS",
+    "ablate_pattern",
+    "spearman",
+    "curve_area",
+    "random_path",
+    "expand_heads",
+    "row_entries",
+]
 
 ABLATIONS = ("renorm", "zero", "mean")
 
 Edge = tuple[int, Optional[int], int, int]  # (layer, head or None, query, key)
 
 
-def ablate_pattern(pattern: Float[Tensor, "batch head query key"],
-                   entries: Int[Tensor, "n 4"], ablation: str = "renorm"
-                   ) -> Float[Tensor, "batch head query key"]:
+def ablate_pattern(
+    pattern: Float[Tensor, "batch head query key"],
+    entries: Int[Tensor, "n 4"],
+    ablation: str = "renorm",
+) -> Float[Tensor, "batch head query key"]:
     """A copy of ``pattern`` with ``entries`` (rows of ``[batch, head, query, key]``) ablated.
 
     ``zero`` sets them to 0; ``renorm`` sets them to 0 and rescales the rest of each touched row
@@ -43,8 +52,9 @@ def ablate_pattern(pattern: Float[Tensor, "batch head query key"],
     """
     check_choice("ablation", ablation, ABLATIONS)
     if entries.ndim != 2 or entries.shape[1] != 4:
-        raise RatLensError(f"entries must be [n, 4] (batch, head, query, key), got shape "
-                           f"{tuple(entries.shape)}")
+        raise RatLensError(
+            f"entries must be [n, 4] (batch, head, query, key), got shape {tuple(entries.shape)}"
+        )
     return _ablate(pattern, entries, ablation)
 
 
@@ -78,12 +88,14 @@ def expand_heads(edges: Sequence[Edge], n_heads: int) -> dict[int, Int[Tensor, "
     for layer, head, query, key in edges:
         heads = range(n_heads) if head is None else [head]
         out.setdefault(layer, []).extend((h, query, key) for h in heads)
-    return {layer: torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
-            for layer, rows in out.items()}
+    return {
+        layer: torch.tensor(rows, dtype=torch.long).reshape(-1, 3) for layer, rows in out.items()
+    }
 
 
-def row_entries(layer_rows: dict[int, Sequence[int]], n_heads: int,
-                keep: dict[int, Tensor]) -> dict[int, Int[Tensor, "n 3"]]:
+def row_entries(
+    layer_rows: dict[int, Sequence[int]], n_heads: int, keep: dict[int, Tensor]
+) -> dict[int, Int[Tensor, "n 3"]]:
     """Every causal entry ``[head, query, key <= query]`` of the given rows, minus ``keep``.
 
     >>> row_entries({0: [1]}, n_heads=1, keep={0: torch.tensor([[0, 1, 0]])})
@@ -91,9 +103,15 @@ def row_entries(layer_rows: dict[int, Sequence[int]], n_heads: int,
     """
     out = {}
     for layer, queries in layer_rows.items():
-        blocks = [torch.stack(torch.meshgrid(torch.arange(n_heads), torch.tensor([q]),
-                                             torch.arange(q + 1), indexing="ij"), -1).reshape(-1, 3)
-                  for q in sorted(set(queries))]
+        blocks = [
+            torch.stack(
+                torch.meshgrid(
+                    torch.arange(n_heads), torch.tensor([q]), torch.arange(q + 1), indexing="ij"
+                ),
+                -1,
+            ).reshape(-1, 3)
+            for q in sorted(set(queries))
+        ]
         entries = torch.cat(blocks) if blocks else torch.zeros(0, 3, dtype=torch.long)
         kept = keep.get(layer)
         if kept is not None and len(kept):
@@ -108,8 +126,9 @@ def _code(entries: Tensor, size: int) -> Tensor:
     return (entries[:, 0] * size + entries[:, 1]) * size + entries[:, 2]
 
 
-def random_path(target: int, n_edges: int, *, chain: bool, generator: torch.Generator,
-                exclude_bos: bool = False) -> list[int]:
+def random_path(
+    target: int, n_edges: int, *, chain: bool, generator: torch.Generator, exclude_bos: bool = False
+) -> list[int]:
     """Positions of a random path of ``n_edges`` edges backward from ``target``.
 
     Each step draws a key uniformly from the keys its query may read: ``k <= q`` in layers mode,
@@ -129,8 +148,10 @@ def random_path(target: int, n_edges: int, *, chain: bool, generator: torch.Gene
         lo = int(exclude_bos) + (n_edges - step - 1 if chain else 0)
         hi = query if chain else query + 1  # keys lo .. hi - 1
         if hi <= lo:
-            raise RatLensError(f"no key for step {step} of a random path of {n_edges} edges "
-                               f"from target {target} (query {query}, chain={chain})")
+            raise RatLensError(
+                f"no key for step {step} of a random path of {n_edges} edges "
+                f"from target {target} (query {query}, chain={chain})"
+            )
         path.append(int(torch.randint(lo, hi, (1,), generator=generator)))
     return path
 
@@ -144,8 +165,10 @@ def spearman(x: Float[Tensor, " n"], y: Float[Tensor, " n"]) -> Optional[float]:
     -0.866...
     """
     if x.shape != y.shape or x.ndim != 1:
-        raise RatLensError(f"spearman needs two vectors of one length, got shapes "
-                           f"{tuple(x.shape)} and {tuple(y.shape)}")
+        raise RatLensError(
+            f"spearman needs two vectors of one length, got shapes "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
     rx, ry = _ranks(x.double()), _ranks(y.double())
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denom = float((rx.square().sum() * ry.square().sum()).sqrt())

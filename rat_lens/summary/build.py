@@ -1,6 +1,6 @@
 """A trace in words and numbers: one-line circuits, the heads and layers carrying traced mass.
 
-``summarize(result)`` (or ``result.summary()``) needs nothing but the :class:`TraceResult`. Give
+``summarize(result)`` needs nothing but the :class:`~rat_lens.result.TraceResult`. Give
 it more and it says more: the captured ``patterns`` add attention statistics and rollout
 importance, the model's final ``logits`` add next-token predictions at the traced positions,
 ``roles`` (:func:`rat_lens.roles.head_roles`) names the heads on the edges. Read as a
@@ -15,28 +15,33 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-import torch
-from torch import Tensor
+from ..errors import RatLensError
+from ..result import HeadTable, JsonRoundTrip, Prediction, TraceResult, Verification, beam_weights
+from .text import summary_html, summary_markdown, summary_rich, summary_text, token_label
 
-from ._errors import RatLensError
-from ._json import JsonRoundTrip
-from ._summary_render import (render_html, render_markdown, render_rich, render_text,
-                              token_label)
-from ._verify_result import Verification
-from .result import TraceResult, beam_weights
-from .stats import (HeadTable, attention_stats, beam_mass_importance, rollout_importance,
-                    top_predictions)
+__all__ = [
+    "Summary",
+    "BeamCircuit",
+    "HeadMass",
+    "LayerMass",
+    "EdgeMass",
+    "TokenScore",
+    "summarize",
+    "circuit_line",
+    "ROLE_LABELS",
+]
 
-__all__ = ["Summary", "BeamCircuit", "HeadMass", "LayerMass", "EdgeMass", "TokenScore",
-           "Prediction", "summarize", "circuit_line", "ROLE_LABELS"]
-
-ROLE_LABELS = {"previous_token_head": "prev-token", "duplicate_token_head": "duplicate",
-               "induction_head": "induction"}
+ROLE_LABELS = {
+    "previous_token_head": "prev-token",
+    "duplicate_token_head": "duplicate",
+    "induction_head": "induction",
+}
 
 
 @dataclass
 class BeamCircuit:
     """One beam as a line, target first: ``'red'@7 ←L1.H1(0.97)─ 'red'@3``."""
+
     rank: int
     circuit: str
     score_raw: float
@@ -48,6 +53,7 @@ class BeamCircuit:
 @dataclass
 class HeadMass:
     """Traced mass through one (layer, head); ``head`` None when heads were aggregated."""
+
     layer: int
     head: Optional[int]
     mass: float
@@ -67,6 +73,7 @@ class LayerMass:
 @dataclass
 class EdgeMass:
     """One edge (key → query through layer.head) with its attention and its traced mass."""
+
     layer: int
     head: Optional[int]
     query: int
@@ -89,18 +96,9 @@ class TokenScore:
 
 
 @dataclass
-class Prediction:
-    """The model's top next tokens at a traced position."""
-    position: int
-    token: str
-    token_ids: list[int]
-    tokens: list[str]
-    probs: list[float]
-
-
-@dataclass
 class Summary(JsonRoundTrip):
     """Everything :func:`summarize` found; ``str(summary)`` is :meth:`to_text`."""
+
     target_pos: int
     target_token: str
     mode: str
@@ -124,22 +122,22 @@ class Summary(JsonRoundTrip):
 
     def to_markdown(self) -> str:
         """GitHub-flavoured markdown: a heading, then one table per section."""
-        return render_markdown(self)
+        return summary_markdown(self)
 
     def to_text(self, width: int = 100) -> str:
         """Plain-text tables, every line at most ``width`` terminal columns."""
-        return render_text(self, width)
+        return summary_text(self, width)
 
-    def to_html(self) -> str:
+    def html_fragment(self) -> str:
         """An HTML fragment of the same tables (for a side panel), all text escaped."""
-        return render_html(self)
+        return summary_html(self)
 
     def __str__(self) -> str:
         return self.to_text()
 
     def __rich__(self):
         """``rich.print(summary)``: rich tables (rich is imported only here)."""
-        return render_rich(self)
+        return summary_rich(self)
 
     def _repr_markdown_(self) -> str:
         return self.to_markdown()
@@ -150,9 +148,14 @@ class Summary(JsonRoundTrip):
     @classmethod
     def from_dict(cls, data: dict) -> "Summary":
         data = dict(data)
-        for name, kind in (("beams", BeamCircuit), ("heads", HeadMass), ("layers", LayerMass),
-                           ("edges", EdgeMass), ("tokens", TokenScore),
-                           ("predictions", Prediction)):
+        for name, kind in (
+            ("beams", BeamCircuit),
+            ("heads", HeadMass),
+            ("layers", LayerMass),
+            ("edges", EdgeMass),
+            ("tokens", TokenScore),
+            ("predictions", Prediction),
+        ):
             data[name] = [kind(**item) for item in data.get(name, [])]
         for name in ("roles", "stats"):
             if data.get(name) is not None:
@@ -162,9 +165,13 @@ class Summary(JsonRoundTrip):
         return cls(**data)
 
 
-
-def circuit_line(tokens: list[str], positions: list[int], layers: list[int],
-                 heads: list[Optional[int]], edge_attns: list[float]) -> str:
+def circuit_line(
+    tokens: list[str],
+    positions: list[int],
+    layers: list[int],
+    heads: list[Optional[int]],
+    edge_attns: list[float],
+) -> str:
     """A path as one line, target first, each edge ``←L{layer}.H{head}(weight)─``.
 
     >>> circuit_line([" B", " C", " B"], [7, 4, 3], [1, 0], [2, 3], [0.912, 0.38])
@@ -179,12 +186,21 @@ def circuit_line(tokens: list[str], positions: list[int], layers: list[int],
     return text
 
 
-def summarize(result: TraceResult, *, patterns=None, logits: Optional[Tensor] = None,
-              roles: Union[HeadTable, dict, None] = None,
-              stats: Union[HeadTable, dict, None] = None, predictions: Optional[list] = None,
-              tokenizer=None, k: int = 3, top_edges: int = 8,
-              top_tokens: int = 8, role_threshold: float = 0.3,
-              verification: Union[Verification, dict, None] = None) -> Summary:
+def summarize(
+    result: TraceResult,
+    *,
+    patterns=None,
+    logits=None,
+    roles: Union[HeadTable, dict, None] = None,
+    stats: Union[HeadTable, dict, None] = None,
+    predictions: Optional[list] = None,
+    tokenizer=None,
+    k: int = 3,
+    top_edges: int = 8,
+    top_tokens: int = 8,
+    role_threshold: float = 0.3,
+    verification: Union[Verification, dict, None] = None,
+) -> Summary:
     """Summarise ``result``; every extra argument adds a section and none is needed.
 
     Args:
@@ -201,8 +217,8 @@ def summarize(result: TraceResult, *, patterns=None, logits: Optional[Tensor] = 
             effect and the faithfulness curve.
 
     Fields the tracer records (``head_roles``, ``attention_stats``, ``predictions``,
-    ``rollout``, and ``verification`` from ``result.verify(model)``) are used when present and
-    not given here.
+    ``rollout``, and ``verification`` kept from :func:`rat_lens.verify`) are used when present
+    and not given here. Only ``patterns`` and ``logits`` need torch (imported for them alone).
 
     >>> from rat_lens import trace
     >>> from rat_lens.models import load
@@ -221,14 +237,19 @@ def summarize(result: TraceResult, *, patterns=None, logits: Optional[Tensor] = 
     stats = _table(stats if stats is not None else getattr(result, "attention_stats", None))
     rollout = getattr(result, "rollout", None) or None
     if patterns is not None:
-        layer_ids = list(range(result.layer, (result.layer_lo if result.mode == "layers"
-                                              else result.layer) - 1, -1))
+        layer_ids = list(
+            range(
+                result.layer, (result.layer_lo if result.mode == "layers" else result.layer) - 1, -1
+            )
+        )
         stacked = [_pattern(patterns, layer, result.batch_index) for layer in layer_ids]
         stats = stats if stats is not None else _stats_table(layer_ids, stacked, result.agg_heads)
         rollout = rollout if rollout is not None else _rollout(stacked, result.target_pos)
     if predictions is None:
         predictions = getattr(result, "predictions", None) or None
     if predictions is None and logits is not None:
+        from ..search.stats import predictions_at  # torch, for logits only
+
         predictions = predictions_at(result, logits, tokenizer, k)
     if verification is None:
         verification = getattr(result, "verification", None)
@@ -245,23 +266,37 @@ def summarize(result: TraceResult, *, patterns=None, logits: Optional[Tensor] = 
     if rollout is not None:
         importance["rollout"] = [float(x) for x in rollout]
     return Summary(
-        target_pos=result.target_pos, target_token=result.tokens[result.target_pos],
-        mode=result.mode, layer=result.layer, layer_lo=result.layer_lo,
-        agg_heads=result.agg_heads, length_norm=result.length_norm,
-        exclude_bos=result.exclude_bos, batch_index=result.batch_index, beams=circuits,
+        target_pos=result.target_pos,
+        target_token=result.tokens[result.target_pos],
+        mode=result.mode,
+        layer=result.layer,
+        layer_lo=result.layer_lo,
+        agg_heads=result.agg_heads,
+        length_norm=result.length_norm,
+        exclude_bos=result.exclude_bos,
+        batch_index=result.batch_index,
+        beams=circuits,
         heads=sorted(heads, key=lambda h: (-h.mass, -h.layer, h.head or 0)),
-        layers=[LayerMass(layer, mass, mass / total) for layer, mass in
-                sorted(per_layer.items(), key=lambda item: -item[0])],
+        layers=[
+            LayerMass(layer, mass, mass / total)
+            for layer, mass in sorted(per_layer.items(), key=lambda item: -item[0])
+        ],
         edges=sorted(edges, key=lambda e: -e.mass)[:top_edges],
-        tokens=_top_tokens(result.tokens, importance, top_tokens), importance=importance,
-        roles=roles, role_threshold=role_threshold, stats=stats,
-        predictions=[p if isinstance(p, Prediction) else Prediction(**p)
-                     for p in predictions or []],
-        verification=verification)
+        tokens=_top_tokens(result.tokens, importance, top_tokens),
+        importance=importance,
+        roles=roles,
+        role_threshold=role_threshold,
+        stats=stats,
+        predictions=[
+            p if isinstance(p, Prediction) else Prediction(**p) for p in predictions or []
+        ],
+        verification=verification,
+    )
 
 
-def _masses(result: TraceResult, roles: Optional[HeadTable], threshold: float
-            ) -> tuple[list[BeamCircuit], list[HeadMass], list[EdgeMass]]:
+def _masses(
+    result: TraceResult, roles: Optional[HeadTable], threshold: float
+) -> tuple[list[BeamCircuit], list[HeadMass], list[EdgeMass]]:
     """Every beam as a circuit line; traced mass summed per (layer, head) and per edge."""
     heads: dict[tuple, HeadMass] = {}
     edges: dict[tuple, EdgeMass] = {}
@@ -276,14 +311,28 @@ def _masses(result: TraceResult, roles: Optional[HeadTable], threshold: float
             hm.mass += share * attn
             hm.edges += 1
             q, key = beam.positions[i], beam.positions[i + 1]
-            em = edges.setdefault((layer, head, q, key), EdgeMass(
-                layer, head, q, key, beam.tokens[i], beam.tokens[i + 1], attn, 0.0,
-                beam.bos_mass[i], [], role))
+            em = edges.setdefault(
+                (layer, head, q, key),
+                EdgeMass(
+                    layer,
+                    head,
+                    q,
+                    key,
+                    beam.tokens[i],
+                    beam.tokens[i + 1],
+                    attn,
+                    0.0,
+                    beam.bos_mass[i],
+                    [],
+                    role,
+                ),
+            )
             em.mass += share * attn
             em.beams.append(b)
         line = circuit_line(beam.tokens, beam.positions, beam.layers, beam.heads, beam.edge_attns)
-        circuits.append(BeamCircuit(b + 1, line, beam.score_raw, beam.score_norm, share,
-                                    edge_roles))
+        circuits.append(
+            BeamCircuit(b + 1, line, beam.score_raw, beam.score_norm, share, edge_roles)
+        )
     return circuits, list(heads.values()), list(edges.values())
 
 
@@ -292,11 +341,12 @@ def _table(value) -> Optional[HeadTable]:
         return value
     if isinstance(value, dict):
         return HeadTable.from_dict(value)
-    raise TypeError(f"expected a HeadTable or its to_dict(), got {type(value).__name__}")
+    raise RatLensError(f"expected a HeadTable or its to_dict(), got {type(value).__name__}")
 
 
-def _best_role(roles: Optional[HeadTable], layer: int, head: Optional[int], threshold: float
-               ) -> tuple[str, Optional[float]]:
+def _best_role(
+    roles: Optional[HeadTable], layer: int, head: Optional[int], threshold: float
+) -> tuple[str, Optional[float]]:
     """The role whose detector score for (layer, head) is highest and >= threshold."""
     if roles is None or head is None:
         return "", None
@@ -308,7 +358,7 @@ def _best_role(roles: Optional[HeadTable], layer: int, head: Optional[int], thre
     return ROLE_LABELS.get(name, name), score
 
 
-def _pattern(patterns, layer: int, batch_index: int) -> Tensor:
+def _pattern(patterns, layer: int, batch_index: int):
     """``[head, q, k]`` of one layer, from a cache / dict keyed by hook name or by layer."""
     name = f"blocks.{layer}.attn.hook_pattern"  # TL's name; capture.hook_name without importing TL
     for key in (name, layer):
@@ -318,59 +368,53 @@ def _pattern(patterns, layer: int, batch_index: int) -> Tensor:
         except (KeyError, IndexError, TypeError):
             continue
     else:
-        raise RatLensError(f"patterns has no {name!r} (nor key {layer}): pass the cache of "
-                           "the traced layers")
+        raise RatLensError(
+            f"patterns has no {name!r} (nor key {layer}): pass the cache of the traced layers"
+        )
     if pattern.ndim == 4:
         pattern = pattern[batch_index if pattern.shape[0] > 1 else 0]
     if pattern.ndim != 3:
-        raise RatLensError(f"pattern of layer {layer} has shape {tuple(pattern.shape)}; expected "
-                           "[batch, head, q, k] or [head, q, k]")
+        raise RatLensError(
+            f"pattern of layer {layer} has shape {tuple(pattern.shape)}; expected "
+            "[batch, head, q, k] or [head, q, k]"
+        )
     return pattern.detach().cpu()
 
 
-def _stats_table(layer_ids: list[int], stacked: list[Tensor], agg_heads: str) -> HeadTable:
+def _stats_table(layer_ids: list[int], stacked: list, agg_heads: str) -> HeadTable:
+    import torch  # patterns were given: they are torch tensors
+
+    from ..search.stats import attention_stats
+
     per_layer = [attention_stats(p.float()) for p in stacked]
     n_heads = {p.shape[0] for p in stacked}
     if len(n_heads) > 1:
         raise RatLensError(f"patterns have different head counts per layer: {sorted(n_heads)}")
     return HeadTable.from_tensors(
-        layer_ids, {name: torch.stack([s[name] for s in per_layer]) for name in per_layer[0]},
-        aggregated=n_heads == {1} and agg_heads != "none")
+        layer_ids,
+        {name: torch.stack([s[name] for s in per_layer]) for name in per_layer[0]},
+        aggregated=n_heads == {1} and agg_heads != "none",
+    )
 
 
-def _rollout(stacked: list[Tensor], target: int) -> list[float]:
+def _rollout(stacked: list, target: int) -> list[float]:
+    import torch  # patterns were given: they are torch tensors
+
+    from ..search.stats import rollout_importance
+
     lo_to_hi = [p.float() for p in reversed(stacked)]
     if len({p.shape[0] for p in lo_to_hi}) > 1:  # mixed head counts: average each layer first
         lo_to_hi = [p.mean(0, keepdim=True) for p in lo_to_hi]
     return rollout_importance(torch.stack(lo_to_hi), target).tolist()
 
 
-def predictions_at(result: TraceResult, logits: Tensor, tokenizer, k: int) -> list[Prediction]:
-    """The top-``k`` next tokens at the target and every traced position, from final logits."""
-    if logits.ndim == 3:
-        logits = logits[result.batch_index if logits.shape[0] > 1 else 0]
-    if logits.ndim != 2 or logits.shape[0] != result.seq_len:
-        raise RatLensError(f"logits have shape {tuple(logits.shape)}; expected [seq, vocab] or "
-                           f"[batch, seq, vocab] with seq = {result.seq_len}")
-    positions = list(dict.fromkeys(p for beam in result.beams for p in beam.positions))
-    if not positions:
-        positions = [result.target_pos]
-    probs, ids = top_predictions(logits.detach().cpu(), positions, k)
-    out = []
-    for p, row_probs, row_ids in zip(positions, probs.tolist(), ids.tolist()):
-        words = tokenizer.batch_decode([[i] for i in row_ids]) if tokenizer is not None \
-            else [str(i) for i in row_ids]
-        out.append(Prediction(p, result.tokens[p], row_ids, words, row_probs))
-    return out
-
-
 def _beam_mass(result: TraceResult, edges) -> list[float]:
-    edges = list(edges)
-    if not edges:
-        return [0.0] * result.seq_len
-    keys = torch.tensor([e.key for e in edges])
-    mass = torch.tensor([e.mass for e in edges], dtype=torch.float64)
-    return beam_mass_importance(keys, mass, result.seq_len).tolist()
+    """Traced mass landing on each position (``search.stats.beam_mass_importance`` in plain
+    Python, in the same order, so that a summary needs no torch)."""
+    mass = [0.0] * result.seq_len
+    for edge in edges:
+        mass[edge.key] += edge.mass
+    return mass
 
 
 def _top_tokens(tokens: list[str], importance: dict[str, list[float]], n: int) -> list[TokenScore]:
@@ -382,6 +426,10 @@ def _top_tokens(tokens: list[str], importance: dict[str, list[float]], n: int) -
             best = sorted(range(len(values)), key=lambda p: -values[p])[:n]
             chosen.update((p, None) for p in best if values[p] > 0)
     rollout: Any = importance.get("rollout")
-    rows = [TokenScore(p, tokens[p], importance["beam_mass"][p],
-                       None if rollout is None else rollout[p]) for p in chosen]
+    rows = [
+        TokenScore(
+            p, tokens[p], importance["beam_mass"][p], None if rollout is None else rollout[p]
+        )
+        for p in chosen
+    ]
     return sorted(rows, key=lambda t: (-t.beam_mass, -(t.rollout or 0.0), t.position))

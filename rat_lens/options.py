@@ -1,0 +1,160 @@
+"""How a trace searches: one frozen, validated :class:`TraceOptions`, defined once.
+
+Every entry point (``rat_lens.trace``, ``ReverseAttentionTracer.trace`` / ``trace_batch``,
+``trace_attention``, the CLI) builds one from its keyword arguments and hands it to the beam
+search; the defaults below are the only place they are written. Nothing here imports torch.
+
+>>> TraceOptions(layers=(0, 11), agg_heads="none").chain
+False
+>>> TraceOptions(top_k=0)
+Traceback (most recent call last):
+...
+rat_lens.errors.RatLensError: top_k must be >= 1, got 0
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Optional
+
+from .errors import RatLensError, check_bool, check_choice, check_int, resolve_index
+
+__all__ = ["TraceOptions", "AGG_HEADS", "LENGTH_NORMS", "RESIDUALS", "length_norm_denominator"]
+
+AGG_HEADS = ("mean", "max", "none")
+LENGTH_NORMS = ("none", "avg_logprob", "sqrt", "pow:<alpha>")
+RESIDUALS = ("none", "rollout")
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """The beam search's options, checked once when built.
+
+    Attributes:
+        layer: chain mode: the one layer whose attention every step reads (``-1``: last).
+        layers: ``(lo, hi)``: layers mode, one edge per layer from ``hi`` down to ``lo``
+            (Python-style indices). Give ``layer`` or ``layers``, not both.
+        top_beam: beams kept after every step (and returned).
+        top_k: candidates (head, key) each beam expands to per step.
+        min_attn: candidates below this weight are dropped.
+        agg_heads: ``"mean"`` / ``"max"`` over heads, or ``"none"``: per-head edges.
+        length_norm: how a path's Σ log(weight) is normalised: ``"none"``, ``"avg_logprob"``
+            (÷ edges), ``"sqrt"`` (÷ √edges) or ``"pow:α"`` (÷ edges^α).
+        stop_at_bos: a beam ends when it reaches a BOS position (position 0 always ends it).
+        residual: ``"rollout"`` (layers mode) adds the residual stream, 0.5·A + 0.5·I.
+        exclude_bos: leave BOS / position 0 out of the candidates (attention sinks).
+    """
+
+    layer: int = -1
+    layers: Optional[Sequence[int]] = None  # (lo, hi); kept as a tuple
+    top_beam: int = 5
+    top_k: int = 5
+    min_attn: float = 0.0
+    agg_heads: str = "mean"
+    length_norm: str = "avg_logprob"
+    stop_at_bos: bool = True
+    residual: Optional[str] = "none"  # None reads as "none"
+    exclude_bos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise RatLensError(f"layer must be an int, got {self.layer!r}")
+        if self.layers is not None:
+            if not (
+                isinstance(self.layers, (tuple, list))
+                and len(self.layers) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers)
+            ):
+                raise RatLensError(
+                    f"layers={self.layers!r} must be a pair (lo, hi) of layer indices, e.g. (0, 11)"
+                )
+            if self.layer != -1:
+                raise RatLensError(
+                    f"give either layer={self.layer} (chain mode) or "
+                    f"layers={tuple(self.layers)} (layers mode), not both"
+                )
+            object.__setattr__(self, "layers", tuple(self.layers))
+        check_int("top_beam", self.top_beam)
+        check_int("top_k", self.top_k)
+        if (
+            isinstance(self.min_attn, bool)
+            or not isinstance(self.min_attn, (int, float))
+            or self.min_attn != self.min_attn
+        ):
+            raise RatLensError(f"min_attn must be a number, got {self.min_attn!r}")
+        check_choice("agg_heads", self.agg_heads, AGG_HEADS)
+        check_length_norm(self.length_norm)
+        check_bool("stop_at_bos", self.stop_at_bos)
+        check_bool("exclude_bos", self.exclude_bos)
+        residual = "none" if self.residual is None else self.residual
+        check_choice("residual", residual, RESIDUALS)
+        if self.chain and residual != "none":
+            raise RatLensError(
+                f"residual={residual!r} needs layers mode (layers=(lo, hi)): a "
+                "chain stays in one layer"
+            )
+        object.__setattr__(self, "residual", residual)
+
+    @property
+    def chain(self) -> bool:
+        """Chain mode (one layer, reverse-attention's semantics) rather than layers mode."""
+        return self.layers is None
+
+    @property
+    def per_head(self) -> bool:
+        return self.agg_heads == "none"
+
+    def layer_ids(self, n_layers: int) -> list[int]:
+        """The layers a path reads, top first: ``[layer]`` in chain mode, else hi..lo.
+
+        >>> TraceOptions(layers=(-3, -1)).layer_ids(12)
+        [11, 10, 9]
+        """
+        if self.chain:
+            return [resolve_index("layer", self.layer, n_layers, "n_layers")]
+        lo = resolve_index("layers[0]", self.layers[0], n_layers, "n_layers")
+        hi = resolve_index("layers[1]", self.layers[1], n_layers, "n_layers")
+        if lo > hi:
+            raise RatLensError(f"layers={self.layers} is empty: lo={lo} > hi={hi}")
+        return list(range(hi, lo - 1, -1))
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def check_length_norm(length_norm) -> str:
+    """``length_norm`` if it is ``none``, ``avg_logprob``, ``sqrt`` or ``pow:α`` (finite α)."""
+    if isinstance(length_norm, str) and length_norm.startswith("pow:"):
+        parse_pow(length_norm)
+        return length_norm
+    return check_choice("length_norm", length_norm, LENGTH_NORMS)
+
+
+def parse_pow(length_norm: str) -> float:
+    try:
+        alpha = float(length_norm[len("pow:") :])
+    except ValueError:
+        alpha = math.nan
+    if not math.isfinite(alpha):
+        raise RatLensError(
+            f"length_norm={length_norm!r} is malformed: expected 'pow:<alpha>' with a finite "
+            "number, e.g. 'pow:0.7'"
+        )
+    return alpha
+
+
+def length_norm_denominator(length_norm: str, n_edges: int) -> float:
+    """What a path's summed log-attention is divided by, as reverse-attention computes it.
+
+    Python floats on purpose: the score order must match the peer's bit for bit.
+
+    >>> [length_norm_denominator(m, 4) for m in ("none", "avg_logprob", "sqrt", "pow:0.5")]
+    [1.0, 4.0, 2.0, 2.0]
+    """
+    if n_edges == 0 or length_norm == "none":
+        return 1.0
+    if length_norm == "avg_logprob":
+        return float(n_edges)
+    if length_norm == "sqrt":
+        return math.sqrt(n_edges)
+    return n_edges ** parse_pow(length_norm)

@@ -1,0 +1,33 @@
+"""A trace in words and numbers: :func:`summarize` gives a :class:`Summary` (one-line circuits,
+the heads and layers carrying traced mass, token importance, predictions, the causal check),
+read as text, markdown, an HTML fragment, rich tables or JSON.
+
+- ``build``: the summary's dataclasses and :func:`summarize`;
+- ``text``: how a summary reads (sections → text / markdown / HTML / rich).
+
+Needs no torch unless given patterns or logits.
+"""
+
+from .build import (
+    ROLE_LABELS,
+    BeamCircuit,
+    EdgeMass,
+    HeadMass,
+    LayerMass,
+    Summary,
+    TokenScore,
+    circuit_line,
+    summarize,
+)
+
+__all__ = [
+    "Summary",
+    "BeamCircuit",
+    "HeadMass",
+    "LayerMass",
+    "EdgeMass",
+    "TokenScore",
+    "summarize",
+    "circuit_line",
+    "ROLE_LABELS",
+]
