@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 # name -> the module that defines it; each is imported when the name is first used.
 _EXPORTS = {
-    "ReverseAttentionTracer": "tracer",
+    "ReverseAttentionTracer": "compat",
+    "Tracer": "tracer",
     "trace": "tracer",
     "trace_attention": "search.beam",
     "capture_patterns": "capture",
@@ -46,6 +47,7 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:  # editors and type checkers see the names without the lazy indirection
     from .capture import PatternCapture, capture_patterns
     from .causal import verify
+    from .compat import ReverseAttentionTracer
     from .errors import RatLensError
     from .options import TraceOptions
     from .render import render_html
@@ -61,7 +63,7 @@ if TYPE_CHECKING:  # editors and type checkers see the names without the lazy in
     )
     from .search.beam import trace_attention
     from .summary import summarize
-    from .tracer import ReverseAttentionTracer, trace
+    from .tracer import Tracer, trace
 
 
 def __getattr__(name: str):

@@ -23,6 +23,7 @@ patterns (two forwards of 16 tokens); otherwise, and for padded batches, one for
 
 import inspect
 import re
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -50,6 +51,8 @@ __all__ = [
     "pattern_layers",
     "hook_name",
     "kv_cache_reaches_attention",
+    "model_session",
+    "check_tokens",
 ]
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
@@ -58,8 +61,9 @@ _HOOK_RE = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
 def hook_name(layer: int) -> str:
     """TransformerLens's name for layer ``layer``'s attention pattern.
 
-    >>> hook_name(3)
-    'blocks.3.attn.hook_pattern'
+    Examples:
+        >>> hook_name(3)
+        'blocks.3.attn.hook_pattern'
     """
     return f"blocks.{layer}.attn.hook_pattern"
 
@@ -97,12 +101,14 @@ class PatternCapture:
     rows are appended below the rows captured so far (so one capture spans a chunked or
     incremental run, e.g. token-by-token generation with ``past_key_values``).
 
-    >>> from rat_lens.models import load
-    >>> model = load("induction-2l")
-    >>> capture = PatternCapture([1])
-    >>> _ = model.run_with_hooks(model.to_tokens("cat dog red cat"), fwd_hooks=capture.fwd_hooks)
-    >>> capture.to_cache(model)["pattern", 1].shape
-    torch.Size([1, 1, 5, 5])
+    Examples:
+        >>> from rat_lens.models import load
+        >>> model = load("induction-2l")
+        >>> capture = PatternCapture([1])
+        >>> tokens = model.to_tokens("cat dog red cat")
+        >>> _ = model.run_with_hooks(tokens, fwd_hooks=capture.fwd_hooks)
+        >>> capture.to_cache(model)["pattern", 1].shape
+        torch.Size([1, 1, 5, 5])
     """
 
     layers: Sequence[int]
@@ -164,12 +170,13 @@ def capture_patterns(
     ``query_chunk=N`` runs it N positions at a time over the model's KV cache, ``None`` in one
     pass; the default ``"auto"`` chunks long unpadded prompts where that is exact (see above).
 
-    >>> from rat_lens.models import load
-    >>> model = load("induction-2l")
-    >>> tokens = model.to_tokens("cat dog red cat dog")
-    >>> cache = capture_patterns(model, tokens, [0, 1], agg_heads="none")
-    >>> sorted(cache.keys()), cache["pattern", 0].shape
-    (['blocks.0.attn.hook_pattern', 'blocks.1.attn.hook_pattern'], torch.Size([1, 4, 6, 6]))
+    Examples:
+        >>> from rat_lens.models import load
+        >>> model = load("induction-2l")
+        >>> tokens = model.to_tokens("cat dog red cat dog")
+        >>> cache = capture_patterns(model, tokens, [0, 1], agg_heads="none")
+        >>> sorted(cache.keys()), cache["pattern", 0].shape
+        (['blocks.0.attn.hook_pattern', 'blocks.1.attn.hook_pattern'], torch.Size([1, 4, 6, 6]))
     """
     return _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_early=True)[1]
 
@@ -185,11 +192,12 @@ def run_with_patterns(
 ) -> tuple[Float[Tensor, "batch seq vocab"], ActivationCache]:
     """:func:`capture_patterns` with the whole forward: the logits too, as ``run_with_cache``.
 
-    >>> from rat_lens.models import load
-    >>> model = load("induction-2l")
-    >>> logits, cache = run_with_patterns(model, model.to_tokens("cat dog red"), [1])
-    >>> logits.shape, cache["pattern", 1].shape
-    (torch.Size([1, 4, 64]), torch.Size([1, 1, 4, 4]))
+    Examples:
+        >>> from rat_lens.models import load
+        >>> model = load("induction-2l")
+        >>> logits, cache = run_with_patterns(model, model.to_tokens("cat dog red"), [1])
+        >>> logits.shape, cache["pattern", 1].shape
+        (torch.Size([1, 4, 64]), torch.Size([1, 1, 4, 4]))
     """
     return _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_early=False)
 
@@ -199,6 +207,16 @@ def _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_ear
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad or not layers:
         raise RatLensError(f"layers {list(layers)} must be non-empty and within 0..{n_layers - 1}")
+    check_tokens(model, tokens)
+    with model_session(model):
+        return _forward(
+            model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_early, n_layers
+        )
+
+
+def _forward(
+    model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_early: bool, n_layers: int
+):
     seq = tokens.shape[-1]
     chunk = _chunk_size(model, tokens, layers, attention_mask, query_chunk)
     kwargs = (
@@ -232,6 +250,63 @@ def _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_ear
             f"not available for this model; trace without it"
         )
     return (torch.cat(logits, dim=1) if logits else None), capture.to_cache(model)
+
+
+_locks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its RLock
+_locks_guard = threading.Lock()
+
+
+@contextmanager
+def model_session(model):
+    """Run a forward of ``model`` with our hooks safely: one thread at a time per model, in
+    eval mode.
+
+    Hooks live on the model, so two threads tracing one model would see each other's hooks
+    (wrong patterns, a stop raised into the other's forward): a per-model re-entrant lock
+    serialises every rat_lens run on it (other models run in parallel). Dropout would make
+    traces random, so the forward runs in eval mode; every module's own ``training`` flag is
+    put back afterwards, errors included.
+    """
+    with _locks_guard:
+        lock = _locks.setdefault(model, threading.RLock())
+    with lock:
+        modes = [(module, module.training) for module in _all_modules(model)]
+        if isinstance(model, torch.nn.Module):
+            model.eval()  # the bridge's own eval() also reaches the HF model it wraps
+        try:
+            yield model
+        finally:
+            for module, training in modes:
+                module.training = training
+
+
+def _all_modules(model) -> list:
+    """Every module whose mode a forward depends on: the model's, and those of a Hugging Face
+    model a bridge wraps without registering it as a submodule. A duck-typed wrapper without
+    torch's Module API has none."""
+    found: dict[int, torch.nn.Module] = {}
+    for root in (model, getattr(model, "original_model", None)):
+        if isinstance(root, torch.nn.Module):
+            found.update((id(m), m) for m in root.modules())
+    return list(found.values())
+
+
+def check_tokens(model, tokens: Tensor) -> None:
+    """Token ids the model can embed, and no more positions than its context: a clear error here
+    rather than an IndexError from inside torch (or TL silently cutting the prompt)."""
+    cfg = getattr(model, "cfg", None)
+    vocab, n_ctx = getattr(cfg, "d_vocab", None), getattr(cfg, "n_ctx", None)
+    if tokens.numel() and (int(tokens.min()) < 0 or (vocab and int(tokens.max()) >= vocab)):
+        bad = tokens[(tokens < 0) | (tokens >= (vocab or 2**62))].unique()[:5].tolist()
+        raise RatLensError(
+            f"token ids {bad} are outside the model's vocabulary (valid: 0..{vocab - 1})"
+        )
+    if n_ctx and tokens.shape[-1] > n_ctx:
+        raise RatLensError(
+            f"the prompt has {tokens.shape[-1]} tokens, more than the model's "
+            f"context of {n_ctx}: shorten it (rat_lens never cuts a prompt "
+            f"silently)"
+        )
 
 
 def _chunk_size(model, tokens, layers, attention_mask, query_chunk) -> int:

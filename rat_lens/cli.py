@@ -9,9 +9,10 @@ on stderr names why), 2 bad command line.
 """
 
 import argparse
+import difflib
 import importlib.metadata
-import json
 import sys
+import webbrowser
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,39 +20,50 @@ from typing import Optional
 
 from .errors import RatLensError
 from .options import AGG_HEADS, RESIDUALS, TraceOptions
-from .result import TraceResult
+from .result import TraceResult, dump_traces, load_traces
 
 __all__ = ["main"]
 
 _DEFAULT = TraceOptions()
 
 
-def _load_traces(path: str) -> list[TraceResult]:
-    """One result (``to_json()``) or a list of them (``trace.json`` of a page with several)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return [TraceResult.from_dict(d) for d in (data if isinstance(data, list) else [data])]
-
-
 def _render(args: argparse.Namespace) -> int:
-    from .render import render_html  # the renderer is only needed by this subcommand
-
+    """Every file is read and checked before anything is written (no page from half the input,
+    no empty output folder)."""
     results = []
     for path in args.traces:
         try:
-            results.extend(_load_traces(path))
-        except (OSError, ValueError, TypeError, KeyError) as err:
-            # ValueError: not JSON; TypeError / KeyError: JSON that is not a TraceResult.
+            text = Path(path).read_bytes()
+        except OSError as err:
             print(
-                f"rat-lens render: error: cannot read a trace from {path!r}: "
-                f"{type(err).__name__}: {err}",
+                f"rat-lens render: error: cannot read a trace from {path!r}: {err.strerror or err}",
                 file=sys.stderr,
             )
             return 2
-    index = render_html(
-        results[0] if len(results) == 1 else results, args.out, open_browser=args.open
-    )
-    print(index)
+        try:
+            results.extend(load_traces(text, where=path))
+        except RatLensError as err:
+            print(f"rat-lens render: error: {err}", file=sys.stderr)
+            return 2
+    files = _write(results, args.out, ("html",))
+    if args.open:
+        webbrowser.open(files[0].resolve().as_uri())
+    print(files[0])
     return 0
+
+
+def _write(results: list[TraceResult], out: str, formats) -> list[Path]:
+    """The page and trace.json, trace.md, as asked, written all at once (rat_lens.files)."""
+    from .files import write_files
+    from .render import page_files
+
+    one_or_all = results[0] if len(results) == 1 else results
+    files = page_files(one_or_all) if "html" in formats else {}
+    if "json" in formats and "html" not in formats:
+        files["trace.json"] = dump_traces(one_or_all)
+    if "md" in formats:
+        files["trace.md"] = _markdown(results)
+    return write_files(out, files)
 
 
 FORMATS = ("html", "json", "md")
@@ -91,13 +103,11 @@ def _formats(text: str) -> list[str]:
 
 def _trace(args: argparse.Namespace) -> int:
     text = args.text if args.text is not None else args.text_option
-    if text is None:
-        print(
-            'rat-lens trace: error: give the text to trace (rat-lens trace "some text")',
-            file=sys.stderr,
-        )
+    if text is None or not text.strip():
+        what = "give the text to trace" if text is None else "the text to trace is empty"
+        print(f'rat-lens trace: error: {what} (rat-lens trace "some text")', file=sys.stderr)
         return 2
-    try:  # the search options are checked before the (slow) model load
+    try:  # the search options and the device are checked before the (slow) model load
         options = TraceOptions(
             layer=args.layer if args.layer is not None else _DEFAULT.layer,
             layers=args.layers,
@@ -110,13 +120,18 @@ def _trace(args: argparse.Namespace) -> int:
             residual=args.residual,
             exclude_bos=args.exclude_bos,
         )
+        if args.device is not None:
+            from .models import check_device
+
+            check_device(args.device)
     except RatLensError as err:
         print(f"rat-lens trace: error: {err}", file=sys.stderr)
         return 2
 
+    from .compat import ReverseAttentionTracer
     from .models import load
     from .summary import summarize
-    from .tracer import ReverseAttentionTracer, generate
+    from .tracer import generate
 
     with progress(f"loading {args.model}"):
         model = load(args.model, device=args.device)
@@ -151,23 +166,10 @@ def _trace(args: argparse.Namespace) -> int:
             print(f"  {line}")
         print()
         print(summarize(result).to_text())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    one_or_all = results[0] if len(results) == 1 else results
-    if "html" in args.format:
-        from .render import render_html
-
-        written.append(render_html(one_or_all, out, open_browser=args.open_browser))
-    if "json" in args.format and "html" not in args.format:  # render_html wrote it already
-        data = [r.to_dict() for r in results] if len(results) > 1 else results[0].to_dict()
-        (out / "trace.json").write_text(json.dumps(data), encoding="utf-8")
-    if "json" in args.format:
-        written.append(str(out / "trace.json"))
-    if "md" in args.format:
-        (out / "trace.md").write_text(_markdown(results), encoding="utf-8")
-        written.append(str(out / "trace.md"))
-    print("wrote " + ", ".join(written))
+    written = _write(results, args.out, args.format)
+    if args.open_browser and "html" in args.format:
+        webbrowser.open(written[0].resolve().as_uri())
+    print("wrote " + ", ".join(map(str, written)))
     return 0
 
 
@@ -205,10 +207,28 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus "did you mean" for a mistyped flag (Python < 3.14 has no suggestions)."""
+
+    def error(self, message: str):
+        unknown = message.partition("unrecognized arguments: ")[2].split()
+        flags = [f for action in self._actions for f in action.option_strings]
+        for subparsers in self._subparsers._group_actions if self._subparsers else []:
+            for sub in getattr(subparsers, "choices", {}).values():
+                flags += [f for action in sub._actions for f in action.option_strings]
+        hints = [
+            f"{bad} → {close[0]}"
+            for bad in unknown
+            if bad.startswith("-")
+            and (close := difflib.get_close_matches(bad.split("=")[0], flags, n=1))
+        ]
+        if hints:
+            message += f" (did you mean: {', '.join(hints)}?)"
+        super().error(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rat-lens", description="Reverse Attention Tracer for TransformerLens."
-    )
+    parser = _Parser(prog="rat-lens", description="Reverse Attention Tracer for TransformerLens.")
     parser.add_argument(
         "--version", action="version", version=f"rat-lens {importlib.metadata.version('rat-lens')}"
     )

@@ -5,14 +5,15 @@ Every bad value or bad type given to a rat_lens function raises :class:`RatLensE
 ``TypeError`` comes only from Python itself (an unknown keyword, a missing argument).
 This module imports nothing (no torch), so every other module may use it.
 
->>> check_int("top_beam", "5")
-Traceback (most recent call last):
-...
-rat_lens.errors.RatLensError: top_beam must be an int, got '5' (str)
->>> check_choice("agg_heads", "sum", ("mean", "max", "none"))
-Traceback (most recent call last):
-...
-rat_lens.errors.RatLensError: agg_heads='sum' not in {'mean', 'max', 'none'}
+Examples:
+    >>> check_int("top_beam", "5")
+    Traceback (most recent call last):
+    ...
+    rat_lens.errors.RatLensError: top_beam must be an int, got '5' (str)
+    >>> check_choice("agg_heads", "sum", ("mean", "max", "none"))
+    Traceback (most recent call last):
+    ...
+    rat_lens.errors.RatLensError: agg_heads='sum' not in {'mean', 'max', 'none'}
 """
 
 import math
@@ -64,8 +65,9 @@ def check_bool(name: str, value) -> bool:
 def resolve_index(name: str, index, size: int, what: str) -> int:
     """Resolve a Python-style (possibly negative) index into ``range(size)`` or raise.
 
-    >>> resolve_index("layer", -1, 12, "n_layers")
-    11
+    Examples:
+        >>> resolve_index("layer", -1, 12, "n_layers")
+        11
     """
     if isinstance(index, bool) or not isinstance(index, int):
         raise RatLensError(f"{name} must be an int, got {index!r} ({type(index).__name__})")

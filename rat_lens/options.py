@@ -4,12 +4,13 @@ Every entry point (``rat_lens.trace``, ``ReverseAttentionTracer.trace`` / ``trac
 ``trace_attention``, the CLI) builds one from its keyword arguments and hands it to the beam
 search; the defaults below are the only place they are written. Nothing here imports torch.
 
->>> TraceOptions(layers=(0, 11), agg_heads="none").chain
-False
->>> TraceOptions(top_k=0)
-Traceback (most recent call last):
-...
-rat_lens.errors.RatLensError: top_k must be >= 1, got 0
+Examples:
+    >>> TraceOptions(layers=(0, 11), agg_heads="none").chain
+    False
+    >>> TraceOptions(top_k=0)
+    Traceback (most recent call last):
+    ...
+    rat_lens.errors.RatLensError: top_k must be >= 1, got 0
 """
 
 import math
@@ -19,9 +20,23 @@ from typing import Optional
 
 from .errors import RatLensError, check_bool, check_choice, check_int, resolve_index
 
-__all__ = ["TraceOptions", "AGG_HEADS", "LENGTH_NORMS", "RESIDUALS", "length_norm_denominator"]
+__all__ = [
+    "TraceOptions",
+    "AGG_HEADS",
+    "LENGTH_NORMS",
+    "RESIDUALS",
+    "SEARCH_BUDGET",
+    "length_norm_denominator",
+]
 
 AGG_HEADS = ("mean", "max", "none")
+# A search expands at most top_beam × top_k candidates per step: above this many in all it is
+# refused before any work (a few seconds of CPU; reverse-attention took 34 s and 3.3 GB for
+# top_beam=10**6 on 32 tokens). Raise it with ``rat_lens.options.SEARCH_BUDGET = n``.
+SEARCH_BUDGET = 20_000_000
+# Beams one page draws, over all its results (a beam costs ~1.4 ms to lay out and ~250 bytes of
+# page; 200,000 took 4 min 44 s and 49 MB). Raise it with ``rat_lens.options.PAGE_BEAM_BUDGET``.
+PAGE_BEAM_BUDGET = 5_000
 LENGTH_NORMS = ("none", "avg_logprob", "sqrt", "pow:<alpha>")
 RESIDUALS = ("none", "rollout")
 
@@ -107,8 +122,9 @@ class TraceOptions:
     def layer_ids(self, n_layers: int) -> list[int]:
         """The layers a path reads, top first: ``[layer]`` in chain mode, else hi..lo.
 
-        >>> TraceOptions(layers=(-3, -1)).layer_ids(12)
-        [11, 10, 9]
+        Examples:
+            >>> TraceOptions(layers=(-3, -1)).layer_ids(12)
+            [11, 10, 9]
         """
         if self.chain:
             return [resolve_index("layer", self.layer, n_layers, "n_layers")]
@@ -117,6 +133,23 @@ class TraceOptions:
         if lo > hi:
             raise RatLensError(f"layers={self.layers} is empty: lo={lo} > hi={hi}")
         return list(range(hi, lo - 1, -1))
+
+    def check_budget(self, n_steps: int) -> None:
+        """Refuse a search that could expand more than ``SEARCH_BUDGET`` candidates.
+
+        Examples:
+            >>> TraceOptions(top_beam=10**6).check_budget(31)
+            Traceback (most recent call last):
+            ...
+            rat_lens.errors.RatLensError: top_beam=1000000 × top_k=5 × 31 steps = 155,000,000 ...
+        """
+        work = self.top_beam * self.top_k * max(n_steps, 1)
+        if work > SEARCH_BUDGET:
+            raise RatLensError(
+                f"top_beam={self.top_beam} × top_k={self.top_k} × {n_steps} steps = {work:,} "
+                f"candidate expansions, over the search budget of {SEARCH_BUDGET:,}: lower "
+                f"top_beam or top_k, or raise rat_lens.options.SEARCH_BUDGET if you mean it"
+            )
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -148,8 +181,9 @@ def length_norm_denominator(length_norm: str, n_edges: int) -> float:
 
     Python floats on purpose: the score order must match the peer's bit for bit.
 
-    >>> [length_norm_denominator(m, 4) for m in ("none", "avg_logprob", "sqrt", "pow:0.5")]
-    [1.0, 4.0, 2.0, 2.0]
+    Examples:
+        >>> [length_norm_denominator(m, 4) for m in ("none", "avg_logprob", "sqrt", "pow:0.5")]
+        [1.0, 4.0, 2.0, 2.0]
     """
     if n_edges == 0 or length_norm == "none":
         return 1.0

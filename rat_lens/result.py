@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .errors import RatLensError
+from .schema import FORMAT_VERSION, check_trace, is_reverse_attention_trace
 
 __all__ = [
     "TraceResult",
@@ -47,14 +48,35 @@ NOISE = 1e-5  # nats: causal effects below this are float noise, not effects
 
 
 class JsonRoundTrip:
-    """Mixin: ``to_json()`` and ``from_json()`` for a class with ``to_dict`` / ``from_dict``."""
+    """Mixin: ``to_json()`` and ``from_json()`` for a class with ``to_dict`` / ``from_dict``.
+
+    ``to_json`` writes strict JSON (no NaN); ``from_json`` turns text that is not JSON (or
+    nested too deeply to parse) into one RatLensError."""
 
     def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
+        return json.dumps(self.to_dict(), **{"allow_nan": False, **kwargs})
 
     @classmethod
     def from_json(cls, text: str):
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(parse_json(text, cls.__name__))
+
+
+def parse_json(text, what: str = "JSON"):
+    """``json.loads`` with every failure as one RatLensError (NaN/Infinity are not JSON)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode("utf-8", errors="replace")
+    if not isinstance(text, str):
+        raise RatLensError(f"{what}: expected JSON text, got {type(text).__name__}")
+
+    def no_constant(name):
+        raise RatLensError(f"{what}: {name} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_constant=no_constant)
+    except json.JSONDecodeError as err:
+        raise RatLensError(f"{what}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise RatLensError(f"{what}: nested too deeply to be a saved trace") from None
 
 
 @dataclass
@@ -353,10 +375,11 @@ class HeadTable:
     Holds attention statistics or head-role scores as plain lists (JSON-ready). ``head`` is
     ``None`` when the values describe heads aggregated into one (``agg_heads="mean"``).
 
-    >>> import torch
-    >>> table = HeadTable.from_tensors([3], {"entropy": torch.tensor([[0.5, 1.5]])})
-    >>> table.get("entropy", 3, 1), table.n_heads, HeadTable.from_dict(table.to_dict()) == table
-    (1.5, 2, True)
+    Examples:
+        >>> import torch
+        >>> table = HeadTable.from_tensors([3], {"entropy": torch.tensor([[0.5, 1.5]])})
+        >>> table.get("entropy", 3, 1), table.n_heads, HeadTable.from_dict(table.to_dict()) == table
+        (1.5, 2, True)
     """
 
     layers: list[int]
@@ -442,6 +465,7 @@ class TraceResult(JsonRoundTrip):
     predictions: list[Prediction] = field(default_factory=list)
     rollout: list[float] = field(default_factory=list)
     verification: Optional[Verification] = None  # result.verification = rat_lens.verify(...)
+    format_version: int = FORMAT_VERSION
 
     def __repr__(self) -> str:
         layers = (
@@ -457,11 +481,20 @@ class TraceResult(JsonRoundTrip):
         )
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field, plus reverse-attention's ``metadata`` block (its readers find it)."""
+        data = dataclasses.asdict(self)
+        data["metadata"] = {name: data[name] for name in _PEER_METADATA}
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TraceResult":
-        data = dict(data)
+    def from_dict(cls, data) -> "TraceResult":
+        """A result from ``to_dict()`` output, or from reverse-attention 0.1.0's ``trace.json``;
+        every field is checked first (:func:`rat_lens.schema.check_trace`): a bad one is named
+        in one RatLensError."""
+        if is_reverse_attention_trace(data):
+            data = _from_reverse_attention(data)
+        data = dict(check_trace(data))
+        data.pop("metadata", None)
         data["beams"] = [BeamPath(**b) for b in data["beams"]]
         sankey = data["sankey"]
         data["sankey"] = SankeyData(
@@ -470,7 +503,12 @@ class TraceResult(JsonRoundTrip):
         )
         data["predictions"] = [Prediction(**p) for p in data.get("predictions", [])]
         if data.get("verification") is not None:
-            data["verification"] = Verification.from_dict(data["verification"])
+            try:
+                data["verification"] = Verification.from_dict(data["verification"])
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                raise RatLensError(
+                    f"trace: verification is not a saved Verification ({type(err).__name__}: {err})"
+                ) from None
         return cls(**data)
 
     def _repr_html_(self) -> str:
@@ -479,6 +517,106 @@ class TraceResult(JsonRoundTrip):
         from .render import html_fragment
 
         return html_fragment(self)
+
+
+def dump_traces(results) -> str:
+    """``trace.json`` text: one result's ``to_json()``, or a list of them for several."""
+    if isinstance(results, TraceResult):
+        return results.to_json()
+    return "[" + ", ".join(r.to_json() for r in results) + "]"
+
+
+def load_traces(text, where: str = "trace.json") -> list["TraceResult"]:
+    """Every result in ``trace.json`` text (ours, one or a list, or reverse-attention's), each
+    checked; a bad one is named by its index and field in one RatLensError."""
+    data = parse_json(text, where)
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise RatLensError(f"{where}: an empty list holds no trace")
+    results = []
+    for i, item in enumerate(items):
+        try:
+            results.append(TraceResult.from_dict(item))
+        except RatLensError as err:
+            label = f"{where}[{i}]" if isinstance(data, list) else where
+            raise RatLensError(f"{label}: {err}") from None
+    return results
+
+
+_PEER_METADATA = ("seq_len", "target_pos", "layer", "top_beam", "top_k")
+
+
+def _from_reverse_attention(data: dict) -> dict:
+    """reverse-attention 0.1.0's ``trace.json`` (``metadata``, ``tokens``, ``beams`` without
+    layers/heads/BOS mass, ``sankey``, ``paths_text``) as our ``to_dict()``: a chain in its
+    layer, heads aggregated, BOS mass unknown (read as 0), the Sankey graph rebuilt from the
+    beams by the same rule, the length norm read off the scores."""
+    meta = data["metadata"]
+    unknown = sorted(set(data) - {"metadata", "tokens", "beams", "sankey", "paths_text"})
+    if unknown or not isinstance(data.get("beams"), list):
+        raise RatLensError(
+            f"reverse-attention trace: unexpected fields {unknown} or no 'beams' list"
+        )
+    beams = []
+    for i, beam in enumerate(data["beams"]):
+        if (
+            not isinstance(beam, dict)
+            or not isinstance(beam.get("positions"), list)
+            or not isinstance(beam.get("edge_attns"), list)
+        ):
+            raise RatLensError(
+                f"reverse-attention trace: beams[{i}] needs 'positions' and 'edge_attns' lists"
+            )
+        edges = len(beam["edge_attns"])
+        beams.append(
+            {
+                "positions": beam["positions"],
+                "edge_attns": beam["edge_attns"],
+                "layers": [meta.get("layer")] * edges,
+                "heads": [None] * edges,
+                "bos_mass": [0.0] * edges,
+                "score_raw": beam.get("score_raw"),
+                "score_norm": beam.get("score_norm"),
+                "tokens": beam.get("tokens", []),
+                "token_ids": beam.get("token_ids", []),
+            }
+        )
+    ours = {
+        **{name: meta.get(name) for name in _PEER_METADATA},
+        "tokens": data.get("tokens"),
+        "beams": beams,
+        "sankey": {"nodes": [], "links": []},
+        "paths_text": data.get("paths_text"),
+        "mode": "chain",
+        "length_norm": _length_norm_of(beams),
+    }
+    checked = check_trace(ours, "reverse-attention trace")
+    paths = [BeamPath(**b) for b in checked["beams"]]
+    sankey = build_sankey(paths, checked["tokens"], "chain", checked["layer"])
+    ours["sankey"] = dataclasses.asdict(sankey)
+    return ours
+
+
+def _length_norm_of(beams: list[dict]) -> str:
+    """Which of reverse-attention's norms turns each beam's score_raw into its score_norm."""
+    for norm in ("avg_logprob", "none", "sqrt"):
+
+        def matches(beam, norm=norm) -> bool:
+            edges, raw, scored = len(beam["edge_attns"]), beam["score_raw"], beam["score_norm"]
+            if not all(isinstance(x, (int, float)) for x in (raw, scored)):
+                return False
+            denominator = (
+                1.0
+                if norm == "none" or edges == 0
+                else float(edges)
+                if norm == "avg_logprob"
+                else math.sqrt(edges)
+            )
+            return math.isclose(raw / denominator, scored, rel_tol=1e-9, abs_tol=1e-12)
+
+        if all(matches(beam) for beam in beams):
+            return norm
+    return "avg_logprob"  # a pow:α norm: the scores are kept as saved
 
 
 def node_id(layer: int, position: int) -> str:

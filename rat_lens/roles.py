@@ -31,11 +31,12 @@ def detection_patterns(
 ) -> dict[str, Float[Tensor, "seq seq"]]:
     """TL's ideal ``[query, key]`` pattern of each role for these token ids.
 
-    >>> pats = detection_patterns(torch.tensor([0, 5, 6, 5, 6]))
-    >>> pats["previous_token_head"][3].tolist(), pats["induction_head"][3].tolist()
-    ([0.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0])
-    >>> pats["duplicate_token_head"][4].tolist()
-    [0.0, 0.0, 1.0, 0.0, 0.0]
+    Examples:
+        >>> pats = detection_patterns(torch.tensor([0, 5, 6, 5, 6]))
+        >>> pats["previous_token_head"][3].tolist(), pats["induction_head"][3].tolist()
+        ([0.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0])
+        >>> pats["duplicate_token_head"][4].tolist()
+        [0.0, 0.0, 1.0, 0.0, 0.0]
     """
     _check_names(names)
     tokens = tokens.detach().cpu()
@@ -60,12 +61,13 @@ def role_scores(
     Pure tensors in and out, so it can run inside a ``hook_pattern`` hook on the full pattern.
     Masked (padding) positions are cut out of each prompt before scoring.
 
-    >>> tokens = torch.tensor([[0, 5, 6, 5, 6]])
-    >>> previous = torch.eye(5).roll(-1, dims=1).tril()                  # q reads q - 1
-    >>> previous[0, 0] = 1.0
-    >>> scores = role_scores(torch.stack([previous, torch.eye(5)])[None], tokens)
-    >>> [round(s, 2) for s in scores["previous_token_head"][0].tolist()]  # head 0, head 1
-    [0.8, 0.0]
+    Examples:
+        >>> tokens = torch.tensor([[0, 5, 6, 5, 6]])
+        >>> previous = torch.eye(5).roll(-1, dims=1).tril()                  # q reads q - 1
+        >>> previous[0, 0] = 1.0
+        >>> scores = role_scores(torch.stack([previous, torch.eye(5)])[None], tokens)
+        >>> [round(s, 2) for s in scores["previous_token_head"][0].tolist()]  # head 0, head 1
+        [0.8, 0.0]
     """
     _check_names(names)
     check_choice("error_measure", error_measure, ERROR_MEASURES)
@@ -117,10 +119,11 @@ def head_roles(
     all). A ``cache`` must hold the full per-head patterns (``run_with_cache``); it is not written.
     On one text this gives ``detect_head(model, text, name, ...)``'s numbers.
 
-    >>> from rat_lens.models import load, repeated_tokens
-    >>> roles = head_roles(load("induction-2l"), repeated_tokens(4, 20, 12, seed=0))
-    >>> roles.layers, sorted(roles.scores), roles.n_heads
-    ([0, 1], ['duplicate_token_head', 'induction_head', 'previous_token_head'], 4)
+    Examples:
+        >>> from rat_lens.models import load, repeated_tokens
+        >>> roles = head_roles(load("induction-2l"), repeated_tokens(4, 20, 12, seed=0))
+        >>> roles.layers, sorted(roles.scores), roles.n_heads
+        ([0, 1], ['duplicate_token_head', 'induction_head', 'previous_token_head'], 4)
     """
     _check_names(names)
     check_choice("error_measure", error_measure, ERROR_MEASURES)

@@ -1,7 +1,9 @@
 """The model-facing API: tokens in, one forward through the hooks, ranked beams out.
 
-``ReverseAttentionTracer`` keeps reverse-attention's names and defaults; the model is a
-TransformerLens model and the tokenizer defaults to its own.
+:class:`Tracer` keeps reverse-attention's names, argument order and defaults; the model is a
+TransformerLens model and the tokenizer defaults to its own. ``rat_lens.ReverseAttentionTracer``
+(:mod:`rat_lens.compat`) adds what reverse-attention users also expect: Hugging Face models,
+``render_html``, ``device`` / ``dtype``.
 """
 
 from collections.abc import Sequence
@@ -14,7 +16,9 @@ from torch import Tensor
 
 from .capture import (
     capture_patterns,
+    check_tokens,
     hook_name,
+    model_session,
     pattern_layers,
     patterns_from_cache,
     run_with_patterns,
@@ -26,21 +30,22 @@ from .search.beam import beam_search
 from .search.pattern import check_pattern_values
 from .search.stats import predictions_at, rollout_rows
 
-__all__ = ["ReverseAttentionTracer", "trace", "generate"]
+__all__ = ["Tracer", "trace", "generate"]
 
 Targets = Union[int, Sequence[int]]
 QueryChunk = Union[int, str, None]
 _DEFAULT = TraceOptions()  # the defaults below are read from here, written only in options.py
 
 
-class ReverseAttentionTracer:
+class Tracer:
     """Trace which earlier tokens, through which layers and heads, fed a target token.
 
-    >>> from rat_lens.models import load
-    >>> tracer = ReverseAttentionTracer(load("induction-2l"))
-    >>> result = tracer.trace_text("cat dog red blue cat dog red", layers=(0, 1), top_beam=3)
-    >>> result.beams[0].positions[0], len(result.beams) <= 3
-    (7, True)
+    Examples:
+        >>> from rat_lens.models import load
+        >>> tracer = Tracer(load("induction-2l"))
+        >>> result = tracer.trace_text("cat dog red blue cat dog red", layers=(0, 1), top_beam=3)
+        >>> result.beams[0].positions[0], len(result.beams) <= 3
+        (7, True)
     """
 
     def __init__(self, model, tokenizer=None):
@@ -51,28 +56,29 @@ class ReverseAttentionTracer:
     def trace(
         self,
         input_ids,
-        target_pos: Optional[int] = -1,
+        target_pos: Optional[int] = None,
         attention_mask=None,
-        *,
         layer: int = _DEFAULT.layer,
-        layers: Optional[tuple[int, int]] = _DEFAULT.layers,
         top_beam: int = _DEFAULT.top_beam,
         top_k: int = _DEFAULT.top_k,
         min_attn: float = _DEFAULT.min_attn,
         agg_heads: str = _DEFAULT.agg_heads,
         length_norm: str = _DEFAULT.length_norm,
         stop_at_bos: bool = _DEFAULT.stop_at_bos,
+        bos_token_id: Optional[int] = None,
+        *,
+        layers: Optional[tuple[int, int]] = _DEFAULT.layers,
         residual: Optional[str] = _DEFAULT.residual,
         exclude_bos: bool = _DEFAULT.exclude_bos,
         options: Optional[TraceOptions] = None,
-        bos_token_id: Optional[int] = None,
         cache=None,
         predictions: int = 0,
         query_chunk: QueryChunk = "auto",
     ) -> TraceResult:
         """Trace one prompt (``input_ids`` ``[seq]`` or ``[1, seq]``) from ``target_pos``.
 
-        Args as reverse-attention's ``trace`` (``target_pos=None`` is the last token), plus the
+        Arguments in reverse-attention's order and meaning, up to ``bos_token_id``
+        (``target_pos=None`` is the last token), then, by keyword, the
         rest of :class:`~rat_lens.options.TraceOptions` (``layers=(lo, hi)`` for layers mode,
         ``agg_heads="none"`` for per-head edges, ``residual``, ``exclude_bos``) or a whole
         ``options=TraceOptions(...)``; ``cache``, ``predictions`` and ``query_chunk`` as in
@@ -83,6 +89,7 @@ class ReverseAttentionTracer:
             raise RatLensError(
                 f"trace takes one prompt, got a batch of {tokens.shape[0]}: use trace_batch"
             )
+        self._before_trace(tokens, attention_mask)
         target_pos = -1 if target_pos is None else target_pos
         if not isinstance(target_pos, int) or isinstance(target_pos, bool):
             raise RatLensError(
@@ -112,6 +119,9 @@ class ReverseAttentionTracer:
             predictions=predictions,
             query_chunk=query_chunk,
         )[0]
+
+    def _before_trace(self, input_ids, attention_mask) -> None:
+        """A subclass's say on the prompt before it is traced (``compat`` warns there)."""
 
     def trace_text(self, text: str, target_pos: Optional[int] = -1, **kwargs) -> TraceResult:
         """Tokenize ``text`` as the model does (``to_tokens``: BOS prepended) and trace it;
@@ -182,6 +192,8 @@ class ReverseAttentionTracer:
         # Every option is checked before the forward: a typo costs nothing.
         layer_ids = options.layer_ids(pattern_layers(self.model))
         targets = _resolve_targets(target_pos, mask)
+        deepest = max(t for row in targets for t in row) + 1
+        options.check_budget(deepest if options.chain else len(layer_ids))
         if predictions:
             check_int("predictions", predictions)
             if cache is not None:
@@ -287,12 +299,13 @@ class ReverseAttentionTracer:
         if self.tokenizer is None:
             raise RatLensError(
                 "this model has no tokenizer: pass token ids, or a tokenizer to "
-                "ReverseAttentionTracer(model, tokenizer)"
+                "the tracer (ReverseAttentionTracer(model, tokenizer))"
             )
         if self.tokenizer is getattr(self.model, "tokenizer", None) and hasattr(
             self.model, "to_tokens"
         ):
-            rows = [self.model.to_tokens(t)[0].cpu() for t in texts]
+            # truncate=False: a text over the context is refused (check_tokens), never cut.
+            rows = [self.model.to_tokens(t, truncate=False)[0].cpu() for t in texts]
         else:
             rows = [self.tokenizer(t, return_tensors="pt").input_ids[0] for t in texts]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -333,16 +346,17 @@ def trace(
     query_chunk: QueryChunk = "auto",
 ) -> TraceResult:
     """One-call trace for notebooks: ``inputs`` is text or token ids of one prompt; keywords as
-    :meth:`ReverseAttentionTracer.trace`.
+    :meth:`Tracer.trace`.
 
-    >>> from rat_lens.models import load
-    >>> model = load("induction-2l")
-    >>> result = trace(model, "cat dog red blue cat dog red", layers=(0, 1), agg_heads="none")
-    >>> best = result.beams[0]
-    >>> [(lay, head is not None) for lay, head in zip(best.layers, best.heads)]
-    [(1, True), (0, True)]
+    Examples:
+        >>> from rat_lens.models import load
+        >>> model = load("induction-2l")
+        >>> result = trace(model, "cat dog red blue cat dog red", layers=(0, 1), agg_heads="none")
+        >>> best = result.beams[0]
+        >>> [(lay, head is not None) for lay, head in zip(best.layers, best.heads)]
+        [(1, True), (0, True)]
     """
-    tracer = ReverseAttentionTracer(model, tokenizer)
+    tracer = Tracer(model, tokenizer)
     options = _options(
         options,
         layer=layer,
@@ -388,11 +402,12 @@ def _options(options: Optional[TraceOptions], **given) -> TraceOptions:
 def generate(model, tokens: Int[Tensor, "batch seq"], n_new: int) -> Int[Tensor, "batch seq_out"]:
     """Append ``n_new`` greedily chosen tokens (argmax of the last logits), one forward each.
 
-    >>> from rat_lens.models import load
-    >>> model = load("induction-2l")
-    >>> out = generate(model, model.to_tokens("cat dog red blue cat dog"), 2)
-    >>> model.to_string(out[0, -2:])
-    'red blue'
+    Examples:
+        >>> from rat_lens.models import load
+        >>> model = load("induction-2l")
+        >>> out = generate(model, model.to_tokens("cat dog red blue cat dog"), 2)
+        >>> model.to_string(out[0, -2:])
+        'red blue'
     """
     check_int("generate", n_new)
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
@@ -401,7 +416,8 @@ def generate(model, tokens: Int[Tensor, "batch seq"], n_new: int) -> Int[Tensor,
             f"generating {n_new} tokens after {tokens.shape[1]} exceeds the "
             f"model's context of {n_ctx}"
         )
-    with torch.no_grad():
+    check_tokens(model, tokens)
+    with model_session(model), torch.no_grad():
         for _ in range(n_new):
             next_token = model(tokens)[:, -1].argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, next_token.to(tokens.device)], dim=1)

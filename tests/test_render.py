@@ -1,9 +1,12 @@
 """The renderer without a browser: the embedded data, its escaping, the page's self-containment,
 files written, the vendored D3, and the ``rat-lens render`` command."""
 
+import difflib
 import hashlib
+import itertools
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -15,14 +18,26 @@ import torch
 import rat_lens
 from rat_lens import RatLensError, TraceResult
 from rat_lens.cli import main
-from rat_lens.render import html_fragment, render_html, to_html
+from rat_lens.render import _html, html_fragment, render_html, to_html
 from rat_lens.render._payload import inline_json, payload
-from rat_lens.result import BeamPath, build_sankey, path_text
+from rat_lens.result import BeamPath, SankeyData, SankeyNode, build_sankey, node_id, path_text
 
 RENDER = Path(rat_lens.__file__).parent / "render"
-HOSTILE = ["</script><script>window.__pwned = 1</script>", '<img src=x onerror="alert(1)">',
-           '"><svg onload=alert(2)>', "<!--", "-->", "a\u2028b", "c\u2029d", "&amp;",
-           "🙂👍🏽", "שלום", "مرحبا", "\\u003c/script>"]
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+HOSTILE = [
+    "</script><script>window.__pwned = 1</script>",
+    '<img src=x onerror="alert(1)">',
+    '"><svg onload=alert(2)>',
+    "<!--",
+    "-->",
+    "a\u2028b",
+    "c\u2029d",
+    "&amp;",
+    "🙂👍🏽",
+    "שלום",
+    "مرحبا",
+    "\\u003c/script>",
+]
 
 
 def make_result(attn: torch.Tensor, tokens: list[str], target: int = -1, **opts) -> TraceResult:
@@ -38,11 +53,20 @@ def make_result(attn: torch.Tensor, tokens: list[str], target: int = -1, **opts)
         mode, layer = "chain", opts.get("layer", -1) % n_layers
         layer_lo = layer
     return TraceResult(
-        seq_len=len(tokens), target_pos=target % len(tokens), layer=layer,
-        top_beam=opts.get("top_beam", 5), top_k=opts.get("top_k", 5), tokens=tokens,
-        beams=paths, sankey=build_sankey(paths, tokens, mode, layer),
-        paths_text=[path_text(p) for p in paths], mode=mode, layer_lo=layer_lo,
-        agg_heads=opts.get("agg_heads", "mean"), token_ids=ids)
+        seq_len=len(tokens),
+        target_pos=target % len(tokens),
+        layer=layer,
+        top_beam=opts.get("top_beam", 5),
+        top_k=opts.get("top_k", 5),
+        tokens=tokens,
+        beams=paths,
+        sankey=build_sankey(paths, tokens, mode, layer),
+        paths_text=[path_text(p) for p in paths],
+        mode=mode,
+        layer_lo=layer_lo,
+        agg_heads=opts.get("agg_heads", "mean"),
+        token_ids=ids,
+    )
 
 
 def causal(*shape: int, seed: int = 0, sharp: float = 3.0) -> torch.Tensor:
@@ -54,8 +78,9 @@ def causal(*shape: int, seed: int = 0, sharp: float = 3.0) -> torch.Tensor:
 
 def embedded(page: str) -> dict[str, dict]:
     """Widget id → the data inlined for it."""
-    found = re.findall(r'<script type="application/json" id="ratlens-data-(\w+)">(.*?)</script>',
-                       page, re.S)
+    found = re.findall(
+        r'<script type="application/json" id="ratlens-data-(\w+)">(.*?)</script>', page, re.S
+    )
     return {uid: json.loads(text) for uid, text in found}
 
 
@@ -69,8 +94,10 @@ def small():
 def test_payload_of_a_hand_made_chain(small):
     data = payload(small)
     assert [b["positions"] for b in data["beams"]] == [[2, 1, 0], [2, 0]]
-    assert [b["node_ids"] for b in data["beams"]] == [["L0_P2", "L0_P1", "L0_P0"],
-                                                      ["L0_P2", "L0_P0"]]
+    assert [b["node_ids"] for b in data["beams"]] == [
+        ["L0_P2", "L0_P1", "L0_P0"],
+        ["L0_P2", "L0_P0"],
+    ]
     assert [n["id"] for n in data["nodes"]] == ["L0_P0", "L0_P1", "L0_P2"]
     # Link weight: softmax(score_norm over beams) × edge attention (reverse-attention's rule).
     s1, s2 = math.log(0.6 * 0.7) / 2, math.log(0.1)
@@ -79,23 +106,56 @@ def test_payload_of_a_hand_made_chain(small):
     assert set(links) == {("L0_P1", "L0_P2"), ("L0_P0", "L0_P1"), ("L0_P0", "L0_P2")}
     assert links["L0_P1", "L0_P2"]["value"] == pytest.approx(w1 * 0.6, rel=1e-5)
     assert links["L0_P0", "L0_P2"]["beams"] == [1]
-    assert data["strip"] == {"source": "edges", "rows": [[2, 1, 0.6, 0, None], [1, 0, 0.7, 0, None],
-                                                        [2, 0, 0.1, 0, None]]}
+    assert data["strip"] == {
+        "source": "edges",
+        "rows": [
+            {"query": 2, "key": 1, "weight": 0.6, "layer": 0, "head": None},
+            {"query": 1, "key": 0, "weight": 0.7, "layer": 0, "head": None},
+            {"query": 2, "key": 0, "weight": 0.1, "layer": 0, "head": None},
+        ],
+    }
     assert data["tokens"] == small.tokens and data["meta"]["mode"] == "chain"
+    assert data["meta"]["target_node_id"] == "L0_P2"
 
 
 def test_payload_of_a_per_head_layers_trace_names_heads_and_node_layers():
-    result = make_result(causal(3, 2, 6), [f"t{i}" for i in range(6)], layers=(0, 2),
-                         agg_heads="none")
+    result = make_result(
+        causal(3, 2, 6), [f"t{i}" for i in range(6)], layers=(0, 2), agg_heads="none"
+    )
     data = payload(result)
     for beam, b in zip(result.beams, data["beams"]):
         layers = beam.layers + [beam.layers[-1] - 1]
-        assert b["node_ids"] == [f"L{lay}_P{p}" for lay, p in zip(layers, beam.positions)]
+        assert b["node_ids"] == [node_id(lay, p) for lay, p in zip(layers, beam.positions)]
         assert all(isinstance(h, int) for h in b["heads"])
     assert len(data["nodes"]) == len(result.sankey.nodes)
-    assert {(r[0], r[1], r[3], r[4]) for r in data["strip"]["rows"]} == {
+    assert {(r["query"], r["key"], r["layer"], r["head"]) for r in data["strip"]["rows"]} == {
         (b.positions[i], b.positions[i + 1], b.layers[i], b.heads[i])
-        for b in result.beams for i in range(b.num_edges)}
+        for b in result.beams
+        for i in range(b.num_edges)
+    }
+
+
+def test_node_ids_are_the_sankey_graphs_own(small):
+    # The payload reads ids from result.sankey.nodes (made by node_id in build_sankey) instead of
+    # formatting them again: renamed nodes stay consistent across beams, links and nodes ...
+    for n in small.sankey.nodes:
+        n.id = f"node{n.position}"
+    for lk in small.sankey.links:
+        lk.source, lk.target = (f"node{lk.source[-1]}", f"node{lk.target[-1]}")
+    data = payload(small)
+    assert [b["node_ids"] for b in data["beams"]] == [
+        ["node2", "node1", "node0"],
+        ["node2", "node0"],
+    ]
+    assert data["meta"]["target_node_id"] == "node2"
+    drawn = {n["id"] for n in data["nodes"]}
+    assert {i for b in data["beams"] for i in b["node_ids"]} == drawn
+    assert {lk["source"] for lk in data["links"]} | {lk["target"] for lk in data["links"]} <= drawn
+    # ... and a node the graph lacks gets node_id's id, which matches nothing drawn.
+    small.sankey = SankeyData([SankeyNode("node0", "<bos>", 0, 0)], [])
+    data = payload(small)
+    assert data["beams"][0]["node_ids"] == ["L0_P2", "L0_P1", "node0"]
+    assert data["meta"]["target_node_id"] == node_id(0, 2)
 
 
 def test_inline_json_cannot_close_the_script_or_break_lines():
@@ -117,10 +177,20 @@ def test_hostile_tokens_stay_inside_the_data_element(small):
 def test_page_is_self_contained_and_our_code_never_fetches_or_injects_markup(small):
     page = to_html(small)
     assert not re.search(r"<script[^>]*\bsrc=|<link\b|<iframe\b|<img\b", page)
-    ours = "".join(p.read_text() for p in [*sorted((RENDER / "js").glob("*.js")),
-                                           RENDER / "widget.css"])
-    for banned in ("fetch(", "XMLHttpRequest", "innerHTML", "outerHTML", "insertAdjacentHTML",
-                   ".html(", "eval(", "document.write", "import("):
+    ours = "".join(
+        p.read_text() for p in [*sorted((RENDER / "js").glob("*.js")), RENDER / "widget.css"]
+    )
+    for banned in (
+        "fetch(",
+        "XMLHttpRequest",
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        ".html(",
+        "eval(",
+        "document.write",
+        "import(",
+    ):
         assert banned not in ours, banned
     assert set(re.findall(r"https?://[^\s\"')]+", ours)) == {"http://www.w3.org/2000/svg"}
 
@@ -152,7 +222,7 @@ def test_a_token_with_a_lone_surrogate_still_renders(small, tmp_path):
 
 def test_render_html_errors_name_the_problem(small, tmp_path, no_typecheck):
     (tmp_path / "file").write_text("")
-    with pytest.raises(RatLensError, match="cannot write the page"):
+    with pytest.raises(RatLensError, match="cannot write"):
         render_html(small, tmp_path / "file")
     with pytest.raises(RatLensError, match="TraceResult"):
         to_html([])
@@ -188,8 +258,9 @@ def test_cli_renders_several_traces_on_one_page(small, tmp_path):
     assert list(embedded(page).values()) == [payload(small), payload(other)]
     # The trace.json written next to it is a list, and renders the same page again.
     assert main(["render", str(tmp_path / "out" / "trace.json"), "-o", str(tmp_path / "b")]) == 0
-    assert list(embedded((tmp_path / "b" / "index.html").read_text()).values()) == \
-        list(embedded(page).values())
+    assert list(embedded((tmp_path / "b" / "index.html").read_text()).values()) == list(
+        embedded(page).values()
+    )
 
 
 def test_cli_reports_unreadable_traces(tmp_path, capsys):
@@ -202,25 +273,41 @@ def test_cli_reports_unreadable_traces(tmp_path, capsys):
 
 def test_cli_runs_as_a_module(small, tmp_path):
     (tmp_path / "t.json").write_text(small.to_json())
-    done = subprocess.run([sys.executable, "-m", "rat_lens.cli", "render", str(tmp_path / "t.json"),
-                           "-o", str(tmp_path / "out")], capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rat_lens.cli",
+            "render",
+            str(tmp_path / "t.json"),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert Path(done.stdout.strip()).is_file()
 
 
 def test_the_page_carries_the_circuit_summary_escaped():
-    import torch
-    import rat_lens
-    from rat_lens.render import to_html
-    from rat_lens.result import BeamPath, TraceResult, build_sankey, path_text
     tokens = ["<bos>", "</script><img src=x onerror=alert(1)>", " sat"]
     A = torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.1, 0.6, 0.3]])
     beams = [BeamPath.from_beam(b, tokens, [0, 1, 2]) for b in rat_lens.trace_attention(A)]
-    result = TraceResult(3, 2, 0, 5, 5, tokens, beams, build_sankey(beams, tokens, "chain", 0),
-                         [path_text(b) for b in beams])
+    result = TraceResult(
+        3,
+        2,
+        0,
+        5,
+        5,
+        tokens,
+        beams,
+        build_sankey(beams, tokens, "chain", 0),
+        [path_text(b) for b in beams],
+    )
     page = to_html(result)
-    panel = page[page.index('<details class="ratlens-summary"'):]
-    panel = panel[:panel.index("</details>")]
+    panel = page[page.index('<details class="ratlens-summary"') :]
+    panel = panel[: panel.index("</details>")]
     assert "Circuit summary" in panel and "Traced mass by head" in panel
     assert "&lt;/script&gt;&lt;img" in panel  # shown as text (long tokens are shortened)
     assert "<img" not in panel and "<script" not in panel
@@ -228,11 +315,246 @@ def test_the_page_carries_the_circuit_summary_escaped():
 
 def test_a_page_of_several_targets_links_to_each(small):
     import copy
+
     other = copy.deepcopy(small)
     other.target_pos = 1
     page = html_fragment([small, other])
-    nav = page[page.index('<nav class="ratlens-targets">'):page.index("</nav>")]
+    nav = page[page.index('<nav class="ratlens-targets">') : page.index("</nav>")]
     ids = re.findall(r'href="#(ratlens-[0-9a-f]+)"', nav)
     assert len(ids) == 2 and all(f'id="{i}"' in page for i in ids)
     assert f"@{small.target_pos}" in nav and "@1" in nav
     assert '<nav class="ratlens-targets">' not in html_fragment(small)
+
+
+# --- The page's data against its documented schema (rat_lens/render/js/schema.js) -------------
+
+
+def typedefs() -> dict[str, dict[str, tuple[str, bool]]]:
+    """schema.js's JSDoc records: typedef name → {field: (type, optional)}."""
+    found = {}
+    for block in re.findall(r"/\*\*(.*?)\*/", (RENDER / "js" / "schema.js").read_text(), re.S):
+        name = re.search(r"@typedef\s+\{Object\}\s+(\w+)", block)
+        if name:
+            fields = re.findall(r"@property\s+\{([^}]+)\}\s+(\[\w+\]|\w+)", block)
+            found[name.group(1)] = {f.strip("[]"): (t, f.startswith("[")) for t, f in fields}
+    return found
+
+
+def depths(text: str) -> list[int]:
+    """The bracket depth after each character of a type expression."""
+    return list(itertools.accumulate((c in "(<[") - (c in ")>]") for c in text))
+
+
+def split_top(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` outside brackets: ``A|Array<B|C>`` → ``A``, ``Array<B|C>``."""
+    cuts = [i for i, (c, d) in enumerate(zip(text, depths(text))) if c == sep and d == 0]
+    return [text[a + 1 : b] for a, b in zip([-1, *cuts], [*cuts, len(text)])]
+
+
+def schema_problems(value, type_: str, types: dict, where: str, seen: set) -> list[str]:
+    """What in ``value`` does not match the JSDoc type ``type_`` (the forms schema.js uses:
+    records, ``T[]``, ``Array<T>``, ``Object<string, T>``, ``?T``, ``A|B``, string literals,
+    number / string / boolean); the records met are added to ``seen``."""
+    t = type_.strip()
+    if t.startswith("(") and 0 not in depths(t)[:-1]:  # (A|B), not (A)|(B)
+        t = t[1:-1]
+    if len(alternatives := split_top(t, "|")) > 1:
+        found = [schema_problems(value, a, types, where, seen) for a in alternatives]
+        return [] if [] in found else [p for ps in found for p in ps]
+    if t.startswith("?"):
+        return [] if value is None else schema_problems(value, t[1:], types, where, seen)
+    item = t[:-2] if t.endswith("[]") else (re.fullmatch(r"Array<(.+)>", t) or [None, None])[1]
+    if item is not None:
+        if not isinstance(value, list):
+            return [f"{where}: {value!r} is not a list"]
+        return [
+            p
+            for i, v in enumerate(value)
+            for p in schema_problems(v, item, types, f"{where}[{i}]", seen)
+        ]
+    if m := re.fullmatch(r"Object<string,\s*(.+)>", t):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            return [f"{where}: {value!r} is not a map of strings"]
+        return [
+            p
+            for k, v in value.items()
+            for p in schema_problems(v, m[1], types, f"{where}.{k}", seen)
+        ]
+    if t.startswith('"'):
+        return [] if value == json.loads(t) else [f"{where}: {value!r} is not {t}"]
+    plain = {"number": (int, float), "string": str, "boolean": bool}
+    if t in plain:
+        ok = isinstance(value, plain[t]) and (t == "boolean" or not isinstance(value, bool))
+        return [] if ok else [f"{where}: {value!r} is not a {t}"]
+    if t not in types:
+        return [f"{where}: schema.js uses the type {t}, which it does not define"]
+    seen.add(t)
+    if not isinstance(value, dict):
+        return [f"{where}: {value!r} is not a {t} record"]
+    fields = types[t]
+    required = {f for f, (_, optional) in fields.items() if not optional}
+    problems = (
+        [
+            f"{where}: {t} has fields {sorted(set(value) - set(fields))} that schema.js "
+            f"does not document"
+        ]
+        if set(value) - set(fields)
+        else []
+    )
+    problems += [f"{where}: {t} lacks {f}" for f in sorted(required - set(value))]
+    return problems + [
+        p
+        for f, v in value.items()
+        if f in fields
+        for p in schema_problems(v, fields[f][0], types, f"{where}.{f}", seen)
+    ]
+
+
+@pytest.fixture(scope="module")
+def induction_payloads():
+    """A per-head two-layer trace of the embedded model (strip from its attention), without and
+    with a causal check: together with ``small`` they hold every record of the schema."""
+    from rat_lens.models import load
+
+    model = load("induction-2l")
+    result = rat_lens.trace(model, "cat dog red blue cat dog red", layers=(0, 1), agg_heads="none")
+    plain = payload(result)
+    result.verification = rat_lens.verify(model, result, n_random=3)
+    return plain, payload(result)
+
+
+def test_schema_js_documents_every_record_and_field(induction_payloads, small):
+    types = typedefs()
+    assert {
+        "Payload",
+        "Meta",
+        "Beam",
+        "Node",
+        "Link",
+        "Strip",
+        "StripRow",
+        "Verification",
+        "BeamEffect",
+    } <= set(types)
+    assert types["Payload"]["verification"] == ("Verification", True)  # only when checked
+    assert types["StripRow"].keys() == {"query", "key", "weight", "layer", "head"}
+    seen = set()
+    payloads = [*induction_payloads, payload(small)]
+    for i, data in enumerate(payloads):
+        assert schema_problems(data, "Payload", types, f"payload{i}", seen) == []
+    assert seen == set(types), "a record schema.js documents never appeared"
+    assert "verification" in payloads[1] and "verification" not in payloads[0]
+    assert (
+        payloads[0]["strip"]["source"] == "attention" and payloads[2]["strip"]["source"] == "edges"
+    )
+
+
+def test_the_schema_check_catches_an_undocumented_or_missing_field(small):
+    types, data = typedefs(), payload(small)
+    data["strip"]["rows"][0]["extra"] = 1
+    del data["meta"]["mode"]
+    data["beams"][0]["heads"][0] = "H0"
+    assert schema_problems(data, "Payload", types, "p", set()) == [
+        "p.meta: Meta lacks mode",
+        "p.beams[0].heads[0]: 'H0' is not a number",
+        "p.strip.rows[0]: StripRow has fields ['extra'] that schema.js does not document",
+    ]
+
+
+# --- The JavaScript: one function, concatenated -------------------------------------------------
+
+
+def js_code(text: str) -> str:
+    """JavaScript without its comments and with its string literals emptied."""
+    return re.sub(
+        r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|//[^\n]*|/\*.*?\*/',
+        lambda m: '""' if m[0][0] in "\"'" else " ",
+        text,
+        flags=re.S,
+    )
+
+
+def contract(text: str) -> tuple[set[str], dict[str, set[str]]]:
+    """A file's header lines ``// Defines: a, b.`` and ``// Uses: util.js: c, d; diagram.js: e.``
+    (either continued on lines indented ``//   ``): the names defined, and file → names used."""
+    found, key = {}, None
+    for line in itertools.takewhile(lambda line: line.startswith("//"), text.splitlines()):
+        if m := re.match(r"// (Defines|Uses):(.*)", line):
+            key, found[m[1]] = m[1], m[2]
+        elif key and line.startswith("//   "):
+            found[key] += line[2:]
+        else:
+            key = None
+    defines = found["Defines"]
+    return (
+        set() if defines.strip().startswith("nothing") else set(re.findall(r"\w+", defines)),
+        {
+            f: set(re.findall(r"\w+", names))
+            for f, names in re.findall(r"(\w+\.js):([^;]*)", found["Uses"])
+        },
+    )
+
+
+def test_each_js_file_says_what_it_defines_and_uses_from_the_files_before_it():
+    assert _html.SCRIPTS[0] == "js/schema.js"
+    assert {f"js/{p.name}" for p in (RENDER / "js").glob("*.js")} == set(_html.SCRIPTS)
+    earlier: dict[str, set[str]] = {}  # file → its top-level names
+    for path in _html.SCRIPTS:
+        name, text = path.removeprefix("js/"), (RENDER / path).read_text()
+        code = js_code(text)
+        assert not re.search(r"\bvar\b", code), f"{name}: var (use const or let)"
+        top = set(re.findall(r"^(?:function|const|let)\s+(\w+)", code, re.M))
+        defines, uses = contract(text)
+        assert top == defines, f"{name}: defines {sorted(top)}, its header says {sorted(defines)}"
+        owner = {n: f for f, names in earlier.items() for n in names}
+        assert not top & set(owner), f"{name} redefines {sorted(top & set(owner))}"
+        used = {}
+        for n in re.findall(r"(?<![\w.$])([A-Za-z_$][\w$]*)\b(?!:)", code):
+            if n in owner:
+                used.setdefault(owner[n], set()).add(n)
+        assert used == uses, f"{name}: uses {used}, its header says {uses}"
+        earlier[name] = top
+    assert js_code((RENDER / "js" / "schema.js").read_text()).strip() == ""  # types only
+
+
+def test_the_page_of_a_small_trace_matches_its_snapshot(small, monkeypatch):
+    """The whole page of the ``small`` trace, text for text, against
+    ``tests/snapshots/small_trace.html``: any change to the markup, the style, the scripts or the
+    data shows up in review as a diff of that file.
+
+    Widget ids are numbered instead of random (``_new_id`` patched), and the vendored D3 and
+    d3-sankey are replaced by a one-line placeholder (their files are checked byte for byte by
+    ``test_vendored_d3_is_the_unmodified_npm_dist``). After a deliberate change to the page,
+    regenerate the snapshot and read its diff before committing it::
+
+        RAT_LENS_UPDATE_SNAPSHOTS=1 python -m pytest tests/test_render.py -k snapshot
+    """
+    ids = itertools.count(1)
+    monkeypatch.setattr(_html, "_new_id", lambda: f"{next(ids):012x}")
+    page = to_html(small)
+    vendor = "\n;\n".join(_html._asset(name) for name in _html.VENDOR)
+    assert page.count(vendor) == 1
+    page = page.replace(vendor, f"/* {' + '.join(_html.VENDOR)}: left out of the snapshot */")
+    snapshot = SNAPSHOTS / "small_trace.html"
+    if os.environ.get("RAT_LENS_UPDATE_SNAPSHOTS"):
+        snapshot.parent.mkdir(exist_ok=True)
+        snapshot.write_text(page, encoding="utf-8")
+    if not snapshot.exists():
+        pytest.fail(f"no snapshot {snapshot}: RAT_LENS_UPDATE_SNAPSHOTS=1 writes it")
+    expected = snapshot.read_text(encoding="utf-8")
+    diff = list(
+        itertools.islice(
+            difflib.unified_diff(
+                expected.splitlines(),
+                page.splitlines(),
+                str(snapshot),
+                "to_html(small)",
+                lineterm="",
+            ),
+            80,
+        )
+    )
+    assert page == expected, (
+        "the page differs from its snapshot (RAT_LENS_UPDATE_SNAPSHOTS=1 "
+        "rewrites it):\n" + "\n".join(diff)
+    )

@@ -41,14 +41,15 @@ def ablate_pattern(
     so it sums to what it summed to before (a row with nothing left stays 0); ``mean`` sets each
     to the row's mean weight over the keys its query may see (``row sum / (query + 1)``, causal).
 
-    >>> p = torch.tensor([[[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.6, 0.2, 0.2]]]])
-    >>> entries = torch.tensor([[0, 0, 2, 0]])                 # batch 0, head 0, query 2, key 0
-    >>> ablate_pattern(p, entries, "renorm")[0, 0, 2].tolist()
-    [0.0, 0.5, 0.5]
-    >>> ablate_pattern(p, entries, "zero")[0, 0, 2].tolist()
-    [0.0, 0.20000000298023224, 0.20000000298023224]
-    >>> [round(w, 4) for w in ablate_pattern(p, entries, "mean")[0, 0, 2].tolist()]
-    [0.3333, 0.2, 0.2]
+    Examples:
+        >>> p = torch.tensor([[[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.6, 0.2, 0.2]]]])
+        >>> entries = torch.tensor([[0, 0, 2, 0]])                 # batch 0, head 0, query 2, key 0
+        >>> ablate_pattern(p, entries, "renorm")[0, 0, 2].tolist()
+        [0.0, 0.5, 0.5]
+        >>> ablate_pattern(p, entries, "zero")[0, 0, 2].tolist()
+        [0.0, 0.20000000298023224, 0.20000000298023224]
+        >>> [round(w, 4) for w in ablate_pattern(p, entries, "mean")[0, 0, 2].tolist()]
+        [0.3333, 0.2, 0.2]
     """
     check_choice("ablation", ablation, ABLATIONS)
     if entries.ndim != 2 or entries.shape[1] != 4:
@@ -159,10 +160,11 @@ def random_path(
 def spearman(x: Float[Tensor, " n"], y: Float[Tensor, " n"]) -> Optional[float]:
     """Spearman's rank correlation (ties get their average rank); None when either is constant.
 
-    >>> spearman(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 20.0, 40.0, 30.0]))
-    0.8
-    >>> spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([3.0, 2.0, 1.0]))
-    -0.866...
+    Examples:
+        >>> spearman(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 20.0, 40.0, 30.0]))
+        0.8
+        >>> spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([3.0, 2.0, 1.0]))
+        -0.866...
     """
     if x.shape != y.shape or x.ndim != 1:
         raise RatLensError(

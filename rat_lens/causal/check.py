@@ -78,25 +78,30 @@ def verify(
         token: also measure log p of this token (id, or a string the tokenizer makes one token).
         ablation: ``"renorm"`` (zero the edges, rescale the rest of the row to its old sum),
             ``"zero"``, or ``"mean"`` (the row's mean weight over the keys it may see).
-        n_random, seed: random paths per beam, and the seed they are drawn with.
+        n_random: random paths per beam.
+        seed: the seed the random paths are drawn with.
         percents: the faithfulness curve's kept shares of traced edges (empty: no curve).
-        token_importance, blank, neutral_token: blank-out importance, by the prompt's
-            ``"mean"`` token embedding (``hook_embed``) or by swapping in ``neutral_token``
-            (default: the tokenizer's pad, else BOS id) with ``blank="token"``.
+        token_importance: also measure blank-out importance of each prompt token.
+        blank: how a token is blanked out: ``"mean"`` (the prompt's mean token embedding, at
+            ``hook_embed``) or ``"token"`` (swap in ``neutral_token``).
+        neutral_token: the token swapped in with ``blank="token"`` (default: the tokenizer's
+            pad, else BOS id).
         batch_size: ablated copies per forward (default: as many as keep the logits ≲ 256 MB).
 
     Returns:
         A :class:`Verification` (``to_text()``, ``to_markdown()``, ``to_dict()``/``to_json()``).
 
-    >>> from rat_lens import trace
-    >>> from rat_lens.models import load
-    >>> model = load("induction-2l")
-    >>> result = trace(model, "cat dog red blue cat dog red", layers=(0, 1), agg_heads="none")
-    >>> check = verify(model, result, token="blue", n_random=8)
-    >>> check.prediction, check.beams[0].effect.effect > 10 * check.beams[0].effect.baseline_mean
-    ('blue', True)
-    >>> Verification.from_json(check.to_json()) == check
-    True
+    Examples:
+        >>> from rat_lens import trace
+        >>> from rat_lens.models import load
+        >>> model = load("induction-2l")
+        >>> result = trace(model, "cat dog red blue cat dog red", layers=(0, 1), agg_heads="none")
+        >>> check = verify(model, result, token="blue", n_random=8)
+        >>> effect = check.beams[0].effect
+        >>> check.prediction, effect.effect > 10 * effect.baseline_mean
+        ('blue', True)
+        >>> Verification.from_json(check.to_json()) == check
+        True
     """
     tokens, layers, token_id, neutral, percents, batch_size = _checked(
         model,

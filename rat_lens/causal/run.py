@@ -1,7 +1,8 @@
 """The model-facing half of :func:`rat_lens.verify`: batched forwards with ablations in hooks.
 
 Every forward runs under ``no_grad`` inside TransformerLens's ``hooks()`` context, which removes
-the hooks on every exit path; the model's parameters, buffers and mode are never touched.
+the hooks on every exit path, and inside ``capture.model_session`` (one thread at a time per
+model, eval mode, every module's mode put back); parameters and buffers are never touched.
 """
 
 import importlib.metadata
@@ -11,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..capture import hook_name
+from ..capture import hook_name, model_session
 from ..errors import RatLensError
 from .ablation import _ablate
 
@@ -62,7 +63,7 @@ def clean_run(model, tokens: Tensor, layers: list[int]) -> tuple[Tensor, int]:
     hooks = [(hook_name(layer), zero_row_1) for layer in layers]
     hooks += [(name, keep_z) for name in z_names.values() if name in hook_dict]
     batch = tokens.to(device_of(model)).unsqueeze(0).repeat(2, 1)
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+    with model_session(model), torch.no_grad(), model.hooks(fwd_hooks=hooks):
         logits = model(batch)[:, -1].float()
 
     for layer in layers:
@@ -97,7 +98,7 @@ def run_variants(
             if variant.token_swap is not None:
                 position, token_id = variant.token_swap
                 batch[row, position] = token_id
-        with torch.no_grad(), model.hooks(fwd_hooks=_hooks(chunk, ablation)):
+        with model_session(model), torch.no_grad(), model.hooks(_hooks(chunk, ablation)):
             logits = model(batch)[:, -1]
         out.append(logits.float().log_softmax(-1).cpu())
     return torch.cat(out)

@@ -6,9 +6,11 @@
 :data:`WORDS`; :func:`repeated_tokens` makes the prompts it was trained on.
 """
 
+import difflib
 import importlib.metadata
 from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file
@@ -68,8 +70,9 @@ def catalogue() -> list[tuple[str, bool, str]]:
     """``(name, loads offline here, note)`` for every name :func:`load` knows, then the rule
     for any other name.
 
-    >>> catalogue()[0][:2]
-    ('induction-2l', True)
+    Examples:
+        >>> catalogue()[0][:2]
+        ('induction-2l', True)
     """
     smollm2 = _hf.smollm2_gguf() is not None or (_hf.cache_dir() / "smollm2-135m-instruct").exists()
     return [
@@ -105,18 +108,20 @@ def load(
         A ``TransformerBridge`` or ``HookedTransformer``: ``run_with_cache``, ``run_with_hooks``,
         ``to_tokens`` and ``blocks.{l}.attn.hook_pattern`` work as in TransformerLens.
 
-    >>> model = load("induction-2l")
-    >>> tokens = model.to_tokens("cat dog red blue cat dog red")
-    >>> tokens.tolist()
-    [[0, 1, 2, 11, 12, 1, 2, 11]]
-    >>> model.to_string(model(tokens).argmax(-1)[0, -1])
-    'blue'
-    >>> _, cache = model.run_with_cache(tokens)
-    >>> cache["pattern", 1].shape
-    torch.Size([1, 4, 8, 8])
+    Examples:
+        >>> model = load("induction-2l")
+        >>> tokens = model.to_tokens("cat dog red blue cat dog red")
+        >>> tokens.tolist()
+        [[0, 1, 2, 11, 12, 1, 2, 11]]
+        >>> model.to_string(model(tokens).argmax(-1)[0, -1])
+        'blue'
+        >>> _, cache = model.run_with_cache(tokens)
+        >>> cache["pattern", 1].shape
+        torch.Size([1, 4, 8, 8])
     """
     if source is not None and source not in SOURCES:
         raise RatLensError(f"source={source!r} not in {{'bridge', 'hooked', None}}")
+    device = check_device(device)
     sources = available_sources()
     if source not in (None, *sources):
         raise RatLensError(
@@ -129,9 +134,11 @@ def load(
     if Path(name).is_dir():
         return _hf.load_pretrained(name, _hf.hf_source(source), device)
     if "/" not in name and name not in _official_names():
+        close = difflib.get_close_matches(name, [*_MODELS, *_official_names()], n=3)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise RatLensError(
             f"unknown model name={name!r}: not one of {sorted(_MODELS)}, not a "
-            "local folder, not a TransformerLens model name or Hugging Face id"
+            f"local folder, not a TransformerLens model name or Hugging Face id{hint}"
         )
     try:
         return _hf.load_pretrained(name, _hf.hf_source(source), device)
@@ -140,6 +147,49 @@ def load(
             f"could not load {name!r} from the Hugging Face Hub ({err}); without "
             "internet, pass a local model folder"
         ) from None
+
+
+def check_device(device) -> Optional[str]:
+    """``device`` as a string torch accepts and this machine has (None: the default, CPU).
+
+    Examples:
+        >>> check_device("cpu")
+        'cpu'
+        >>> check_device("gpu")
+        Traceback (most recent call last):
+        ...
+        rat_lens.errors.RatLensError: device='gpu' is not a torch device (e.g. 'cpu', ...)
+    """
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise RatLensError(
+            f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')"
+        ) from None
+    available = {
+        "cpu": lambda: True,
+        "cuda": torch.cuda.is_available,
+        "mps": lambda: (
+            getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        ),
+    }
+    if parsed.type in available and not available[parsed.type]():
+        raise RatLensError(
+            f"device={device!r}: this machine has no {parsed.type} device "
+            f"(torch {torch.__version__}); use 'cpu'"
+        )
+    if (
+        parsed.type == "cuda"
+        and parsed.index is not None
+        and parsed.index >= torch.cuda.device_count()
+    ):
+        raise RatLensError(
+            f"device={device!r}: there are {torch.cuda.device_count()} CUDA "
+            f"devices (valid: cuda:0..cuda:{torch.cuda.device_count() - 1})"
+        )
+    return str(parsed)
 
 
 def _official_names() -> set[str]:

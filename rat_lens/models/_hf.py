@@ -7,6 +7,7 @@ go into a fresh ``LlamaForCausalLM`` that is saved as safetensors under the user
 every later load takes about a second.
 """
 
+import copy
 import importlib.metadata
 import os
 from pathlib import Path
@@ -87,6 +88,35 @@ def load_pretrained(name: str, source: str, device) -> nn.Module:
 
         model = HookedTransformer.from_pretrained(name, device=device or "cpu")
     return model.eval()
+
+
+def wrap_hf_model(model, tokenizer=None) -> nn.Module:
+    """A Hugging Face ``PreTrainedModel`` (as reverse-attention takes it) inside a
+    ``TransformerBridge``, sharing its weights; the model itself is not changed or moved.
+
+    ``boot_transformers(hf_model=...)`` swaps the model's own attention modules for the
+    bridge's (after which the model no longer returns ``output_attentions``), so the bridge gets
+    a copy of the module tree whose parameters and buffers are the user's tensors: no memory
+    for weights, and the user's model keeps its modules."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        raise RatLensError(
+            "a Hugging Face model needs TransformerBridge (TransformerLens >= 3.0) to be "
+            "traced; this TransformerLens has only HookedTransformer"
+        ) from None
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "model")
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    twin = copy.deepcopy(model, memo=shared)
+    try:
+        return TransformerBridge.boot_transformers(name, hf_model=twin, tokenizer=tokenizer)
+    except Exception as err:  # TL names the architecture it cannot adapt in many ways
+        raise RatLensError(
+            f"cannot trace {type(model).__name__} ({', '.join(architectures)}): "
+            f"TransformerBridge has no adapter for it ({type(err).__name__}: {err})"
+        ) from None
 
 
 def hf_source(source: str | None) -> str:

@@ -74,9 +74,10 @@ class Block(nn.Module):
 class InductionTransformer(nn.Module):
     """The raw induction-2l model: tokens in, logits out (no hooks; TL wraps a copy of it).
 
-    >>> model = InductionTransformer()
-    >>> model(torch.zeros(2, 5, dtype=torch.long)).shape
-    torch.Size([2, 5, 64])
+    Examples:
+        >>> model = InductionTransformer()
+        >>> model(torch.zeros(2, 5, dtype=torch.long)).shape
+        torch.Size([2, 5, 64])
     """
 
     def __init__(self, cfg: InductionConfig = InductionConfig()):
@@ -131,11 +132,12 @@ def repeated_tokens(
     arguments give the same prompts on every machine. Sequence length is
     1 + prefix_len + repeat_len.
 
-    >>> tokens = repeated_tokens(3, prefix_len=5, repeat_len=2, seed=0)
-    >>> tokens.shape
-    torch.Size([3, 8])
-    >>> bool((tokens[:, 6:] == tokens[:, 1:3]).all()), bool((tokens[:, 0] == 0).all())
-    (True, True)
+    Examples:
+        >>> tokens = repeated_tokens(3, prefix_len=5, repeat_len=2, seed=0)
+        >>> tokens.shape
+        torch.Size([3, 8])
+        >>> bool((tokens[:, 6:] == tokens[:, 1:3]).all()), bool((tokens[:, 0] == 0).all())
+        (True, True)
     """
     if not 1 <= prefix_len <= d_vocab - 1:
         raise RatLensError(

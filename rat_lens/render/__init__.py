@@ -4,19 +4,20 @@ D3 v7 and d3-sankey (vendored, unmodified) and the trace data are inlined: the p
 ``file://``, offline, and as a notebook output (``TraceResult._repr_html_``). What the page
 shows and how to use it: docs/render.md.
 
->>> import torch, rat_lens
->>> from rat_lens.render import to_html
->>> from rat_lens.result import BeamPath, TraceResult, build_sankey, path_text
->>> A = torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.1, 0.6, 0.3]])
->>> tokens = ["<bos>", " cat", " sat"]
->>> beams = [BeamPath.from_beam(b, tokens, [0, 1, 2]) for b in rat_lens.trace_attention(A)]
->>> result = TraceResult(3, 2, 0, 5, 5, tokens, beams, build_sankey(beams, tokens, "chain", 0),
-...                      [path_text(b) for b in beams])
->>> page = to_html(result)
->>> page.startswith("<!DOCTYPE html>"), page.count("<script")   # the data, then the code
-(True, 2)
+Examples:
+    >>> import torch, rat_lens
+    >>> from rat_lens.render import to_html
+    >>> from rat_lens.result import BeamPath, TraceResult, build_sankey, path_text
+    >>> A = torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.1, 0.6, 0.3]])
+    >>> tokens = ["<bos>", " cat", " sat"]
+    >>> beams = [BeamPath.from_beam(b, tokens, [0, 1, 2]) for b in rat_lens.trace_attention(A)]
+    >>> result = TraceResult(3, 2, 0, 5, 5, tokens, beams, build_sankey(beams, tokens, "chain", 0),
+    ...                      [path_text(b) for b in beams])
+    >>> page = to_html(result)
+    >>> page.startswith("<!DOCTYPE html>"), page.count("<script")   # the data, then the code
+    (True, 2)
 """
 
-from ._html import html_fragment, render_html, to_html
+from ._html import html_fragment, page_files, render_html, to_html
 
-__all__ = ["render_html", "to_html", "html_fragment"]
+__all__ = ["render_html", "to_html", "html_fragment", "page_files"]

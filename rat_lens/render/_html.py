@@ -10,26 +10,38 @@ as a notebook output. D3 is run inside a function whose ``globalThis``, ``define
 import html
 import uuid
 import webbrowser
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
 
+from .. import options
 from ..errors import RatLensError
-from ..result import TraceResult
+from ..files import write_files
+from ..result import TraceResult, dump_traces
 from ..summary import summarize
 from ._payload import inline_json, payload
 
-__all__ = ["html_fragment", "to_html", "render_html"]
+__all__ = ["html_fragment", "to_html", "render_html", "page_files"]
 
 VENDOR = ("vendor/d3.min.js", "vendor/d3-sankey.min.js")
-SCRIPTS = ("js/util.js", "js/diagram.js", "js/panels.js", "js/strip.js", "js/export.js",
-           "js/mount.js")
+# Concatenated in this order into one function: each file's header says what it defines and what
+# it uses from the files before it. schema.js (first) documents the data, the payload's records.
+SCRIPTS = (
+    "js/schema.js",
+    "js/util.js",
+    "js/diagram.js",
+    "js/panels.js",
+    "js/strip.js",
+    "js/export.js",
+    "js/mount.js",
+)
 
 Results = Union[TraceResult, Sequence[TraceResult]]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _asset(name: str) -> str:
     text = (files(__package__) / name).read_text(encoding="utf-8")
     # Inlined code must not contain what would end its <script> or <style> element early.
@@ -47,8 +59,16 @@ def _new_id() -> str:
 def _as_list(results: Results) -> list[TraceResult]:
     items = [results] if isinstance(results, TraceResult) else list(results)
     if not items or not all(isinstance(r, TraceResult) for r in items):
-        raise RatLensError(f"expected a TraceResult or a non-empty list of them, got "
-                           f"{type(results).__name__}")
+        raise RatLensError(
+            f"expected a TraceResult or a non-empty list of them, got {type(results).__name__}"
+        )
+    beams = sum(len(r.beams) for r in items)
+    if beams > options.PAGE_BEAM_BUDGET:
+        raise RatLensError(
+            f"the page would draw {beams:,} beams, over the page budget of "
+            f"{options.PAGE_BEAM_BUDGET:,}: show fewer results or beams, or raise "
+            f"rat_lens.options.PAGE_BEAM_BUDGET if you mean it"
+        )
     return items
 
 
@@ -60,34 +80,42 @@ def html_fragment(results: Results) -> str:
     """
     items = _as_list(results)
     ids = [_new_id() for _ in items]
-    parts = [f'<style>{_asset("widget.css")}</style>']
+    parts = [f"<style>{_asset('widget.css')}</style>"]
     if len(items) > 1:  # several targets (e.g. each generated token): links to pick one
         links = " · ".join(
             f'<a href="#ratlens-{uid}">{html.escape(_target_label(r))}</a>'
-            for uid, r in zip(ids, items))
+            for uid, r in zip(ids, items)
+        )
         parts.append(f'<nav class="ratlens-targets">Targets: {links}</nav>')
     for uid, result in zip(ids, items):
         parts.append(f'<div class="ratlens" id="ratlens-{uid}"></div>')
         # The circuit summary beside the diagram: static tables, every string escaped by it.
-        parts.append(f'<details class="ratlens-summary" id="ratlens-summary-{uid}">'
-                     f'<summary>Circuit summary</summary>{summarize(result).html_fragment()}</details>')
-        parts.append(f'<script type="application/json" id="ratlens-data-{uid}">'
-                     f'{inline_json(payload(result))}</script>')
+        parts.append(
+            f'<details class="ratlens-summary" id="ratlens-summary-{uid}">'
+            f"<summary>Circuit summary</summary>{summarize(result).html_fragment()}"
+            "</details>"
+        )
+        parts.append(
+            f'<script type="application/json" id="ratlens-data-{uid}">'
+            f"{inline_json(payload(result))}</script>"
+        )
     vendor = "\n;\n".join(_asset(name) for name in VENDOR)
     app = "\n".join(_asset(name) for name in SCRIPTS)
     parts.append(
-        "<script>\n(function () {\n\"use strict\";\nvar scope = {};\n"
+        '<script>\n(function () {\n"use strict";\nconst scope = {};\n'
         "(function (globalThis, define, module, exports) {\n"
-        f"{vendor}\n}}).call(scope, scope);\nvar d3 = scope.d3;\n"
+        f"{vendor}\n}}).call(scope, scope);\nconst d3 = scope.d3;\n"
         f"{app}\n"
-        f"mountAll({inline_json(ids)});\n}})();\n</script>")
+        f"mountAll({inline_json(ids)});\n}})();\n</script>"
+    )
     return "\n".join(parts)
 
 
 def _target_label(result: TraceResult) -> str:
     token = result.tokens[result.target_pos] if result.target_pos < len(result.tokens) else ""
-    return f"{token!r}@{result.target_pos}" + (f" (prompt {result.batch_index})"
-                                                if result.batch_index else "")
+    return f"{token!r}@{result.target_pos}" + (
+        f" (prompt {result.batch_index})" if result.batch_index else ""
+    )
 
 
 def to_html(results: Results) -> str:
@@ -95,10 +123,19 @@ def to_html(results: Results) -> str:
     other (e.g. what ``trace_batch`` returned)."""
     items = _as_list(results)
     title = html.escape(f"rat_lens trace: {_target_label(items[0])}")
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>{title}</title>\n</head>\n<body class=\"ratlens-page\">\n"
-            f"{html_fragment(items)}\n</body>\n</html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f'<title>{title}</title>\n</head>\n<body class="ratlens-page">\n'
+        f"{html_fragment(items)}\n</body>\n</html>\n"
+    )
+
+
+def page_files(results: Results) -> dict[str, str]:
+    """``index.html`` (the page) and ``trace.json`` (what ``rat-lens render`` redraws it from)."""
+    items = _as_list(results)
+    one_or_all = items[0] if isinstance(results, TraceResult) else items
+    return {"index.html": to_html(items), "trace.json": dump_traces(one_or_all)}
 
 
 def render_html(result: Results, out_dir: Union[str, Path], open_browser: bool = False) -> str:
@@ -106,19 +143,11 @@ def render_html(result: Results, out_dir: Union[str, Path], open_browser: bool =
     ``index.html``, as reverse-attention's ``render_html`` does.
 
     ``trace.json`` is ``result.to_json()`` (a list of them for several results), which
-    ``rat-lens render trace.json -o out/`` turns back into the same page without a model.
+    ``rat-lens render trace.json -o out/`` turns back into the same page without a model. Both
+    files are written or neither (:func:`rat_lens.files.write_files`): a failure never leaves a
+    new page beside an old trace, nor an empty folder.
     """
-    items = _as_list(result)
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        index = out / "index.html"
-        index.write_text(to_html(items), encoding="utf-8")
-        saved = items[0].to_json() if isinstance(result, TraceResult) else \
-            "[" + ", ".join(r.to_json() for r in items) + "]"
-        (out / "trace.json").write_text(saved, encoding="utf-8")
-    except OSError as err:
-        raise RatLensError(f"cannot write the page to {str(out)!r}: {err}") from err
+    index = write_files(out_dir, page_files(result))[0]
     if open_browser:
         webbrowser.open(index.resolve().as_uri())
     return str(index)

@@ -4,13 +4,19 @@ that is safe to inline in a ``<script>`` element.
 The page never sees the result object itself: it gets the traced nodes and links, the beams, the
 token text (for the token strip) and the strip's attention rows. Nothing else is embedded, so a
 30-layer trace of thousands of tokens stays a small file.
+
+Every record here is documented, field by field, in ``js/schema.js`` (the JSDoc ``@typedef`` the
+page's code reads it through); ``tests/test_render.py`` checks a real payload against it, so a
+field added here without a line there fails the tests.
 """
 
 import json
+from collections.abc import Callable
+from typing import Optional
 
-from ..result import TraceResult, Verification, node_layers
+from ..result import TraceResult, Verification, node_id, node_layers
 
-__all__ = ["payload", "strip_rows", "inline_json", "verification"]
+__all__ = ["payload", "strip_rows", "inline_json", "verification", "node_ids"]
 
 # Characters that could end the inline <script> element (``</script>``) or open a comment in it
 # (``<!--``), written as JSON \u escapes, which JSON.parse reads back to the same string. Non-ASCII
@@ -30,34 +36,67 @@ def payload(result: TraceResult) -> dict:
     >>> data = payload(result)
     >>> data["beams"][0]["node_ids"], [n["id"] for n in data["nodes"]]
     (['L0_P2', 'L0_P0'], ['L0_P0', 'L0_P2'])
+    >>> data["meta"]["target_node_id"]
+    'L0_P2'
     >>> data["strip"]
-    {'source': 'edges', 'rows': [[2, 0, 0.9, 0, None]]}
+    {'source': 'edges', 'rows': [{'query': 2, 'key': 0, 'weight': 0.9, 'layer': 0, 'head': None}]}
     """
+    ids = node_ids(result)
     return {
         "meta": {
-            "mode": result.mode, "layer": result.layer, "layer_lo": result.layer_lo,
-            "target_pos": result.target_pos, "seq_len": result.seq_len,
-            "top_beam": result.top_beam, "top_k": result.top_k, "agg_heads": result.agg_heads,
-            "length_norm": result.length_norm, "residual": result.residual,
-            "exclude_bos": result.exclude_bos, "batch_index": result.batch_index,
+            "mode": result.mode,
+            "layer": result.layer,
+            "layer_lo": result.layer_lo,
+            "target_pos": result.target_pos,
+            "target_node_id": ids(result.layer, result.target_pos),
+            "seq_len": result.seq_len,
+            "top_beam": result.top_beam,
+            "top_k": result.top_k,
+            "agg_heads": result.agg_heads,
+            "length_norm": result.length_norm,
+            "residual": result.residual,
+            "exclude_bos": result.exclude_bos,
+            "batch_index": result.batch_index,
         },
         "tokens": list(result.tokens),
         "token_ids": list(result.token_ids),
-        "beams": [{
-            "positions": b.positions, "edge_attns": _rounded(b.edge_attns), "layers": b.layers,
-            "heads": b.heads, "bos_mass": _rounded(b.bos_mass), "score_raw": _round(b.score_raw),
-            "score_norm": _round(b.score_norm), "text": text,
-            "node_ids": [f"L{lay}_P{pos}" for pos, lay
-                         in zip(b.positions, node_layers(b, result.mode, result.layer))],
-        } for b, text in zip(result.beams, result.paths_text)],
+        "beams": [
+            {
+                "positions": b.positions,
+                "edge_attns": _rounded(b.edge_attns),
+                "layers": b.layers,
+                "heads": b.heads,
+                "bos_mass": _rounded(b.bos_mass),
+                "score_raw": _round(b.score_raw),
+                "score_norm": _round(b.score_norm),
+                "text": text,
+                "node_ids": [
+                    ids(lay, pos)
+                    for pos, lay in zip(b.positions, node_layers(b, result.mode, result.layer))
+                ],
+            }
+            for b, text in zip(result.beams, result.paths_text)
+        ],
         # Sorted by (layer, position): the page's layout reads positions, not this order.
-        "nodes": [{"id": n.id, "position": n.position, "layer": n.layer}
-                  for n in sorted(result.sankey.nodes, key=lambda n: (n.layer, n.position))],
-        "links": [{"source": lk.source, "target": lk.target, "value": _round(lk.value),
-                   "beams": lk.beam_indices, "layer": lk.layer, "heads": lk.heads}
-                  for lk in result.sankey.links],
-        "strip": {"source": "attention" if result.top_attention else "edges",
-                  "rows": strip_rows(result)},
+        "nodes": [
+            {"id": n.id, "position": n.position, "layer": n.layer}
+            for n in sorted(result.sankey.nodes, key=lambda n: (n.layer, n.position))
+        ],
+        "links": [
+            {
+                "source": lk.source,
+                "target": lk.target,
+                "value": _round(lk.value),
+                "beams": lk.beam_indices,
+                "layer": lk.layer,
+                "heads": lk.heads,
+            }
+            for lk in result.sankey.links
+        ],
+        "strip": {
+            "source": "attention" if result.top_attention else "edges",
+            "rows": strip_rows(result),
+        },
         **({"verification": verification(result.verification)} if result.verification else {}),
     }
 
@@ -67,36 +106,75 @@ def verification(v: Verification) -> dict:
     faithfulness curve's area and the blank-out correlations (rounded)."""
     f, t = v.faithfulness, v.token_importance
     return {
-        "prediction": v.prediction, "ablation": v.ablation, "n_random": v.n_random,
-        "beams": [{"effect": _round(b.effect.effect),
-                   "ratio": None if b.effect.ratio is None else _round(b.effect.ratio),
-                   "p_value": b.effect.p_value} for b in v.beams],
+        "prediction": v.prediction,
+        "ablation": v.ablation,
+        "n_random": v.n_random,
+        "beams": [
+            {
+                "effect": _round(b.effect.effect),
+                "ratio": None if b.effect.ratio is None else _round(b.effect.ratio),
+                "p_value": b.effect.p_value,
+            }
+            for b in v.beams
+        ],
         "faithfulness_area": None if f is None or f.area is None else _round(f.area),
-        "spearman": {k: None if x is None else _round(x)
-                     for k, x in (t.spearman if t is not None else {}).items()},
+        "spearman": {
+            k: None if x is None else _round(x)
+            for k, x in (t.spearman if t is not None else {}).items()
+        },
     }
 
 
-def strip_rows(result: TraceResult) -> list[list]:
-    """``[query, key, weight, layer, head]`` rows for the token strip, which shows, for a hovered
-    token, what it attends to and what attends to it.
+def node_ids(result: TraceResult) -> Callable[[int, int], str]:
+    """``(layer, position) -> id`` of the node the diagram draws there.
+
+    Ids are made once, by :func:`rat_lens.result.node_id` when ``build_sankey`` makes the nodes;
+    this reads them back from ``result.sankey.nodes``, so beams, links and nodes on the page
+    always agree with the graph. A node not in the graph (a result whose Sankey was not built
+    from its beams, or a target no beam left) gets :func:`~rat_lens.result.node_id`'s id, which
+    matches nothing drawn: clicking it can light nothing up, and nothing breaks.
+
+    >>> from rat_lens.result import SankeyData, SankeyNode
+    >>> result = TraceResult(2, 1, 0, 1, 1, ["a", "b"], [],
+    ...                      SankeyData([SankeyNode("n1", "b", 1, 0)], []), [])
+    >>> ids = node_ids(result)
+    >>> ids(0, 1), ids(0, 0)
+    ('n1', 'L0_P0')
+    """
+    drawn = {(n.layer, n.position): n.id for n in result.sankey.nodes}
+
+    def lookup(layer: int, position: int) -> str:
+        found = drawn.get((layer, position))
+        return found if found is not None else node_id(layer, position)
+
+    return lookup
+
+
+def strip_rows(result: TraceResult) -> list[dict]:
+    """``{query, key, weight, layer, head}`` rows (``StripRow`` in ``js/schema.js``) for the
+    token strip, which shows, for a hovered token, what it attends to and what attends to it.
 
     From a traced model, the strongest keys of every query (``result.top_attention``, averaged
     over the traced layers and heads: layer and head are ``None``); from a bare tensor trace,
     each distinct edge of the beams, best beam first (tokens off the paths show nothing).
     """
     if result.top_attention:
-        return [[q, k, _round(w), None, None] for q, k, w in result.top_attention]
+        return [_strip_row(q, k, w, None, None) for q, k, w in result.top_attention]
     rows, seen = [], set()
     for beam in result.beams:
         for i, weight in enumerate(beam.edge_attns):
-            row = [beam.positions[i], beam.positions[i + 1], _round(weight), beam.layers[i],
-                   beam.heads[i]]
-            key = (row[0], row[1], row[3], row[4])
-            if key not in seen:
-                seen.add(key)
-                rows.append(row)
+            edge = (beam.positions[i], beam.positions[i + 1], beam.layers[i], beam.heads[i])
+            if edge not in seen:
+                seen.add(edge)
+                rows.append(_strip_row(edge[0], edge[1], weight, edge[2], edge[3]))
     return rows
+
+
+def _strip_row(
+    query: int, key: int, weight: float, layer: Optional[int], head: Optional[int]
+) -> dict:
+    """One ``StripRow``: ``layer`` / ``head`` are None where averaged over the traced ones."""
+    return {"query": query, "key": key, "weight": _round(weight), "layer": layer, "head": head}
 
 
 def _round(x: float) -> float:
@@ -111,9 +189,10 @@ def _rounded(xs: list[float]) -> list[float]:
 
 def inline_json(data) -> str:
     """JSON for a ``<script type="application/json">`` element: nothing in it can close the
-    element, open a comment or break a line.
+    element, open a comment or break a line. Compact (no space after ``,`` and ``:``): the named
+    strip-row fields cost less than the spaces this drops from a long chain's page.
 
-    >>> inline_json({"token": "</script><!--\\u2028"})
-    '{"token": "\\\\u003c/script\\\\u003e\\\\u003c!--\\\\u2028"}'
+    >>> inline_json({"token": "</script><!--\\u2028", "n": [1, 2]})
+    '{"token":"\\\\u003c/script\\\\u003e\\\\u003c!--\\\\u2028","n":[1,2]}'
     """
-    return json.dumps(data, allow_nan=False).translate(_UNSAFE_TABLE)
+    return json.dumps(data, allow_nan=False, separators=(",", ":")).translate(_UNSAFE_TABLE)

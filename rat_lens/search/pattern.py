@@ -23,13 +23,14 @@ def aggregate_heads(
 ) -> Float[Tensor, "*batch agg query key"]:
     """Reduce the head axis to length 1 by ``mean`` or ``max``; ``none`` keeps every head.
 
-    >>> p = torch.tensor([[[[1.0, 0.0], [0.2, 0.8]], [[1.0, 0.0], [0.6, 0.4]]]])
-    >>> aggregate_heads(p, "mean").shape
-    torch.Size([1, 1, 2, 2])
-    >>> aggregate_heads(p, "max")[0, 0, 1].tolist()
-    [0.6000000238418579, 0.800000011920929]
-    >>> aggregate_heads(p, "none").shape
-    torch.Size([1, 2, 2, 2])
+    Examples:
+        >>> p = torch.tensor([[[[1.0, 0.0], [0.2, 0.8]], [[1.0, 0.0], [0.6, 0.4]]]])
+        >>> aggregate_heads(p, "mean").shape
+        torch.Size([1, 1, 2, 2])
+        >>> aggregate_heads(p, "max")[0, 0, 1].tolist()
+        [0.6000000238418579, 0.800000011920929]
+        >>> aggregate_heads(p, "none").shape
+        torch.Size([1, 2, 2, 2])
     """
     check_choice("agg_heads", agg_heads, AGG_HEADS)
     if agg_heads == "none":

@@ -69,9 +69,10 @@ def entropy(
 ) -> Float[Tensor, "*lead head"]:
     """Mean row entropy in nats (0·ln 0 = 0).
 
-    >>> causal_uniform = torch.tril(torch.ones(3, 3)) / torch.arange(1, 4.0)[:, None]
-    >>> entropy(causal_uniform[None])                     # rows: ln 1, ln 2, ln 3
-    tensor([0.5973])
+    Examples:
+        >>> causal_uniform = torch.tril(torch.ones(3, 3)) / torch.arange(1, 4.0)[:, None]
+        >>> entropy(causal_uniform[None])                     # rows: ln 1, ln 2, ln 3
+        tensor([0.5973])
     """
     return _row_mean(torch.special.entr(pattern).sum(-1), query_mask)
 
@@ -81,8 +82,9 @@ def max_weight(
 ) -> Float[Tensor, "*lead head"]:
     """Mean over rows of the largest weight in the row.
 
-    >>> max_weight(torch.eye(4)[None])
-    tensor([1.])
+    Examples:
+        >>> max_weight(torch.eye(4)[None])
+        tensor([1.])
     """
     return _row_mean(pattern.amax(-1), query_mask)
 
@@ -94,9 +96,10 @@ def sink_mass(
 ) -> Float[Tensor, "*lead head"]:
     """Mean over rows of the mass on sink keys: ``sink`` (e.g. BOS positions), else position 0.
 
-    >>> causal_uniform = torch.tril(torch.ones(4, 4)) / torch.arange(1, 5.0)[:, None]
-    >>> sink_mass(causal_uniform[None])                   # (1 + 1/2 + 1/3 + 1/4) / 4
-    tensor([0.5208])
+    Examples:
+        >>> causal_uniform = torch.tril(torch.ones(4, 4)) / torch.arange(1, 5.0)[:, None]
+        >>> sink_mass(causal_uniform[None])                   # (1 + 1/2 + 1/3 + 1/4) / 4
+        tensor([0.5208])
     """
     if sink is None:
         return _row_mean(pattern[..., 0], query_mask)
@@ -109,8 +112,9 @@ def self_mass(
 ) -> Float[Tensor, "*lead head"]:
     """Mean over rows of the diagonal ``A[q, q]``: how much a token reads itself.
 
-    >>> self_mass(torch.eye(3)[None])
-    tensor([1.])
+    Examples:
+        >>> self_mass(torch.eye(3)[None])
+        tensor([1.])
     """
     return _row_mean(torch.diagonal(pattern, dim1=-2, dim2=-1), query_mask)
 
@@ -120,9 +124,10 @@ def prev_mass(
 ) -> Float[Tensor, "*lead head"]:
     """Mean over rows q ≥ 1 of ``A[q, q - 1]`` (row 0 has no previous token, so it is left out).
 
-    >>> previous = torch.eye(4).roll(-1, dims=1).tril()   # every row q >= 1 reads q - 1
-    >>> prev_mass(previous[None]), self_mass(previous[None])
-    (tensor([1.]), tensor([0.]))
+    Examples:
+        >>> previous = torch.eye(4).roll(-1, dims=1).tril()   # every row q >= 1 reads q - 1
+        >>> prev_mass(previous[None]), self_mass(previous[None])
+        (tensor([1.]), tensor([0.]))
     """
     n = pattern.shape[-1]
     below = torch.diagonal(pattern, offset=-1, dim1=-2, dim2=-1)  # [..., head, query - 1]
@@ -142,14 +147,15 @@ def attention_stats(
     Cheap enough to run inside a ``hook_pattern`` hook on the full pattern before heads are
     aggregated ([batch, head] numbers out of [batch, head, seq, seq]).
 
-    >>> stats = attention_stats(torch.eye(3).expand(2, 1, 3, 3))      # [batch 2, head 1]
-    >>> for name, value in stats.items():
-    ...     print(f"{name:10} {[round(v, 3) for v in value.flatten().tolist()]}")
-    entropy    [0.0, 0.0]
-    max_weight [1.0, 1.0]
-    sink_mass  [0.333, 0.333]
-    self_mass  [1.0, 1.0]
-    prev_mass  [0.0, 0.0]
+    Examples:
+        >>> stats = attention_stats(torch.eye(3).expand(2, 1, 3, 3))      # [batch 2, head 1]
+        >>> for name, value in stats.items():
+        ...     print(f"{name:10} {[round(v, 3) for v in value.flatten().tolist()]}")
+        entropy    [0.0, 0.0]
+        max_weight [1.0, 1.0]
+        sink_mass  [0.333, 0.333]
+        self_mass  [1.0, 1.0]
+        prev_mass  [0.0, 0.0]
     """
     return {
         "entropy": entropy(pattern, query_mask),
@@ -190,13 +196,14 @@ def attention_rollout(
     re-normalised), and ``R = Ã_top ··· Ã_bottom``: ``R[q, k]`` is how much of position ``q``
     after the top layer traces back to token ``k`` before the bottom one.
 
-    >>> A = torch.tensor([[1.0, 0.0], [1.0, 0.0]])                    # everyone reads token 0
-    >>> attention_rollout(A[None, None])                              # [layer 1, head 1, q, k]
-    tensor([[1.0000, 0.0000],
-            [0.5000, 0.5000]])
-    >>> attention_rollout(torch.stack([A, A])[:, None])               # two layers
-    tensor([[1.0000, 0.0000],
-            [0.7500, 0.2500]])
+    Examples:
+        >>> A = torch.tensor([[1.0, 0.0], [1.0, 0.0]])                    # everyone reads token 0
+        >>> attention_rollout(A[None, None])                              # [layer 1, head 1, q, k]
+        tensor([[1.0000, 0.0000],
+                [0.5000, 0.5000]])
+        >>> attention_rollout(torch.stack([A, A])[:, None])               # two layers
+        tensor([[1.0000, 0.0000],
+                [0.7500, 0.2500]])
     """
     mixed = _with_residual(_head_mean(patterns), residual_share)
     rollout = mixed[0]
@@ -212,9 +219,10 @@ def rollout_importance(
 
     O(layers · seq²) instead of O(layers · seq³): only the target's row is ever formed.
 
-    >>> A = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    >>> rollout_importance(torch.stack([A, A])[:, None], target=1)
-    tensor([0.7500, 0.2500])
+    Examples:
+        >>> A = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+        >>> rollout_importance(torch.stack([A, A])[:, None], target=1)
+        tensor([0.7500, 0.2500])
     """
     return rollout_rows(patterns, [target], residual_share)[..., 0, :]
 
@@ -229,10 +237,11 @@ def rollout_rows(
     Each layer's mixed matrix ``Ã`` is never formed: ``rows @ Ã`` is computed from ``A`` and its
     row sums, so N targets cost one pass over the layers (the tracer's many-target case).
 
-    >>> A = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    >>> rollout_rows(torch.stack([A, A])[:, None], targets=[1, 0])
-    tensor([[0.7500, 0.2500],
-            [1.0000, 0.0000]])
+    Examples:
+        >>> A = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+        >>> rollout_rows(torch.stack([A, A])[:, None], targets=[1, 0])
+        tensor([[0.7500, 0.2500],
+                [1.0000, 0.0000]])
     """
     _check_residual(residual_share)
     attn = _head_mean(patterns)
@@ -254,8 +263,9 @@ def beam_mass_importance(
     With ``mass`` = softmax(score_norm) of the beam × edge attention this is the Sankey link
     weight summed per source token.
 
-    >>> beam_mass_importance(torch.tensor([2, 0, 2]), torch.tensor([0.5, 0.25, 0.125]), 4)
-    tensor([0.2500, 0.0000, 0.6250, 0.0000])
+    Examples:
+        >>> beam_mass_importance(torch.tensor([2, 0, 2]), torch.tensor([0.5, 0.25, 0.125]), 4)
+        tensor([0.2500, 0.0000, 0.6250, 0.0000])
     """
     out = torch.zeros(seq_len, dtype=mass.dtype, device=mass.device)
     return out.index_add_(0, keys.to(mass.device), mass)
@@ -266,10 +276,11 @@ def top_predictions(
 ) -> tuple[Float[Tensor, "n k"], Int[Tensor, "n k"]]:
     """The model's top-``k`` next tokens (probabilities, ids) at each of ``positions``.
 
-    >>> logits = torch.log(torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]]))
-    >>> probs, ids = top_predictions(logits, [1, 0], k=2)
-    >>> ids.tolist(), [[round(p, 2) for p in row] for row in probs.tolist()]
-    ([[0, 2], [1, 2]], [[0.5, 0.3], [0.7, 0.2]])
+    Examples:
+        >>> logits = torch.log(torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]]))
+        >>> probs, ids = top_predictions(logits, [1, 0], k=2)
+        >>> ids.tolist(), [[round(p, 2) for p in row] for row in probs.tolist()]
+        ([[0, 2], [1, 2]], [[0.5, 0.3], [0.7, 0.2]])
     """
     index = torch.as_tensor(positions, dtype=torch.long, device=logits.device)
     probs = logits[index].float().softmax(-1)

@@ -174,10 +174,11 @@ def circuit_line(
 ) -> str:
     """A path as one line, target first, each edge ``←L{layer}.H{head}(weight)─``.
 
-    >>> circuit_line([" B", " C", " B"], [7, 4, 3], [1, 0], [2, 3], [0.912, 0.38])
-    "' B'@7 ←L1.H2(0.91)─ ' C'@4 ←L0.H3(0.38)─ ' B'@3"
-    >>> circuit_line(["c", "a"], [2, 0], [5], [None], [0.5])
-    "'c'@2 ←L5(0.50)─ 'a'@0"
+    Examples:
+        >>> circuit_line([" B", " C", " B"], [7, 4, 3], [1, 0], [2, 3], [0.912, 0.38])
+        "' B'@7 ←L1.H2(0.91)─ ' C'@4 ←L0.H3(0.38)─ ' B'@3"
+        >>> circuit_line(["c", "a"], [2, 0], [5], [None], [0.5])
+        "'c'@2 ←L5(0.50)─ 'a'@0"
     """
     text = f"{token_label(tokens[0])}@{positions[0]}"
     for i, attn in enumerate(edge_attns):
@@ -211,8 +212,10 @@ def summarize(
             top-``k`` next tokens at each traced position (decoded by ``tokenizer`` if given).
         roles: :func:`rat_lens.roles.head_roles` of the traced tokens; names the heads on the
             edges whose best role scores at least ``role_threshold``.
-        stats, predictions: precomputed statistics (:class:`HeadTable`) / prediction records.
-        top_edges, top_tokens: rows kept in those tables.
+        stats: precomputed statistics (:class:`HeadTable`).
+        predictions: precomputed prediction records.
+        top_edges: rows kept in the edges table.
+        top_tokens: rows kept in the tokens table.
         verification: :func:`rat_lens.verify.verify` of this result; adds each beam's causal
             effect and the faithfulness curve.
 
@@ -220,17 +223,18 @@ def summarize(
     ``rollout``, and ``verification`` kept from :func:`rat_lens.verify`) are used when present
     and not given here. Only ``patterns`` and ``logits`` need torch (imported for them alone).
 
-    >>> from rat_lens import trace
-    >>> from rat_lens.models import load
-    >>> result = trace(load("induction-2l"), "cat dog red blue cat dog red", layers=(0, 1),
-    ...                agg_heads="none", top_beam=3)
-    >>> summary = summarize(result)
-    >>> summary.beams[0].circuit.startswith("'red'@7 ←L1.H")
-    True
-    >>> round(sum(layer.share for layer in summary.layers), 6)
-    1.0
-    >>> Summary.from_json(summary.to_json()) == summary
-    True
+    Examples:
+        >>> from rat_lens import trace
+        >>> from rat_lens.models import load
+        >>> result = trace(load("induction-2l"), "cat dog red blue cat dog red", layers=(0, 1),
+        ...                agg_heads="none", top_beam=3)
+        >>> summary = summarize(result)
+        >>> summary.beams[0].circuit.startswith("'red'@7 ←L1.H")
+        True
+        >>> round(sum(layer.share for layer in summary.layers), 6)
+        1.0
+        >>> Summary.from_json(summary.to_json()) == summary
+        True
     """
     # Explicit arguments win; then what the tracer recorded; then what the tensors give.
     roles = _table(roles if roles is not None else getattr(result, "head_roles", None))

@@ -1,23 +1,27 @@
-// The Sankey diagram: layout, drawing, zoom, and the highlight/filter state painted as classes.
+// diagram.js: the Sankey diagram: layout, drawing, zoom, and the highlight/filter state painted
+// as classes.
+// Defines: NODE_W, COL_W, LABEL_W, PAD, TOP, MIN_NODE, READABLE, assignColumns, layout,
+//   drawDiagram, beamsThrough, paint.
+// Uses: util.js: fmt, beamColor, layerName, edgeName, isolate, shorten, visible, tokenAt.
 
-var NODE_W = 12;    // node bar width
-var COL_W = 150;    // distance between columns: room for a label
-var LABEL_W = 140;  // room right of the last column
-var PAD = 18;       // vertical gap between nodes of a column
-var TOP = 24;       // room for the column headings
-var MIN_NODE = 4;   // a node carrying a near-zero weight must still be clickable
-var READABLE = 0.85; // smallest first-view zoom at which the 12px labels stay readable
+const NODE_W = 12;      // node bar width
+const COL_W = 150;      // distance between columns: room for a label
+const LABEL_W = 140;    // room right of the last column
+const PAD = 18;         // vertical gap between nodes of a column
+const TOP = 24;         // room for the column headings
+const MIN_NODE = 4;     // a node carrying a near-zero weight must still be clickable
+const READABLE = 0.85;  // smallest first-view zoom at which the 12px labels stay readable
 
 // Columns. Layers mode: one per layer, lowest on the left, so the target's layer is on the right.
 // Chain mode: positions left to right, a new column starting whenever a node reads from one
 // already in the current column; every link then points right, earlier tokens further left.
 function assignColumns(nodes, mode) {
   if (mode === "layers") {
-    var lowest = d3.min(nodes, function (n) { return n.lay; });
+    const lowest = d3.min(nodes, function (n) { return n.lay; });
     nodes.forEach(function (n) { n.column = n.lay - lowest; });
     return;
   }
-  var column = 0, members = new Set();
+  let column = 0, members = new Set();
   nodes.slice().sort(function (a, b) { return a.position - b.position; }).forEach(function (n) {
     if (n.targetLinks.some(function (l) { return members.has(l.source); })) {
       column += 1;
@@ -33,32 +37,33 @@ function assignColumns(nodes, mode) {
 // graph depth, which neither keeps positions in order nor puts a path ending early (at BOS) in
 // its layer. Within a column, nodes go top to bottom by position.
 function layout(data) {
-  var graph = {
+  const graph = {
     nodes: data.nodes.map(function (n) { return {id: n.id, position: n.position, lay: n.layer}; }),
     links: data.links.map(function (l) {
       return {source: l.source, target: l.target, value: l.value, beams: l.beams, lay: l.layer,
               heads: l.heads};
     }),
   };
-  var sankey = d3.sankey().nodeId(function (d) { return d.id; }).nodeWidth(NODE_W).nodePadding(PAD);
+  const sankey = d3.sankey().nodeId(function (d) { return d.id; })
+    .nodeWidth(NODE_W).nodePadding(PAD);
   if (!graph.nodes.length) return {graph: graph, width: COL_W, height: 120};
   sankey(graph);  // note: it writes its own `layer` field on nodes, hence ours is `lay`
   assignColumns(graph.nodes, data.meta.mode);
-  var columns = d3.groups(graph.nodes, function (n) { return n.column; })
+  const columns = d3.groups(graph.nodes, function (n) { return n.column; })
     .sort(function (a, b) { return a[0] - b[0]; })
     .map(function (entry) {
       return entry[1].sort(function (a, b) { return a.position - b.position; });
     });
-  var tallest = d3.max(columns, function (c) { return c.length; });
-  var inner = Math.max(320, tallest * 44);
+  const tallest = d3.max(columns, function (c) { return c.length; });
+  const inner = Math.max(320, tallest * 44);
   // One scale for all columns, chosen so that the fullest column fits (minimum heights included).
-  var ky = d3.min(columns, function (c) {
-    var total = d3.sum(c, function (n) { return n.value; });
+  let ky = d3.min(columns, function (c) {
+    const total = d3.sum(c, function (n) { return n.value; });
     return total > 0 ? (inner - (c.length - 1) * PAD - c.length * MIN_NODE) / total : Infinity;
   });
   if (!isFinite(ky)) ky = 0;
   columns.forEach(function (c) {
-    var y = TOP;
+    let y = TOP;
     c.forEach(function (n) {
       n.x0 = n.column * COL_W;
       n.x1 = n.x0 + NODE_W;
@@ -66,7 +71,7 @@ function layout(data) {
       n.y1 = y + Math.max(MIN_NODE, n.value * ky);
       y = n.y1 + PAD;
     });
-    var spare = (TOP + inner - (y - PAD)) / (c.length + 1);  // spread the column out evenly
+    const spare = (TOP + inner - (y - PAD)) / (c.length + 1);  // spread the column out evenly
     c.forEach(function (n, i) { n.y0 += spare * (i + 1); n.y1 += spare * (i + 1); });
   });
   graph.links.forEach(function (l) { l.width = l.value * ky; });
@@ -80,14 +85,14 @@ function layout(data) {
 }
 
 function drawDiagram(ui, data, on) {
-  var lay = layout(data);
-  var svg = ui.diagram.append("svg")
+  const lay = layout(data);
+  const svg = ui.diagram.append("svg")
     .attr("height", Math.max(360, Math.min(560, lay.height)))
     .attr("role", "img").attr("aria-label", "attention trace diagram");
-  var viewport = svg.append("g").attr("class", "ratlens-viewport");
+  const viewport = svg.append("g").attr("class", "ratlens-viewport");
   svg.on("click", on.background);
 
-  var heads = data.meta.mode === "layers"
+  const heads = data.meta.mode === "layers"
     ? d3.groups(lay.graph.nodes, function (n) { return n.column; }).map(function (e) {
         return {x: e[1][0].x0, text: layerName(e[1][0].lay)};
       })
@@ -96,7 +101,7 @@ function drawDiagram(ui, data, on) {
     .attr("class", "ratlens-colhead").attr("x", function (d) { return d.x; }).attr("y", 12)
     .text(function (d) { return d.text; });
 
-  var links = viewport.append("g").selectAll("path").data(lay.graph.links).join("path")
+  const links = viewport.append("g").selectAll("path").data(lay.graph.links).join("path")
     .attr("class", "ratlens-link")
     .attr("d", d3.sankeyLinkHorizontal())
     .attr("stroke-width", function (l) { return Math.max(1.5, l.width); })
@@ -111,23 +116,22 @@ function drawDiagram(ui, data, on) {
     })
     .on("mouseleave", on.leave);
 
-  var nodes = viewport.append("g").selectAll("g").data(lay.graph.nodes).join("g")
+  const nodes = viewport.append("g").selectAll("g").data(lay.graph.nodes).join("g")
     .attr("class", function (n) {
-      var target = n.position === data.meta.target_pos && n.lay === data.meta.layer;
-      return "ratlens-node" + (target ? " is-target" : "");
+      return "ratlens-node" + (n.id === data.meta.target_node_id ? " is-target" : "");
     })
     .attr("data-id", function (n) { return n.id; })
     .attr("transform", function (n) { return "translate(" + n.x0 + "," + n.y0 + ")"; })
     .on("click", function (event, n) { event.stopPropagation(); on.node(n); })
     .on("mousemove", function (event, n) {
-      var where = data.meta.mode === "layers" ? " \u00b7 " + layerName(n.lay) : "";
+      const where = data.meta.mode === "layers" ? " \u00b7 " + layerName(n.lay) : "";
       on.hover(event, tokenAt(data, n.position) + where + "\nweight " + fmt(n.value));
     })
     .on("mouseleave", on.leave);
   nodes.append("rect")
     .attr("width", NODE_W).attr("height", function (n) { return n.y1 - n.y0; })
     .attr("fill", "#c9d1e3");
-  var label = nodes.append("text")
+  const label = nodes.append("text")
     .attr("x", NODE_W + 4).attr("y", function (n) { return (n.y1 - n.y0) / 2; })
     .attr("dy", "0.35em")
     .attr("paint-order", "stroke").attr("stroke", "#fff").attr("stroke-width", 3);
@@ -137,7 +141,7 @@ function drawDiagram(ui, data, on) {
   label.append("tspan").attr("class", "ratlens-pos")
     .text(function (n) { return " " + n.position; });
 
-  var zoom = d3.zoom().on("zoom", function (event) {
+  const zoom = d3.zoom().on("zoom", function (event) {
     viewport.attr("transform", event.transform);
   });
   svg.call(zoom).on("dblclick.zoom", null);
@@ -145,11 +149,11 @@ function drawDiagram(ui, data, on) {
   // than READABLE, right-aligned when it overflows: the target's end of the trace is what people
   // read first; "Fit" shows the whole.
   function show(whole) {
-    var w = svg.node().clientWidth || 900, h = +svg.attr("height");
-    var fitted = Math.min(1, (w - 16) / lay.width, (h - 8) / lay.height);
-    var k = whole ? fitted : Math.max(fitted, READABLE);
+    const w = svg.node().clientWidth || 900, h = +svg.attr("height");
+    const fitted = Math.min(1, (w - 16) / lay.width, (h - 8) / lay.height);
+    const k = whole ? fitted : Math.max(fitted, READABLE);
     zoom.scaleExtent([Math.min(0.05, fitted / 2), 8]);
-    var x = lay.width * k <= w - 16 ? (w - lay.width * k) / 2 : w - 8 - lay.width * k;
+    const x = lay.width * k <= w - 16 ? (w - lay.width * k) / 2 : w - 8 - lay.width * k;
     svg.call(zoom.transform, d3.zoomIdentity.translate(x, Math.max(4, (h - lay.height * k) / 2))
       .scale(k));
   }
@@ -161,7 +165,7 @@ function drawDiagram(ui, data, on) {
 
 // The beams (indices) whose path goes through node `id`.
 function beamsThrough(beamNodes, id) {
-  var through = new Set();
+  const through = new Set();
   beamNodes.forEach(function (ids, b) { if (ids.has(id)) through.add(b); });
   return through;
 }
@@ -170,8 +174,8 @@ function beamsThrough(beamNodes, id) {
 // A clicked node highlights every link of every beam through it and dims the rest. Links take
 // the colour of their best beam, or of the one beam the filter shows.
 function paint(view, beamNodes, state) {
-  var nBeams = beamNodes.length;
-  var through = state.node === null ? null : beamsThrough(beamNodes, state.node);
+  const nBeams = beamNodes.length;
+  const through = state.node === null ? null : beamsThrough(beamNodes, state.node);
   function lit(beams) { return beams.some(function (b) { return through.has(b); }); }
   function onNodeBeam(id) {
     return Array.from(through).some(function (b) { return beamNodes[b].has(id); });

@@ -1,11 +1,16 @@
-// Entry point: find each widget's element and data by the ids this render gave them, and draw.
+// mount.js: the entry point: find each widget's element and data (a Payload, schema.js) by the
+// ids this render gave them, and draw. _html.py calls mountAll after all the files.
+// Defines: mount, mountAll.
+// Uses: diagram.js: drawDiagram, beamsThrough, paint; panels.js: buildSkeleton, buildLegend,
+//   clearInfo, showNode, showLink, showTooltip, hideTooltip; strip.js: buildStrip;
+//   export.js: exportSvg, exportPng.
 
 function mount(root, data) {
-  var ui = buildSkeleton(root, data);
-  var state = {beam: null, node: null};
-  var beamNodes = data.beams.map(function (b) { return new Set(b.node_ids); });
-  var name = "rat_lens_trace_" + layerName(data.meta.layer) + "_P" + data.meta.target_pos;
-  var view = drawDiagram(ui, data, {
+  const ui = buildSkeleton(root, data);
+  const state = {beam: null, node: null};
+  const beamNodes = data.beams.map(function (b) { return new Set(b.node_ids); });
+  const name = "rat_lens_trace_" + data.meta.target_node_id;  // e.g. rat_lens_trace_L1_P7
+  const view = drawDiagram(ui, data, {
     node: function (n) {
       state.node = n.id;
       repaint();
@@ -50,7 +55,7 @@ function mount(root, data) {
 // One failing widget must not keep the others on the page from drawing.
 function mountAll(ids) {
   ids.forEach(function (uid) {
-    var root = d3.select(document.getElementById("ratlens-" + uid));
+    const root = d3.select(document.getElementById("ratlens-" + uid));
     try {
       mount(root, JSON.parse(document.getElementById("ratlens-data-" + uid).textContent));
     } catch (err) {

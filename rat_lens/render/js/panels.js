@@ -1,10 +1,13 @@
-// Everything around the diagram: header and controls, trace facts, beam legend, info panel,
-// tooltip. All text goes in with .text(); elements are found through `ui`, never by id, so any
-// number of widgets can share a page.
+// panels.js: everything around the diagram: header and controls, trace facts, beam legend, info
+// panel, tooltip. All text goes in with .text(); elements are found through `ui`, never by id, so
+// any number of widgets can share a page.
+// Defines: titleText, buildSkeleton, buildFacts, beamEffect, buildLegend, clearInfo, edgeList,
+//   showNode, beamEdgesAt, showLink, showTooltip, hideTooltip.
+// Uses: util.js: visible, shorten, fmt, beamColor, layerName, edgeName, tokenAt, infoRow.
 
 function titleText(data) {
-  var m = data.meta;
-  var span = m.mode === "layers"
+  const m = data.meta;
+  const span = m.mode === "layers"
     ? "layers " + layerName(m.layer) + "\u2192" + layerName(m.layer_lo)
     : "chain in " + layerName(m.layer);
   return "Trace from " + tokenAt(data, m.target_pos, 24) + " \u00b7 " + span + " \u00b7 " +
@@ -13,10 +16,10 @@ function titleText(data) {
 
 function buildSkeleton(root, data) {
   root.selectAll("*").remove();
-  var header = root.append("div").attr("class", "ratlens-header");
+  const header = root.append("div").attr("class", "ratlens-header");
   header.append("div").attr("class", "ratlens-title").text(titleText(data));
-  var controls = header.append("div").attr("class", "ratlens-controls");
-  var select = controls.append("select").attr("class", "ratlens-beam-filter")
+  const controls = header.append("div").attr("class", "ratlens-controls");
+  const select = controls.append("select").attr("class", "ratlens-beam-filter")
     .attr("aria-label", "beams shown");
   select.append("option").attr("value", "all").text("All beams");
   data.beams.forEach(function (b, i) {
@@ -27,7 +30,7 @@ function buildSkeleton(root, data) {
     return controls.append("button").attr("type", "button").attr("class", cls)
       .attr("title", tip).text(text);
   }
-  var ui = {
+  const ui = {
     root: root, select: select,
     reset: button("ratlens-reset", "Fit",
                   "fit the whole diagram in view (scroll to zoom, drag to pan)"),
@@ -35,9 +38,9 @@ function buildSkeleton(root, data) {
     svgButton: button("ratlens-export-svg", "SVG", "download the diagram as SVG"),
     pngButton: button("ratlens-export-png", "PNG", "download the diagram as PNG"),
   };
-  var main = root.append("div").attr("class", "ratlens-main");
+  const main = root.append("div").attr("class", "ratlens-main");
   ui.diagram = main.append("div").attr("class", "ratlens-diagram");
-  var side = main.append("div").attr("class", "ratlens-side");
+  const side = main.append("div").attr("class", "ratlens-side");
   ui.info = side.append("div").attr("class", "ratlens-box ratlens-info");
   ui.legend = side.append("div").attr("class", "ratlens-box ratlens-legend");
   ui.facts = side.append("div").attr("class", "ratlens-box ratlens-facts");
@@ -48,7 +51,7 @@ function buildSkeleton(root, data) {
 }
 
 function buildFacts(box, data) {
-  var m = data.meta;
+  const m = data.meta;
   box.append("h4").text("Trace");
   infoRow(box, "target", tokenAt(data, m.target_pos, 20), "ratlens-tokentext");
   infoRow(box, "mode", m.mode === "layers"
@@ -60,7 +63,7 @@ function buildFacts(box, data) {
   if (m.residual !== "none") infoRow(box, "residual", m.residual);
   if (m.exclude_bos) infoRow(box, "exclude_bos", "yes");
   infoRow(box, "tokens", m.seq_len);
-  var v = data.verification;
+  const v = data.verification;
   if (v) {
     infoRow(box, "causal check", "ablation " + v.ablation + ", " + v.n_random +
       " random paths per beam");
@@ -74,9 +77,9 @@ function buildFacts(box, data) {
 
 // "effect 0.405, 113.2× random, p 0.05": a beam's causal effect, when the trace was verified.
 function beamEffect(data, i) {
-  var e = data.verification && data.verification.beams[i];
+  const e = data.verification && data.verification.beams[i];
   if (!e) return "";
-  var parts = ["effect " + fmt(e.effect)];
+  const parts = ["effect " + fmt(e.effect)];
   if (e.ratio !== null) parts.push(fmt(e.ratio, 1) + "\u00d7 random");
   if (e.p_value !== null) parts.push("p " + fmt(e.p_value, 2));
   return parts.join(", ");
@@ -94,7 +97,7 @@ function buildLegend(ui, data, pick) {
     .on("click", function (event, b) { pick(data.beams.indexOf(b)); });
   ui.legendItems.append("span").attr("class", "ratlens-swatch")
     .style("background", function (b, i) { return beamColor(i, data.beams.length); });
-  var text = ui.legendItems.append("div");
+  const text = ui.legendItems.append("div");
   text.append("div").text(function (b, i) {
     return "#" + (i + 1) + "  score " + fmt(b.score_norm) + "  (raw " + fmt(b.score_raw) + ")";
   });
@@ -129,7 +132,7 @@ function edgeList(box, data, title, links, other) {
 // What the clicked node is, which links touch it, and each beam through it with its edges here.
 function showNode(ui, data, node, through) {
   ui.info.selectAll("*").remove();
-  var box = ui.info;
+  const box = ui.info;
   box.append("h4").text("Selected node");
   box.append("div").attr("class", "ratlens-tokentext ratlens-info-token")
     .text(visible(data.tokens[node.position]));
@@ -142,11 +145,11 @@ function showNode(ui, data, node, through) {
   edgeList(box, data, "read by (Sankey weight):", node.sourceLinks,
            function (l) { return l.target; });
   box.append("div").text("beams through it:");
-  var items = box.append("ul").attr("class", "ratlens-list").selectAll("li")
+  const items = box.append("ul").attr("class", "ratlens-list").selectAll("li")
     .data(Array.from(through).sort(d3.ascending)).join("li");
   items.append("div").text(function (b) {
-    var beam = data.beams[b];
-    var effect = beamEffect(data, b);
+    const beam = data.beams[b];
+    const effect = beamEffect(data, b);
     return "#" + (b + 1) + " score " + fmt(beam.score_norm) + " (raw " + fmt(beam.score_raw) + ")" +
       (effect ? "; " + effect : "");
   });
@@ -159,7 +162,7 @@ function showNode(ui, data, node, through) {
 // led to it (from a later query), with heads and attention weights; "row on BOS" is how much
 // of the query's attention row sat on BOS / position 0 (the sink; left out by exclude_bos).
 function beamEdgesAt(data, beam, id) {
-  var i = beam.node_ids.indexOf(id), parts = [];
+  const i = beam.node_ids.indexOf(id), parts = [];
   if (i < beam.edge_attns.length) {
     parts.push("reads " + tokenAt(data, beam.positions[i + 1], 16) + " via " +
       edgeName(beam.layers[i], [beam.heads[i]]) + " at " + fmt(beam.edge_attns[i]) +
@@ -174,7 +177,7 @@ function beamEdgesAt(data, beam, id) {
 
 function showLink(ui, data, link) {
   ui.info.selectAll("*").remove();
-  var box = ui.info;
+  const box = ui.info;
   box.append("h4").text("Selected link");
   infoRow(box, "key", tokenAt(data, link.source.position, 20), "ratlens-tokentext");
   infoRow(box, "query", tokenAt(data, link.target.position, 20), "ratlens-tokentext");
@@ -182,15 +185,15 @@ function showLink(ui, data, link) {
   infoRow(box, "Sankey weight", fmt(link.value, 4));
   box.append("ul").attr("class", "ratlens-list").selectAll("li").data(link.beams).join("li")
     .text(function (b) {
-      var beam = data.beams[b], i = beam.node_ids.indexOf(link.target.id);
+      const beam = data.beams[b], i = beam.node_ids.indexOf(link.target.id);
       return "beam #" + (b + 1) + ": attention " + fmt(beam.edge_attns[i], 4) +
         (beam.heads[i] === null ? "" : " (H" + beam.heads[i] + ")");
     });
 }
 
 function showTooltip(ui, event, text) {
-  var root = ui.root.node(), at = d3.pointer(event, root);
-  var x = Math.min(at[0] + 14, root.clientWidth - 370);
+  const root = ui.root.node(), at = d3.pointer(event, root);
+  const x = Math.min(at[0] + 14, root.clientWidth - 370);
   ui.tooltip.style("display", "block").text(text)
     .style("left", Math.max(4, x) + "px").style("top", (at[1] + 14) + "px");
 }

@@ -1,27 +1,30 @@
-// The token strip: the whole text, each token hoverable, in two views (as att_viz): what the
-// hovered token attends to, or what attends to it. Rows are [query, key, weight, layer, head];
-// with strip.source "edges" they are the traced edges only, and the readout says so.
+// strip.js: the token strip: the whole text, each token hoverable, in two views (as att_viz):
+// what the hovered token attends to, or what attends to it. Rows are StripRows (schema.js):
+// {query, key, weight, layer, head}; with strip.source "edges" they are the traced edges only,
+// and the readout says so.
+// Defines: STRIP_SHOWN, buildStrip.
+// Uses: util.js: visible, shorten, fmt, edgeName, tokenAt.
 
-var STRIP_SHOWN = 12;  // rows listed in the readout; the strip itself shades all of them
+const STRIP_SHOWN = 12;  // rows listed in the readout; the strip itself shades all of them
 
 function buildStrip(ui, data) {
-  var head = ui.strip.append("div").attr("class", "ratlens-strip-head");
-  var view = "to";
-  var toButton = head.append("button").attr("type", "button").attr("class", "ratlens-view-to is-on")
-    .text("attends to");
-  var fromButton = head.append("button").attr("type", "button").attr("class", "ratlens-view-from")
-    .text("attended by");
-  var edgesOnly = data.strip.source === "edges";
-  var hint = "Hover a token: " + (edgesOnly ? "its edges on the traced paths." :
+  const head = ui.strip.append("div").attr("class", "ratlens-strip-head");
+  let view = "to";
+  const toButton = head.append("button").attr("type", "button")
+    .attr("class", "ratlens-view-to is-on").text("attends to");
+  const fromButton = head.append("button").attr("type", "button")
+    .attr("class", "ratlens-view-from").text("attended by");
+  const edgesOnly = data.strip.source === "edges";
+  const hint = "Hover a token: " + (edgesOnly ? "its edges on the traced paths." :
     "its strongest attention in the traced layers.");
-  var readout = head.append("div").attr("class", "ratlens-readout").text(hint);
-  var box = ui.strip.append("div").attr("class", "ratlens-tokens");
+  const readout = head.append("div").attr("class", "ratlens-readout").text(hint);
+  const box = ui.strip.append("div").attr("class", "ratlens-tokens");
 
-  var onTrace = new Set(data.nodes.map(function (n) { return n.position; }));
-  var spans = [];
+  const onTrace = new Set(data.nodes.map(function (n) { return n.position; }));
+  const spans = [];
   data.tokens.forEach(function (token, pos) {
-    var text = visible(token), short = shorten(text, 24);
-    var span = box.append("span")
+    const text = visible(token), short = shorten(text, 24);
+    const span = box.append("span")
       .attr("class", "ratlens-tok" + (onTrace.has(pos) ? " on-trace" : "") +
         (pos === data.meta.target_pos ? " is-target" : ""))
       .attr("data-pos", pos)
@@ -31,8 +34,8 @@ function buildStrip(ui, data) {
     if (token.indexOf("\n") >= 0) box.append("br");  // keep the text's lines
   });
 
-  var byQuery = d3.group(data.strip.rows, function (r) { return r[0]; });
-  var byKey = d3.group(data.strip.rows, function (r) { return r[1]; });
+  const byQuery = d3.group(data.strip.rows, function (r) { return r.query; });
+  const byKey = d3.group(data.strip.rows, function (r) { return r.key; });
 
   function clear() {
     box.selectAll(".ratlens-tok").classed("is-related", false).classed("is-hover", false)
@@ -42,21 +45,22 @@ function buildStrip(ui, data) {
 
   function hover(pos) {
     clear();
-    var rows = ((view === "to" ? byQuery : byKey).get(pos) || []).slice()
-      .sort(function (a, b) { return b[2] - a[2]; });
-    var other = view === "to" ? 1 : 0;
-    var strongest = new Map();
+    const rows = ((view === "to" ? byQuery : byKey).get(pos) || []).slice()
+      .sort(function (a, b) { return b.weight - a.weight; });
+    const other = view === "to" ? "key" : "query";  // the row's end that is not `pos`
+    const strongest = new Map();
     rows.forEach(function (r) {
-      strongest.set(r[other], Math.max(strongest.get(r[other]) || 0, r[2]));
+      strongest.set(r[other], Math.max(strongest.get(r[other]) || 0, r.weight));
     });
     strongest.forEach(function (w, p) {
       spans[p].classed("is-related", true)
         .style("background", "rgba(214, 39, 40, " + (0.12 + 0.7 * w).toFixed(3) + ")");
     });
     spans[pos].classed("is-hover", true);
-    var verb = view === "to" ? " attends to: " : " is attended by: ";
-    var listed = rows.slice(0, STRIP_SHOWN).map(function (r) {
-      return tokenAt(data, r[other], 16) + " " + fmt(r[2], 2) + " (" + edgeName(r[3], [r[4]]) + ")";
+    const verb = view === "to" ? " attends to: " : " is attended by: ";
+    const listed = rows.slice(0, STRIP_SHOWN).map(function (r) {
+      return tokenAt(data, r[other], 16) + " " + fmt(r.weight, 2) + " (" +
+        edgeName(r.layer, [r.head]) + ")";
     });
     if (rows.length > STRIP_SHOWN) listed.push("\u2026 " + (rows.length - STRIP_SHOWN) + " more");
     readout.text(tokenAt(data, pos, 24) + (rows.length ? verb + listed.join(", ") :
@@ -65,7 +69,7 @@ function buildStrip(ui, data) {
   }
 
   box.on("mouseover", function (event) {
-    var pos = event.target.getAttribute && event.target.getAttribute("data-pos");
+    const pos = event.target.getAttribute && event.target.getAttribute("data-pos");
     if (pos !== null && pos !== undefined) hover(+pos);
   });
   box.on("mouseleave", clear);

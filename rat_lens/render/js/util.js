@@ -1,10 +1,12 @@
-// Helpers shared by the widget's parts. These files are concatenated inside one function by
-// rat_lens/render/_html.py, with `d3` in scope; nothing here becomes a global.
+// util.js: helpers shared by the widget's parts (the contract of these headers: schema.js).
 // Token text only ever reaches the page through textContent (d3's .text()), never as markup.
+// Defines: WHITESPACE, visible, shorten, fmt, beamColor, layerName, headsText, edgeName, isolate,
+//   tokenAt, infoRow.
+// Uses: nothing.
 
 // Whitespace made visible, so that " dog", "dog" and "dog\n" look different.
-var WHITESPACE = {" ": "\u00b7", "\n": "\u21b5", "\t": "\u2192", "\r": "\u240d",
-                  "\u2028": "\u2424", "\u2029": "\u00b6"};
+const WHITESPACE = {" ": "\u00b7", "\n": "\u21b5", "\t": "\u2192", "\r": "\u240d",
+                    "\u2028": "\u2424", "\u2029": "\u00b6"};
 
 function visible(token) {
   if (token === "") return "\u2205";
@@ -13,7 +15,7 @@ function visible(token) {
 
 // Cut by code points, so an emoji or a surrogate pair is never split in half.
 function shorten(text, max) {
-  var chars = Array.from(text);
+  const chars = Array.from(text);
   return chars.length <= max ? text : chars.slice(0, max - 1).join("") + "\u2026";
 }
 
@@ -33,13 +35,13 @@ function layerName(layer) {
 }
 
 function headsText(heads) {
-  var named = heads.filter(function (h) { return h !== null; });
+  const named = heads.filter(function (h) { return h !== null; });
   return named.length ? "H" + named.join(",H") : "";
 }
 
 function edgeName(layer, heads) {
   if (layer === null) return "traced layers";  // token-strip rows averaged over layers and heads
-  var h = headsText(heads);
+  const h = headsText(heads);
   return layerName(layer) + (h ? " " + h : "");
 }
 
@@ -49,15 +51,16 @@ function isolate(text) {
   return "\u2068" + text + "\u2069";
 }
 
-// "dog"@5 as it appears everywhere: visible whitespace, position after.
+// "dog"@5 as it appears everywhere: visible whitespace, position after. `data` is the Payload
+// (schema.js), as in every file after this one.
 function tokenAt(data, pos, max) {
-  var text = visible(data.tokens[pos] === undefined ? "?" : data.tokens[pos]);
+  const text = visible(data.tokens[pos] === undefined ? "?" : data.tokens[pos]);
   return "\u201c" + isolate(max ? shorten(text, max) : text) + "\u201d@" + pos;
 }
 
 // Build <div class="ratlens-row"><span>label</span><span>value</span></div> with text only.
 function infoRow(parent, label, value, valueClass) {
-  var row = parent.append("div").attr("class", "ratlens-row");
+  const row = parent.append("div").attr("class", "ratlens-row");
   row.append("span").text(label);
   row.append("span").attr("class", valueClass || null).text(value);
   return row;

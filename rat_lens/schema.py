@@ -1,0 +1,366 @@
+"""What a saved trace must look like: the check that every load runs before a result is built.
+
+A ``trace.json`` may come from another machine, another version, a hand edit or a hostile
+source. :func:`check_trace` walks the dict field by field and raises one :class:`RatLensError`
+naming the first bad field (``beams[2].edge_attns[0] must be a finite number, got nan``), so
+``TraceResult.from_dict`` / ``from_json`` and ``rat-lens render`` never fail later with a raw
+traceback. Pure Python, no torch.
+
+>>> check_trace({"seq_len": 2, "target_pos": 5, "layer": 0, "top_beam": 1, "top_k": 1,
+...              "tokens": ["a", "b"], "beams": [], "sankey": {}, "paths_text": []})
+Traceback (most recent call last):
+...
+rat_lens.errors.RatLensError: trace: target_pos must be an int in 0..1, got 5
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any, Optional
+
+from .errors import RatLensError
+from .options import AGG_HEADS, RESIDUALS, check_length_norm
+
+__all__ = ["FORMAT_VERSION", "check_trace", "is_reverse_attention_trace"]
+
+FORMAT_VERSION = 1  # bump when a saved field changes meaning; loads accept 1..FORMAT_VERSION
+MODES = ("chain", "layers")
+
+_REQUIRED = (
+    "seq_len",
+    "target_pos",
+    "layer",
+    "top_beam",
+    "top_k",
+    "tokens",
+    "beams",
+    "sankey",
+    "paths_text",
+)
+_OPTIONAL = (
+    "mode",
+    "layer_lo",
+    "agg_heads",
+    "length_norm",
+    "residual",
+    "exclude_bos",
+    "batch_index",
+    "token_ids",
+    "top_attention",
+    "predictions",
+    "rollout",
+    "verification",
+    "format_version",
+    "metadata",
+)
+
+
+def is_reverse_attention_trace(data) -> bool:
+    """reverse-attention 0.1.0's ``trace.json``: a ``metadata`` block, none of our own fields."""
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("metadata"), dict)
+        and "format_version" not in data
+        and "mode" not in data
+    )
+
+
+def check_trace(data: Any, where: str = "trace") -> dict:
+    """``data`` if it is a valid ``TraceResult.to_dict()``; else RatLensError naming the field."""
+    if not isinstance(data, dict):
+        raise RatLensError(f"{where}: expected a JSON object, got {_kind(data)}")
+    unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL), key=str)
+    if unknown:
+        raise RatLensError(
+            f"{where}: unknown field(s) {unknown}; a trace has {list(_REQUIRED) + list(_OPTIONAL)}"
+        )
+    missing = [name for name in _REQUIRED if name not in data]
+    if missing:
+        raise RatLensError(f"{where}: missing field(s) {missing}")
+    at = _At(where)
+    version = data.get("format_version", 1)
+    at.integer(
+        "format_version",
+        version,
+        1,
+        FORMAT_VERSION,
+        hint=" (saved by a newer rat_lens: upgrade to read it)",
+    )
+    seq = at.integer("seq_len", data["seq_len"], 1)
+    at.integer("target_pos", data["target_pos"], 0, seq - 1)
+    layer = at.integer("layer", data["layer"], 0)
+    at.integer("top_beam", data["top_beam"], 1)
+    at.integer("top_k", data["top_k"], 1)
+    at.strings("tokens", data["tokens"], seq)
+    mode = at.choice("mode", data.get("mode", "chain"), MODES)
+    if data.get("layer_lo") is not None:
+        at.integer("layer_lo", data["layer_lo"], 0, layer)
+    at.choice("agg_heads", data.get("agg_heads", "mean"), AGG_HEADS)
+    at.check("length_norm", lambda: check_length_norm(data.get("length_norm", "avg_logprob")))
+    at.choice("residual", data.get("residual", "none"), RESIDUALS)
+    at.flag("exclude_bos", data.get("exclude_bos", False))
+    at.integer("batch_index", data.get("batch_index", 0), 0)
+    ids = at.items("token_ids", data.get("token_ids", []))
+    if ids:
+        at.need("token_ids", len(ids) == seq, f"must hold {seq} ids, got {len(ids)}")
+        for i, value in enumerate(ids):
+            at.integer(f"token_ids[{i}]", value, 0)
+    beams = at.items("beams", data["beams"])
+    for i, beam in enumerate(beams):
+        _check_beam(at.sub(f"beams[{i}]"), beam, data["target_pos"], seq, layer, mode)
+    texts = at.strings("paths_text", data["paths_text"])
+    at.need(
+        "paths_text",
+        len(texts) == len(beams),
+        f"must hold one text per beam ({len(beams)}), got {len(texts)}",
+    )
+    _check_sankey(at.sub("sankey"), data["sankey"], seq, len(beams))
+    for i, row in enumerate(at.items("top_attention", data.get("top_attention", []))):
+        row_at = f"top_attention[{i}]"
+        at.need(row_at, isinstance(row, list) and len(row) == 3, "must be [query, key, weight]")
+        at.integer(f"{row_at}[0]", row[0], 0, seq - 1)
+        at.integer(f"{row_at}[1]", row[1], 0, seq - 1)
+        at.number(f"{row_at}[2]", row[2])
+    for i, prediction in enumerate(at.items("predictions", data.get("predictions", []))):
+        _check_prediction(at.sub(f"predictions[{i}]"), prediction, seq)
+    rollout = at.items("rollout", data.get("rollout", []))
+    at.need("rollout", len(rollout) in (0, seq), f"must hold 0 or {seq} values, got {len(rollout)}")
+    for i, value in enumerate(rollout):
+        at.number(f"rollout[{i}]", value)
+    verification = data.get("verification")
+    at.need(
+        "verification",
+        verification is None or isinstance(verification, dict),
+        f"must be an object or null, got {_kind(verification)}",
+    )
+    metadata = data.get("metadata")
+    if metadata is not None:
+        at.need("metadata", isinstance(metadata, dict), "must be an object")
+        for name in ("seq_len", "target_pos", "layer", "top_beam", "top_k"):
+            if name in metadata:
+                at.need(
+                    f"metadata.{name}",
+                    metadata[name] == data[name],
+                    f"is {metadata[name]!r} but the trace's {name} is {data[name]!r}",
+                )
+    return data
+
+
+def _check_beam(at: "_At", beam, target: int, seq: int, layer: int, mode: str) -> None:
+    at.need("", isinstance(beam, dict), f"must be an object, got {_kind(beam)}")
+    names = (
+        "positions",
+        "edge_attns",
+        "layers",
+        "heads",
+        "bos_mass",
+        "score_raw",
+        "score_norm",
+        "tokens",
+        "token_ids",
+    )
+    unknown = sorted(set(beam) - set(names), key=str)
+    at.need("", not unknown, f"unknown field(s) {unknown}")
+    missing = [name for name in names[:7] if name not in beam]
+    at.need("", not missing, f"missing field(s) {missing}")
+    positions = at.items("positions", beam["positions"])
+    at.need("positions", len(positions) >= 1, "must not be empty")
+    for i, p in enumerate(positions):
+        at.integer(f"positions[{i}]", p, 0, seq - 1)
+    at.need(
+        "positions[0]", positions[0] == target, f"must be the target {target}, got {positions[0]}"
+    )
+    edges = len(positions) - 1
+    for name in ("edge_attns", "layers", "heads", "bos_mass"):
+        values = at.items(name, beam[name])
+        at.need(
+            name, len(values) == edges, f"must hold one value per edge ({edges}), got {len(values)}"
+        )
+    for i in range(edges):
+        at.number(f"edge_attns[{i}]", beam["edge_attns"][i], minimum=0.0)
+        at.number(f"bos_mass[{i}]", beam["bos_mass"][i], minimum=0.0)
+        at.integer(f"layers[{i}]", beam["layers"][i], 0, layer)
+        if beam["heads"][i] is not None:
+            at.integer(f"heads[{i}]", beam["heads"][i], 0)
+        if mode == "chain":
+            at.need(
+                f"positions[{i + 1}]",
+                positions[i + 1] < positions[i],
+                "must be earlier than the position before it (chain mode)",
+            )
+        else:
+            at.need(
+                f"positions[{i + 1}]",
+                positions[i + 1] <= positions[i],
+                "must not be later than the position before it",
+            )
+    at.number("score_raw", beam["score_raw"])
+    at.number("score_norm", beam["score_norm"])
+    at.strings("tokens", beam.get("tokens", []), len(positions) if beam.get("tokens") else 0)
+    ids = at.items("token_ids", beam.get("token_ids", []))
+    at.need("token_ids", len(ids) in (0, len(positions)), "must hold one id per position")
+    for i, value in enumerate(ids):
+        at.integer(f"token_ids[{i}]", value, 0)
+
+
+def _check_sankey(at: "_At", sankey, seq: int, n_beams: int) -> None:
+    at.need(
+        "",
+        isinstance(sankey, dict) and set(sankey) == {"nodes", "links"},
+        "must be an object with 'nodes' and 'links'",
+    )
+    ids = set()
+    for i, node in enumerate(at.items("nodes", sankey["nodes"])):
+        node_at = at.sub(f"nodes[{i}]")
+        node_at.need(
+            "",
+            isinstance(node, dict)
+            and {"id", "name", "position"} <= set(node)
+            and set(node) <= {"id", "name", "position", "layer"},
+            "must be an object with id, name, position (and layer)",
+        )
+        node_at.text("id", node["id"])
+        node_at.text("name", node["name"])
+        node_at.integer("position", node["position"], 0, seq - 1)
+        node_at.integer("layer", node.get("layer", 0), -1)
+        ids.add(node["id"])
+    fields = {"source", "target", "value", "beam_indices", "layer", "heads"}
+    for i, link in enumerate(at.items("links", sankey["links"])):
+        link_at = at.sub(f"links[{i}]")
+        link_at.need(
+            "",
+            isinstance(link, dict)
+            and {"source", "target", "value"} <= set(link)
+            and set(link) <= fields,
+            f"must be an object with fields {sorted(fields)}",
+        )
+        for end in ("source", "target"):
+            link_at.need(end, link[end] in ids, f"names no node: {link[end]!r}")
+        link_at.number("value", link["value"], minimum=0.0)
+        for j, b in enumerate(link_at.items("beam_indices", link.get("beam_indices", []))):
+            link_at.integer(f"beam_indices[{j}]", b, 0, n_beams - 1)
+        link_at.integer("layer", link.get("layer", 0), 0)
+        for j, head in enumerate(link_at.items("heads", link.get("heads", []))):
+            if head is not None:
+                link_at.integer(f"heads[{j}]", head, 0)
+
+
+def _check_prediction(at: "_At", prediction, seq: int) -> None:
+    names = {"position", "token", "token_ids", "tokens", "probs"}
+    at.need(
+        "",
+        isinstance(prediction, dict) and set(prediction) == names,
+        f"must be an object with fields {sorted(names)}",
+    )
+    at.integer("position", prediction["position"], 0, seq - 1)
+    at.text("token", prediction["token"])
+    k = len(at.items("token_ids", prediction["token_ids"]))
+    at.strings("tokens", prediction["tokens"], k)
+    probs = at.items("probs", prediction["probs"])
+    at.need("probs", len(probs) == k, f"must hold {k} values")
+    for i, value in enumerate(prediction["token_ids"]):
+        at.integer(f"token_ids[{i}]", value, 0)
+    for i, value in enumerate(probs):
+        at.number(f"probs[{i}]", value, minimum=0.0)
+
+
+class _At:
+    """Checks that name the field they look at: ``_At("trace").sub("beams[0]")``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def sub(self, name: str) -> "_At":
+        return _At(f"{self.path}.{name}" if self.path else name)
+
+    def need(self, name: str, ok: bool, message: str) -> None:
+        if not ok:
+            field = f"{self.path}.{name}" if name else self.path
+            raise RatLensError(f"{self._prefix(field)}{message}")
+
+    def check(self, name: str, run: Callable[[], Any]) -> None:
+        try:
+            run()
+        except RatLensError as err:
+            raise RatLensError(f"{self._prefix(self.path)}{err}") from None
+
+    def integer(
+        self,
+        name: str,
+        value,
+        minimum: Optional[int] = None,
+        maximum: Optional[int] = None,
+        hint: str = "",
+    ) -> int:
+        ok = (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and (minimum is None or value >= minimum)
+            and (maximum is None or value <= maximum)
+        )
+        if not ok:
+            span = (
+                f" in {minimum}..{maximum}"
+                if maximum is not None
+                else (f" >= {minimum}" if minimum is not None else "")
+            )
+            self.need(name, False, f"must be an int{span}, got {_show(value)}{hint}")
+        return value
+
+    def number(self, name: str, value, minimum: Optional[float] = None) -> float:
+        ok = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (minimum is None or value >= minimum)
+        )
+        span = f" >= {minimum:g}" if minimum is not None else ""
+        self.need(name, ok, f"must be a finite number{span}, got {_show(value)}")
+        return float(value)
+
+    def text(self, name: str, value) -> str:
+        self.need(name, isinstance(value, str), f"must be a string, got {_kind(value)}")
+        return value
+
+    def flag(self, name: str, value) -> bool:
+        self.need(name, isinstance(value, bool), f"must be true or false, got {_show(value)}")
+        return value
+
+    def choice(self, name: str, value, choices) -> str:
+        self.need(
+            name,
+            isinstance(value, str) and value in choices,
+            f"must be one of {list(choices)}, got {_show(value)}",
+        )
+        return value
+
+    def items(self, name: str, value) -> list:
+        self.need(name, isinstance(value, list), f"must be a list, got {_kind(value)}")
+        return value
+
+    def strings(self, name: str, value, length: Optional[int] = None) -> list:
+        self.items(name, value)
+        if length is not None:
+            self.need(name, len(value) == length, f"must hold {length} strings, got {len(value)}")
+        for i, item in enumerate(value):
+            self.text(f"{name}[{i}]", item)
+        return value
+
+    @staticmethod
+    def _prefix(field: str) -> str:
+        head, _, rest = field.partition(".")
+        return f"{head}: {rest} " if rest else f"{head}: "
+
+
+def _kind(value) -> str:
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{_kind(value)} ({text[:30]}...)"
