@@ -40,6 +40,7 @@ _EXPORTS = {
     "summarize": "summary",
     "verify": "causal",
     "render_html": "render",
+    "census": "corpus",
 }
 
 __all__ = list(_EXPORTS)
@@ -48,6 +49,7 @@ if TYPE_CHECKING:  # editors and type checkers see the names without the lazy in
     from .capture import PatternCapture, capture_patterns
     from .causal import verify
     from .compat import ReverseAttentionTracer
+    from .corpus import census
     from .errors import RatLensError
     from .options import TraceOptions
     from .render import render_html

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from .errors import RatLensError
+from .errors import RatLensError, check_int
 from .options import AGG_HEADS, RESIDUALS, TraceOptions
 from .result import TraceResult, dump_traces, load_traces
 
@@ -101,13 +101,10 @@ def _formats(text: str) -> list[str]:
     return formats
 
 
-def _trace(args: argparse.Namespace) -> int:
-    text = args.text if args.text is not None else args.text_option
-    if text is None or not text.strip():
-        what = "give the text to trace" if text is None else "the text to trace is empty"
-        print(f'rat-lens trace: error: {what} (rat-lens trace "some text")', file=sys.stderr)
-        return 2
-    try:  # the search options and the device are checked before the (slow) model load
+def _search_options(args: argparse.Namespace) -> Optional[TraceOptions]:
+    """The search options and the device, checked before the (slow) model load; None after
+    printing the usage error."""
+    try:
         options = TraceOptions(
             layer=args.layer if args.layer is not None else _DEFAULT.layer,
             layers=args.layers,
@@ -125,7 +122,58 @@ def _trace(args: argparse.Namespace) -> int:
 
             check_device(args.device)
     except RatLensError as err:
-        print(f"rat-lens trace: error: {err}", file=sys.stderr)
+        print(f"rat-lens {args.command}: error: {err}", file=sys.stderr)
+        return None
+    return options
+
+
+def _census(args: argparse.Namespace) -> int:
+    from .corpus import read_prompts
+
+    options = _search_options(args)
+    if options is None:
+        return 2
+    target = args.target
+    column = None if target == "last" or target.lstrip("-").isdigit() else target
+    try:
+        texts, per_prompt = read_prompts(args.data, args.text_column, column)
+        check_int("--batch-size", args.batch_size)
+    except RatLensError as err:
+        print(f"rat-lens census: error: {err}", file=sys.stderr)
+        return 2
+    targets = per_prompt if column is not None else (target if target == "last" else int(target))
+
+    from .corpus import census, init_distributed
+    from .models import load
+
+    rank, _ = init_distributed()  # under torchrun: this process's share of the prompts
+    with progress(f"loading {args.model}"):
+        model = load(args.model, device=args.device)
+    found = census(
+        model,
+        texts,
+        args.out,
+        targets=targets,
+        batch_size=args.batch_size,
+        format=args.format,
+        resume=not args.no_resume,
+        options=options,
+    )
+    if rank == 0:  # the other ranks' census has no counts: rank 0 merged them
+        print(found.table())
+        out = Path(args.out)
+        print(f"wrote {found.path}, {out / 'census.json'}, {out / 'census.csv'}")
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    text = args.text if args.text is not None else args.text_option
+    if text is None or not text.strip():
+        what = "give the text to trace" if text is None else "the text to trace is empty"
+        print(f'rat-lens trace: error: {what} (rat-lens trace "some text")', file=sys.stderr)
+        return 2
+    options = _search_options(args)
+    if options is None:
         return 2
 
     from .compat import ReverseAttentionTracer
@@ -251,8 +299,65 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--open", action="store_true", help="open the page in a browser")
     render.set_defaults(run=_render)
 
+    # The model and search flags, shared by trace and census.
+    search = argparse.ArgumentParser(add_help=False)
+    search.add_argument(
+        "--model",
+        default="induction-2l",
+        help="induction-2l (embedded, default), smollm2, a Hugging Face name or a "
+        "local folder (see rat-lens models)",
+    )
+    where = search.add_mutually_exclusive_group()
+    where.add_argument("--layer", type=int, help="chain mode in this layer (default -1)")
+    where.add_argument(
+        "--layers",
+        type=_layers,
+        metavar="LO:HI",
+        help="layers mode: one edge per layer from HI down to LO",
+    )
+    search.add_argument(
+        "--top-beam",
+        type=int,
+        default=_DEFAULT.top_beam,
+        help=f"beams kept (default {_DEFAULT.top_beam})",
+    )
+    search.add_argument(
+        "--top-k",
+        type=int,
+        default=_DEFAULT.top_k,
+        help=f"candidates per step (default {_DEFAULT.top_k})",
+    )
+    search.add_argument(
+        "--min-attn", type=float, default=_DEFAULT.min_attn, help="minimum edge weight"
+    )
+    search.add_argument(
+        "--agg-heads",
+        choices=AGG_HEADS,
+        default=_DEFAULT.agg_heads,
+        help=f"how heads combine; none = per-head edges (default {_DEFAULT.agg_heads})",
+    )
+    search.add_argument(
+        "--length-norm",
+        default=_DEFAULT.length_norm,
+        help=f"none, avg_logprob, sqrt or pow:ALPHA (default {_DEFAULT.length_norm})",
+    )
+    search.add_argument(
+        "--residual",
+        choices=RESIDUALS,
+        default=_DEFAULT.residual,
+        help="rollout: 0.5*A + 0.5*I, needs --layers",
+    )
+    search.add_argument(
+        "--exclude-bos",
+        action="store_true",
+        help="leave BOS / position 0 (attention sinks) out of the candidates",
+    )
+    search.add_argument("--no-stop-at-bos", action="store_true", help="walk on past BOS tokens")
+    search.add_argument("--device", help="torch device for the model (default: CPU)")
+
     trace = commands.add_parser(
         "trace",
+        parents=[search],
         help="trace which earlier tokens fed a token, print the paths, write HTML",
         description="Trace attention backward from a target token (default: the last) and "
         "write index.html (+ trace.json, trace.md) to --out.",
@@ -265,12 +370,6 @@ def _parser() -> argparse.ArgumentParser:
         help="the text (reverse-attention's demo flag; same as the argument)",
     )
     trace.add_argument(
-        "--model",
-        default="induction-2l",
-        help="induction-2l (embedded, default), smollm2, a Hugging Face name or a "
-        "local folder (see rat-lens models)",
-    )
-    trace.add_argument(
         "--target-pos",
         type=int,
         nargs="+",
@@ -278,52 +377,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="POS",
         help="position(s) to trace from; negative counts from the end (default -1)",
     )
-    where = trace.add_mutually_exclusive_group()
-    where.add_argument("--layer", type=int, help="chain mode in this layer (default -1)")
-    where.add_argument(
-        "--layers",
-        type=_layers,
-        metavar="LO:HI",
-        help="layers mode: one edge per layer from HI down to LO",
-    )
-    trace.add_argument(
-        "--top-beam",
-        type=int,
-        default=_DEFAULT.top_beam,
-        help=f"beams kept (default {_DEFAULT.top_beam})",
-    )
-    trace.add_argument(
-        "--top-k",
-        type=int,
-        default=_DEFAULT.top_k,
-        help=f"candidates per step (default {_DEFAULT.top_k})",
-    )
-    trace.add_argument(
-        "--min-attn", type=float, default=_DEFAULT.min_attn, help="minimum edge weight"
-    )
-    trace.add_argument(
-        "--agg-heads",
-        choices=AGG_HEADS,
-        default=_DEFAULT.agg_heads,
-        help=f"how heads combine; none = per-head edges (default {_DEFAULT.agg_heads})",
-    )
-    trace.add_argument(
-        "--length-norm",
-        default=_DEFAULT.length_norm,
-        help=f"none, avg_logprob, sqrt or pow:ALPHA (default {_DEFAULT.length_norm})",
-    )
-    trace.add_argument(
-        "--residual",
-        choices=RESIDUALS,
-        default=_DEFAULT.residual,
-        help="rollout: 0.5*A + 0.5*I, needs --layers",
-    )
-    trace.add_argument(
-        "--exclude-bos",
-        action="store_true",
-        help="leave BOS / position 0 (attention sinks) out of the candidates",
-    )
-    trace.add_argument("--no-stop-at-bos", action="store_true", help="walk on past BOS tokens")
     trace.add_argument(
         "--predictions",
         type=int,
@@ -363,8 +416,39 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated: html, json, md (default html,json)",
     )
     trace.add_argument("--open-browser", action="store_true", help="open the page when done")
-    trace.add_argument("--device", help="torch device for the model (default: its own)")
     trace.set_defaults(run=_trace)
+
+    census = commands.add_parser(
+        "census",
+        parents=[search],
+        help="trace a dataset of prompts and count the heads on the routes",
+        description="Trace every prompt of DATA (.jsonl, .csv or text lines), stream the "
+        "traces to OUT/traces.jsonl, resume where a run stopped, and write per-head counts "
+        "(OUT/census.json, OUT/census.csv). Under torchrun, ranks share the prompts.",
+    )
+    census.add_argument("data", metavar="DATA", help="prompts: .jsonl / .csv rows or text lines")
+    census.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
+    census.add_argument("--text-column", default="text", help="column of the text (default text)")
+    census.add_argument(
+        "--target",
+        default="last",
+        metavar="last|POS|COLUMN",
+        help="what to trace from: the last token (default), a position for every prompt, or "
+        "the name of a column holding one per prompt",
+    )
+    census.add_argument("--batch-size", type=int, default=8, help="prompts per write (default 8)")
+    census.add_argument(
+        "--format",
+        choices=("jsonl", "parquet"),
+        default="jsonl",
+        help="traces as JSON lines (default) or Parquet",
+    )
+    census.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start over instead of skipping prompts already traced in OUT",
+    )
+    census.set_defaults(run=_census)
 
     models = commands.add_parser(
         "models",

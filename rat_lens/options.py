@@ -152,7 +152,10 @@ class TraceOptions:
             )
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Plain JSON types (``layers`` as a list): ``TraceOptions(**d)`` reads it back."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["layers"] = None if self.layers is None else list(self.layers)
+        return data
 
 
 def check_length_norm(length_norm) -> str:

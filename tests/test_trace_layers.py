@@ -3,11 +3,13 @@ exhaustive enumeration of every path (with top_beam and top_k large enough, beam
 exact)."""
 
 import math
+import random
 
 import pytest
 import torch
 
 from rat_lens import RatLensError, trace_attention
+from rat_lens.options import length_norm_denominator
 
 A1 = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])  # layer 1
 A0 = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.4, 0.0], [0.1, 0.7, 0.2]])  # layer 0
@@ -207,3 +209,134 @@ def test_bad_types_raise_one_error_class_naming_the_value(no_typecheck):
         trace_attention(A0, 1.5)
     with pytest.raises(RatLensError, match="attn must be a torch.Tensor, got list"):
         trace_attention(A0.tolist())
+
+
+# Ties in layers mode and per-head chains (reverse-attention has neither, so the rule is ours):
+# among equal weights the lower head comes first, then the earlier key (a stable sort over the
+# head·key axis); equal scores keep that expansion order in every cut and in the final ranking.
+
+
+def test_layers_mode_ties_go_to_the_lower_head_then_the_earlier_key():
+    row_h0 = torch.full((5,), 0.2)  # five keys tied at 0.2
+    row_h1 = torch.tensor([0.1, 0.2, 0.3, 0.2, 0.2])  # 0.3 best; three more ties at 0.2
+    stack = torch.zeros(1, 2, 5, 5)
+    stack[0, 0, 4], stack[0, 1, 4] = row_h0, row_h1
+    beams = trace_attention(stack, 4, layers=(0, 0), agg_heads="none", top_beam=10, top_k=6)
+    # Eight weights tie at 0.2 for five places: head 0's keys 0..4 win, head 1's 1, 3, 4 lose.
+    # All end after the one layer, in expansion order, so equal scores stay in that order.
+    assert summary(beams) == [
+        ([4, 2], [0.3], [0], [1]),
+        ([4, 0], [0.2], [0], [0]),
+        ([4, 1], [0.2], [0], [0]),
+        ([4, 2], [0.2], [0], [0]),
+        ([4, 3], [0.2], [0], [0]),
+        ([4, 4], [0.2], [0], [0]),
+    ]
+    mean = trace_attention(stack, 4, layers=(0, 0), top_beam=10, top_k=3)
+    # Head mean [0.15, 0.2, 0.25, 0.2, 0.2]: 0.25, then keys 1 and 3 of the three tied at 0.2.
+    assert [b.positions for b in mean] == [[4, 2], [4, 1], [4, 3]]
+
+
+def test_per_head_chain_ties_go_to_the_lower_head_then_the_earlier_key():
+    uniform = torch.ones(4, 4).tril()
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    stack = torch.stack([uniform, uniform])[None]  # two identical heads: all tied twice
+    beams = trace_attention(stack, 3, agg_heads="none", top_beam=1, top_k=3)
+    # Row 3 (1/4 each): (h0, 0), (h0, 1), (h0, 2). [3, 0] ends; [3, 1] and [3, 2] tie and the
+    # cut to one beam keeps [3, 1], which goes to 0 by (h0, 0) then (h1, 0), both 1/2: of the
+    # tied finished beams the first one wins.
+    assert summary(beams) == [([3, 1, 0], [0.25, 0.5], [0, 0], [0, 0])]
+
+
+def reference_search(mats, target, *, chain, top_beam, top_k, min_attn, stops, rollout, norm):
+    """The documented rule on Python lists, one beam at a time: candidates sorted by (weight
+    descending, head, key); stable cuts by normalised score; ended beams in the order they end."""
+    n_heads, n = mats[0].shape[0], mats[0].shape[-1]
+    score = lambda b: b[3] / length_norm_denominator(norm, len(b[1]))  # noqa: E731
+    live, ended = [([target], [], [], 0.0)], []
+    n_steps = target + 1 if chain else len(mats)
+    if target == 0:
+        live, ended = [], live
+    for t in range(n_steps):
+        new = []
+        for beam in live:
+            pos = beam[0][-1]
+            cands = []
+            for h in range(n_heads):
+                row = mats[0 if chain else t][h, pos]
+                if rollout:
+                    row = 0.5 * row + 0.5 * torch.nn.functional.one_hot(torch.tensor(pos), n)
+                for k, w in enumerate(row.tolist()[: pos if chain else pos + 1]):
+                    if w > 0 and w >= min_attn:
+                        cands.append((-w, h, k))
+            if not cands:
+                ended.append(beam)
+            for w, h, k in sorted(cands)[:top_k]:
+                positions, weights, heads, raw = beam
+                new.append(([*positions, k], [*weights, -w], [*heads, h], raw + math.log(-w)))
+        done = [b[0][-1] in stops or (not chain and t == n_steps - 1) for b in new]
+        ended += [b for b, d in zip(new, done) if d]
+        live = sorted([b for b, d in zip(new, done) if not d], key=lambda b: -score(b))
+        live = live[:top_beam]
+        if not live:
+            break
+    return [(*b, score(b)) for b in sorted(ended, key=lambda b: -score(b))[:top_beam]]
+
+
+def tied_stack(gen, kind, n_layers, n_heads, n):
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    if kind == "uniform":
+        raw = causal.float().expand(n_layers, n_heads, n, n)
+    else:  # weights on 2 or 3 levels (some exact zeros), so rows and heads share values
+        raw = torch.randint(0, 3, (n_layers, n_heads, n, n), generator=gen).float() * causal
+        raw = raw + torch.eye(n)  # no empty row
+    return raw / raw.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_tie_order_matches_the_reference_on_tied_attention(seed):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    # Chains only per head, two heads or more: a chain in one matrix is the peer's mode.
+    chain = seed % 3 == 0
+    per_head = chain or seed % 3 == 1
+    n_layers, n_heads, n = 3, rng.choice([2, 3] if chain else [1, 2, 3]), rng.randint(2, 12)
+    kind = rng.choice(["uniform", "levels", "levels"])
+    stack = tied_stack(gen, kind, n_layers, n_heads, n)
+    stack = stack.double() if rng.random() < 0.15 else stack
+    bos = rng.sample(range(1, n), 1) if rng.random() < 0.3 else []
+    opts = dict(
+        top_beam=rng.randint(1, 4),
+        top_k=rng.randint(1, 4),
+        min_attn=rng.choice([0.0, 0.0, 0.1]),
+        length_norm=rng.choice(["avg_logprob", "none", "sqrt"]),
+        stop_at_bos=rng.random() < 0.8,
+        residual="rollout" if not chain and rng.random() < 0.3 else None,
+    )
+    target = rng.randint(n // 2, n - 1)
+    beams = trace_attention(
+        stack,
+        target,
+        layer=1 if chain else -1,
+        layers=None if chain else (0, 2),
+        agg_heads="none" if per_head else "mean",
+        bos_positions=bos,
+        **opts,
+    )
+    agg = stack if per_head else stack.mean(1, keepdim=True)
+    expected = reference_search(
+        [agg[1]] if chain else [agg[2], agg[1], agg[0]],
+        target,
+        chain=chain,
+        top_beam=opts["top_beam"],
+        top_k=opts["top_k"],
+        min_attn=opts["min_attn"],
+        stops={0, *bos} if opts["stop_at_bos"] else {0},
+        rollout=opts["residual"] == "rollout",
+        norm=opts["length_norm"],
+    )
+    got = [(b.positions, b.edge_attns, b.heads, b.score_raw, b.score_norm) for b in beams]
+    assert got == [
+        (pos, weights, heads if per_head else [None] * len(heads), raw, norm)
+        for pos, weights, heads, raw, norm in expected
+    ]

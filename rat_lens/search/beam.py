@@ -7,8 +7,34 @@ one layer per edge. Candidates at a step are (head, key) pairs of the beam's cur
 found by one ``topk`` over ``[row, head·key]`` for all rows at once (in chain mode for every row
 before the search starts, since the matrix never changes). The step loop then works on small
 arrays, and paths are kept as parent pointers, rebuilt only for the beams returned.
+
+Ties (equal weights in a row: uniform early or padded rows, the even rest of a sink-heavy row,
+quantised patterns) decide which beams exist, so their order is a rule, not an accident of
+``topk``. The ``topk`` above asks for one candidate more than kept; a row is *tied* when two
+neighbours among those are equal and positive (two kept weights equal, or the last kept one equal
+to one left out). Untied rows have one answer; tied rows (only those) are redone by the rule:
+
+* chain mode in one matrix (heads aggregated, or a single head: reverse-attention's mode): the
+  peer's choice, which is
+  ``torch.topk(row[:q], min(top_k, #positive))`` on CPU with masked and sub-``min_attn`` keys
+  zeroed. That is libstdc++'s ``std::nth_element`` then ``std::sort`` of the first ``k - 1``
+  (``std::partial_sort`` when ``64·k <= q``) over (weight, key) pairs compared by weight only
+  (ATen ``TopKImpl.h``): deterministic on CPU for a given row, but no index order (uniform row of
+  six keys, ``k = 3``: keys 3, 5, 4). So the tied rows are handed to exactly that call, on CPU
+  whatever the pattern's device (``_peer_order``).
+* layers mode, and chains over two heads or more (no peer): weight descending, then lower head,
+  then earlier key, the order of a stable sort over ``head·key`` (``_index_order``, without a
+  full sort).
+
+Equal scores keep expansion order, in the cut to ``top_beam`` and in the final ranking (stable
+sorts, like the peer's Python ``sort``): live beams in their order, each one's candidates in the
+order above; ended beams in the order they ended (per step: beams left without candidates, then
+new beams that reached 0 / BOS or the last layer). Scores add ``math.log`` of the weights, as the
+peer does: NumPy's vectorised ``log`` differs from it by one ulp on ~0.2 % of weights (AVX-512),
+enough to split a tie the peer keeps (or the reverse).
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -53,13 +79,15 @@ def trace_attention(
     ``layer``; with ``layers=(lo, hi)`` it descends one layer per edge from ``hi`` to ``lo``.
     The search options are :class:`~rat_lens.options.TraceOptions`'s.
 
-    >>> A = torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.1, 0.6, 0.3]])
-    >>> [(b.positions, [round(w, 2) for w in b.edge_attns]) for b in trace_attention(A, top_beam=2)]
-    [([2, 1, 0], [0.6, 0.7]), ([2, 0], [0.1])]
-    >>> stack = torch.stack([A, torch.eye(3)])          # layer 0: A, layer 1: attend to self
-    >>> best = trace_attention(stack, layers=(0, 1), top_beam=1)[0]
-    >>> best.positions, best.layers
-    ([2, 2, 1], [1, 0])
+    Examples:
+        >>> A = torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.1, 0.6, 0.3]])
+        >>> beams = trace_attention(A, top_beam=2)
+        >>> [(b.positions, [round(w, 2) for w in b.edge_attns]) for b in beams]
+        [([2, 1, 0], [0.6, 0.7]), ([2, 0], [0.1])]
+        >>> stack = torch.stack([A, torch.eye(3)])          # layer 0: A, layer 1: attend to self
+        >>> best = trace_attention(stack, layers=(0, 1), top_beam=1)[0]
+        >>> best.positions, best.layers
+        ([2, 2, 1], [1, 0])
     """
     options = TraceOptions(
         layer=layer,
@@ -89,10 +117,12 @@ def trace_attention(
             f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
             f"({stack.shape[-1]},) to match the attention's key axis"
         )
+    target = resolve_index("target_pos", target_pos, stack.shape[-1], "sequence length")
+    options.check_budget(target + 1 if options.chain else len(layer_ids))
     return beam_search(
         [stack[i] for i in layer_ids],
         layer_ids,
-        resolve_index("target_pos", target_pos, stack.shape[-1], "sequence length"),
+        target,
         options,
         bos_positions=bos_positions,
         attention_mask=attention_mask,
@@ -105,10 +135,15 @@ class _Candidates:
 
     weights: np.ndarray  # [row, k] float64
     flat: np.ndarray  # [row, k] head * n_keys + key
+    log_weights: np.ndarray  # [row, k] math.log(max(weight, 1e-12)), the peer's safe_log
     bos_mass: np.ndarray  # [row, head] attention of the row on BOS / position 0
 
-    def __getitem__(self, rows) -> "_Candidates":
-        return _Candidates(self.weights[rows], self.flat[rows], self.bos_mass[rows])
+    FIELDS = ("weights", "flat", "log_weights", "bos_mass")
+
+    def __getitem__(self, rows) -> "_Candidates":  # once per step: spelled out, no getattr loop
+        return _Candidates(
+            self.weights[rows], self.flat[rows], self.log_weights[rows], self.bos_mass[rows]
+        )
 
 
 def _top_candidates(
@@ -129,12 +164,66 @@ def _top_candidates(
     earlier = keys < row_pos[:, None] if chain else keys <= row_pos[:, None]
     w = rows.masked_fill(~(earlier & key_ok), 0.0)
     w = w.masked_fill(w < min_attn, 0.0)
-    vals, flat = rearrange(w, "head row key -> row (head key)").topk(min(top_k, w[:, 0].numel()))
+    peer = chain and w.shape[0] == 1  # a chain in one matrix, the peer's mode: its tie order
+    w = rearrange(w, "head row key -> row (head key)")
+    k = min(top_k, w.shape[-1])
+    vals, flat = w.topk(min(k + 1, w.shape[-1]))  # one more: is the last kept one tied?
+    tied = ((vals[:, 1:] == vals[:, :-1]) & (vals[:, 1:] > 0)).any(-1).cpu().numpy()
+    weights, flat = vals[:, :k].double().cpu().numpy(), flat[:, :k].cpu().numpy()
+    if tied.any():
+        rows_t = np.flatnonzero(tied)
+        w_t = w[torch.as_tensor(rows_t, device=w.device)]
+        if peer:
+            weights[rows_t], flat[rows_t] = _peer_order(w_t, row_pos.cpu().numpy()[rows_t], k)
+        else:
+            kth = vals[torch.as_tensor(rows_t, device=w.device), k - 1]
+            weights[rows_t], flat[rows_t] = _index_order(w_t, kth, k)
     return _Candidates(
-        vals.double().cpu().numpy(),
-        flat.cpu().numpy(),
+        weights,
+        flat,
+        _safe_log(weights),
         rearrange(bos_mass, "head row -> row head").double().cpu().numpy(),
     )
+
+
+def _peer_order(w: Float[Tensor, "row key"], row_pos: np.ndarray, k: int):
+    """reverse-attention's candidates of each row: ``torch.topk(row[:q], m)`` on CPU, ``m`` =
+    ``min(k, #positive)``, the very call the peer makes (keys ``>= q`` are zero in ``w``). In
+    float64: the order is decided by comparisons alone, which every float dtype's values keep."""
+    w = w.double().cpu()
+    count = (w > 0).sum(-1).clamp(max=k).tolist()
+    weights, flat = np.zeros((len(row_pos), k)), np.zeros((len(row_pos), k), dtype=np.int64)
+    for i, (q, m) in enumerate(zip(row_pos.tolist(), count)):
+        vals, keys = w[i, :q].topk(m)
+        weights[i, :m], flat[i, :m] = vals.numpy(), keys.numpy()
+    return weights, flat
+
+
+def _index_order(w: Float[Tensor, "row flat"], kth: Float[Tensor, " row"], k: int):
+    """The ``k`` largest positive weights of each row, by weight descending, then lower flat
+    index (head, then key): a stable sort's order. ``kth`` is each row's ``k``-th largest weight:
+    a row keeps every weight above it, then the lowest-index ones equal to it up to ``k``."""
+    kth = kth[:, None]
+    above = w > kth.clamp_min(0)  # kth <= 0: fewer than k positive weights, all kept
+    at = (w == kth) & (kth > 0)
+    need = k - above.sum(-1, keepdim=True, dtype=torch.int32)
+    keep = above | (at & (at.cumsum(-1, dtype=torch.int32) <= need))
+    row, idx = keep.nonzero(as_tuple=True)
+    val = w[row, idx].double().cpu().numpy()
+    row, idx = row.cpu().numpy(), idx.cpu().numpy()
+    order = np.lexsort((idx, -val, row))  # row, then weight descending, then index
+    row, idx, val = row[order], idx[order], val[order]
+    slot = np.arange(len(row)) - np.searchsorted(row, row)  # rank within its row
+    weights, flat = np.zeros((len(kth), k)), np.zeros((len(kth), k), dtype=np.int64)
+    weights[row, slot], flat[row, slot] = val, idx
+    return weights, flat
+
+
+def _safe_log(weights: np.ndarray) -> np.ndarray:
+    """``math.log(max(w, 1e-12))`` per weight, bit for bit the peer's ``safe_log`` (NumPy's
+    vectorised ``log`` can differ by one ulp, which splits or makes exact score ties)."""
+    flat = np.maximum(weights, 1e-12).ravel().tolist()
+    return np.fromiter(map(math.log, flat), np.float64, len(flat)).reshape(weights.shape)
 
 
 def _chain_table(
@@ -149,7 +238,7 @@ def _chain_table(
             _top_candidates(pattern[:, start : start + len(row_pos)], row_pos, chain=True, **kw)
         )
     return _Candidates(
-        *(np.concatenate([getattr(p, f) for p in parts]) for f in ("weights", "flat", "bos_mass"))
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in _Candidates.FIELDS)
     )
 
 
@@ -168,7 +257,9 @@ def beam_search(
     Scores and pruning follow reverse-attention 0.1.0 exactly: a step expands every live beam by
     its ``top_k`` positive candidates (``>= min_attn``, unmasked), beams without candidates end,
     beams reaching position 0 or a BOS position (``stop_at_bos``) end, and the rest are cut to
-    ``top_beam`` by normalised score (stable, so ties keep expansion order).
+    ``top_beam`` by normalised score (stable, so ties keep expansion order). Equal weights and
+    equal scores follow the tie rules of the module docstring (the peer's, for a chain in one
+    matrix).
     """
     chain, top_beam, length_norm = options.chain, options.top_beam, options.length_norm
     n = patterns[0].shape[-1]
@@ -222,7 +313,7 @@ def beam_search(
         parent, j = np.nonzero(ok)  # beam-major, best candidate first
         head, key = np.divmod(cand.flat[parent, j], n)
         weight = cand.weights[parent, j]
-        score = live_score[parent] + np.log(np.maximum(weight, 1e-12))
+        score = live_score[parent] + cand.log_weights[parent, j]
         steps.append(
             dict(
                 key=key,

@@ -1,0 +1,438 @@
+"""Many prompts, one question: which heads carry the routes, how often, how much.
+
+:func:`census` traces every prompt of a dataset in batches (one forward per batch), streams each
+result to disk as it goes (``traces.jsonl``, or ``traces.parquet`` through pyarrow), resumes
+after an interruption without redoing finished prompts, and aggregates per (layer, head): how
+many prompts' top beams use it, how many beam edges run through it, and its traced mass (the
+Sankey rule summed over prompts: softmax(score_norm) over a prompt's beams × edge weight).
+
+Data-parallel: when ``torch.distributed`` is initialised (``torchrun --nproc_per_node N``,
+``accelerate launch``; gloo on CPU, NCCL on GPUs) rank ``r`` traces the prompts ``i`` with
+``i % world_size == r`` into its own shard, and rank 0 merges the shards in prompt order and
+computes the aggregates from all records, so N processes give the 1-process census exactly.
+Commands: docs/census.md.
+
+Examples:
+    >>> import tempfile
+    >>> from rat_lens.models import load
+    >>> out = tempfile.mkdtemp()
+    >>> result = census(load("induction-2l"), ["cat dog red cat dog", "sun moon sun"], out,
+    ...                 layers=(0, 1), agg_heads="none", progress=False)
+    >>> result.n_prompts, sorted({h.layer for h in result.heads})
+    (2, [0, 1])
+    >>> sorted(p.name for p in Path(out).iterdir())
+    ['census.csv', 'census.json', 'traces.jsonl']
+"""
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+from .errors import RatLensError, check_choice, check_int
+from .files import write_files
+from .options import TraceOptions
+from .result import JsonRoundTrip, TraceResult, beam_weights, parse_json
+from .tracer import Tracer
+
+__all__ = [
+    "census",
+    "read_prompts",
+    "aggregate",
+    "init_distributed",
+    "Census",
+    "HeadCount",
+    "FORMATS",
+]
+
+FORMATS = ("jsonl", "parquet")
+Target = Union[str, int, Sequence[int]]
+
+
+@dataclass
+class HeadCount:
+    """One (layer, head) over the census; ``head`` None when heads were aggregated."""
+
+    layer: int
+    head: Optional[int]
+    top_beam_prompts: int  # prompts whose best beam has an edge through it
+    edges: int  # beam edges through it, all beams of all prompts
+    traced_mass: float  # Σ over prompts and beams of softmax(score_norm) × edge weight
+    mass_share: float  # of all traced mass
+
+
+@dataclass
+class Census(JsonRoundTrip):
+    """What :func:`census` found; the records themselves are in ``path``."""
+
+    n_prompts: int
+    path: str
+    options: dict
+    heads: list[HeadCount] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "n_prompts": self.n_prompts,
+            "path": self.path,
+            "options": self.options,
+            "heads": [vars(h) for h in self.heads],
+        }
+
+    @classmethod
+    def from_dict(cls, data) -> "Census":
+        try:
+            return cls(
+                data["n_prompts"],
+                data["path"],
+                dict(data["options"]),
+                [HeadCount(**h) for h in data["heads"]],
+            )
+        except (KeyError, TypeError) as err:
+            raise RatLensError(
+                f"census: not a saved census ({type(err).__name__}: {err})"
+            ) from None
+
+    def table(self, top: int = 20) -> str:
+        """The heads carrying the most traced mass, as plain text."""
+        lines = [
+            f"Census of {self.n_prompts} prompts: heads by traced mass",
+            f"{'head':>8} {'top-beam prompts':>17} {'edges':>7} {'mass':>9} {'share':>7}",
+        ]
+        for h in self.heads[:top]:
+            name = f"L{h.layer}" + ("" if h.head is None else f".H{h.head}")
+            lines.append(
+                f"{name:>8} {h.top_beam_prompts:>17} {h.edges:>7} "
+                f"{h.traced_mass:>9.3f} {h.mass_share:>6.1%}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def census(
+    model,
+    prompts: Sequence,
+    out_dir: Union[str, Path],
+    *,
+    targets: Target = "last",
+    batch_size: int = 8,
+    format: str = "jsonl",
+    resume: bool = True,
+    progress: bool = True,
+    options: Optional[TraceOptions] = None,
+    **option_keywords,
+) -> Census:
+    """Trace every prompt (text or token ids) and aggregate the heads on the routes.
+
+    Args:
+        model: a TransformerLens model.
+        prompts: texts (tokenized as :meth:`rat_lens.tracer.Tracer.tokenize` does) or 1-D
+            token-id tensors.
+        out_dir: where ``traces.jsonl`` (or ``traces.parquet``), ``census.json`` and
+            ``census.csv`` go; with ``resume`` (default) prompts already traced there, by any
+            rank, are skipped.
+        targets: ``"last"`` (each prompt's last token), a position for all (negative counts
+            from the end), or one position per prompt.
+        batch_size: prompts traced between two writes to disk. Each prompt runs in its own
+            forward, so a trace never depends on the batching or on the number of ranks.
+        format: ``"jsonl"`` or ``"parquet"`` (pyarrow; one row per prompt, the trace as JSON).
+        resume: skip prompts already in ``out_dir``; False starts over.
+        progress: a progress bar with rate and ETA on stderr (terminals only).
+        options: the search as a :class:`~rat_lens.options.TraceOptions`, or
+        option_keywords: its fields one by one (``layers=(0, 11), agg_heads="none"``).
+    """
+    if options is None:
+        options = TraceOptions(**option_keywords)
+    elif not isinstance(options, TraceOptions) or option_keywords:
+        raise RatLensError("give options=TraceOptions(...) or its fields as keywords, not both")
+    check_int("batch_size", batch_size)
+    check_choice("format", format, FORMATS)
+    prompts = list(prompts)
+    if not prompts:
+        raise RatLensError("prompts is empty: a census needs at least one prompt")
+    wanted = _targets(targets, len(prompts))
+    out = Path(out_dir)
+    rank, world = _rank_world()
+    if not resume and rank == 0:
+        _clear(out, format)
+    _barrier(world)
+    done = set(_records(out, format))
+    mine = [i for i in range(len(prompts)) if i % world == rank]
+    todo = [i for i in mine if i not in done]
+    tracer = Tracer(model)
+    with _Bar(len(mine), len(mine) - len(todo), progress and rank == 0) as advance:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            _append(
+                out,
+                format,
+                rank,
+                [(i, _trace_one(tracer, prompts[i], wanted[i], options)) for i in batch],
+            )
+            advance(len(batch))
+    _barrier(world)
+    path = out / f"traces.{format}"
+    found = Census(len(prompts), str(path), options.to_dict())
+    if rank == 0:
+        records = _records(out, format)
+        missing = sorted(set(range(len(prompts))) - set(records))
+        if missing:
+            raise RatLensError(f"census: prompts {missing[:10]} have no trace in {str(out)!r}")
+        results = [TraceResult.from_dict(records[i]) for i in range(len(prompts))]
+        found.heads = aggregate(results)
+        _merge(out, format, [(i, records[i]) for i in range(len(prompts))])
+        write_files(out, {"census.json": found.to_json(indent=1), "census.csv": _csv(found)})
+    _barrier(world)
+    return found
+
+
+def aggregate(results: Sequence[TraceResult]) -> list[HeadCount]:
+    """Per (layer, head): top-beam prompts, beam edges and traced mass, most mass first."""
+    counts: dict[tuple, list] = {}
+    for result in results:
+        for rank, (beam, share) in enumerate(zip(result.beams, beam_weights(result.beams))):
+            for layer, head, weight in zip(beam.layers, beam.heads, beam.edge_attns):
+                entry = counts.setdefault((layer, head), [set(), 0, 0.0])
+                entry[1] += 1
+                entry[2] += share * weight
+                if rank == 0:
+                    entry[0].add(id(result))
+    total = sum(entry[2] for entry in counts.values()) or 1.0
+    heads = [
+        HeadCount(layer, head, len(top), edges, mass, mass / total)
+        for (layer, head), (top, edges, mass) in counts.items()
+    ]
+    return sorted(
+        heads, key=lambda h: (-h.traced_mass, -h.layer, h.head if h.head is not None else -1)
+    )
+
+
+def read_prompts(
+    path: Union[str, Path], text_column: str = "text", target_column: Optional[str] = None
+) -> tuple[list[str], Optional[list[int]]]:
+    """Prompts (and per-prompt targets) from a JSONL, CSV or plain-text file (one per line)."""
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise RatLensError(f"cannot read prompts from {str(path)!r}: {err.strerror}") from None
+    if path.suffix == ".jsonl":
+        rows = [
+            parse_json(line, f"{path.name} line {n}")
+            for n, line in enumerate(raw.splitlines(), 1)
+            if line.strip()
+        ]
+    elif path.suffix == ".csv":
+        rows = list(csv.DictReader(raw.splitlines()))
+    else:
+        texts = [line for line in raw.splitlines() if line.strip()]
+        if target_column is not None:
+            raise RatLensError(
+                "a plain-text prompt file has no columns: --target-column needs "
+                "a .jsonl or .csv file"
+            )
+        return texts, None
+    texts, targets = [], []
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get(text_column), str):
+            raise RatLensError(f"{path.name} row {n}: no text column {text_column!r}")
+        texts.append(row[text_column])
+        if target_column is not None:
+            try:
+                targets.append(int(row[target_column]))
+            except (KeyError, TypeError, ValueError):
+                raise RatLensError(
+                    f"{path.name} row {n}: column {target_column!r} is not an integer position"
+                ) from None
+    return texts, targets if target_column is not None else None
+
+
+def _targets(targets: Target, n: int) -> list[int]:
+    if targets == "last":
+        return [-1] * n
+    if isinstance(targets, int) and not isinstance(targets, bool):
+        return [targets] * n
+    if isinstance(targets, str):
+        raise RatLensError(f"targets={targets!r}: give 'last', a position, or one per prompt")
+    targets = list(targets)
+    if len(targets) != n:
+        raise RatLensError(f"targets has {len(targets)} positions for {n} prompts")
+    return targets
+
+
+def _trace_one(tracer: Tracer, prompt, target: int, options: TraceOptions) -> TraceResult:
+    if isinstance(prompt, str):
+        tokens, mask = tracer.tokenize([prompt])
+        return tracer.trace_batch(tokens, target, mask, options=options)[0]
+    return tracer.trace(prompt, target, options=options)
+
+
+SHARDS = ".shards"  # each rank's batches, as they finish; merged into traces.* at the end
+
+
+def _append(out: Path, format: str, rank: int, records: list[tuple[int, TraceResult]]) -> None:
+    """One batch of records into this rank's shard: JSONL lines appended and flushed to disk,
+    or one Parquet file per batch (written to a temporary name, then renamed)."""
+    shards = out / SHARDS
+    shards.mkdir(parents=True, exist_ok=True)
+    rows = [(i, json.dumps(r.to_dict(), allow_nan=False)) for i, r in records]
+    if format == "jsonl":
+        path = shards / f"rank{rank}.jsonl"
+        torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+        with path.open("a", encoding="utf-8") as handle:
+            if torn:  # an interrupted write: end that line, which readers then skip
+                handle.write("\n")
+            handle.write("".join(f'{{"prompt": {i}, "trace": {t}}}\n' for i, t in rows))
+            handle.flush()
+            os.fsync(handle.fileno())
+        return
+    _write_parquet(shards / f"rank{rank}-{records[0][0]:08d}.parquet", rows)
+
+
+def _write_parquet(path: Path, rows: list[tuple[int, str]]) -> None:
+    pa, pq = _pyarrow()
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.table({"prompt": [i for i, _ in rows], "trace": [t for _, t in rows]}), tmp)
+    os.replace(tmp, path)
+
+
+def _records(out: Path, format: str) -> dict[int, dict]:
+    """Every finished record in ``out``: the merged file and every rank's shard."""
+    found: dict[int, dict] = {}
+    files = [out / f"traces.{format}", *sorted((out / SHARDS).glob(f"*.{format}"))]
+    for path in files:
+        if not path.exists():
+            continue
+        if format == "jsonl":
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                    found[int(record["prompt"])] = record["trace"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by an interruption: its prompt is traced again
+        else:
+            _, pq = _pyarrow()
+            table = pq.read_table(path).to_pydict()
+            found.update((int(i), json.loads(t)) for i, t in zip(table["prompt"], table["trace"]))
+    return found
+
+
+def _merge(out: Path, format: str, records: list[tuple[int, dict]]) -> None:
+    """All records, in prompt order, as ``traces.{format}``; the shards are then removed."""
+    rows = [(i, json.dumps(t, allow_nan=False)) for i, t in records]
+    if format == "jsonl":
+        write_files(
+            out, {"traces.jsonl": "".join(f'{{"prompt": {i}, "trace": {t}}}\n' for i, t in rows)}
+        )
+    else:
+        _write_parquet(out / "traces.parquet", rows)
+    _clear_shards(out)
+
+
+def _clear(out: Path, format: str) -> None:
+    (out / f"traces.{format}").unlink(missing_ok=True)
+    _clear_shards(out)
+
+
+def _clear_shards(out: Path) -> None:
+    shards = out / SHARDS
+    if shards.exists():
+        for path in shards.iterdir():
+            path.unlink()
+        shards.rmdir()
+
+
+def _csv(found: Census) -> str:
+    rows = ["layer,head,top_beam_prompts,edges,traced_mass,mass_share"]
+    rows += [
+        f"{h.layer},{'' if h.head is None else h.head},{h.top_beam_prompts},{h.edges},"
+        f"{h.traced_mass:.6g},{h.mass_share:.6g}"
+        for h in found.heads
+    ]
+    return "\n".join(rows) + "\n"
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group a launcher (``torchrun``, ``accelerate launch``) describes in the
+    environment (``WORLD_SIZE`` > 1): gloo on CPU, NCCL on GPUs. Returns (rank, world size);
+    (0, 1) when launched alone. The CLI calls it; in your own script call it (or
+    ``torch.distributed.init_process_group``) before :func:`census`."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" = this rank's GPU
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return _rank_world()
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise RatLensError("format='parquet' needs pyarrow (pip install pyarrow)") from None
+    return pa, pq
+
+
+class _Bar:
+    """A rich progress bar (done/total, prompts per second, ETA) on stderr, or nothing."""
+
+    def __init__(self, total: int, done: int, show: bool):
+        self.total, self.done, self.show, self.progress = total, done, show, None
+
+    def __enter__(self):
+        import sys
+
+        if not (self.show and sys.stderr.isatty()):
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TimeRemainingColumn,
+        )
+        from rich.text import Text
+
+        class Rate(ProgressColumn):
+            def render(self, task):
+                return Text(f"{task.speed:.2f} prompts/s" if task.speed else "… prompts/s")
+
+        self.progress = Progress(
+            BarColumn(),
+            MofNCompleteColumn(),
+            Rate(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.progress.start()
+        task = self.progress.add_task("census", total=self.total, completed=self.done)
+        return lambda n: self.progress.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+        return False

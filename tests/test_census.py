@@ -1,0 +1,228 @@
+"""The census: every prompt's trace on disk as it goes, exact resumption, per-head counts that
+equal a hand count, and the same result from 1 or 2 processes under torchrun."""
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import rat_lens
+from rat_lens import RatLensError, TraceResult
+from rat_lens import corpus as census_module
+from rat_lens.cli import main
+from rat_lens.corpus import census, read_prompts
+from rat_lens.models import load
+from rat_lens.result import beam_weights
+
+WORDS = [
+    "cat",
+    "dog",
+    "red",
+    "blue",
+    "green",
+    "sun",
+    "moon",
+    "sky",
+    "tree",
+    "fox",
+    "owl",
+    "bee",
+    "ant",
+    "cow",
+    "pig",
+    "hen",
+]
+OPTIONS = dict(layers=(0, 1), agg_heads="none", top_beam=3)
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    """Random words, then a repeat of their first few: the induction circuit's favourite."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        half = rng.sample(WORDS, rng.randint(4, 10))
+        out.append(" ".join(half + half[: rng.randint(2, len(half))]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load("induction-2l")
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_records_are_each_prompts_own_trace_and_counts_are_a_hand_count(model, tmp_path):
+    texts = prompts(12)
+    found = census(model, texts, tmp_path, targets=[-1, -2] * 6, progress=False, **OPTIONS)
+    records = lines(tmp_path / "traces.jsonl")
+    assert [r["prompt"] for r in records] == list(range(12))
+    expected = [rat_lens.trace(model, t, -1 - i % 2, **OPTIONS) for i, t in enumerate(texts)]
+    assert [TraceResult.from_dict(r["trace"]) for r in records] == expected
+    # The oracle: the counts by hand from the traces.
+    mass, edges, top = {}, {}, {}
+    for result in expected:
+        for rank, (beam, share) in enumerate(zip(result.beams, beam_weights(result.beams))):
+            for layer, head, weight in zip(beam.layers, beam.heads, beam.edge_attns):
+                mass[layer, head] = mass.get((layer, head), 0.0) + share * weight
+                edges[layer, head] = edges.get((layer, head), 0) + 1
+                if rank == 0:
+                    top.setdefault((layer, head), set()).add(id(result))
+    got = {(h.layer, h.head): h for h in found.heads}
+    assert set(got) == set(mass)
+    for key, h in got.items():
+        assert h.traced_mass == pytest.approx(mass[key], rel=1e-12)
+        assert h.edges == edges[key] and h.top_beam_prompts == len(top.get(key, ()))
+    assert sum(h.mass_share for h in found.heads) == pytest.approx(1.0)
+    assert [h.traced_mass for h in found.heads] == sorted(
+        (h.traced_mass for h in found.heads), reverse=True
+    )
+    saved = json.loads((tmp_path / "census.json").read_text())
+    assert rat_lens.corpus.Census.from_dict(saved) == found
+    assert (tmp_path / "census.csv").read_text().count("\n") == len(found.heads) + 1
+    assert not (tmp_path / ".shards").exists()
+    assert "L1.H" in found.table()
+
+
+def test_an_interrupted_census_resumes_without_redoing_finished_prompts(
+    model, tmp_path, monkeypatch
+):
+    texts = prompts(10, seed=1)
+    full = census(model, texts, tmp_path / "full", progress=False, **OPTIONS)
+    real = census_module._trace_one
+    calls = []
+
+    def crash_after(limit):
+        def trace_one(tracer, prompt, target, options):
+            if len(calls) == limit:
+                raise KeyboardInterrupt  # the user's Ctrl-C, or a killed process
+            calls.append(prompt)
+            return real(tracer, prompt, target, options)
+
+        return trace_one
+
+    monkeypatch.setattr(census_module, "_trace_one", crash_after(7))
+    with pytest.raises(KeyboardInterrupt):
+        census(model, texts, tmp_path / "cut", batch_size=3, progress=False, **OPTIONS)
+    shard = tmp_path / "cut" / ".shards" / "rank0.jsonl"
+    assert len(shard.read_text().splitlines()) == 6  # two whole batches reached the disk
+    with shard.open("a") as handle:
+        handle.write('{"prompt": 6, "trace": {"seq_l')  # a line torn by the kill
+    calls.clear()
+    monkeypatch.setattr(census_module, "_trace_one", crash_after(10**9))
+    again = census(model, texts, tmp_path / "cut", batch_size=3, progress=False, **OPTIONS)
+    assert calls == texts[6:]  # only the unfinished prompts were traced
+    assert again.heads == full.heads
+    assert (tmp_path / "cut" / "traces.jsonl").read_text() == (
+        tmp_path / "full" / "traces.jsonl"
+    ).read_text()
+    calls.clear()
+    census(model, texts, tmp_path / "cut", progress=False, **OPTIONS)
+    assert calls == []  # finished: nothing to redo
+    census(model, texts, tmp_path / "cut", resume=False, progress=False, **OPTIONS)
+    assert calls == texts  # resume=False starts over
+
+
+def test_parquet_holds_the_same_traces(model, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = prompts(5, seed=2)
+    a = census(model, texts, tmp_path / "j", progress=False, **OPTIONS)
+    b = census(
+        model, texts, tmp_path / "p", format="parquet", batch_size=2, progress=False, **OPTIONS
+    )
+    assert a.heads == b.heads
+    table = pq.read_table(tmp_path / "p" / "traces.parquet").to_pydict()
+    assert table["prompt"] == list(range(5))
+    assert [json.loads(t) for t in table["trace"]] == [
+        r["trace"] for r in lines(tmp_path / "j" / "traces.jsonl")
+    ]
+
+
+def test_two_processes_under_torchrun_give_the_one_process_census(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"text": t, "pos": -1 - i % 2}) + "\n"
+            for i, t in enumerate(prompts(200, seed=3))
+        )
+    )
+    flags = ["census", str(data), "--layers", "0:1", "--agg-heads", "none", "--target", "pos"]
+    assert main([*flags, "-o", str(tmp_path / "one")]) == 0
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    done = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "rat_lens.cli",
+            *flags,
+            "-o",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "census.json").read_text()) for d in ("one", "two"))
+    assert one.pop("path") != two.pop("path") and one == two
+    assert (tmp_path / "one" / "traces.jsonl").read_text() == (
+        tmp_path / "two" / "traces.jsonl"
+    ).read_text()
+    assert one["n_prompts"] == 200 and not (tmp_path / "two" / ".shards").exists()
+
+
+def test_prompts_from_jsonl_csv_and_text(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "cat dog", "t": 1}\n\n{"text": "sun", "t": -1}\n')
+    (tmp_path / "a.csv").write_text("text,t\ncat dog,1\nsun,-1\n")
+    (tmp_path / "a.txt").write_text("cat dog\n\nsun\n")
+    for name in ("a.jsonl", "a.csv"):
+        assert read_prompts(tmp_path / name, target_column="t") == (["cat dog", "sun"], [1, -1])
+    assert read_prompts(tmp_path / "a.txt") == (["cat dog", "sun"], None)
+    with pytest.raises(RatLensError, match="no text column 'body'"):
+        read_prompts(tmp_path / "a.jsonl", text_column="body")
+    with pytest.raises(RatLensError, match="column 'text' is not an integer"):
+        read_prompts(tmp_path / "a.csv", target_column="text")
+    with pytest.raises(RatLensError, match="plain-text prompt file has no columns"):
+        read_prompts(tmp_path / "a.txt", target_column="t")
+    with pytest.raises(RatLensError, match="cannot read prompts"):
+        read_prompts(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts=[]), "prompts is empty"),
+        (dict(targets=[1, 2]), "targets has 2 positions for 1 prompts"),
+        (dict(targets="first"), "give 'last', a position"),
+        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(format="csv"), "format='csv' not in"),
+        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(options=rat_lens.TraceOptions(), top_k=2), "not both"),
+    ],
+)
+def test_bad_census_input_is_one_error_and_writes_nothing(
+    model, tmp_path, kwargs, message, no_typecheck
+):
+    args = dict(prompts=["cat dog red cat"], targets="last")
+    args.update(kwargs)
+    with pytest.raises(RatLensError, match=message):
+        census(model, args.pop("prompts"), tmp_path / "out", progress=False, **args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_census_errors_before_loading(tmp_path, capsys):
+    assert main(["census", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "o")]) == 2
+    assert "cannot read prompts" in capsys.readouterr().err
+    (tmp_path / "p.txt").write_text("cat dog red cat\n")
+    assert main(["census", str(tmp_path / "p.txt"), "-o", str(tmp_path / "o"), "--top-k", "0"]) == 2
+    assert not (tmp_path / "o").exists()
