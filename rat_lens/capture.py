@@ -489,12 +489,15 @@ def capture_contributions(
     tokens: Int[Tensor, "batch seq"],
     layers: Sequence[int],
     weight: str = "contribution",
-) -> dict[int, Float[Tensor, "batch part query key"]]:
+    with_patterns: bool = False,
+):
     """Per layer, each part's share of every row's attention-block output (heads' edges and the
     residual stream, :func:`rat_lens.search.contrib.edge_shares`), from one forward.
 
     Hooks keep ``hook_pattern`` (every head), ``hook_v`` and ``hook_resid_pre`` of ``layers``;
-    ``W_O`` and ``b_O`` are read from ``blocks[l].attn``. Unpadded prompts only.
+    ``W_O`` and ``b_O`` are read from ``blocks[l].attn``. Unpadded prompts only. Returns
+    ``{layer: [batch, head + 1, query, key]}``, and with ``with_patterns`` also the attention
+    patterns ``{layer: [batch, head, query, key]}``.
 
     Examples:
         >>> from rat_lens.models import load
@@ -548,4 +551,6 @@ def capture_contributions(
                 for b in range(tokens.shape[0])
             ]
         )
+    if with_patterns:
+        return out, {layer: kept[f"blocks.{layer}.attn.hook_pattern"] for layer in layers}
     return out

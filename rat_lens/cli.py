@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import RatLensError, check_int
-from .options import AGG_HEADS, RESIDUALS, TraceOptions
+from .options import AGG_HEADS, EDGE_WEIGHTS, RESIDUALS, TraceOptions
 from .result import TraceResult, dump_traces, load_traces
 
 __all__ = ["main"]
@@ -116,6 +116,7 @@ def _search_options(args: argparse.Namespace) -> Optional[TraceOptions]:
             stop_at_bos=not args.no_stop_at_bos,
             residual=args.residual,
             exclude_bos=args.exclude_bos,
+            edge_weight=args.edge_weight,
         )
         if args.device is not None:
             from .models import check_device
@@ -202,8 +203,15 @@ def _trace(args: argparse.Namespace) -> int:
             query_chunk=args.query_chunk,
         )
 
+    if args.generate:  # the continuation, as text: each target below produced its next token
+        decode = getattr(tracer.tokenizer, "decode", None)
+        new = tokens[0, -args.generate :].tolist()
+        text_new = decode(new) if decode else "".join(results[0].tokens[-args.generate :])
+        print(f"generated {args.generate} token{'s' * (args.generate > 1)}: {text_new!r}\n")
     for result in results:
         where = f"{result.target_pos} {result.tokens[result.target_pos]!r}"
+        if args.generate and result.target_pos + 1 < len(result.tokens):
+            where += f" -> {result.tokens[result.target_pos + 1]!r} (generated)"
         span = (
             f"layer {result.layer}"
             if result.mode == "chain"
@@ -353,6 +361,13 @@ def _parser() -> argparse.ArgumentParser:
         help="leave BOS / position 0 (attention sinks) out of the candidates",
     )
     search.add_argument("--no-stop-at-bos", action="store_true", help="walk on past BOS tokens")
+    search.add_argument(
+        "--edge-weight",
+        choices=EDGE_WEIGHTS,
+        default=_DEFAULT.edge_weight,
+        help="attention (default), or what each head wrote: contribution / value_norm "
+        "(need --layers and --agg-heads none; paths may stay in the residual stream)",
+    )
     search.add_argument("--device", help="torch device for the model (default: CPU)")
 
     trace = commands.add_parser(

@@ -195,7 +195,11 @@ def aggregate(results: Sequence[TraceResult]) -> list[HeadCount]:
     counts: dict[tuple, list] = {}
     for result in results:
         for rank, (beam, share) in enumerate(zip(result.beams, beam_weights(result.beams))):
-            for layer, head, weight in zip(beam.layers, beam.heads, beam.edge_attns):
+            for i, (layer, head, weight) in enumerate(
+                zip(beam.layers, beam.heads, beam.edge_attns)
+            ):
+                if beam.is_residual(i):  # a stay through the residual stream: no head
+                    continue
                 entry = counts.setdefault((layer, head), [set(), 0, 0.0])
                 entry[1] += 1
                 entry[2] += share * weight

@@ -39,6 +39,7 @@ SEARCH_BUDGET = 20_000_000
 PAGE_BEAM_BUDGET = 5_000
 LENGTH_NORMS = ("none", "avg_logprob", "sqrt", "pow:<alpha>")
 RESIDUALS = ("none", "rollout")
+EDGE_WEIGHTS = ("attention", "value_norm", "contribution")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,12 @@ class TraceOptions:
         stop_at_bos: a beam ends when it reaches a BOS position (position 0 always ends it).
         residual: ``"rollout"`` (layers mode) adds the residual stream, 0.5·A + 0.5·I.
         exclude_bos: leave BOS / position 0 out of the candidates (attention sinks).
+        edge_weight: what an edge weighs: ``"attention"`` (the pattern, reverse-attention's), or
+            what the head wrote, as a share of the block's output at the query:
+            ``"contribution"`` (proximity, Ferrando & Voita 2024) or ``"value_norm"``
+            (Kobayashi et al. 2020). These two need layers mode and ``agg_heads="none"``, and
+            add residual edges: a path may stay at its position through the residual stream,
+            free in the score, which then averages over the moves (docs/concepts.md).
     """
 
     layer: int = -1
@@ -70,6 +77,7 @@ class TraceOptions:
     stop_at_bos: bool = True
     residual: Optional[str] = "none"  # None reads as "none"
     exclude_bos: bool = False
+    edge_weight: str = "attention"
 
     def __post_init__(self):
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
@@ -109,6 +117,16 @@ class TraceOptions:
                 "chain stays in one layer"
             )
         object.__setattr__(self, "residual", residual)
+        check_choice("edge_weight", self.edge_weight, EDGE_WEIGHTS)
+        if self.edge_weight != "attention" and (
+            self.chain or self.agg_heads != "none" or residual != "none"
+        ):
+            raise RatLensError(
+                f"edge_weight={self.edge_weight!r} needs layers mode (layers=(lo, hi)), "
+                f"agg_heads='none' and residual='none' (the residual stream is an edge of "
+                f"its own), got layers={self.layers}, agg_heads={self.agg_heads!r}, "
+                f"residual={residual!r}"
+            )
 
     @property
     def chain(self) -> bool:
@@ -118,6 +136,11 @@ class TraceOptions:
     @property
     def per_head(self) -> bool:
         return self.agg_heads == "none"
+
+    @property
+    def stays(self) -> bool:
+        """Whether edges include residual stays (contribution-weighted traces)."""
+        return self.edge_weight != "attention"
 
     def layer_ids(self, n_layers: int) -> list[int]:
         """The layers a path reads, top first: ``[layer]`` in chain mode, else hi..lo.

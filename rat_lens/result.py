@@ -87,6 +87,8 @@ class Beam:
     ``layers[i]`` (and head ``heads[i]``; ``None`` when heads were aggregated), with attention
     weight ``edge_attns[i]``. ``bos_mass[i]`` is how much of that edge's attention row sat on
     BOS / position 0. ``score_raw`` = Σ log(edge_attns); ``score_norm`` is it length-normalised.
+    ``kinds[i]`` is ``"head"`` or ``"residual"`` (a stay through the residual stream, head
+    ``None``, in contribution-weighted traces; free in the score); empty = every edge a head's.
     """
 
     positions: list[int]
@@ -96,6 +98,10 @@ class Beam:
     bos_mass: list[float]
     score_raw: float
     score_norm: float
+    kinds: list[str] = field(default_factory=list, kw_only=True)  # keeps BeamPath positional
+
+    def is_residual(self, i: int) -> bool:
+        return bool(self.kinds) and self.kinds[i] == "residual"
 
     @property
     def num_edges(self) -> int:
@@ -674,7 +680,11 @@ def path_text(beam: BeamPath) -> str:
     else:
         text = shown[-1]
         for i in reversed(range(beam.num_edges)):
-            head = "" if beam.heads[i] is None else f".H{beam.heads[i]}"
+            head = (
+                ".res"
+                if beam.is_residual(i)
+                else ("" if beam.heads[i] is None else f".H{beam.heads[i]}")
+            )
             text += f" -[L{beam.layers[i]}{head} {beam.edge_attns[i]:.2f}]-> {shown[i]}"
     return f"{text} (score: {beam.score_norm:.4f})"
 

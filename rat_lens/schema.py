@@ -155,6 +155,7 @@ def _check_beam(at: "_At", beam, target: int, seq: int, layer: int, mode: str) -
         "bos_mass",
         "score_raw",
         "score_norm",
+        "kinds",
         "tokens",
         "token_ids",
     )
@@ -193,6 +194,10 @@ def _check_beam(at: "_At", beam, target: int, seq: int, layer: int, mode: str) -
                 positions[i + 1] <= positions[i],
                 "must not be later than the position before it",
             )
+    kinds = at.items("kinds", beam.get("kinds", []))
+    at.need("kinds", len(kinds) in (0, edges), f"must hold one kind per edge ({edges})")
+    for i, kind in enumerate(kinds):
+        at.choice(f"kinds[{i}]", kind, ("head", "residual"))
     at.number("score_raw", beam["score_raw"])
     at.number("score_norm", beam["score_norm"])
     at.strings("tokens", beam.get("tokens", []), len(positions) if beam.get("tokens") else 0)

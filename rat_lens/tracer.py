@@ -15,6 +15,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .capture import (
+    capture_contributions,
     capture_patterns,
     check_tokens,
     hook_name,
@@ -70,6 +71,7 @@ class Tracer:
         layers: Optional[tuple[int, int]] = _DEFAULT.layers,
         residual: Optional[str] = _DEFAULT.residual,
         exclude_bos: bool = _DEFAULT.exclude_bos,
+        edge_weight: str = _DEFAULT.edge_weight,
         options: Optional[TraceOptions] = None,
         cache=None,
         predictions: int = 0,
@@ -108,6 +110,7 @@ class Tracer:
             stop_at_bos=stop_at_bos,
             residual=residual,
             exclude_bos=exclude_bos,
+            edge_weight=edge_weight,
         )
         return self.trace_batch(
             tokens,
@@ -145,6 +148,7 @@ class Tracer:
         stop_at_bos: bool = _DEFAULT.stop_at_bos,
         residual: Optional[str] = _DEFAULT.residual,
         exclude_bos: bool = _DEFAULT.exclude_bos,
+        edge_weight: str = _DEFAULT.edge_weight,
         options: Optional[TraceOptions] = None,
         bos_token_id: Optional[int] = None,
         cache=None,
@@ -179,6 +183,7 @@ class Tracer:
             stop_at_bos=stop_at_bos,
             residual=residual,
             exclude_bos=exclude_bos,
+            edge_weight=edge_weight,
         )
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs):
             if attention_mask is not None:
@@ -207,12 +212,18 @@ class Tracer:
                 "none: give one or the other"
             )
 
-        logits, stacked = self._patterns(
-            tokens, mask, layer_ids, options.agg_heads, cache, predictions, query_chunk
-        )
+        if options.stays:
+            logits, stacked, attention = self._contributions(
+                tokens, mask, layer_ids, options.edge_weight, cache, predictions, query_chunk
+            )
+        else:
+            logits, stacked = self._patterns(
+                tokens, mask, layer_ids, options.agg_heads, cache, predictions, query_chunk
+            )
+            attention = stacked
         head_means = torch.stack(
-            [reduce(p, "batch head query key -> batch query key", "mean") for p in stacked]
-        )  # [layer (top first), batch, query, key]
+            [reduce(p, "batch head query key -> batch query key", "mean") for p in attention]
+        )  # [layer (top first), batch, query, key]: the strip and rollout read attention
         overview = head_means.mean(0)
         bos_id = (
             bos_token_id
@@ -290,6 +301,26 @@ class Tracer:
             check_pattern_values(pattern, hook_name(layer))
         return logits, stacked
 
+    def _contributions(self, tokens, mask, layer_ids, weight, cache, predictions, query_chunk):
+        """Per layer (top first) the parts' shares ``[batch, head + 1, query, key]`` (the last
+        channel the residual stream), the attention patterns, and logits when asked for."""
+        if cache is not None or isinstance(query_chunk, int) or not mask.all():
+            raise RatLensError(
+                f"edge_weight={weight!r} runs its own forward over unpadded prompts: no cache=, "
+                "no query_chunk, no padding (trace long or padded prompts one at a time)"
+            )
+        shares, patterns = capture_contributions(
+            self.model, tokens, layer_ids, weight, with_patterns=True
+        )
+        logits = None
+        if predictions:
+            with model_session(self.model), torch.no_grad():
+                logits = self.model(tokens)
+        stacked = [shares[layer].float().cpu() for layer in layer_ids]
+        for layer, share in zip(layer_ids, stacked):
+            check_pattern_values(share, f"edge shares of layer {layer}")
+        return logits, stacked, [patterns[layer].float().cpu() for layer in layer_ids]
+
     def tokenize(
         self, texts: list[str]
     ) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
@@ -338,6 +369,7 @@ def trace(
     stop_at_bos: bool = _DEFAULT.stop_at_bos,
     residual: Optional[str] = _DEFAULT.residual,
     exclude_bos: bool = _DEFAULT.exclude_bos,
+    edge_weight: str = _DEFAULT.edge_weight,
     options: Optional[TraceOptions] = None,
     attention_mask=None,
     bos_token_id: Optional[int] = None,
@@ -369,6 +401,7 @@ def trace(
         stop_at_bos=stop_at_bos,
         residual=residual,
         exclude_bos=exclude_bos,
+        edge_weight=edge_weight,
     )
     run = dict(
         options=options,

@@ -226,9 +226,34 @@ def _beam_variants(result: TraceResult, n_heads: int, n_random: int, seed: int) 
                 generator=generator,
                 exclude_bos=result.exclude_bos,
             )
-            shape = list(zip(beam.layers, beam.heads, path, path[1:]))
+            if beam.kinds:  # residual stays keep their position: random keys for moves only
+                path = _stay_where_the_beam_stays(beam, path, generator, result.exclude_bos)
+            shape = [
+                e
+                for i, e in enumerate(zip(beam.layers, beam.heads, path, path[1:]))
+                if not beam.is_residual(i)
+            ]
             variants.append(Variant(expand_heads(shape, n_heads)))
     return variants
+
+
+def _stay_where_the_beam_stays(beam, path, generator, exclude_bos: bool) -> list[int]:
+    """A random path of the beam's shape where the beam stays in the residual stream."""
+    out = [path[0]]
+    for i in range(beam.num_edges):
+        if beam.is_residual(i):
+            out.append(out[-1])
+        else:
+            out.append(
+                random_path(
+                    out[-1],
+                    1,
+                    chain=False,
+                    generator=generator,
+                    exclude_bos=exclude_bos and out[-1] > 0,
+                )[1]
+            )
+    return out
 
 
 def _beam_effects(result: TraceResult, drops: dict[str, Tensor], n_random: int) -> list[BeamEffect]:
@@ -246,9 +271,11 @@ def _beam_effects(result: TraceResult, drops: dict[str, Tensor], n_random: int) 
 
 
 def _edges(beam) -> list[tuple]:
+    """A beam's head edges (layer, head, query, key); residual stays read no pattern."""
     return [
         (beam.layers[i], beam.heads[i], beam.positions[i], beam.positions[i + 1])
         for i in range(beam.num_edges)
+        if not beam.is_residual(i)
     ]
 
 

@@ -69,6 +69,7 @@ def trace_attention(
     stop_at_bos: bool = _DEFAULT.stop_at_bos,
     residual: Optional[str] = _DEFAULT.residual,
     exclude_bos: bool = _DEFAULT.exclude_bos,
+    edge_weight: str = _DEFAULT.edge_weight,
     bos_positions: Sequence[int] = (),
     attention_mask: Optional[Shaped[Tensor, " seq"]] = None,
 ) -> list[Beam]:
@@ -100,6 +101,7 @@ def trace_attention(
         stop_at_bos=stop_at_bos,
         residual=residual,
         exclude_bos=exclude_bos,
+        edge_weight=edge_weight,
     )
     if not isinstance(attn, Tensor):
         raise RatLensError(f"attn must be a torch.Tensor, got {type(attn).__name__}")
@@ -284,13 +286,18 @@ def beam_search(
     denominators = np.array([length_norm_denominator(length_norm, e) for e in range(n_steps + 1)])
 
     # Step s holds, for every beam it created, its key, parent (index into step s-1), head,
-    # weight and BOS mass; a live beam is an index into the latest step.
+    # weight and BOS mass; a live beam is an index into the latest step. With residual stays
+    # (contribution weights: the last channel is the residual stream) a stay is free in the
+    # score and the length norm counts moves only; ``moved`` says whether a beam has left the
+    # target at all (a beam that never did is no route to an earlier token).
+    stay_channel = patterns[0].shape[0] - 1 if options.stays else -1
     steps = [dict(key=np.array([target_pos]), parent=np.array([-1]))]
-    ended: list[tuple[int, np.ndarray, np.ndarray]] = []  # (step, beam ids, raw scores)
+    ended: list[tuple] = []  # (step, beam ids, raw scores, moves, moved)
     live, live_score = np.array([0]), np.zeros(1)
+    live_moves, live_moved = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=bool)
     if target_pos == 0:  # nothing earlier to trace to
         n_steps = 0
-        ended.append((0, live, live_score))
+        ended.append((0, live, live_score, live_moves, live_moved | (not options.stays)))
 
     for t in range(n_steps):
         if live.size == 0:
@@ -309,11 +316,14 @@ def beam_search(
         ok = cand.weights > 0
         dead = ~ok.any(1)  # end before the new beams, in beam order (as the peer does)
         if dead.any():
-            ended.append((t, live[dead], live_score[dead]))
+            ended.append((t, live[dead], live_score[dead], live_moves[dead], live_moved[dead]))
         parent, j = np.nonzero(ok)  # beam-major, best candidate first
         head, key = np.divmod(cand.flat[parent, j], n)
         weight = cand.weights[parent, j]
-        score = live_score[parent] + cand.log_weights[parent, j]
+        stay = head == stay_channel
+        score = live_score[parent] + np.where(stay, 0.0, cand.log_weights[parent, j])
+        moves = live_moves[parent] + ~stay
+        moved = live_moved[parent] | (key != live_pos[parent])
         steps.append(
             dict(
                 key=key,
@@ -321,37 +331,42 @@ def beam_search(
                 head=head,
                 weight=weight,
                 bos_mass=cand.bos_mass[parent, head],
+                stay=stay,
             )
         )
 
         ends = stops[key] | (not chain and t == n_steps - 1)
         if ends.any():
-            ended.append((t + 1, np.nonzero(ends)[0], score[ends]))
+            ended.append((t + 1, np.nonzero(ends)[0], score[ends], moves[ends], moved[ends]))
         live = np.nonzero(~ends)[0]
         if live.size > top_beam:
-            norm = score[live] / denominators[t + 1]
+            norm = score[live] / denominators[moves[live]]
             live = live[np.argsort(-norm, kind="stable")[:top_beam]]
-        live_score = score[live]
+        live_score, live_moves, live_moved = score[live], moves[live], moved[live]
 
-    return _best_beams(ended, steps, denominators, layer_ids, chain, options.per_head, top_beam)
+    if options.stays:  # a route must reach an earlier token
+        ended = [(s, ids[m], raw[m], mv[m], m[m]) for s, ids, raw, mv, m in ended if m.any()]
+    return _best_beams(ended, steps, denominators, layer_ids, options, top_beam)
 
 
-def _best_beams(ended, steps, denominators, layer_ids, chain, per_head, top_beam) -> list[Beam]:
+def _best_beams(ended, steps, denominators, layer_ids, options, top_beam) -> list[Beam]:
     """Rank the ended beams by normalised score and rebuild the best ``top_beam`` paths by
     following parent pointers, all beams at once."""
     if not ended:
         return []
-    n_edges = np.concatenate([np.full(len(ids), s) for s, ids, _ in ended])
-    ids = np.concatenate([ids for _, ids, _ in ended])
-    raw = np.concatenate([score for _, _, score in ended])
-    norm = raw / denominators[n_edges]
+    chain, per_head = options.chain, options.per_head
+    n_edges = np.concatenate([np.full(len(ids), s) for s, ids, *_ in ended])
+    ids = np.concatenate([e[1] for e in ended])
+    raw = np.concatenate([e[2] for e in ended])
+    norm = raw / denominators[np.concatenate([e[3] for e in ended])]
     best = np.argsort(-norm, kind="stable")[:top_beam]
     n_edges, cur, raw, norm = n_edges[best], ids[best], raw[best], norm[best]
 
     longest = int(n_edges.max())
     positions = np.zeros((len(best), longest + 1), dtype=np.int64)
     positions[:, 0] = steps[0]["key"][0]
-    fields = {f: np.zeros((len(best), longest)) for f in ("head", "weight", "bos_mass")}
+    names = ("head", "weight", "bos_mass") + (("stay",) if options.stays else ())
+    fields = {f: np.zeros((len(best), longest)) for f in names}
     for s in range(longest, 0, -1):
         on = n_edges >= s
         c = cur[on]
@@ -365,10 +380,21 @@ def _best_beams(ended, steps, denominators, layer_ids, chain, per_head, top_beam
             positions=positions[i, : e + 1].tolist(),
             edge_attns=fields["weight"][i, :e].tolist(),
             layers=[layer_ids[0] if chain else layer_ids[s] for s in range(e)],
-            heads=fields["head"][i, :e].astype(int).tolist() if per_head else [None] * e,
+            heads=[
+                None if options.stays and s else h
+                for h, s in zip(
+                    fields["head"][i, :e].astype(int).tolist(),
+                    fields.get("stay", np.zeros((1, e)))[i if options.stays else 0, :e],
+                )
+            ]
+            if per_head
+            else [None] * e,
             bos_mass=fields["bos_mass"][i, :e].tolist(),
             score_raw=float(raw[i]),
             score_norm=float(norm[i]),
+            kinds=["residual" if s else "head" for s in fields["stay"][i, :e]]
+            if options.stays
+            else [],
         )
         for i, e in enumerate(n_edges.tolist())
     ]

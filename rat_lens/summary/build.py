@@ -12,6 +12,7 @@ softmax(score_norm) over the beams, every edge with that share × its attention 
 """
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -171,8 +172,10 @@ def circuit_line(
     layers: list[int],
     heads: list[Optional[int]],
     edge_attns: list[float],
+    kinds: Sequence[str] = (),
 ) -> str:
-    """A path as one line, target first, each edge ``←L{layer}.H{head}(weight)─``.
+    """A path as one line, target first, each edge ``←L{layer}.H{head}(weight)─`` (a residual
+    stay ``←L{layer}.res(weight)─``).
 
     Examples:
         >>> circuit_line([" B", " C", " B"], [7, 4, 3], [1, 0], [2, 3], [0.912, 0.38])
@@ -182,7 +185,11 @@ def circuit_line(
     """
     text = f"{token_label(tokens[0])}@{positions[0]}"
     for i, attn in enumerate(edge_attns):
-        head = "" if heads[i] is None else f".H{heads[i]}"
+        head = (
+            ".res"
+            if kinds and kinds[i] == "residual"
+            else ("" if heads[i] is None else f".H{heads[i]}")
+        )
         text += f" ←L{layers[i]}{head}({attn:.2f})─ {token_label(tokens[i + 1])}@{positions[i + 1]}"
     return text
 
@@ -308,6 +315,9 @@ def _masses(
     for b, (beam, share) in enumerate(zip(result.beams, beam_weights(result.beams))):
         edge_roles = []
         for i, attn in enumerate(beam.edge_attns):
+            if beam.is_residual(i):  # a stay: no head carries it
+                edge_roles.append("")
+                continue
             layer, head = beam.layers[i], beam.heads[i]
             role, score = _best_role(roles, layer, head, threshold)
             edge_roles.append(role)
@@ -333,7 +343,9 @@ def _masses(
             )
             em.mass += share * attn
             em.beams.append(b)
-        line = circuit_line(beam.tokens, beam.positions, beam.layers, beam.heads, beam.edge_attns)
+        line = circuit_line(
+            beam.tokens, beam.positions, beam.layers, beam.heads, beam.edge_attns, beam.kinds
+        )
         circuits.append(
             BeamCircuit(b + 1, line, beam.score_raw, beam.score_norm, share, edge_roles)
         )
