@@ -6,12 +6,21 @@ from a random causal attention stack ``[30, heads, 2000, 2000]`` (4 heads by def
 Also a 2,000-token chain-mode trace on a previous-token matrix, where every beam runs ~2,000
 hops: the most nodes a trace of that length can have.
 
-Usage: python benchmarks/html_size.py [--tokens 2000] [--layers 30] [--heads 4]
+Then the page in a browser (issue 14: per-head links, the heads grid, the head heatmap, the key):
+the same chain, and a 12-layer x 12-head per-head trace of the same prompt, each loaded from
+``file://`` in Debian's Chromium (headless, through Playwright; skipped without it): the page's
+size, how many links it draws (one per head in per-head mode), its first contentful paint, when
+the widget is drawn (``data-ratlens-ready``) and the frame after, medians of 5 fresh loads.
+
+Usage: python benchmarks/html_size.py [--tokens 2000] [--layers 30] [--heads 4] [--no-browser]
 """
 
 import argparse
 import random
+import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from beam_search import previous_token_matrix  # same matrix as the search benchmark
@@ -83,11 +92,84 @@ def measure(name: str, result: TraceResult) -> None:
     )
 
 
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+# In ms since the navigation started: __ratlensReady when the page marks its widget drawn (the
+# end of mount()), __ratlensPainted when the frame after that has been painted (a timeout queued
+# from the next animation frame runs after its paint).
+READY = """
+window.__ratlensReady = null;
+window.__ratlensPainted = null;
+new MutationObserver(function (changes, observer) {
+  if (document.querySelector("[data-ratlens-ready]")) {
+    window.__ratlensReady = performance.now();
+    observer.disconnect();
+    requestAnimationFrame(function () {
+      setTimeout(function () { window.__ratlensPainted = performance.now(); }, 0);
+    });
+  }
+}).observe(document, {subtree: true, attributes: true, attributeFilter: ["data-ratlens-ready"]});
+"""
+
+
+def paint_times(page_html: str, runs: int = 5) -> tuple[float, float, float]:
+    """Median first contentful paint, widget-drawn and diagram-painted times (ms) of ``runs``
+    fresh loads of the page from file:// at 1280 x 900, every other request aborted."""
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as folder, sync_playwright() as pw:
+        path = Path(folder) / "index.html"
+        path.write_text(page_html, encoding="utf-8")
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        paints, readies, painted = [], [], []
+        for _ in range(runs):
+            context = browser.new_context(viewport={"width": 1280, "height": 900})
+            context.route(
+                "**/*", lambda r: r.continue_() if r.request.url == path.as_uri() else r.abort()
+            )
+            page = context.new_page()
+            page.add_init_script(READY)
+            page.goto(path.as_uri())
+            page.wait_for_function("window.__ratlensPainted !== null", timeout=120_000)
+            page.wait_for_function(
+                "performance.getEntriesByName('first-contentful-paint').length > 0"
+            )
+            paints.append(
+                page.evaluate("performance.getEntriesByName('first-contentful-paint')[0].startTime")
+            )
+            readies.append(page.evaluate("window.__ratlensReady"))
+            painted.append(page.evaluate("window.__ratlensPainted"))
+            context.close()
+        browser.close()
+    return statistics.median(paints), statistics.median(readies), statistics.median(painted)
+
+
+def measure_page(name: str, result: TraceResult, browser: bool) -> None:
+    page = to_html(result)
+    data = payload(result)
+    labels = sum(link["head"] is not None for link in data["links"])
+    paint, ready, painted = paint_times(page) if browser else (float("nan"),) * 3
+    print(
+        f"| {name} | {len(data['nodes'])} | {len(result.sankey.links)} | {len(data['links'])} | "
+        f"{labels} | {len(inline_json(data).encode()) / 1e3:,.1f} kB | "
+        f"{len(page.encode()) / 1e6:.3f} MB | {paint:,.0f} ms | {ready:,.0f} ms | "
+        f"{painted:,.0f} ms |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--no-browser", action="store_true", help="sizes only, no Chromium")
     args = parser.parse_args()
     n = args.tokens
     tokens = ["<bos>"] + random.Random(0).choices(WORDS, k=n - 1)
@@ -125,10 +207,54 @@ def main() -> None:
     del stack
 
     beams = rat_lens.trace_attention(previous_token_matrix(n), n - 1, top_beam=5, top_k=5)
-    measure(
-        f"chain, previous-token matrix, {n} tokens, top_beam 5, top_k 5",
-        as_result(beams, tokens, [0], chain=True, agg_heads="mean", top_beam=5, top_k=5),
+    chain = as_result(beams, tokens, [0], chain=True, agg_heads="mean", top_beam=5, top_k=5)
+    measure(f"chain, previous-token matrix, {n} tokens, top_beam 5, top_k 5", chain)
+
+    browser = not args.no_browser and Path(CHROMIUM).exists()
+    print(
+        "\n### The page in Chromium\n\n"
+        + (
+            "Headless Chromium (software rendering), 1280 x 900, page from file://; in ms "
+            "since the navigation began, medians of 5 fresh loads: first paint = Chromium's "
+            "first contentful paint (on a long page, text painted while the page still "
+            "parses, before the widget), drawn = the widget's mount() done, diagram painted = "
+            "the first frame after it.\n"
+            if browser
+            else "(no Chromium here: sizes only)\n"
+        )
     )
+    print(
+        "| trace | nodes | Sankey links | links drawn | head labels | inline data | HTML | "
+        "first paint | drawn | diagram painted |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    measure_page(f"chain, previous-token matrix, {n} tokens, top_beam 5, top_k 5", chain, browser)
+    stack = causal_stack(12, 12, n, seed=1)
+    for top_beam, top_k in [(5, 5), (20, 10)]:
+        beams = rat_lens.trace_attention(
+            stack,
+            n - 1,
+            layers=(0, 11),
+            agg_heads="none",
+            top_beam=top_beam,
+            top_k=top_k,
+            bos_positions=[0],
+            exclude_bos=True,
+        )
+        result = as_result(
+            beams,
+            tokens,
+            list(range(11, -1, -1)),
+            chain=False,
+            agg_heads="none",
+            top_beam=top_beam,
+            top_k=top_k,
+        )
+        measure_page(
+            f"layers 11→0, 12 x 12 heads, per head, {n} tokens, top_beam {top_beam}, top_k {top_k}",
+            result,
+            browser,
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,16 @@ from rat_lens import RatLensError, TraceResult
 from rat_lens.cli import main
 from rat_lens.render import _html, html_fragment, render_html, to_html
 from rat_lens.render._payload import inline_json, payload
-from rat_lens.result import BeamPath, SankeyData, SankeyNode, build_sankey, node_id, path_text
+from rat_lens.result import (
+    BeamPath,
+    Prediction,
+    SankeyData,
+    SankeyNode,
+    beam_weights,
+    build_sankey,
+    node_id,
+    path_text,
+)
 
 RENDER = Path(rat_lens.__file__).parent / "render"
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -133,6 +142,102 @@ def test_payload_of_a_per_head_layers_trace_names_heads_and_node_layers():
         for b in result.beams
         for i in range(b.num_edges)
     }
+
+
+def beam_edges(result: TraceResult, data: dict) -> dict[tuple, list[tuple[int, float]]]:
+    """(key node, query node, layer, head) → [(beam index, attention)] over the beams' edges."""
+    edges = {}
+    for b, (beam, ids) in enumerate(zip(result.beams, (d["node_ids"] for d in data["beams"]))):
+        for i, w in enumerate(beam.edge_attns):
+            edges.setdefault((ids[i + 1], ids[i], beam.layers[i], beam.heads[i]), []).append((b, w))
+    return edges
+
+
+@pytest.mark.parametrize("mode", [{"layers": (0, 2)}, {"layer": 1}], ids=["layers", "chain"])
+def test_per_head_links_are_one_per_layer_head_key_query_edge(mode):
+    result = make_result(
+        causal(3, 3, 7, seed=4),
+        [f"t{i}" for i in range(7)],
+        agg_heads="none",
+        top_beam=8,
+        top_k=4,
+        **mode,
+    )
+    data = payload(result)
+    edges, weights = beam_edges(result, data), beam_weights(result.beams)
+    links = {(lk["source"], lk["target"], lk["layer"], lk["head"]): lk for lk in data["links"]}
+    assert len(links) == len(data["links"]) and set(links) == set(edges)
+    assert len({h for *_, h in links}) > 1  # several heads: the case the merged links hid
+    for edge, used in edges.items():
+        # Σ over the beams using the edge of softmax(score_norm over beams) × edge weight.
+        assert links[edge]["value"] == pytest.approx(sum(weights[b] * w for b, w in used), 1e-5)
+        assert links[edge]["beams"] == sorted({b for b, _ in used})
+    # The heads of one key → query pair add up to the Sankey graph's link, which merges them.
+    summed = {}
+    for (source, target, _, _), lk in links.items():
+        summed[source, target] = summed.get((source, target), 0) + lk["value"]
+    merged = {(lk.source, lk.target): lk.value for lk in result.sankey.links}
+    assert summed == pytest.approx(merged, rel=1e-5)  # each link rounded to 6 digits
+
+
+def test_aggregated_links_are_the_sankey_graphs(small):
+    assert payload(small)["links"] == [
+        {
+            "source": lk.source,
+            "target": lk.target,
+            "value": pytest.approx(lk.value, rel=1e-5),
+            "beams": lk.beam_indices,
+            "layer": lk.layer,
+            "head": None,
+        }
+        for lk in small.sankey.links
+    ]
+
+
+def test_a_contribution_weighted_traces_residual_stays_are_links_of_their_own():
+    from rat_lens.models import load
+
+    result = rat_lens.trace(
+        load("induction-2l"),
+        "cat dog red blue green cat dog red",
+        layers=(0, 1),
+        agg_heads="none",
+        edge_weight="value_norm",
+    )
+    data = payload(result)
+    assert [b["kinds"] for b in data["beams"]] == [b.kinds for b in result.beams]
+    stays = {
+        (b["node_ids"][i + 1], b["node_ids"][i], b["layers"][i])
+        for b in data["beams"]
+        for i, kind in enumerate(b["kinds"])
+        if kind == "residual"
+    }
+    residual = [lk for lk in data["links"] if lk.get("residual")]
+    assert stays and {(lk["source"], lk["target"], lk["layer"]) for lk in residual} == stays
+    assert all(lk["head"] is None and lk["residual"] is True for lk in residual)
+    assert all("residual" not in lk for lk in data["links"] if lk["head"] is not None)
+    assert schema_problems(data, "Payload", typedefs(), "p", set()) == []
+
+
+def test_predictions_and_head_rows_reach_the_payload(small):
+    small.predictions = [Prediction(2, " sat", [5, 6], ["</script>", " on"], [0.91234567, 0.05])]
+    data = payload(small)
+    assert data["predictions"] == [
+        {"position": 2, "tokens": ["</script>", " on"], "probs": [0.912346, 0.05]}
+    ]
+    assert "head_rows" not in data
+    row = {"layer": 0, "head": None, "query": 2, "keys": [0, 1, 2], "weights": [0.1, 0.6, 0.3]}
+    small.head_rows = [row]  # optional: a result from a tracer that records them
+    assert payload(small)["head_rows"] == [row]
+
+    class HeadRow:  # or objects with the same attributes
+        layer, head, query, keys, weights = 0, 3, 2, [1], [0.25]
+
+    small.head_rows = [HeadRow()]
+    assert payload(small)["head_rows"] == [
+        {"layer": 0, "head": 3, "query": 2, "keys": [1], "weights": [0.25]}
+    ]
+    assert list(embedded(to_html(small)).values())[0]["predictions"] == data["predictions"]
 
 
 def test_node_ids_are_the_sankey_graphs_own(small):
@@ -323,7 +428,31 @@ def test_a_page_of_several_targets_links_to_each(small):
     ids = re.findall(r'href="#(ratlens-[0-9a-f]+)"', nav)
     assert len(ids) == 2 and all(f'id="{i}"' in page for i in ids)
     assert f"@{small.target_pos}" in nav and "@1" in nav
+    # Each target with the token after it: on a --generate page, what the model produced there.
+    assert "&#x27; cat&#x27;@1 → &#x27; sat&#x27;" in nav and "prompt" not in nav
     assert '<nav class="ratlens-targets">' not in html_fragment(small)
+    other.batch_index = 1  # several prompts: each target names its prompt
+    nav = html_fragment([small, other]).split('<nav class="ratlens-targets">')[1]
+    nav = nav[: nav.index("</nav>")]
+    assert "(prompt 0)" in nav and "(prompt 1)" in nav
+
+
+def test_a_generate_run_prints_the_continuation_and_its_page_names_each_next_token(
+    tmp_path, capsys
+):
+    out = tmp_path / "out"
+    text = "cat dog red blue green cat dog"
+    assert main(["trace", text, "--generate", "2", "--layers", "0:1", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "generated 2 tokens: 'red blue'" in printed
+    assert "target 7 'dog' -> 'red' (generated)" in printed
+    assert "target 8 'red' -> 'blue' (generated)" in printed
+    page = (out / "index.html").read_text()
+    nav = page[page.index('<nav class="ratlens-targets">') : page.index("</nav>")]
+    assert (
+        "&#x27;dog&#x27;@7 → &#x27;red&#x27;" in nav
+        and "&#x27;red&#x27;@8 → &#x27;blue&#x27;" in nav
+    )
 
 
 # --- The page's data against its documented schema (rat_lens/render/js/schema.js) -------------
@@ -410,16 +539,47 @@ def schema_problems(value, type_: str, types: dict, where: str, seen: set) -> li
     ]
 
 
+def fake_head_rows(result: TraceResult) -> list[dict]:
+    """What the tracer may one day record as ``result.head_rows`` (optional): for each traced
+    (layer, head, query), a row over every key up to the query, here made up so that the beams'
+    own edges keep their weights and the rest of the row shares what is left."""
+    rows = {}
+    for beam in result.beams:
+        for i, w in enumerate(beam.edge_attns):
+            q, k = beam.positions[i], beam.positions[i + 1]
+            rows.setdefault((beam.layers[i], beam.heads[i], q), {})[k] = w
+    made = []
+    for (layer, head, q), known in rows.items():
+        rest = [k for k in range(q + 1) if k not in known]
+        left = max(0.0, 1 - sum(known.values()))
+        weights = {**{k: left / len(rest) for k in rest}, **known} if rest else known
+        keys = sorted(weights)
+        made.append(
+            {
+                "layer": layer,
+                "head": head,
+                "query": q,
+                "keys": keys,
+                "weights": [weights[k] for k in keys],
+            }
+        )
+    return made
+
+
 @pytest.fixture(scope="module")
 def induction_payloads():
-    """A per-head two-layer trace of the embedded model (strip from its attention), without and
-    with a causal check: together with ``small`` they hold every record of the schema."""
+    """A per-head two-layer trace of the embedded model (strip from its attention, the model's
+    predictions), without and with a causal check and (made-up) whole head rows: together with
+    ``small`` they hold every record of the schema."""
     from rat_lens.models import load
 
     model = load("induction-2l")
-    result = rat_lens.trace(model, "cat dog red blue cat dog red", layers=(0, 1), agg_heads="none")
+    result = rat_lens.trace(
+        model, "cat dog red blue cat dog red", layers=(0, 1), agg_heads="none", predictions=3
+    )
     plain = payload(result)
     result.verification = rat_lens.verify(model, result, n_random=3)
+    result.head_rows = fake_head_rows(result)
     return plain, payload(result)
 
 
@@ -435,8 +595,12 @@ def test_schema_js_documents_every_record_and_field(induction_payloads, small):
         "StripRow",
         "Verification",
         "BeamEffect",
+        "Prediction",
+        "HeadRow",
     } <= set(types)
     assert types["Payload"]["verification"] == ("Verification", True)  # only when checked
+    assert types["Payload"]["head_rows"] == ("HeadRow[]", True)  # only when the tracer has them
+    assert types["Link"]["head"] == ("?number", False)
     assert types["StripRow"].keys() == {"query", "key", "weight", "layer", "head"}
     seen = set()
     payloads = [*induction_payloads, payload(small)]
@@ -444,6 +608,8 @@ def test_schema_js_documents_every_record_and_field(induction_payloads, small):
         assert schema_problems(data, "Payload", types, f"payload{i}", seen) == []
     assert seen == set(types), "a record schema.js documents never appeared"
     assert "verification" in payloads[1] and "verification" not in payloads[0]
+    assert "head_rows" in payloads[1] and "head_rows" not in payloads[0]
+    assert payloads[0]["predictions"] and payloads[2]["predictions"] == []
     assert (
         payloads[0]["strip"]["source"] == "attention" and payloads[2]["strip"]["source"] == "edges"
     )

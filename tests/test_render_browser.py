@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import torch
 from test_render import HOSTILE, causal, embedded, make_result
 
 from rat_lens import SankeyData, TraceResult
@@ -106,11 +107,13 @@ class Page:
         return self.page.eval_on_selector_all(selector, f"els => els.map({js})")
 
     def classes(self, selector: str) -> dict[str, list[str]]:
-        """data-id / data-source>data-target → class list, for every element matching."""
+        """data-id / data-source>data-target (#data-head for a per-head link) → class list, for
+        every element matching (link_key names a payload link the same way)."""
         return self.page.eval_on_selector_all(
             selector,
             """els => Object.fromEntries(els.map(e =>
-            [e.dataset.id || e.dataset.source + '>' + e.dataset.target,
+            [e.dataset.id || e.dataset.source + '>' + e.dataset.target +
+               (e.dataset.head === undefined ? '' : '#' + e.dataset.head),
              [...e.classList, getComputedStyle(e).display === 'none' ? 'HIDDEN' : 'SHOWN']]))""",
         )
 
@@ -152,7 +155,10 @@ def chain_result():
 
 
 def link_key(link: dict) -> str:
-    return f"{link['source']}>{link['target']}"
+    """A payload Link as Page.classes names it: per head, one key → query pair has a link per
+    head."""
+    head = "" if link["head"] is None else f"#{link['head']}"
+    return f"{link['source']}>{link['target']}{head}"
 
 
 def empty_result():
@@ -171,17 +177,20 @@ def empty_result():
 )
 def test_svg_nodes_and_links_are_the_data(open_page, make):
     result = make()
+    data = payload(result)
     opened = open_page(to_html(result))
     nodes, links = opened.classes(".ratlens-node"), opened.classes(".ratlens-link")
     assert set(nodes) == {n.id for n in result.sankey.nodes}
-    assert set(links) == {f"{lk.source}>{lk.target}" for lk in result.sankey.links}
-    assert len(nodes) == len(result.sankey.nodes) and len(links) == len(result.sankey.links)
+    # The links are the payload's: the Sankey graph's, split by head in per-head mode.
+    assert set(links) == {link_key(lk) for lk in data["links"]}
+    assert {k.split("#")[0] for k in links} == {
+        f"{lk.source}>{lk.target}" for lk in result.sankey.links
+    }
+    assert len(nodes) == len(result.sankey.nodes) and len(links) == len(data["links"])
     target = node_id(result.layer, result.target_pos)
     assert {k for k, c in nodes.items() if "is-target" in c} == ({target} & set(nodes))
     beams = opened.each(".ratlens-link", "e => e.dataset.beams")
-    assert sorted(beams) == sorted(
-        ",".join(map(str, lk.beam_indices)) for lk in result.sankey.links
-    )
+    assert sorted(beams) == sorted(",".join(map(str, lk["beams"])) for lk in data["links"])
     opened.assert_clean()
 
 
@@ -194,11 +203,16 @@ def test_the_induction_model_trace_renders(open_page):
     )
     opened = open_page(to_html(result))
     assert opened.page.locator(".ratlens-node").count() == len(result.sankey.nodes)
-    assert opened.page.locator(".ratlens-link").count() == len(result.sankey.links)
-    # Its strip comes from the captured attention, averaged over the traced layers and heads.
+    assert opened.page.locator(".ratlens-link").count() == len(payload(result)["links"])
+    # Its strip comes from the captured attention, averaged over the traced layers and heads,
+    # and says so; the diagram's own edges at the token come first, with the diagram's numbers.
     opened.page.locator(f'.ratlens-tok[data-pos="{result.target_pos}"]').hover()
-    readout = opened.page.locator(".ratlens-readout").text_content()
-    assert " attends to: " in readout and "(traced layers)" in readout
+    edges = opened.page.locator(".ratlens-readout-edges").text_content()
+    mean = opened.page.locator(".ratlens-readout-mean").text_content()
+    assert " attends to: " in mean and "(mean of L0\u2013L1, all heads)" in mean
+    assert edges.startswith("On the diagram, ") and "(L1.H0, Sankey " in edges
+    source = opened.page.locator(".ratlens-strip-source").text_content()
+    assert "mean of L0\u2013L1, all heads" in source
     opened.assert_clean()
 
 
@@ -280,11 +294,15 @@ def test_hovering_the_token_strip_shows_what_a_token_attends_to_and_is_attended_
     page.locator(".ratlens-view-from").click()
     related, readout = related_after_hover(key)
     assert related == {r["query"] for r in rows if r["key"] == key} and "is attended by:" in readout
-    # The readout names each edge's layer and head (L<layer> H<head>), strongest first.
-    best = max((r for r in rows if r["key"] == key), key=lambda r: r["weight"])
-    assert readout.split(": ", 1)[1].startswith(
-        f"\u201c\u2068{visible(result.tokens[best['query']])}\u2069\u201d@{best['query']} "
-        f"{best['weight']:.2f} (L{best['layer']} H{best['head']})"
+    # The readout names each edge's layer and head (L<layer>.H<head>), strongest first.
+    top = max(r["weight"] for r in rows if r["key"] == key)
+    assert any(
+        readout.split(": ", 1)[1].startswith(
+            f"\u201c\u2068{visible(result.tokens[r['query']])}\u2069\u201d@{r['query']} "
+            f"{r['weight']:.2f} (L{r['layer']}.H{r['head']}, Sankey "
+        )
+        for r in rows
+        if r["key"] == key and r["weight"] == top
     )
     opened.assert_clean()
 
@@ -299,7 +317,15 @@ def test_export_gives_an_svg_of_the_diagram_and_a_png(open_page, tmp_path):
     assert svg.name == f"rat_lens_trace_L{result.layer}_P{result.target_pos}.svg"
     root = ET.fromstring(svg.read_text())
     paths = root.findall(".//{http://www.w3.org/2000/svg}path")
-    assert len(paths) == len(result.sankey.links) and float(root.get("width")) > 100
+    assert len(paths) == len(payload(result)["links"]) and float(root.get("width")) > 100
+    # A title, and the key: the colours shown (each head here) and what width, direction and
+    # score mean.
+    text = " ".join("".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text"))
+    assert f"Trace from \u201c\u2068{visible(result.tokens[result.target_pos])}" in text
+    for phrase in ("Width: the Sankey weight", "Direction: left to right", "Score: score"):
+        assert phrase in text
+    heads = {f"L{lay}.H{h}" for b in result.beams for lay, h in zip(b.layers, b.heads)}
+    assert all(f"{name} " in text for name in heads)
     with opened.page.expect_download() as download:
         opened.page.locator(".ratlens-export-png").click()
     png = tmp_path / "out.png"
@@ -316,6 +342,12 @@ def test_hostile_tokens_render_as_text_and_execute_nothing(open_page):
     for node in page.locator(".ratlens-node").all():  # tooltips, info panel
         node.dispatch_event("mousemove")
         node.dispatch_event("click")
+    for link in page.locator(".ratlens-link").all():  # tooltips, info panel, head heatmap
+        link.dispatch_event("mousemove")
+        link.dispatch_event("click")
+    page.locator(".ratlens-grid-cell").first.click()
+    headers = opened.each(".ratlens-hm-key", "e => e.title")  # the heatmap's keys, whole
+    assert headers and all("\u201d@" in h for h in headers)
     for token in page.locator(".ratlens-tok").all():
         token.hover()
     shown = opened.each(".ratlens-tok", "e => e.title || e.textContent")  # title: untruncated
@@ -405,4 +437,360 @@ def test_a_notebook_displays_the_result_inline(open_page, tmp_path):
     assert [list(embedded(o).values()) for o in outputs] == [[expected], [expected]]
     opened = open_page("<!DOCTYPE html><meta charset=utf-8><body>" + "".join(outputs))
     assert opened.page.locator(".ratlens[data-ratlens-ready]").count() == 2
+    opened.assert_clean()
+
+
+# --- Per head: the embedded model's trace across both layers, each edge naming its head --------
+
+
+@pytest.fixture(scope="module")
+def induction() -> TraceResult:
+    """The embedded model's per-head trace (docs/render.md's example), with its top-3 next-token
+    predictions at the traced positions."""
+    from rat_lens import trace
+    from rat_lens.models import load
+
+    return trace(
+        load("induction-2l"),
+        "cat dog red blue green cat dog red",
+        layers=(0, 1),
+        agg_heads="none",
+        predictions=3,
+    )
+
+
+def edges_of(data: dict) -> set[tuple]:
+    """(key node, query node, layer, head) of every edge of the payload's beams."""
+    return {
+        (b["node_ids"][i + 1], b["node_ids"][i], b["layers"][i], b["heads"][i])
+        for b in data["beams"]
+        for i in range(len(b["edge_attns"]))
+    }
+
+
+def drawn_links(opened: "Page") -> list[tuple]:
+    return [
+        tuple(x)
+        for x in opened.each(
+            ".ratlens-link",
+            "e => [e.dataset.source, e.dataset.target, +e.dataset.layer, +e.dataset.head]",
+        )
+    ]
+
+
+def test_per_head_every_head_is_named_drawn_and_coloured(open_page, induction):
+    data = payload(induction)
+    opened = open_page(to_html(induction))
+    # Every head of the top beams is named on the diagram, on a label that is shown.
+    heads = {(lay, h) for b in induction.beams for lay, h in zip(b.layers, b.heads)}
+    assert len(heads) >= 6  # 5 beams through 6 different heads
+    labels = opened.each(
+        ".ratlens-linklabel", "e => [e.textContent, getComputedStyle(e).display !== 'none']"
+    )
+    assert {text for text, shown in labels if shown} == {f"L{lay}.H{h}" for lay, h in heads}
+    # A link per distinct (layer, head, key, query) edge, and nothing else.
+    drawn = drawn_links(opened)
+    assert len(drawn) == len(set(drawn)) and set(drawn) == edges_of(data)
+    # Coloured by head: as many colours as heads, and the key lists them.
+    strokes = dict(zip(drawn, opened.each(".ratlens-link", "e => e.getAttribute('stroke')")))
+    assert len(set(strokes.values())) == len(heads)
+    chips = opened.each(".ratlens-chip", "e => e.textContent")
+    assert {c.split()[0] for c in chips} == {f"L{lay}.H{h}" for lay, h in heads}
+    # ... and by beam on demand: each link then takes its best beam's legend colour.
+    opened.page.locator(".ratlens-colour").select_option("beam")
+    swatches = opened.each(".ratlens-legend-item .ratlens-swatch", "e => e.style.background")
+    strokes = opened.each(".ratlens-link", "e => getComputedStyle(e).stroke")
+    firsts = opened.each(".ratlens-link", "e => +e.dataset.beams.split(',')[0]")
+    assert [swatches[b] for b in firsts] == strokes
+    opened.assert_clean()
+
+
+def test_a_links_tooltip_lists_every_head_of_its_pair_by_weight(open_page, induction):
+    data = payload(induction)
+    opened = open_page(to_html(induction))
+    pairs = {}
+    for lk in data["links"]:
+        pairs.setdefault((lk["source"], lk["target"]), []).append(lk)
+    source, target = max(pairs, key=lambda p: len(pairs[p]))
+    siblings = sorted(pairs[source, target], key=lambda lk: -lk["value"])
+    assert len(siblings) >= 2
+    link = siblings[-1]
+    opened.page.locator(
+        f'.ratlens-link[data-source="{source}"][data-target="{target}"][data-head="{link["head"]}"]'
+    ).dispatch_event("mousemove")
+    tip = opened.page.locator(".ratlens-tooltip").text_content()
+    assert f"L{link['layer']}.H{link['head']} \u00b7 attention " in tip
+    lines = tip.split("every head (Sankey weight):")[1].splitlines()
+    listed = [line.split()[0] for line in lines if line.strip()]
+    assert listed == [f"L{lk['layer']}.H{lk['head']}" for lk in siblings]  # heaviest first
+    for lk in siblings:
+        assert f"L{lk['layer']}.H{lk['head']} {lk['value']:.3f}" in tip
+    opened.assert_clean()
+
+
+def heatmap(opened: "Page") -> dict:
+    """The head heatmap shown: its head key and, per row, the keys of its cells and weights."""
+    return opened.page.evaluate(
+        """() => {
+        const box = document.querySelector('.ratlens-heatmap');
+        const rows = [...box.querySelectorAll('tr.ratlens-hm-row')].map(r => ({
+          kind: r.dataset.kind, query: +r.dataset.query,
+          cells: [...r.querySelectorAll('td.ratlens-hm-cell')].map(c =>
+            [+c.dataset.key, +c.dataset.weight, c.classList.contains('is-traced')])}));
+        return {key: box.dataset.key, rows: rows};
+    }"""
+    )
+
+
+def test_clicking_a_link_shows_that_heads_attention(open_page, induction):
+    data = payload(induction)
+    opened = open_page(to_html(induction))
+    attention = {}  # (layer, head, query node, key node) → the edge's attention weight
+    for b in data["beams"]:
+        for i, w in enumerate(b["edge_attns"]):
+            attention[b["layers"][i], b["heads"][i], b["node_ids"][i], b["node_ids"][i + 1]] = w
+    position = {n["id"]: n["position"] for n in data["nodes"]}
+    for lk in data["links"]:
+        layer, head = lk["layer"], lk["head"]
+        opened.page.locator(
+            f'.ratlens-link[data-source="{lk["source"]}"][data-target="{lk["target"]}"]'
+            f'[data-head="{head}"]'
+        ).dispatch_event("click")
+        shown = heatmap(opened)
+        assert shown["key"] == f"{layer}:{head}"
+        # One row per query the head was traced at, one cell per key it has data for: here the
+        # beams' edges (the trace holds no whole rows), with their attention weights.
+        expected = {
+            (position[query], position[key]): w
+            for (lay, h, query, key), w in attention.items()
+            if (lay, h) == (layer, head)
+        }
+        rows = [r for r in shown["rows"] if r["kind"] == "head"]
+        cells = [(r["query"], k, w) for r in rows for k, w, _ in r["cells"]]
+        assert len(rows) == len({q for q, _ in expected})
+        assert len(cells) == len(expected)
+        assert {(q, k): w for q, k, w in cells} == pytest.approx(expected)
+        assert all(traced for r in rows for _, _, traced in r["cells"])
+        # The strip's averaged attention follows, marked as such, for comparison.
+        assert {r["query"] for r in shown["rows"] if r["kind"] == "mean"} == {
+            q for q, _ in expected
+        }
+        links = opened.classes(".ratlens-link")
+        assert "is-selected" in links[link_key(lk)]
+        for other in data["links"]:
+            same = (other["layer"], other["head"]) == (layer, head)
+            assert ("is-hl" in links[link_key(other)]) == same
+    # A real click on a band (through its label, which lets clicks pass) does the same.
+    label = opened.page.locator(".ratlens-linklabel", has_text="L0.H1").first
+    box = label.bounding_box()
+    opened.page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    assert heatmap(opened)["key"] == "0:1"
+    info = opened.page.locator(".ratlens-info").text_content()
+    assert "Selected link" in info and "L0.H1" in info
+    opened.assert_clean()
+
+
+def test_the_heatmap_shows_whole_head_rows_when_the_trace_has_them(open_page, induction):
+    import copy
+
+    from test_render import fake_head_rows
+
+    result = copy.deepcopy(induction)
+    result.head_rows = fake_head_rows(result)
+    opened = open_page(to_html(result))
+    row = max(result.head_rows, key=lambda r: len(r["keys"]))
+    opened.page.locator(
+        f'.ratlens-grid-cell[data-layer="{row["layer"]}"][data-head="{row["head"]}"]'
+    ).click()
+    shown = heatmap(opened)
+    assert shown["key"] == f"{row['layer']}:{row['head']}"
+    (cells,) = [
+        r["cells"] for r in shown["rows"] if r["kind"] == "head" and r["query"] == row["query"]
+    ]
+    assert [k for k, _, _ in cells] == row["keys"]  # one cell per key of the row
+    assert [w for _, w, _ in cells] == pytest.approx(row["weights"], rel=1e-5)
+    traced = {
+        b.positions[i + 1]
+        for b in result.beams
+        for i in range(b.num_edges)
+        if (b.layers[i], b.heads[i], b.positions[i]) == (row["layer"], row["head"], row["query"])
+    }
+    assert {k for k, _, is_traced in cells if is_traced} == traced  # the beams' keys outlined
+    assert "head_rows" in opened.page.locator(".ratlens-heatmap .ratlens-note").first.text_content()
+    opened.assert_clean()
+
+
+def test_the_heads_grid_lights_a_heads_links(open_page, induction):
+    data = payload(induction)
+    opened = open_page(to_html(induction))
+    cells = opened.each(
+        ".ratlens-grid-cell", "e => [+e.dataset.layer, +e.dataset.head, e.textContent]"
+    )
+    assert len(cells) == 2 * 4  # layers 1 and 0, heads 0 to 3
+    mass = {}
+    for lk in data["links"]:
+        mass[lk["layer"], lk["head"]] = mass.get((lk["layer"], lk["head"]), 0) + lk["value"]
+    for layer, head, text in cells:
+        assert text == (f"{mass[layer, head]:.2f}" if (layer, head) in mass else "")
+    (layer, head), _ = max(mass.items(), key=lambda x: x[1])
+    opened.page.locator(f'.ratlens-grid-cell[data-layer="{layer}"][data-head="{head}"]').click()
+    links = opened.classes(".ratlens-link")
+    for lk in data["links"]:
+        lit = (lk["layer"], lk["head"]) == (layer, head)
+        assert ("is-hl" in links[link_key(lk)], "is-dim" in links[link_key(lk)]) == (lit, not lit)
+    assert heatmap(opened)["key"] == f"{layer}:{head}"
+    opened.page.locator(f'.ratlens-grid-cell[data-layer="{layer}"][data-head="{head}"]').click()
+    assert not any("is-hl" in c for c in opened.classes(".ratlens-link").values())  # again: off
+    opened.assert_clean()
+
+
+def test_the_target_shows_the_models_top_prediction(open_page, induction):
+    (at_target,) = [p for p in induction.predictions if p.position == induction.target_pos]
+    opened = open_page(to_html(induction))
+    target = opened.page.locator(".ratlens-node.is-target")
+    best = f"{100 * at_target.probs[0]:.1f}%"
+    assert target.locator(".ratlens-pred").text_content() == (
+        f"\u2192 \u2068{visible(at_target.tokens[0])}\u2069 {best}"
+    )
+    target.dispatch_event("mousemove")
+    tip = opened.page.locator(".ratlens-tooltip").text_content()
+    assert (
+        f"model's next token here: \u201c\u2068{visible(at_target.tokens[0])}\u2069\u201d {best}"
+        in tip
+    )
+    # Every traced position's node carries its own predictions in its tooltip.
+    for p in induction.predictions:
+        node = opened.page.locator(f'.ratlens-node[data-pos="{p.position}"]').first
+        node.dispatch_event("mousemove")
+        assert visible(p.tokens[0]) in opened.page.locator(".ratlens-tooltip").text_content()
+    facts = opened.page.locator(".ratlens-facts .ratlens-predictions li").all_text_contents()
+    assert len(facts) == len(at_target.tokens) and facts[0].endswith(best)
+    opened.assert_clean()
+
+
+def test_keyboard_reaches_and_selects_nodes_and_links(open_page, induction):
+    data = payload(induction)
+    opened = open_page(to_html(induction))
+    page = opened.page
+    page.locator(".ratlens-export-png").focus()  # the last control: Tab goes into the diagram
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.classList.contains('ratlens-link')")
+    focusable = opened.each(".ratlens-node, .ratlens-link", "e => e.getAttribute('tabindex')")
+    assert set(focusable) == {"0"}
+    for _ in range(len(data["links"])):
+        page.keyboard.press("Tab")
+    active = page.evaluate("document.activeElement.dataset.id")
+    assert active in {n["id"] for n in data["nodes"]}
+    page.keyboard.press("Enter")
+    assert "is-selected" in opened.classes(".ratlens-node")[active]
+    assert "Selected node" in page.locator(".ratlens-info").text_content()
+    page.keyboard.press("Escape")
+    assert "is-selected" not in opened.classes(".ratlens-node")[active]
+    link = data["links"][0]
+    page.locator(
+        f'.ratlens-link[data-source="{link["source"]}"][data-target="{link["target"]}"]'
+        f'[data-head="{link["head"]}"]'
+    ).focus()
+    page.keyboard.press("Enter")
+    assert heatmap(opened)["key"] == f"{link['layer']}:{link['head']}"
+    assert "is-selected" in opened.classes(".ratlens-link")[link_key(link)]
+    opened.assert_clean()
+
+
+def test_hovering_a_strip_token_lights_its_nodes(open_page, induction):
+    opened = open_page(to_html(induction))
+    for pos in {n.position for n in induction.sankey.nodes}:
+        opened.page.locator(f'.ratlens-tok[data-pos="{pos}"]').hover()
+        lit = opened.each(".ratlens-node.is-strip", "e => e.dataset.id")
+        assert set(lit) == {n.id for n in induction.sankey.nodes if n.position == pos}
+    opened.page.locator(".ratlens-title").hover()
+    assert opened.page.locator(".ratlens-node.is-strip").count() == 0
+    opened.assert_clean()
+
+
+def test_a_300_token_page_wraps_instead_of_scrolling_sideways(open_page):
+    tokens = ["<bos>"] + [f" token{i}" for i in range(299)]
+    result = make_result(causal(300, seed=3, sharp=2.0), tokens, top_beam=3, top_k=2)
+    opened = open_page(to_html(result))
+    page = opened.page
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+    strip = page.evaluate(
+        "(() => { const b = document.querySelector('.ratlens-tokens');"
+        " return [b.scrollWidth, b.clientWidth]; })()"
+    )
+    assert strip[0] <= strip[1]
+    tops = opened.each(".ratlens-tok", "e => e.offsetTop")
+    assert len(set(tops)) > 10  # many lines
+    opened.assert_clean()
+
+
+def test_a_long_chains_first_view_says_what_is_off_screen(open_page):
+    n = 120
+    A = torch.eye(n).roll(-1, dims=1).tril()  # previous-token attention: one 119-hop chain
+    A[0, 0] = 1.0
+    result = make_result(A, [f" w{i}" for i in range(n)], top_beam=1, top_k=1)
+    opened = open_page(to_html(result))
+    note = opened.page.locator(".ratlens-offscreen")
+    assert note.is_visible()
+    text = note.text_content()
+    assert text.startswith("Off screen: ") and "nodes to the left (positions 0\u2013" in text
+    note.click()  # fits the whole diagram: nothing is left out
+    opened.page.wait_for_timeout(100)
+    assert not note.is_visible()
+    opened.assert_clean()
+
+
+def test_a_multi_target_page_keeps_its_targets_on_screen_and_names_them(open_page):
+    tokens = [f" g{i}" for i in range(12)]
+    attn = causal(2, 12, seed=7)
+    results = [make_result(attn, tokens, t, layers=(0, 1)) for t in (8, 9, 10)]
+    results[2].batch_index = 1
+    opened = open_page(to_html(results))
+    page = opened.page
+    titles = opened.each(".ratlens-title", "e => e.textContent")
+    for t, title in zip((8, 9, 10), titles):
+        assert f"(\u2192 next \u201c\u2068{visible(tokens[t + 1])}\u2069\u201d@{t + 1})" in title
+    assert [t.split(" \u00b7 ")[0] for t in titles] == ["Prompt 0", "Prompt 0", "Prompt 1"]
+    nav = page.locator(".ratlens-targets")
+    assert "(prompt 1)" in nav.text_content()
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    page.wait_for_timeout(100)
+    box = nav.bounding_box()
+    assert page.evaluate("window.scrollY") > 500 and 0 <= box["y"] <= 1  # stuck to the top
+    next_tokens = opened.each(".ratlens-tok.is-next", "e => +e.dataset.pos")
+    assert next_tokens == [9, 10, 11]
+    opened.assert_clean()
+
+
+def test_residual_stays_of_a_contribution_weighted_trace_are_named_and_grey(open_page):
+    from rat_lens import trace
+    from rat_lens.models import load
+
+    result = trace(
+        load("induction-2l"),
+        "cat dog red blue green cat dog red",
+        layers=(0, 1),
+        agg_heads="none",
+        edge_weight="value_norm",
+    )
+    data = payload(result)
+    opened = open_page(to_html(result))
+    stays = [lk for lk in data["links"] if lk.get("residual")]
+    assert stays
+    labels = set(opened.each(".ratlens-linklabel", "e => e.textContent"))
+    assert {f"L{lk['layer']}.res" for lk in stays} <= labels
+    strokes = opened.each(".ratlens-link[data-residual]", "e => e.getAttribute('stroke')")
+    assert strokes == ["#9aa3b8"] * len(stays)
+    assert opened.page.locator(".ratlens-grid-cell[data-residual]").count() == 2  # L1, L0
+    stay = stays[0]
+    opened.page.locator(
+        f'.ratlens-link[data-residual][data-source="{stay["source"]}"]'
+        f'[data-target="{stay["target"]}"]'
+    ).dispatch_event("click")
+    assert heatmap(opened)["key"] == f"{stay['layer']}:res"
+    assert opened.page.locator(".ratlens-heatmap h4").text_content() == (
+        f"L{stay['layer']}.res: edge weight at the traced queries"
+    )
+    info = opened.page.locator(".ratlens-info").text_content()
+    assert "a stay in the residual stream" in info and "edge weight" in info
     opened.assert_clean()

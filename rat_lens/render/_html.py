@@ -32,6 +32,7 @@ SCRIPTS = (
     "js/schema.js",
     "js/util.js",
     "js/diagram.js",
+    "js/heads.js",
     "js/panels.js",
     "js/strip.js",
     "js/export.js",
@@ -82,8 +83,9 @@ def html_fragment(results: Results) -> str:
     ids = [_new_id() for _ in items]
     parts = [f"<style>{_asset('widget.css')}</style>"]
     if len(items) > 1:  # several targets (e.g. each generated token): links to pick one
+        prompts = any(r.batch_index for r in items)
         links = " · ".join(
-            f'<a href="#ratlens-{uid}">{html.escape(_target_label(r))}</a>'
+            f'<a href="#ratlens-{uid}">{html.escape(_target_label(r, prompts))}</a>'
             for uid, r in zip(ids, items)
         )
         parts.append(f'<nav class="ratlens-targets">Targets: {links}</nav>')
@@ -111,11 +113,23 @@ def html_fragment(results: Results) -> str:
     return "\n".join(parts)
 
 
-def _target_label(result: TraceResult) -> str:
-    token = result.tokens[result.target_pos] if result.target_pos < len(result.tokens) else ""
-    return f"{token!r}@{result.target_pos}" + (
-        f" (prompt {result.batch_index})" if result.batch_index else ""
-    )
+def _target_label(result: TraceResult, prompts: bool = False) -> str:
+    """``'red'@8 → 'blue'``: the target and the token after it (on a page of a generated
+    continuation, what the model produced from the target), and the prompt when ``prompts``
+    (the page shows more than one) or when it is not the batch's first.
+
+    >>> from rat_lens.result import SankeyData
+    >>> r = TraceResult(3, 1, 0, 1, 1, ["a", "b", "c"], [], SankeyData([], []), [])
+    >>> _target_label(r), _target_label(r, prompts=True)
+    ("'b'@1 → 'c'", "'b'@1 → 'c' (prompt 0)")
+    """
+    tokens, pos = result.tokens, result.target_pos
+    label = f"{tokens[pos] if pos < len(tokens) else ''!r}@{pos}"
+    if pos + 1 < len(tokens):
+        label += f" → {tokens[pos + 1]!r}"
+    if prompts or result.batch_index:
+        label += f" (prompt {result.batch_index})"
+    return label
 
 
 def to_html(results: Results) -> str:

@@ -1,9 +1,11 @@
 """What the page is given: a :class:`TraceResult` cut down to what the diagram draws, as JSON
 that is safe to inline in a ``<script>`` element.
 
-The page never sees the result object itself: it gets the traced nodes and links, the beams, the
-token text (for the token strip) and the strip's attention rows. Nothing else is embedded, so a
-30-layer trace of thousands of tokens stays a small file.
+The page never sees the result object itself: it gets the traced nodes and links (per head, one
+link per (layer, head, key, query) edge, made here from the beams), the beams, the token text
+(for the token strip), the strip's attention rows, the model's predictions at traced positions
+and, when the result has them, whole per-head attention rows (``head_rows``, optional). Nothing
+else is embedded, so a 30-layer trace of thousands of tokens stays a small file.
 
 Every record here is documented, field by field, in ``js/schema.js`` (the JSDoc ``@typedef`` the
 page's code reads it through); ``tests/test_render.py`` checks a real payload against it, so a
@@ -14,9 +16,18 @@ import json
 from collections.abc import Callable
 from typing import Optional
 
-from ..result import TraceResult, Verification, node_id, node_layers
+from ..result import TraceResult, Verification, beam_weights, node_id, node_layers
 
-__all__ = ["payload", "strip_rows", "inline_json", "verification", "node_ids"]
+__all__ = [
+    "payload",
+    "links",
+    "per_head",
+    "head_rows",
+    "strip_rows",
+    "inline_json",
+    "verification",
+    "node_ids",
+]
 
 # Characters that could end the inline <script> element (``</script>``) or open a comment in it
 # (``<!--``), written as JSON \u escapes, which JSON.parse reads back to the same string. Non-ASCII
@@ -30,7 +41,8 @@ def payload(result: TraceResult) -> dict:
     """The data one diagram draws: plain JSON types, deterministic for a given result.
 
     >>> from rat_lens.result import BeamPath, build_sankey
-    >>> beam = BeamPath([2, 0], [0.9], [0], [None], [0.9], -0.1, -0.1, ["c", "a"], [7, 5])
+    >>> beam = BeamPath([2, 0], [0.9], [0], [None], [0.9], -0.1, -0.1, tokens=["c", "a"],
+    ...                 token_ids=[7, 5])
     >>> result = TraceResult(3, 2, 0, 1, 1, ["a", "b", "c"], [beam],
     ...                      build_sankey([beam], ["a", "b", "c"], "chain", 0), ["a -> c"])
     >>> data = payload(result)
@@ -69,6 +81,7 @@ def payload(result: TraceResult) -> dict:
                 "bos_mass": _rounded(b.bos_mass),
                 "score_raw": _round(b.score_raw),
                 "score_norm": _round(b.score_norm),
+                "kinds": list(getattr(b, "kinds", None) or []),
                 "text": text,
                 "node_ids": [
                     ids(lay, pos)
@@ -82,23 +95,111 @@ def payload(result: TraceResult) -> dict:
             {"id": n.id, "position": n.position, "layer": n.layer}
             for n in sorted(result.sankey.nodes, key=lambda n: (n.layer, n.position))
         ],
-        "links": [
+        "links": links(result, ids),
+        "strip": {
+            "source": "attention" if result.top_attention else "edges",
+            "rows": strip_rows(result),
+        },
+        "predictions": [
+            {"position": p.position, "tokens": list(p.tokens), "probs": _rounded(p.probs)}
+            for p in result.predictions
+        ],
+        **({"head_rows": rows} if (rows := head_rows(result)) else {}),
+        **({"verification": verification(result.verification)} if result.verification else {}),
+    }
+
+
+def per_head(result: TraceResult) -> bool:
+    """Whether the beams name heads (``agg_heads="none"``): then the diagram draws one link per
+    (layer, head, key, query) edge instead of the Sankey graph's links, which merge heads."""
+    return any(h is not None for b in result.beams for h in b.heads)
+
+
+def links(result: TraceResult, ids: Callable[[int, int], str]) -> list[dict]:
+    """The diagram's links (``Link`` in ``js/schema.js``), key node → query node.
+
+    Heads aggregated: ``result.sankey.links`` as they are (``head`` null). Per head: one link per
+    distinct (layer, head, key, query) edge of the beams, built here from the beams by
+    ``build_sankey``'s rule (Σ over the beams using the edge of softmax(score_norm over beams) ×
+    edge weight, :func:`rat_lens.result.beam_weights`), in the order the beams first use them:
+    the links of one key → query pair then add up to the Sankey graph's merged link. A stay in
+    the residual stream (an edge of kind ``"residual"`` in a contribution-weighted trace, head
+    ``None``) is a link of its own, marked ``"residual": True``.
+
+    >>> from rat_lens.result import BeamPath, build_sankey
+    >>> beams = [BeamPath([2, 1], [0.8], [0], [h], [0.0], -0.2, -0.2) for h in (1, 0)]
+    >>> result = TraceResult(3, 2, 0, 2, 2, ["a", "b", "c"], beams,
+    ...                      build_sankey(beams, ["a", "b", "c"], "chain", 0), ["", ""])
+    >>> [(lk["head"], lk["value"], lk["beams"]) for lk in links(result, node_ids(result))]
+    [(1, 0.4, [0]), (0, 0.4, [1])]
+    >>> [round(lk.value, 6) for lk in result.sankey.links]   # the same edge, heads merged
+    [0.8]
+    """
+    if not per_head(result):
+        return [
             {
                 "source": lk.source,
                 "target": lk.target,
                 "value": _round(lk.value),
                 "beams": lk.beam_indices,
                 "layer": lk.layer,
-                "heads": lk.heads,
+                "head": None,
             }
             for lk in result.sankey.links
-        ],
-        "strip": {
-            "source": "attention" if result.top_attention else "edges",
-            "rows": strip_rows(result),
-        },
-        **({"verification": verification(result.verification)} if result.verification else {}),
-    }
+        ]
+    found: dict[tuple, dict] = {}
+    for b, (beam, weight) in enumerate(zip(result.beams, beam_weights(result.beams))):
+        lays = node_layers(beam, result.mode, result.layer)
+        kinds = getattr(beam, "kinds", None) or []
+        for i, attn in enumerate(beam.edge_attns):
+            key, query = ids(lays[i + 1], beam.positions[i + 1]), ids(lays[i], beam.positions[i])
+            stay = bool(kinds) and kinds[i] == "residual"
+            link = found.setdefault(
+                (key, query, beam.layers[i], beam.heads[i], stay),
+                {
+                    "source": key,
+                    "target": query,
+                    "value": 0.0,
+                    "beams": [],
+                    "layer": beam.layers[i],
+                    "head": beam.heads[i],
+                    **({"residual": True} if stay else {}),
+                },
+            )
+            link["value"] += weight * attn
+            if b not in link["beams"]:
+                link["beams"].append(b)
+    return [{**lk, "value": _round(lk["value"])} for lk in found.values()]
+
+
+def head_rows(result: TraceResult) -> list[dict]:
+    """``HeadRow`` records (``js/schema.js``): one head's attention row at one traced query, for
+    the page's head heatmap, from ``result.head_rows`` when the tracer recorded them (an optional
+    field: dicts or objects with ``layer``, ``head``, ``query``, ``keys``, ``weights``); empty
+    otherwise, and the heatmap then shows the beams' edges only.
+
+    >>> from rat_lens.result import SankeyData
+    >>> result = TraceResult(3, 2, 0, 1, 1, ["a", "b", "c"], [], SankeyData([], []), [])
+    >>> head_rows(result)
+    []
+    >>> result.head_rows = [{"layer": 0, "head": 1, "query": 2, "keys": [0, 1, 2],
+    ...                      "weights": [0.1234567, 0.5, 0.3765433]}]
+    >>> head_rows(result)[0]["weights"]
+    [0.123457, 0.5, 0.376543]
+    """
+    rows = []
+    for row in getattr(result, "head_rows", None) or []:
+        get = row.get if isinstance(row, dict) else lambda name, r=row: getattr(r, name)
+        rows.append(
+            {
+                "layer": int(get("layer")),
+                "head": None if get("head") is None else int(get("head")),
+                "query": int(get("query")),
+                "keys": [int(k) for k in get("keys")],
+                "weights": _rounded(get("weights")),
+            }
+        )
+    return rows
 
 
 def verification(v: Verification) -> dict:

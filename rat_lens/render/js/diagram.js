@@ -1,16 +1,20 @@
-// diagram.js: the Sankey diagram: layout, drawing, zoom, and the highlight/filter state painted
+// diagram.js: the Sankey diagram: layout, drawing (links labelled with their head, the target's
+// predictions), zoom, keyboard focus, the off-screen note, and the highlight/filter state painted
 // as classes.
-// Defines: NODE_W, COL_W, LABEL_W, PAD, TOP, MIN_NODE, READABLE, assignColumns, layout,
-//   drawDiagram, beamsThrough, paint.
-// Uses: util.js: fmt, beamColor, layerName, edgeName, isolate, shorten, visible, tokenAt.
+// Defines: NODE_W, COL_W, LABEL_W, PAD, TOP, MIN_NODE, READABLE, LIST_SHOWN, assignColumns,
+//   edgeAttentions, layout, headTable, sortedList, nodeTip, linkTip, placeLabels, drawDiagram,
+//   beamsThrough, paint.
+// Uses: util.js: RESIDUAL_COLOR, fmt, palette, beamColor, layerName, headName, headKey, isResidual,
+//   weightName, isolate, shorten, visible, tokenAt, predictionsAt, predictionText, prob.
 
 const NODE_W = 12;      // node bar width
 const COL_W = 150;      // distance between columns: room for a label
-const LABEL_W = 140;    // room right of the last column
+const LABEL_W = 150;    // room right of the last column
 const PAD = 18;         // vertical gap between nodes of a column
 const TOP = 24;         // room for the column headings
 const MIN_NODE = 4;     // a node carrying a near-zero weight must still be clickable
 const READABLE = 0.85;  // smallest first-view zoom at which the 12px labels stay readable
+const LIST_SHOWN = 8;   // entries of a per-head list in a tooltip
 
 // Columns. Layers mode: one per layer, lowest on the left, so the target's layer is on the right.
 // Chain mode: positions left to right, a new column starting whenever a node reads from one
@@ -32,18 +36,43 @@ function assignColumns(nodes, mode) {
   });
 }
 
+// Each link's own weight (`attention`: the edge's attention, or in a contribution-weighted trace
+// its share; the same in every beam using it), read off its first beam: the Sankey weight is not
+// the edge's weight, and the tooltips show both.
+function edgeAttentions(data, links) {
+  const index = data.beams.map(function (b) {
+    return new Map(b.node_ids.map(function (id, i) { return [id, i]; }));
+  });
+  links.forEach(function (l) {
+    l.attention = null;
+    l.beams.forEach(function (b) {
+      const beam = data.beams[b], i = index[b] ? index[b].get(l.target) : undefined;
+      if (l.attention === null && i !== undefined && i < beam.edge_attns.length &&
+          beam.node_ids[i + 1] === l.source && beam.layers[i] === l.lay &&
+          isResidual(beam, i) === l.residual && (l.head === null || beam.heads[i] === l.head)) {
+        l.attention = beam.edge_attns[i];
+      }
+    });
+  });
+}
+
 // d3-sankey links the graph (sourceLinks / targetLinks, node value = max of in- and out-flow)
 // and routes the link ends; the columns and heights are ours, since its own columns follow
 // graph depth, which neither keeps positions in order nor puts a path ending early (at BOS) in
-// its layer. Within a column, nodes go top to bottom by position.
+// its layer. Within a column, nodes go top to bottom by position; a node's links by the other
+// end's position, then by head, so the bands of one key -> query pair read H0, H1, ...
 function layout(data) {
   const graph = {
     nodes: data.nodes.map(function (n) { return {id: n.id, position: n.position, lay: n.layer}; }),
-    links: data.links.map(function (l) {
-      return {source: l.source, target: l.target, value: l.value, beams: l.beams, lay: l.layer,
-              heads: l.heads};
+    links: data.links.map(function (l, i) {
+      const residual = l.residual === true;
+      return {index: i, source: l.source, target: l.target, value: l.value, beams: l.beams,
+              lay: l.layer, head: l.head, residual: residual,
+              key: headKey(l.layer, l.head, residual),
+              name: headName(l.layer, l.head, residual)};
     }),
   };
+  edgeAttentions(data, graph.links);
   const sankey = d3.sankey().nodeId(function (d) { return d.id; })
     .nodeWidth(NODE_W).nodePadding(PAD);
   if (!graph.nodes.length) return {graph: graph, width: COL_W, height: 120};
@@ -75,20 +104,108 @@ function layout(data) {
     c.forEach(function (n, i) { n.y0 += spare * (i + 1); n.y1 += spare * (i + 1); });
   });
   graph.links.forEach(function (l) { l.width = l.value * ky; });
+  function byHead(a, b) { return a.lay - b.lay || (a.head === null ? 0 : a.head - b.head); }
   graph.nodes.forEach(function (n) {
-    n.sourceLinks.sort(function (a, b) { return a.target.y0 - b.target.y0; });
-    n.targetLinks.sort(function (a, b) { return a.source.y0 - b.source.y0; });
+    n.sourceLinks.sort(function (a, b) { return a.target.y0 - b.target.y0 || byHead(a, b); });
+    n.targetLinks.sort(function (a, b) { return a.source.y0 - b.source.y0 || byHead(a, b); });
   });
   sankey.update(graph);  // link ends stacked on the nodes as placed above
   return {graph: graph, width: (columns.length - 1) * COL_W + NODE_W + LABEL_W,
           height: TOP + inner + 8};
 }
 
+// Traced mass per (layer, head): the sum of the Sankey weights of its links, heaviest first,
+// each with its colour (the links' colour when coloured by head; residual stays are grey).
+function headTable(links) {
+  const table = d3.rollups(links, function (ls) {
+    return {key: ls[0].key, layer: ls[0].lay, head: ls[0].head, residual: ls[0].residual,
+            name: ls[0].name, mass: d3.sum(ls, function (l) { return l.value; }), links: ls};
+  }, function (l) { return l.key; }).map(function (e) { return e[1]; })
+    .sort(function (a, b) { return b.mass - a.mass || a.layer - b.layer || a.head - b.head; });
+  const heads = table.filter(function (h) { return !h.residual; });
+  heads.forEach(function (h, i) { h.color = palette(i, heads.length); });
+  table.forEach(function (h) { if (h.residual) h.color = RESIDUAL_COLOR; });
+  return table;
+}
+
+// "“blue”@4 via L1.H0 0.199, L1.H1 0.198, …": links grouped by their other end, each group's
+// heads sorted by Sankey weight (heaviest first), the groups too.
+function sortedList(data, links, other) {
+  const groups = d3.groups(links, function (l) { return other(l).id; }).map(function (e) {
+    return e[1].slice().sort(function (a, b) { return b.value - a.value; });
+  }).sort(function (a, b) { return d3.sum(b, function (l) { return l.value; }) -
+                                   d3.sum(a, function (l) { return l.value; }); });
+  const lines = groups.slice(0, LIST_SHOWN).map(function (ls) {
+    return "  " + tokenAt(data, other(ls[0]).position, 16) + " via " + ls.map(function (l) {
+      return l.name + " " + fmt(l.value);
+    }).join(", ");
+  });
+  if (groups.length > LIST_SHOWN) lines.push("  \u2026 " + (groups.length - LIST_SHOWN) + " more");
+  return lines;
+}
+
+function nodeTip(data, n) {
+  const where = data.meta.mode === "layers" ? " \u00b7 " + layerName(n.lay) : "";
+  const lines = [tokenAt(data, n.position) + where +
+    (n.id === data.meta.target_node_id ? " (the target)" : ""),
+    "traced mass " + fmt(n.value)];
+  if (n.targetLinks.length) {
+    lines.push("reads (Sankey weight, by head):");
+    lines.push.apply(lines, sortedList(data, n.targetLinks, function (l) { return l.source; }));
+  }
+  if (n.sourceLinks.length) {
+    lines.push("read by:");
+    lines.push.apply(lines, sortedList(data, n.sourceLinks, function (l) { return l.target; }));
+  }
+  const guesses = predictionText(data, n.position);
+  if (guesses) lines.push("model's next token here: " + guesses);
+  return lines.join("\n");
+}
+
+function linkTip(data, l) {
+  const word = weightName(data);
+  const lines = [tokenAt(data, l.source.position) + " \u2192 " + tokenAt(data, l.target.position),
+    l.name + (l.residual ? " (a stay in the residual stream)" : "") +
+      (l.attention === null ? "" : " \u00b7 " + word + " " + fmt(l.attention)) +
+      " \u00b7 Sankey weight " + fmt(l.value),
+    "beams " + l.beams.map(function (b) { return "#" + (b + 1); }).join(", ")];
+  const siblings = l.source.sourceLinks.filter(function (o) { return o.target === l.target; })
+    .sort(function (a, b) { return b.value - a.value; });
+  if (siblings.length > 1) {
+    lines.push("this key \u2192 query, every head (Sankey weight):");
+    siblings.slice(0, LIST_SHOWN).forEach(function (o) {
+      lines.push("  " + o.name + " " + fmt(o.value) +
+        (o.attention === null ? "" : " (" + word + " " + fmt(o.attention) + ")") +
+        (o === l ? "  \u25c0 this" : ""));
+    });
+    if (siblings.length > LIST_SHOWN) {
+      lines.push("  \u2026 " + (siblings.length - LIST_SHOWN) + " more");
+    }
+  }
+  return lines.join("\n");
+}
+
+// Head labels at the middle of their links, the widest links first; a label that would overlap
+// one already placed is left out (class is-crowded; the link's tooltip still names the head).
+function placeLabels(labels) {
+  const placed = [];
+  labels.data().slice().sort(function (a, b) { return b.width - a.width; }).forEach(function (l) {
+    const w = 6.2 * l.name.length + 4, box = {
+      x0: l.labelX - w / 2, x1: l.labelX + w / 2, y0: l.labelY - 6, y1: l.labelY + 6};
+    l.crowded = placed.some(function (p) {
+      return box.x0 < p.x1 && p.x0 < box.x1 && box.y0 < p.y1 && p.y0 < box.y1;
+    });
+    if (!l.crowded) placed.push(box);
+  });
+  labels.classed("is-crowded", function (l) { return l.crowded; });
+}
+
 function drawDiagram(ui, data, on) {
   const lay = layout(data);
   const svg = ui.diagram.append("svg")
     .attr("height", Math.max(360, Math.min(560, lay.height)))
-    .attr("role", "img").attr("aria-label", "attention trace diagram");
+    .attr("role", "group").attr("aria-label", "attention trace diagram: Tab reaches its " +
+      "links and nodes, Enter selects, Escape clears");
   const viewport = svg.append("g").attr("class", "ratlens-viewport");
   svg.on("click", on.background);
 
@@ -101,32 +218,71 @@ function drawDiagram(ui, data, on) {
     .attr("class", "ratlens-colhead").attr("x", function (d) { return d.x; }).attr("y", 12)
     .text(function (d) { return d.text; });
 
+  function keys(pick) {
+    return function (event, d) {
+      if (event.key === "Enter" || event.key === " ") {
+        event.preventDefault();
+        event.stopPropagation();
+        pick(d);
+      } else if (event.key === "Escape") {
+        on.background();
+      }
+    };
+  }
   const links = viewport.append("g").selectAll("path").data(lay.graph.links).join("path")
     .attr("class", "ratlens-link")
     .attr("d", d3.sankeyLinkHorizontal())
     .attr("stroke-width", function (l) { return Math.max(1.5, l.width); })
     .attr("data-source", function (l) { return l.source.id; })
     .attr("data-target", function (l) { return l.target.id; })
+    .attr("data-layer", function (l) { return l.lay; })
+    .attr("data-head", function (l) { return l.head === null ? null : l.head; })
+    .attr("data-residual", function (l) { return l.residual ? "1" : null; })
     .attr("data-beams", function (l) { return l.beams.join(","); })
-    .on("click", function (event, l) { event.stopPropagation(); on.link(l); })
-    .on("mousemove", function (event, l) {
-      on.hover(event, tokenAt(data, l.source.position) + " \u2192 " +
-        tokenAt(data, l.target.position) + "\n" + edgeName(l.lay, l.heads) + " \u00b7 weight " +
-        fmt(l.value) + "\nbeams " + l.beams.map(function (b) { return b + 1; }).join(", "));
+    .attr("tabindex", 0).attr("role", "button")
+    .attr("aria-label", function (l) {
+      return l.name + ": " + tokenAt(data, l.source.position, 16) +
+        " \u2192 " + tokenAt(data, l.target.position, 16) + ", Sankey weight " + fmt(l.value);
     })
+    .on("click", function (event, l) { event.stopPropagation(); on.link(l); })
+    .on("keydown", keys(on.link))
+    .on("focus", function (event, l) { reveal(l.labelX, l.labelY); })
+    .on("mousemove", function (event, l) { on.hover(event, linkTip(data, l)); })
     .on("mouseleave", on.leave);
+
+  lay.graph.links.forEach(function (l) {
+    l.labelX = (l.source.x1 + l.target.x0) / 2;  // the middle of sankeyLinkHorizontal's curve
+    l.labelY = (l.y0 + l.y1) / 2;
+  });
+  const labels = viewport.append("g").attr("class", "ratlens-linklabels").selectAll("text")
+    .data(lay.graph.links.filter(function (l) { return l.head !== null || l.residual; }))
+    .join("text")
+    .attr("class", "ratlens-linklabel")
+    .attr("x", function (l) { return l.labelX; }).attr("y", function (l) { return l.labelY; })
+    .attr("dy", "0.35em").attr("text-anchor", "middle")
+    .attr("paint-order", "stroke").attr("stroke", "#fff").attr("stroke-width", 3)
+    .attr("data-layer", function (l) { return l.lay; })
+    .attr("data-head", function (l) { return l.head === null ? null : l.head; })
+    .text(function (l) { return l.name; });
+  placeLabels(labels);
 
   const nodes = viewport.append("g").selectAll("g").data(lay.graph.nodes).join("g")
     .attr("class", function (n) {
       return "ratlens-node" + (n.id === data.meta.target_node_id ? " is-target" : "");
     })
     .attr("data-id", function (n) { return n.id; })
+    .attr("data-pos", function (n) { return n.position; })
     .attr("transform", function (n) { return "translate(" + n.x0 + "," + n.y0 + ")"; })
-    .on("click", function (event, n) { event.stopPropagation(); on.node(n); })
-    .on("mousemove", function (event, n) {
-      const where = data.meta.mode === "layers" ? " \u00b7 " + layerName(n.lay) : "";
-      on.hover(event, tokenAt(data, n.position) + where + "\nweight " + fmt(n.value));
+    .attr("tabindex", 0).attr("role", "button")
+    .attr("aria-label", function (n) {
+      return tokenAt(data, n.position, 24) + (data.meta.mode === "layers"
+        ? " at " + layerName(n.lay) : "") + ", traced mass " + fmt(n.value) +
+        (n.id === data.meta.target_node_id ? ", the target" : "");
     })
+    .on("click", function (event, n) { event.stopPropagation(); on.node(n); })
+    .on("keydown", keys(on.node))
+    .on("focus", function (event, n) { reveal(n.x0 + NODE_W / 2, (n.y0 + n.y1) / 2); })
+    .on("mousemove", function (event, n) { on.hover(event, nodeTip(data, n)); })
     .on("mouseleave", on.leave);
   nodes.append("rect")
     .attr("width", NODE_W).attr("height", function (n) { return n.y1 - n.y0; })
@@ -140,14 +296,58 @@ function drawDiagram(ui, data, on) {
   });
   label.append("tspan").attr("class", "ratlens-pos")
     .text(function (n) { return " " + n.position; });
+  // The model's best next token (and its probability) under the target's label.
+  const guess = predictionsAt(data, data.meta.target_pos);
+  if (guess && guess.tokens.length) {
+    nodes.filter(function (n) { return n.id === data.meta.target_node_id; }).append("text")
+      .attr("class", "ratlens-pred")
+      .attr("x", NODE_W + 4).attr("y", function (n) { return (n.y1 - n.y0) / 2 + 16; })
+      .attr("dy", "0.35em")
+      .attr("paint-order", "stroke").attr("stroke", "#fff").attr("stroke-width", 3)
+      .text("\u2192 " + isolate(shorten(visible(guess.tokens[0]), 10)) + " " +
+        prob(guess.probs[0]));
+  }
 
+  const note = ui.diagram.append("button").attr("type", "button")
+    .attr("class", "ratlens-offscreen").style("display", "none")
+    .on("click", function (event) { event.stopPropagation(); show(true); });
+  let pending = false;
   const zoom = d3.zoom().on("zoom", function (event) {
     viewport.attr("transform", event.transform);
+    if (!pending) {
+      pending = true;
+      requestAnimationFrame(function () { pending = false; offscreen(); });
+    }
   });
   svg.call(zoom).on("dblclick.zoom", null);
-  // `whole`: everything in view, never enlarged, centred. Otherwise (the first view) no smaller
-  // than READABLE, right-aligned when it overflows: the target's end of the trace is what people
-  // read first; "Fit" shows the whole.
+
+  // What the current view leaves out, said over the diagram (nothing when all is in view).
+  function offscreen() {
+    const t = d3.zoomTransform(svg.node()), w = svg.node().clientWidth || 900;
+    const h = +svg.attr("height");
+    const x0 = -t.x / t.k, x1 = (w - t.x) / t.k, y0 = -t.y / t.k, y1 = (h - t.y) / t.k;
+    const out = {left: [], right: [], above: [], below: []};
+    lay.graph.nodes.forEach(function (n) {
+      if (n.x1 < x0) out.left.push(n.position);
+      else if (n.x0 > x1) out.right.push(n.position);
+      else if (n.y1 < y0) out.above.push(n.position);
+      else if (n.y0 > y1) out.below.push(n.position);
+    });
+    const parts = [], count = d3.format(",");
+    [["left", "to the left"], ["right", "to the right"], ["above", "above"], ["below", "below"]]
+      .forEach(function (side) {
+        const ps = out[side[0]];
+        if (!ps.length) return;
+        parts.push(count(ps.length) + (ps.length === 1 ? " node " : " nodes ") + side[1] +
+          " (position" + (ps.length === 1 ? " " + count(ps[0]) : "s " + count(d3.min(ps)) +
+          "\u2013" + count(d3.max(ps))) + ")");
+      });
+    note.style("display", parts.length ? null : "none")
+      .text("Off screen: " + parts.join(", ") + ". Click to fit all.");
+  }
+  // `whole`: everything in view, never enlarged, centred. Otherwise (the first view) the whole
+  // when that is readable (zoom >= READABLE); else READABLE, right-aligned: the target's end of
+  // the trace, with the off-screen note saying what is left out.
   function show(whole) {
     const w = svg.node().clientWidth || 900, h = +svg.attr("height");
     const fitted = Math.min(1, (w - 16) / lay.width, (h - 8) / lay.height);
@@ -156,9 +356,17 @@ function drawDiagram(ui, data, on) {
     const x = lay.width * k <= w - 16 ? (w - lay.width * k) / 2 : w - 8 - lay.width * k;
     svg.call(zoom.transform, d3.zoomIdentity.translate(x, Math.max(4, (h - lay.height * k) / 2))
       .scale(k));
+    offscreen();
+  }
+  // Keyboard focus on something out of view pans to it.
+  function reveal(x, y) {
+    const t = d3.zoomTransform(svg.node()), w = svg.node().clientWidth || 900;
+    const h = +svg.attr("height"), at = t.apply([x, y]);
+    if (at[0] < 0 || at[0] > w || at[1] < 0 || at[1] > h) svg.call(zoom.translateTo, x, y);
   }
   show(false);
-  return {svg: svg, viewport: viewport, links: links, nodes: nodes,
+  return {svg: svg, viewport: viewport, links: links, labels: labels, nodes: nodes,
+          heads: headTable(lay.graph.links), graph: lay.graph,
           fit: function () { show(true); },
           width: lay.width, height: lay.height};
 }
@@ -170,29 +378,45 @@ function beamsThrough(beamNodes, id) {
   return through;
 }
 
-// state.beam: the beam the filter shows alone (null: all); state.node: the clicked node's id.
-// A clicked node highlights every link of every beam through it and dims the rest. Links take
-// the colour of their best beam, or of the one beam the filter shows.
+// state.beam: the beam the filter shows alone (null: all); state.node: the clicked node's id;
+// state.head: the picked head's key ("1:0"; from the grid, a link or the legend); state.link:
+// the clicked link's index; state.colour: "head" or "beam"; state.strip: the position hovered in
+// the token strip. A clicked node lights every link of every beam through it, a picked head its
+// own links; the rest is dimmed. Links take their head's colour, or that of their best beam (of
+// the one beam the filter shows).
 function paint(view, beamNodes, state) {
   const nBeams = beamNodes.length;
+  const colours = new Map(view.heads.map(function (h) { return [h.key, h.color]; }));
   const through = state.node === null ? null : beamsThrough(beamNodes, state.node);
-  function lit(beams) { return beams.some(function (b) { return through.has(b); }); }
-  function onNodeBeam(id) {
-    return Array.from(through).some(function (b) { return beamNodes[b].has(id); });
+  const lit = through !== null
+    ? function (l) { return l.beams.some(function (b) { return through.has(b); }); }
+    : state.head !== null ? function (l) { return l.key === state.head; } : null;
+  const touched = new Set();  // the nodes left undimmed: on a beam through the node, or on a
+  if (through !== null) {     // picked head's link
+    through.forEach(function (b) { beamNodes[b].forEach(function (id) { touched.add(id); }); });
+  } else if (lit !== null) {
+    view.links.each(function (l) {
+      if (lit(l)) { touched.add(l.source.id); touched.add(l.target.id); }
+    });
   }
+  function hidden(l) { return state.beam !== null && l.beams.indexOf(state.beam) < 0; }
   view.links
     .attr("stroke", function (l) {
-      return beamColor(state.beam === null ? d3.min(l.beams) : state.beam, nBeams);
+      return state.colour === "head" && (l.head !== null || l.residual) ? colours.get(l.key)
+        : beamColor(state.beam === null ? d3.min(l.beams) : state.beam, nBeams);
     })
-    .classed("is-hidden", function (l) {
-      return state.beam !== null && l.beams.indexOf(state.beam) < 0;
-    })
-    .classed("is-hl", function (l) { return through !== null && lit(l.beams); })
-    .classed("is-dim", function (l) { return through !== null && !lit(l.beams); });
+    .classed("is-hidden", hidden)
+    .classed("is-hl", function (l) { return lit !== null && lit(l); })
+    .classed("is-dim", function (l) { return lit !== null && !lit(l); })
+    .classed("is-selected", function (l) { return l.index === state.link; });
+  view.labels
+    .classed("is-hidden", hidden)
+    .classed("is-dim", function (l) { return lit !== null && !lit(l); });
   view.nodes
     .classed("is-hidden", function (n) {
       return state.beam !== null && !beamNodes[state.beam].has(n.id);
     })
     .classed("is-selected", function (n) { return n.id === state.node; })
-    .classed("is-dim", function (n) { return through !== null && !onNodeBeam(n.id); });
+    .classed("is-dim", function (n) { return lit !== null && !touched.has(n.id); })
+    .classed("is-strip", function (n) { return n.position === state.strip; });
 }

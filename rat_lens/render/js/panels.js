@@ -1,23 +1,35 @@
-// panels.js: everything around the diagram: header and controls, trace facts, beam legend, info
-// panel, tooltip. All text goes in with .text(); elements are found through `ui`, never by id, so
-// any number of widgets can share a page.
-// Defines: titleText, buildSkeleton, buildFacts, beamEffect, buildLegend, clearInfo, edgeList,
-//   showNode, beamEdgesAt, showLink, showTooltip, hideTooltip.
-// Uses: util.js: visible, shorten, fmt, beamColor, layerName, edgeName, tokenAt, infoRow.
+// panels.js: everything around the diagram: header and controls, the key (what width, direction,
+// colour and score mean), trace facts, beam legend, info panel, tooltip. All text goes in with
+// .text(); elements are found through `ui`, never by id, so any number of widgets can share a
+// page.
+// Defines: KEY_HEADS, titleText, buildSkeleton, keyLines, buildKey, buildFacts, beamEffect,
+//   buildLegend, clearInfo, edgeList, showNode, beamEdgesAt, showHead, showLink, showTooltip,
+//   hideTooltip.
+// Uses: util.js: visible, shorten, fmt, prob, beamColor, layerName, headName, isResidual,
+//   weighted, weightName, scoreMeaning, isolate, tokenAt, nextToken, predictionsAt,
+//   predictionText, infoRow; diagram.js: sortedList.
 
-function titleText(data) {
-  const m = data.meta;
+const KEY_HEADS = 16;  // head chips in the key; the grid has them all
+
+// "prompt 2 · Trace from “red”@8 (→ “blue”@9) · layers L1→L0 · 5 beams". The prompt is named
+// when the page shows several prompts (opts.prompt); the next token when there is one: on a page
+// of a generated continuation it is what the model produced from the target.
+function titleText(data, opts) {
+  const m = data.meta, next = nextToken(data);
   const span = m.mode === "layers"
     ? "layers " + layerName(m.layer) + "\u2192" + layerName(m.layer_lo)
     : "chain in " + layerName(m.layer);
-  return "Trace from " + tokenAt(data, m.target_pos, 24) + " \u00b7 " + span + " \u00b7 " +
-    data.beams.length + (data.beams.length === 1 ? " beam" : " beams");
+  return (opts && opts.prompt ? "Prompt " + m.batch_index + " \u00b7 " : "") +
+    "Trace from " + tokenAt(data, m.target_pos, 24) +
+    (next === null ? "" : " (\u2192 next " + tokenAt(data, next, 16) + ")") + " \u00b7 " +
+    span + " \u00b7 " + data.beams.length + (data.beams.length === 1 ? " beam" : " beams");
 }
 
-function buildSkeleton(root, data) {
+function buildSkeleton(root, data, opts) {
   root.selectAll("*").remove();
+  const perHead = data.links.some(function (l) { return l.head !== null; });
   const header = root.append("div").attr("class", "ratlens-header");
-  header.append("div").attr("class", "ratlens-title").text(titleText(data));
+  header.append("div").attr("class", "ratlens-title").text(titleText(data, opts));
   const controls = header.append("div").attr("class", "ratlens-controls");
   const select = controls.append("select").attr("class", "ratlens-beam-filter")
     .attr("aria-label", "beams shown");
@@ -26,34 +38,112 @@ function buildSkeleton(root, data) {
     select.append("option").attr("value", String(i))
       .text("Beam " + (i + 1) + " (score " + fmt(b.score_norm) + ")");
   });
+  const ui = {root: root, select: select};
+  if (perHead) {
+    ui.colour = controls.append("select").attr("class", "ratlens-colour")
+      .attr("aria-label", "colour links by");
+    ui.colour.append("option").attr("value", "head").text("Colour: head");
+    ui.colour.append("option").attr("value", "beam").text("Colour: best beam");
+  }
   function button(cls, text, tip) {
     return controls.append("button").attr("type", "button").attr("class", cls)
       .attr("title", tip).text(text);
   }
-  const ui = {
-    root: root, select: select,
-    reset: button("ratlens-reset", "Fit",
-                  "fit the whole diagram in view (scroll to zoom, drag to pan)"),
-    clear: button("ratlens-clear", "Clear", "clear the selection and show all beams"),
-    svgButton: button("ratlens-export-svg", "SVG", "download the diagram as SVG"),
-    pngButton: button("ratlens-export-png", "PNG", "download the diagram as PNG"),
-  };
+  ui.reset = button("ratlens-reset", "Fit",
+                    "fit the whole diagram in view (scroll to zoom, drag to pan)");
+  ui.clear = button("ratlens-clear", "Clear", "clear the selection and show all beams");
+  ui.svgButton = button("ratlens-export-svg", "SVG",
+                        "download the diagram as SVG, with a title and its key");
+  ui.pngButton = button("ratlens-export-png", "PNG",
+                        "download the diagram as PNG, with a title and its key");
   const main = root.append("div").attr("class", "ratlens-main");
-  ui.diagram = main.append("div").attr("class", "ratlens-diagram");
+  const column = main.append("div").attr("class", "ratlens-column");
+  ui.diagram = column.append("div").attr("class", "ratlens-diagram");
+  ui.key = column.append("div").attr("class", "ratlens-key");
+  ui.heatmap = column.append("div").attr("class", "ratlens-box ratlens-heatmap");
   const side = main.append("div").attr("class", "ratlens-side");
+  ui.grid = side.append("div").attr("class", "ratlens-box ratlens-heads");
   ui.info = side.append("div").attr("class", "ratlens-box ratlens-info");
   ui.legend = side.append("div").attr("class", "ratlens-box ratlens-legend");
   ui.facts = side.append("div").attr("class", "ratlens-box ratlens-facts");
   ui.strip = root.append("div").attr("class", "ratlens-strip");
   ui.tooltip = root.append("div").attr("class", "ratlens-tooltip").style("display", "none");
-  buildFacts(ui.facts, data);
+  buildFacts(ui.facts, data, opts);
   return ui;
 }
 
-function buildFacts(box, data) {
-  const m = data.meta;
+// The key's sentences, also written under exported diagrams. colour: "head" or "beam".
+function keyLines(data, colour) {
+  const layers = data.meta.mode === "layers";
+  return [
+    "Width: the Sankey weight, \u03a3 over the beams using a link of softmax(score over " +
+      "beams) \u00d7 the edge's " + (weighted(data) ? "weight (its share of what its layer " +
+      "wrote: a contribution-weighted trace)" : "attention weight") + ": how much of the traced " +
+      "paths runs through it.",
+    "Direction: left to right is key \u2192 query, forward in time: the query read the key. " +
+      "The trace walks it backward from the target (outlined, right)." + (layers
+      ? " Columns are layers: a link through layer l runs from column l\u22121 (the residual " +
+        "stream below it; emb = the embeddings) to column l." : ""),
+    colour === "head" ? "Colour: the link's head (labelled L<layer>.H<head> on the link)" +
+      (weighted(data) ? "; grey L<layer>.res: a stay in the residual stream." : ".")
+      : "Colour: the best beam using the link (see Beams).",
+    "Score: " + scoreMeaning(data),
+  ];
+}
+
+// The key under the diagram; in per-head mode with a chip per head (click: pick the head).
+function buildKey(ui, data, heads, pickHead) {
+  ui.key.selectAll("*").remove();
+  const lines = ui.key.append("div").attr("class", "ratlens-key-lines");
+  ui.keyColour = function (colour) {
+    lines.selectAll("*").remove();
+    lines.selectAll("div").data(keyLines(data, colour)).join("div").text(function (t) {
+      return t;
+    });
+    chips.style("display", colour === "head" ? null : "none");
+  };
+  const chips = ui.key.append("div").attr("class", "ratlens-chips");
+  const named = heads.filter(function (h) { return h.head !== null || h.residual; });
+  chips.selectAll("button").data(named.slice(0, KEY_HEADS)).join("button")
+    .attr("type", "button").attr("class", "ratlens-chip")
+    .attr("data-layer", function (h) { return h.layer; })
+    .attr("data-head", function (h) { return h.head; })
+    .attr("title", function (h) {
+      return h.name + ": traced mass " + fmt(h.mass) + " (click: its links)";
+    })
+    .on("click", function (event, h) { pickHead(h.key); })
+    .call(function (b) {
+      b.append("span").attr("class", "ratlens-swatch")
+        .style("background", function (h) { return h.color; });
+      b.append("span").text(function (h) { return h.name + " " + fmt(h.mass, 2); });
+    });
+  if (named.length > KEY_HEADS) {
+    chips.append("span").attr("class", "ratlens-note")
+      .text("+ " + (named.length - KEY_HEADS) + " more heads (see the grid)");
+  }
+  ui.keyColour(named.length ? "head" : "beam");
+}
+
+function buildFacts(box, data, opts) {
+  const m = data.meta, next = nextToken(data);
   box.append("h4").text("Trace");
+  if (opts && opts.prompt) infoRow(box, "prompt", m.batch_index);
   infoRow(box, "target", tokenAt(data, m.target_pos, 20), "ratlens-tokentext");
+  if (next !== null) {
+    infoRow(box, "next token", tokenAt(data, next, 20), "ratlens-tokentext")
+      .attr("title", "the token after the target: on a page of a generated continuation " +
+        "(--generate), what the model produced from the target");
+  }
+  const guesses = predictionsAt(data, m.target_pos);
+  if (guesses) {
+    box.append("div").text("the model's next token here:");
+    box.append("ul").attr("class", "ratlens-list ratlens-predictions").selectAll("li")
+      .data(guesses.tokens).join("li").call(function (li) {
+        li.append("span").attr("class", "ratlens-tokentext")
+          .text(function (t) { return "\u201c" + isolate(visible(t)) + "\u201d"; });
+        li.append("span").text(function (t, i) { return " " + prob(guesses.probs[i]); });
+      });
+  }
   infoRow(box, "mode", m.mode === "layers"
     ? "layers " + layerName(m.layer) + " \u2192 " + layerName(m.layer_lo)
     : "chain in " + layerName(m.layer));
@@ -93,7 +183,8 @@ function buildLegend(ui, data, pick) {
   }
   ui.legendItems = ui.legend.selectAll("div.ratlens-legend-item").data(data.beams).join("div")
     .attr("class", "ratlens-legend-item")
-    .attr("title", "show this beam alone (click again: all beams)")
+    .attr("title", "show this beam alone (click again: all beams). " +
+      scoreMeaning(data))
     .on("click", function (event, b) { pick(data.beams.indexOf(b)); });
   ui.legendItems.append("span").attr("class", "ratlens-swatch")
     .style("background", function (b, i) { return beamColor(i, data.beams.length); });
@@ -116,17 +207,17 @@ function clearInfo(ui) {
   ui.info.selectAll("*").remove();
   ui.info.append("h4").text("Selected");
   ui.info.append("div").attr("class", "ratlens-empty")
-    .text("Click a node: its beams light up. Hover anything for details.");
+    .text("Click (or Tab to and press Enter on) a node: its beams light up; a link: its head. " +
+      "Hover anything for details.");
 }
 
+// Links grouped by the token at their other end, heads sorted by Sankey weight.
 function edgeList(box, data, title, links, other) {
   if (!links.length) return;
   box.append("div").text(title);
-  box.append("ul").attr("class", "ratlens-list").selectAll("li").data(links).join("li")
-    .text(function (l) {
-      return tokenAt(data, other(l).position, 20) + " \u00b7 " + edgeName(l.lay, l.heads) +
-        " \u00b7 " + fmt(l.value);
-    });
+  box.append("ul").attr("class", "ratlens-list").selectAll("li")
+    .data(sortedList(data, links, other)).join("li")
+    .text(function (line) { return line.trim(); });
 }
 
 // What the clicked node is, which links touch it, and each beam through it with its edges here.
@@ -140,9 +231,14 @@ function showNode(ui, data, node, through) {
   infoRow(box, "layer", data.meta.mode === "layers" && node.lay < 0
     ? "embeddings (below L0)" : layerName(node.lay));
   if (data.token_ids.length) infoRow(box, "token id", data.token_ids[node.position]);
-  edgeList(box, data, "reads from (Sankey weight):", node.targetLinks,
+  infoRow(box, "traced mass", fmt(node.value));
+  const guesses = predictionText(data, node.position);
+  if (guesses) {
+    infoRow(box, "model's next token", guesses, "ratlens-tokentext ratlens-predictions");
+  }
+  edgeList(box, data, "reads from (Sankey weight, by head):", node.targetLinks,
            function (l) { return l.source; });
-  edgeList(box, data, "read by (Sankey weight):", node.sourceLinks,
+  edgeList(box, data, "read by (Sankey weight, by head):", node.sourceLinks,
            function (l) { return l.target; });
   box.append("div").text("beams through it:");
   const items = box.append("ul").attr("class", "ratlens-list").selectAll("li")
@@ -165,14 +261,34 @@ function beamEdgesAt(data, beam, id) {
   const i = beam.node_ids.indexOf(id), parts = [];
   if (i < beam.edge_attns.length) {
     parts.push("reads " + tokenAt(data, beam.positions[i + 1], 16) + " via " +
-      edgeName(beam.layers[i], [beam.heads[i]]) + " at " + fmt(beam.edge_attns[i]) +
+      headName(beam.layers[i], beam.heads[i], isResidual(beam, i)) + " at " +
+      fmt(beam.edge_attns[i]) +
       " (row on BOS: " + fmt(beam.bos_mass[i], 2) + ")");
   }
   if (i > 0) {
     parts.push("read by " + tokenAt(data, beam.positions[i - 1], 16) + " via " +
-      edgeName(beam.layers[i - 1], [beam.heads[i - 1]]) + " at " + fmt(beam.edge_attns[i - 1]));
+      headName(beam.layers[i - 1], beam.heads[i - 1], isResidual(beam, i - 1)) + " at " +
+      fmt(beam.edge_attns[i - 1]));
   }
   return parts.length ? parts.join("; ") : "the target, no edge";
+}
+
+// A head picked in the grid or the key: its traced mass and its links, heaviest first.
+function showHead(ui, data, head) {
+  ui.info.selectAll("*").remove();
+  const box = ui.info;
+  box.append("h4").text("Selected head");
+  infoRow(box, "head", head.name + (head.residual ? " (stays in the residual stream)" : ""));
+  infoRow(box, "traced mass", fmt(head.mass, 4));
+  box.append("div").text("its links (key \u2192 query, Sankey weight, " + weightName(data) +
+    "):");
+  box.append("ul").attr("class", "ratlens-list").selectAll("li")
+    .data(head.links.slice().sort(function (a, b) { return b.value - a.value; })).join("li")
+    .text(function (l) {
+      return tokenAt(data, l.source.position, 16) + " \u2192 " +
+        tokenAt(data, l.target.position, 16) + " " + fmt(l.value) +
+        (l.attention === null ? "" : " (" + fmt(l.attention) + ")");
+    });
 }
 
 function showLink(ui, data, link) {
@@ -181,14 +297,22 @@ function showLink(ui, data, link) {
   box.append("h4").text("Selected link");
   infoRow(box, "key", tokenAt(data, link.source.position, 20), "ratlens-tokentext");
   infoRow(box, "query", tokenAt(data, link.target.position, 20), "ratlens-tokentext");
-  infoRow(box, "through", edgeName(link.lay, link.heads));
+  infoRow(box, "through", link.name + (link.residual ? " (a stay in the residual stream)" : ""));
+  if (link.attention !== null) infoRow(box, weightName(data), fmt(link.attention, 4));
   infoRow(box, "Sankey weight", fmt(link.value, 4));
-  box.append("ul").attr("class", "ratlens-list").selectAll("li").data(link.beams).join("li")
-    .text(function (b) {
-      const beam = data.beams[b], i = beam.node_ids.indexOf(link.target.id);
-      return "beam #" + (b + 1) + ": attention " + fmt(beam.edge_attns[i], 4) +
-        (beam.heads[i] === null ? "" : " (H" + beam.heads[i] + ")");
-    });
+  infoRow(box, "beams", link.beams.map(function (b) { return "#" + (b + 1); }).join(", "));
+  const siblings = link.source.sourceLinks.filter(function (o) {
+    return o.target === link.target;
+  }).sort(function (a, b) { return b.value - a.value; });
+  if (siblings.length > 1) {
+    box.append("div").text("this key \u2192 query, every head (Sankey weight):");
+    box.append("ul").attr("class", "ratlens-list").selectAll("li").data(siblings).join("li")
+      .classed("is-this", function (o) { return o === link; })
+      .text(function (o) {
+        return o.name + " " + fmt(o.value) + (o.attention === null ? ""
+          : " (" + weightName(data) + " " + fmt(o.attention) + ")");
+      });
+  }
 }
 
 function showTooltip(ui, event, text) {

@@ -20,6 +20,10 @@
  * @property {Node[]} nodes  the diagram's nodes, sorted by (layer, position)
  * @property {Link[]} links  the diagram's links
  * @property {Strip} strip  what the token strip shows
+ * @property {Prediction[]} predictions  the model's top next tokens at traced positions (empty
+ *     unless traced with predictions=k)
+ * @property {HeadRow[]} [head_rows]  whole attention rows of single heads at traced queries, only
+ *     when the tracer recorded them; without them the head heatmap shows the beams' edges only
  * @property {Verification} [verification]  the causal check, only when the trace has one
  */
 
@@ -53,6 +57,10 @@
  * @property {number[]} bos_mass  how much of each edge's attention row sat on BOS / position 0
  * @property {number} score_raw  the sum of log edge weights
  * @property {number} score_norm  score_raw, length-normalised: the rank of the beam
+ * @property {string[]} kinds  each edge's kind, "head" or "residual" (a stay in the residual
+ *     stream, head null) in a contribution-weighted trace (edge_weight "contribution" /
+ *     "value_norm", whose edge_attns are each edge's share of what its layer wrote); empty in an
+ *     attention trace
  * @property {string} text  the path as text, earliest token first
  * @property {string[]} node_ids  the Node id of each position (same order as positions)
  */
@@ -67,13 +75,19 @@
 
 /**
  * A link of the diagram, forward in time: from the key a token read to the query that read it.
+ * Per head (agg_heads "none") there is one link per (layer, head, key, query) edge of the beams,
+ * so one key -> query pair can have several links, one per head; with heads aggregated, one per
+ * key -> query pair (rat_lens.result.build_sankey's links).
  * @typedef {Object} Link
  * @property {string} source  the key's Node id
  * @property {string} target  the query's Node id
- * @property {number} value  the Sankey weight: sum over its beams of softmax(score) x attention
+ * @property {number} value  the Sankey weight: sum over its beams of softmax(score_norm over
+ *     beams) x the edge's attention weight
  * @property {number[]} beams  indices of the beams using it, ascending
  * @property {number} layer  the layer it goes through
- * @property {Array<?number>} heads  the heads it goes through; null where aggregated
+ * @property {?number} head  its head; null when heads were aggregated, or for a residual stay
+ * @property {boolean} [residual]  true (and only then present) for a stay in the residual stream
+ *     (a contribution-weighted trace's edge through no head)
  */
 
 /**
@@ -92,6 +106,25 @@
  * @property {number} weight  the attention weight (6 significant digits)
  * @property {?number} layer  the edge's layer; null when averaged over the traced layers
  * @property {?number} head  the edge's head; null when averaged or aggregated over heads
+ */
+
+/**
+ * The model's top next tokens at one traced position (from its final logits), best first.
+ * @typedef {Object} Prediction
+ * @property {number} position  the position they are predicted at (the next token's is +1)
+ * @property {string[]} tokens  the predicted tokens' text
+ * @property {number[]} probs  their probabilities (6 significant digits)
+ */
+
+/**
+ * One head's attention row at one query (optional data: Payload.head_rows). The keys may be the
+ * whole row or its strongest keys; the page shows the keys given and nothing else.
+ * @typedef {Object} HeadRow
+ * @property {number} layer  the layer
+ * @property {?number} head  the head; null for a row of the aggregated heads
+ * @property {number} query  the attending position
+ * @property {number[]} keys  attended positions
+ * @property {number[]} weights  the attention weight on each of keys (6 significant digits)
  */
 
 /**

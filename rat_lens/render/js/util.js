@@ -1,12 +1,14 @@
 // util.js: helpers shared by the widget's parts (the contract of these headers: schema.js).
 // Token text only ever reaches the page through textContent (d3's .text()), never as markup.
-// Defines: WHITESPACE, visible, shorten, fmt, beamColor, layerName, headsText, edgeName, isolate,
-//   tokenAt, infoRow.
+// Defines: WHITESPACE, RESIDUAL_COLOR, visible, shorten, fmt, prob, palette, beamColor, layerName,
+//   headName, headKey, isResidual, weighted, weightName, averagedName, scoreMeaning, isolate,
+//   tokenAt, nextToken, predictionsAt, predictionText, infoRow.
 // Uses: nothing.
 
 // Whitespace made visible, so that " dog", "dog" and "dog\n" look different.
 const WHITESPACE = {" ": "\u00b7", "\n": "\u21b5", "\t": "\u2192", "\r": "\u240d",
                     "\u2028": "\u2424", "\u2029": "\u00b6"};
+const RESIDUAL_COLOR = "#9aa3b8";  // stays in the residual stream (contribution-weighted traces)
 
 function visible(token) {
   if (token === "") return "\u2205";
@@ -23,9 +25,20 @@ function fmt(x, digits) {
   return Number(x).toFixed(digits === undefined ? 3 : digits);
 }
 
-// Tableau10 as long as it lasts, then evenly spaced hues: beams stay distinguishable.
-function beamColor(i, n) {
+// A probability as a percentage: "99.9%", "0.02%", "<0.01%".
+function prob(p) {
+  if (p >= 0.1) return (100 * p).toFixed(1) + "%";
+  if (p >= 0.0001) return (100 * p).toPrecision(2).replace(/\.?0+$/, "") + "%";
+  return "<0.01%";
+}
+
+// Tableau10 as long as it lasts, then evenly spaced hues: colours stay distinguishable.
+function palette(i, n) {
   return n <= 10 ? d3.schemeTableau10[i] : d3.interpolateSinebow(i / n);
+}
+
+function beamColor(i, n) {
+  return palette(i, n);
 }
 
 // In layers mode a path ends on the residual stream below its last layer: below layer 0 that is
@@ -34,15 +47,57 @@ function layerName(layer) {
   return layer < 0 ? "emb" : "L" + layer;
 }
 
-function headsText(heads) {
-  const named = heads.filter(function (h) { return h !== null; });
-  return named.length ? "H" + named.join(",H") : "";
+// "L1.H0"; "L1.res" for a stay in the residual stream (a contribution-weighted trace's edge
+// through no head); just "L1" when heads were aggregated (head null).
+function headName(layer, head, residual) {
+  return layerName(layer) +
+    (residual ? ".res" : head === null || head === undefined ? "" : ".H" + head);
 }
 
-function edgeName(layer, heads) {
-  if (layer === null) return "traced layers";  // token-strip rows averaged over layers and heads
-  const h = headsText(heads);
-  return layerName(layer) + (h ? " " + h : "");
+function headKey(layer, head, residual) {
+  return layer + ":" + (residual ? "res" : head === null || head === undefined ? "" : head);
+}
+
+// Whether edge i of a Beam is a stay in the residual stream (its kinds name each edge's kind in
+// a contribution-weighted trace; empty otherwise).
+function isResidual(beam, i) {
+  return beam.kinds.length > 0 && beam.kinds[i] === "residual";
+}
+
+// A contribution-weighted trace (edge_weight "contribution" / "value_norm"): its beams name each
+// edge's kind, and an edge's weight is its share of what its layer wrote, not an attention weight.
+function weighted(data) {
+  return data.beams.some(function (b) { return b.kinds.length > 0; });
+}
+
+// What an edge's own weight is called on the page.
+function weightName(data) {
+  return weighted(data) ? "edge weight" : "attention";
+}
+
+// What the strip's "attention" rows are: the captured patterns averaged over the traced layers
+// (one in chain mode) and over heads (the max over heads when agg_heads was "max").
+function averagedName(meta) {
+  const layers = meta.mode === "layers" && meta.layer_lo !== meta.layer
+    ? "L" + meta.layer_lo + "\u2013L" + meta.layer : "L" + meta.layer;
+  return meta.agg_heads === "max" ? "mean of " + layers + ", max over heads"
+    : "mean of " + layers + ", all heads";
+}
+
+// What score_norm is, for the legend: it depends on the trace's length norm (concepts.md).
+// In a contribution-weighted trace only moves (edges through a head) count: stays are free.
+function scoreMeaning(data) {
+  const norm = data.meta.length_norm, word = weightName(data);
+  const unit = weighted(data) ? "moves" : "edges", one = unit.slice(0, -1);
+  const how = norm === "none" ? "= raw"
+    : norm === "avg_logprob" ? "= raw / " + unit + ": the mean log " + word + " per " + one +
+      " (e^score is the geometric-mean " + word + ")"
+    : norm === "sqrt" ? "= raw / \u221a" + unit
+    : norm.indexOf("pow:") === 0 ? "= raw / " + unit + "^" + norm.slice(4) : "(" + norm + ")";
+  return "score (score_norm) " + how + "; raw (score_raw) = \u03a3 log(edge " + word + ")" +
+    (weighted(data) ? " over the moves (edges through a head; stays in the residual stream " +
+      "are free)" : "") + ". Beams rank by score: 0 is best (every " + one + " 1.0), lower is " +
+    "weaker.";
 }
 
 // Unicode isolates around token text, so a right-to-left token cannot reorder the text around
@@ -56,6 +111,28 @@ function isolate(text) {
 function tokenAt(data, pos, max) {
   const text = visible(data.tokens[pos] === undefined ? "?" : data.tokens[pos]);
   return "\u201c" + isolate(max ? shorten(text, max) : text) + "\u201d@" + pos;
+}
+
+// The token after the target (what the model produced there when the page traces a generated
+// continuation), or null at the end of the text.
+function nextToken(data) {
+  const next = data.meta.target_pos + 1;
+  return next < data.tokens.length ? next : null;
+}
+
+// The Prediction (schema.js) at a position, or null.
+function predictionsAt(data, pos) {
+  const found = data.predictions.filter(function (p) { return p.position === pos; });
+  return found.length ? found[0] : null;
+}
+
+// "“blue” 99.9%, “owl” 0.02%": the model's next-token guesses at a position ("" when none).
+function predictionText(data, pos, max) {
+  const p = predictionsAt(data, pos);
+  if (!p) return "";
+  return p.tokens.slice(0, max || p.tokens.length).map(function (t, i) {
+    return "\u201c" + isolate(shorten(visible(t), 16)) + "\u201d " + prob(p.probs[i]);
+  }).join(", ");
 }
 
 // Build <div class="ratlens-row"><span>label</span><span>value</span></div> with text only.

@@ -1,0 +1,118 @@
+"""Screenshots of the real page for docs/render.md, made from the embedded model.
+
+Traces ``induction-2l`` per head across both layers (the example of docs/render.md), writes the
+page, opens it from ``file://`` in Debian's Chromium (headless, through Playwright; every other
+request aborted) at 1280 x 900, and saves what each interaction shows under ``docs/img/``:
+
+- ``render-overview.png``: the first view (diagram, key, heads grid, beams, trace, strip);
+- ``render-link.png``: a link clicked: its head's links lit, the link's info, the head heatmap;
+- ``render-tooltip.png``: the tooltip of a link, every head of its key → query pair by weight;
+- ``render-strip.png``: a token of the strip hovered: its nodes lit, the diagram's edges and the
+  averaged attention in the readout;
+- ``render-export.png``: the PNG export (title and key included);
+- ``render-targets.png``: a page of a generated continuation, one target per generated token.
+
+Usage: python benchmarks/screenshots.py [--out docs/img]
+"""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import rat_lens
+from rat_lens.models import load
+from rat_lens.render import to_html
+from rat_lens.tracer import generate
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+TEXT = "cat dog red blue green cat dog red"
+
+
+def open_page(browser, html: str, folder: Path, name: str):
+    """The page from file://, drawn; any request other than the page itself fails."""
+    path = folder / f"{name}.html"
+    path.write_text(html, encoding="utf-8")
+    context = browser.new_context(
+        viewport={"width": 1280, "height": 900}, accept_downloads=True, device_scale_factor=1
+    )
+    context.route("**/*", lambda r: r.continue_() if r.request.url == path.as_uri() else r.abort())
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    page.goto(path.as_uri())
+    count = page.locator(".ratlens").count()
+    page.wait_for_function(f"document.querySelectorAll('[data-ratlens-ready]').length === {count}")
+    page.errors = errors
+    return page
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent.parent / "docs" / "img"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from playwright.sync_api import sync_playwright
+
+    model = load("induction-2l")
+    result = rat_lens.trace(model, TEXT, layers=(0, 1), agg_heads="none", predictions=3)
+    # A generated continuation, each new token traced from the position that produced it (what
+    # `rat-lens trace TEXT --generate 3 --layers 0:1 --agg-heads none` writes).
+    tracer = rat_lens.ReverseAttentionTracer(model)
+    tokens = generate(model, tracer.tokenize(["cat dog red blue green cat dog"])[0], 3)
+    n = tokens.shape[1]
+    generated = tracer.trace_batch(
+        tokens, list(range(n - 4, n - 1)), layers=(0, 1), agg_heads="none", predictions=3
+    )
+
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as pw:
+        folder = Path(tmp)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = open_page(browser, to_html(result), folder, "induction")
+        widget = page.locator(".ratlens").first
+        widget.screenshot(path=str(out / "render-overview.png"))
+
+        band = page.locator(".ratlens-linklabel", has_text="L1.H0").first.bounding_box()
+        page.mouse.click(band["x"] + band["width"] / 2, band["y"] + band["height"] / 2)
+        widget.screenshot(path=str(out / "render-link.png"))
+
+        page.locator(".ratlens-clear").click()
+        band = page.locator(".ratlens-linklabel", has_text="L1.H2").first.bounding_box()
+        page.mouse.move(band["x"] + band["width"] / 2, band["y"] + band["height"] / 2 + 8)
+        page.locator(".ratlens-tooltip").wait_for(state="visible")
+        page.locator(".ratlens-main").screenshot(path=str(out / "render-tooltip.png"))
+        page.mouse.move(1, 1)
+
+        page.locator(f'.ratlens-tok[data-pos="{result.target_pos - 4}"]').hover()
+        widget.screenshot(path=str(out / "render-strip.png"))
+        page.mouse.move(1, 1)
+
+        with page.expect_download() as download:
+            page.locator(".ratlens-export-png").click()
+        download.value.save_as(out / "render-export.png")
+        errors = list(page.errors)
+
+        page = open_page(browser, to_html(generated), folder, "generated")
+        page.locator(".ratlens-targets a").nth(1).click()  # lands below the sticky target bar
+        page.wait_for_timeout(200)
+        page.screenshot(path=str(out / "render-targets.png"))
+        errors += page.errors
+        browser.close()
+    if errors:
+        raise SystemExit(f"the page logged errors: {errors}")
+    for name in sorted(out.glob("render-*.png")):
+        print(name)
+
+
+if __name__ == "__main__":
+    main()
