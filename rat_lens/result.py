@@ -470,6 +470,9 @@ class TraceResult(JsonRoundTrip):
     top_attention: list[list] = field(default_factory=list)
     predictions: list[Prediction] = field(default_factory=list)
     rollout: list[float] = field(default_factory=list)
+    # The traced heads' attention rows, compactly: {layer, head, query, keys, weights} per
+    # (layer, head, query) an edge leaves from; the row's strongest keys and the beam's key.
+    head_rows: list[dict] = field(default_factory=list)
     verification: Optional[Verification] = None  # result.verification = rat_lens.verify(...)
     format_version: int = FORMAT_VERSION
 

@@ -48,6 +48,7 @@ _OPTIONAL = (
     "top_attention",
     "predictions",
     "rollout",
+    "head_rows",
     "verification",
     "format_version",
     "metadata",
@@ -126,6 +127,8 @@ def check_trace(data: Any, where: str = "trace") -> dict:
     at.need("rollout", len(rollout) in (0, seq), f"must hold 0 or {seq} values, got {len(rollout)}")
     for i, value in enumerate(rollout):
         at.number(f"rollout[{i}]", value)
+    for i, row in enumerate(at.items("head_rows", data.get("head_rows", []))):
+        _check_head_row(at.sub(f"head_rows[{i}]"), row, seq, layer)
     verification = data.get("verification")
     at.need(
         "verification",
@@ -247,6 +250,24 @@ def _check_sankey(at: "_At", sankey, seq: int, n_beams: int) -> None:
         for j, head in enumerate(link_at.items("heads", link.get("heads", []))):
             if head is not None:
                 link_at.integer(f"heads[{j}]", head, 0)
+
+
+def _check_head_row(at: "_At", row, seq: int, layer: int) -> None:
+    names = {"layer", "head", "query", "keys", "weights"}
+    at.need(
+        "",
+        isinstance(row, dict) and set(row) == names,
+        f"must be an object with fields {sorted(names)}",
+    )
+    at.integer("layer", row["layer"], 0, layer)
+    if row["head"] is not None:
+        at.integer("head", row["head"], 0)
+    query = at.integer("query", row["query"], 0, seq - 1)
+    keys, weights = at.items("keys", row["keys"]), at.items("weights", row["weights"])
+    at.need("weights", len(weights) == len(keys), "must hold one weight per key")
+    for i, (key, weight) in enumerate(zip(keys, weights)):
+        at.integer(f"keys[{i}]", key, 0, query)
+        at.number(f"weights[{i}]", weight, minimum=0.0)
 
 
 def _check_prediction(at: "_At", prediction, seq: int) -> None:

@@ -262,6 +262,7 @@ class Tracer:
                     patterns, layer_ids, target, options, bos_positions=bos, attention_mask=mask[b]
                 )
                 result = _result(prompt, target, beams, rollout)
+                result.head_rows = _head_rows(beams, [a[b] for a in attention], layer_ids)
                 if logits is not None:
                     result.predictions = predictions_at(
                         result, logits[b], self.tokenizer, predictions
@@ -469,6 +470,37 @@ def _result(prompt: dict, target: int, beams, rollout: list[float]) -> TraceResu
         rollout=rollout,
         **prompt,
     )
+
+
+HEAD_ROW_KEYS, HEAD_ROWS_MAX = 64, 512  # per row; per trace (the page's heatmap, bounded)
+
+
+def _head_rows(beams, attention: list[Tensor], layer_ids: list[int]) -> list[dict]:
+    """The attention row each head edge leaves from, compactly: per distinct (layer, head,
+    query), best beams first, the row's ``HEAD_ROW_KEYS`` strongest keys and the beams' own keys
+    (at most ``HEAD_ROWS_MAX`` rows). ``attention[t]`` is layer ``layer_ids[t]``'s pattern
+    ``[head, query, key]`` (one channel, head None, when heads were aggregated)."""
+    index = {layer: t for t, layer in enumerate(layer_ids)}
+    wanted: dict[tuple, set] = {}
+    for beam in beams:
+        for i in range(beam.num_edges):
+            if not beam.is_residual(i) and len(wanted) < HEAD_ROWS_MAX:
+                edge = (beam.layers[i], beam.heads[i], beam.positions[i])
+                wanted.setdefault(edge, set()).add(beam.positions[i + 1])
+    rows = []
+    for (layer, head, query), keys in wanted.items():
+        row = attention[index[layer]][0 if head is None else head, query, : query + 1]
+        chosen = sorted(set(row.topk(min(HEAD_ROW_KEYS, query + 1)).indices.tolist()) | keys)
+        rows.append(
+            {
+                "layer": layer,
+                "head": head,
+                "query": query,
+                "keys": chosen,
+                "weights": [round(float(row[k]), 6) for k in chosen],
+            }
+        )
+    return rows
 
 
 def _top_attention(

@@ -608,7 +608,7 @@ def test_schema_js_documents_every_record_and_field(induction_payloads, small):
         assert schema_problems(data, "Payload", types, f"payload{i}", seen) == []
     assert seen == set(types), "a record schema.js documents never appeared"
     assert "verification" in payloads[1] and "verification" not in payloads[0]
-    assert "head_rows" in payloads[1] and "head_rows" not in payloads[0]
+    assert "head_rows" in payloads[0] and "head_rows" not in payloads[2]  # a bare tensor trace
     assert payloads[0]["predictions"] and payloads[2]["predictions"] == []
     assert (
         payloads[0]["strip"]["source"] == "attention" and payloads[2]["strip"]["source"] == "edges"

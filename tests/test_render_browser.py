@@ -558,23 +558,27 @@ def test_clicking_a_link_shows_that_heads_attention(open_page, induction):
         ).dispatch_event("click")
         shown = heatmap(opened)
         assert shown["key"] == f"{layer}:{head}"
-        # One row per query the head was traced at, one cell per key it has data for: here the
-        # beams' edges (the trace holds no whole rows), with their attention weights.
-        expected = {
+        # One row per query the head was traced at, one cell per key the tracer recorded for it
+        # (head_rows: the row's strongest keys and the beams' keys), the beams' keys marked.
+        recorded = {
+            (row["query"], k): w
+            for row in data["head_rows"]
+            if (row["layer"], row["head"]) == (layer, head)
+            for k, w in zip(row["keys"], row["weights"])
+        }
+        traced = {
             (position[query], position[key]): w
             for (lay, h, query, key), w in attention.items()
             if (lay, h) == (layer, head)
         }
         rows = [r for r in shown["rows"] if r["kind"] == "head"]
-        cells = [(r["query"], k, w) for r in rows for k, w, _ in r["cells"]]
-        assert len(rows) == len({q for q, _ in expected})
-        assert len(cells) == len(expected)
-        assert {(q, k): w for q, k, w in cells} == pytest.approx(expected)
-        assert all(traced for r in rows for _, _, traced in r["cells"])
+        cells = {(r["query"], k): w for r in rows for k, w, _ in r["cells"]}
+        assert len(rows) == len({q for q, _ in traced}) == len({q for q, _ in recorded})
+        assert cells == pytest.approx(recorded)
+        assert {(r["query"], k) for r in rows for k, _, on in r["cells"] if on} == set(traced)
+        assert {key: cells[key] for key in traced} == pytest.approx(traced, abs=1e-5)
         # The strip's averaged attention follows, marked as such, for comparison.
-        assert {r["query"] for r in shown["rows"] if r["kind"] == "mean"} == {
-            q for q, _ in expected
-        }
+        assert {r["query"] for r in shown["rows"] if r["kind"] == "mean"} == {q for q, _ in traced}
         links = opened.classes(".ratlens-link")
         assert "is-selected" in links[link_key(lk)]
         for other in data["links"]:

@@ -297,3 +297,25 @@ def test_query_chunks_trace_exactly_as_one_forward(gpt2_bridge):
             top = [[p.token_ids for p in r.predictions] for r in (a, b)]
             assert top[0] == top[1] and bool(top[0]) == ("predictions" in opts)
             assert a.rollout == pytest.approx(b.rollout, abs=1e-6)
+
+
+def test_head_rows_are_the_traced_heads_attention_rows(model):
+    """Every head edge's row is recorded once, with the edge's own key and the row's strongest
+    keys, at run_with_cache's values (the page's head heatmap reads them)."""
+    from rat_lens.tracer import HEAD_ROW_KEYS
+
+    tokens = repeated_tokens(1, prefix_len=20, repeat_len=10, seed=3)
+    result = rat_lens.trace(model, tokens[0], layers=(0, 1), agg_heads="none")
+    _, cache = model.run_with_cache(tokens, names_filter=NAMES)
+    rows = {(r["layer"], r["head"], r["query"]): r for r in result.head_rows}
+    assert len(rows) == len(result.head_rows)
+    for beam in result.beams:
+        for i in range(beam.num_edges):
+            row = rows[beam.layers[i], beam.heads[i], beam.positions[i]]
+            assert beam.positions[i + 1] in row["keys"]
+    for (layer, head, query), row in rows.items():
+        full = cache["pattern", layer][0, head, query, : query + 1]
+        assert row["weights"] == pytest.approx(full[row["keys"]].tolist(), abs=1e-6)
+        strongest = set(full.topk(min(HEAD_ROW_KEYS, query + 1)).indices.tolist())
+        assert strongest <= set(row["keys"]) and len(row["keys"]) <= HEAD_ROW_KEYS + 5
+    assert rat_lens.TraceResult.from_json(result.to_json()) == result
