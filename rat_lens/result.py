@@ -473,6 +473,7 @@ class TraceResult(JsonRoundTrip):
     # The traced heads' attention rows, compactly: {layer, head, query, keys, weights} per
     # (layer, head, query) an edge leaves from; the row's strongest keys and the beam's key.
     head_rows: list[dict] = field(default_factory=list)
+    edge_weight: str = "attention"  # what edge_attns are: attention, or contribution shares
     verification: Optional[Verification] = None  # result.verification = rat_lens.verify(...)
     format_version: int = FORMAT_VERSION
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from .errors import RatLensError
-from .options import AGG_HEADS, RESIDUALS, check_length_norm
+from .options import AGG_HEADS, EDGE_WEIGHTS, RESIDUALS, check_length_norm
 
 __all__ = ["FORMAT_VERSION", "check_trace", "is_reverse_attention_trace"]
 
@@ -49,6 +49,7 @@ _OPTIONAL = (
     "predictions",
     "rollout",
     "head_rows",
+    "edge_weight",
     "verification",
     "format_version",
     "metadata",
@@ -99,6 +100,7 @@ def check_trace(data: Any, where: str = "trace") -> dict:
     at.check("length_norm", lambda: check_length_norm(data.get("length_norm", "avg_logprob")))
     at.choice("residual", data.get("residual", "none"), RESIDUALS)
     at.flag("exclude_bos", data.get("exclude_bos", False))
+    at.choice("edge_weight", data.get("edge_weight", "attention"), EDGE_WEIGHTS)
     at.integer("batch_index", data.get("batch_index", 0), 0)
     ids = at.items("token_ids", data.get("token_ids", []))
     if ids:

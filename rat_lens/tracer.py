@@ -248,6 +248,7 @@ class Tracer:
                 top_beam=options.top_beam,
                 top_k=options.top_k,
                 length_norm=options.length_norm,
+                edge_weight=options.edge_weight,
             )
             bos = [p for p, t in enumerate(ids) if t == bos_id and mask[b, p]]
             patterns = [p[b] for p in stacked]
