@@ -496,8 +496,8 @@ def capture_contributions(
 
     Hooks keep ``hook_pattern`` (every head), ``hook_v`` and ``hook_resid_pre`` of ``layers``;
     ``W_O`` and ``b_O`` are read from ``blocks[l].attn``. Unpadded prompts only. Returns
-    ``{layer: [batch, head + 1, query, key]}``, and with ``with_patterns`` also the attention
-    patterns ``{layer: [batch, head, query, key]}``.
+    ``{layer: [batch, head + 1, query, key]}``; with ``with_patterns``, ``(shares, attention
+    patterns {layer: [batch, head, query, key]}, the forward's logits)``.
 
     Examples:
         >>> from rat_lens.models import load
@@ -533,7 +533,7 @@ def capture_contributions(
         return keep
 
     with model_session(model), torch.no_grad(), model.hooks([(n, keeper(n)) for n in names]):
-        model(tokens)
+        logits = model(tokens)
     out = {}
     for layer in layers:
         attn = model.blocks[layer].attn
@@ -552,5 +552,6 @@ def capture_contributions(
             ]
         )
     if with_patterns:
-        return out, {layer: kept[f"blocks.{layer}.attn.hook_pattern"] for layer in layers}
+        patterns = {layer: kept[f"blocks.{layer}.attn.hook_pattern"] for layer in layers}
+        return out, patterns, logits
     return out

@@ -311,13 +311,10 @@ class Tracer:
                 f"edge_weight={weight!r} runs its own forward over unpadded prompts: no cache=, "
                 "no query_chunk, no padding (trace long or padded prompts one at a time)"
             )
-        shares, patterns = capture_contributions(
+        shares, patterns, logits = capture_contributions(
             self.model, tokens, layer_ids, weight, with_patterns=True
         )
-        logits = None
-        if predictions:
-            with model_session(self.model), torch.no_grad():
-                logits = self.model(tokens)
+        logits = logits if predictions else None  # the same forward ran to the end
         stacked = [shares[layer].float().cpu() for layer in layer_ids]
         for layer, share in zip(layer_ids, stacked):
             check_pattern_values(share, f"edge shares of layer {layer}")

@@ -201,3 +201,17 @@ def test_a_contribution_trace_round_trips_summarises_and_verifies(model):
     for beam, effect in zip(result.beams, check.beams):
         assert len(effect.edges) == sum(k == "head" for k in beam.kinds)
     assert hook_count(model) == 0
+
+
+def test_predictions_come_from_the_contribution_forward(model):
+    """The contribution forward runs to the end: its logits give the predictions (no second
+    forward), equal to an attention trace's at the target."""
+    import rat_lens
+
+    tokens = repeated_tokens(1, prefix_len=12, repeat_len=6, seed=2)[0]
+    options = dict(layers=(0, 1), agg_heads="none", predictions=3)
+    ours = rat_lens.trace(model, tokens, edge_weight="contribution", **options)
+    plain = rat_lens.trace(model, tokens, **options)
+    at_target = [p for p in ours.predictions if p.position == ours.target_pos]
+    assert at_target and at_target[0].token_ids == plain.predictions[0].token_ids
+    assert at_target[0].probs == pytest.approx(plain.predictions[0].probs, abs=1e-6)
