@@ -2,7 +2,8 @@
 
 Every forward runs under ``no_grad`` inside TransformerLens's ``hooks()`` context, which removes
 the hooks on every exit path, and inside ``capture.model_session`` (one thread at a time per
-model, eval mode, every module's mode put back); parameters and buffers are never touched.
+model, eval mode, every module's mode put back); parameters and buffers are never touched. On a
+dispatched model (``device_map``) each hook edits its layer's tensors on their own device.
 """
 
 import importlib.metadata
@@ -12,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..capture import hook_name, model_session
+from ..capture import hook_name, input_device, model_session
 from ..errors import RatLensError
 from .ablation import _ablate
 
@@ -27,13 +28,6 @@ class Variant:
     edits: dict[int, Tensor] = field(default_factory=dict)
     token_swap: Optional[tuple[int, int]] = None
     blank_embed: Optional[int] = None
-
-
-def device_of(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
 
 
 def clean_run(model, tokens: Tensor, layers: list[int]) -> tuple[Tensor, int]:
@@ -62,7 +56,7 @@ def clean_run(model, tokens: Tensor, layers: list[int]) -> tuple[Tensor, int]:
     z_names = {layer: f"blocks.{layer}.attn.hook_z" for layer in layers}
     hooks = [(hook_name(layer), zero_row_1) for layer in layers]
     hooks += [(name, keep_z) for name in z_names.values() if name in hook_dict]
-    batch = tokens.to(device_of(model)).unsqueeze(0).repeat(2, 1)
+    batch = tokens.to(input_device(model)).unsqueeze(0).repeat(2, 1)
     with model_session(model), torch.no_grad(), model.hooks(fwd_hooks=hooks):
         logits = model(batch)[:, -1].float()
 
@@ -90,7 +84,7 @@ def run_variants(
 ) -> Tensor:
     """Log-probabilities ``[variant, vocab]`` at the last position of every ablated copy."""
     out = []
-    device = device_of(model)
+    device = input_device(model)
     for start in range(0, len(variants), batch_size):
         chunk = variants[start : start + batch_size]
         batch = tokens.to(device).unsqueeze(0).repeat(len(chunk), 1)
@@ -134,7 +128,8 @@ def _embed_hook(blanks: list[tuple[int, int]]):
 
     def hook(embed: Tensor, hook):  # [batch, pos, d_model]: token embeddings, no positions
         out = embed.clone()
-        out[rows, positions] = embed[rows].mean(1)  # the prompt's mean token embedding
+        at, where = rows.to(embed.device), positions.to(embed.device)
+        out[at, where] = embed[at].mean(1)  # the prompt's mean token embedding
         return out
 
     return hook

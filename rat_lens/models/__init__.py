@@ -21,6 +21,7 @@ from . import _hf
 from ._convert import SOURCES, available_sources, to_bridge, to_hooked
 from ._induction import BOS, InductionConfig, InductionTransformer, repeated_tokens
 from ._tokenizer import WORDS, InductionTokenizer, load_tokenizer
+from .dispatch import check_dispatch
 
 __all__ = [
     "BOS",
@@ -47,14 +48,19 @@ def load_induction_tokenizer() -> InductionTokenizer:
     return load_tokenizer(INDUCTION_DIR)
 
 
-def _load_induction_2l(source: str, device: str | torch.device | None) -> nn.Module:
+def _load_induction_2l(source: str, device: str | torch.device | None, dispatch: dict) -> nn.Module:
+    if dispatch:
+        raise RatLensError(
+            "model 'induction-2l' (186 KB, built from TransformerLens's own modules) takes "
+            f"device=, not {'/'.join(dispatch)}: those dispatch Hugging Face models"
+        )
     convert = {"bridge": to_bridge, "hooked": to_hooked}[source]
     weights, tokenizer = load_induction_weights(), load_induction_tokenizer()
     return convert(weights, InductionConfig(), tokenizer, device, "induction-2l")
 
 
-# name -> (loader(source, device), one-line note). Add a model by adding an entry here.
-_MODELS: dict[str, tuple[Callable[[str, str | torch.device | None], nn.Module], str]] = {
+# name -> (loader(source, device, dispatch), one-line note). Add a model by adding an entry here.
+_MODELS: dict[str, tuple[Callable[[str, str | torch.device | None, dict], nn.Module], str]] = {
     "induction-2l": (
         _load_induction_2l,
         "2-layer attention-only induction model shipped with rat_lens (words of models.WORDS)",
@@ -92,6 +98,9 @@ def load(
     *,
     source: str | None = None,
     device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> nn.Module:
     """Load a model into the installed TransformerLens, tokenizer attached, in eval mode.
 
@@ -103,6 +112,15 @@ def load(
         source: ``"bridge"`` (``TransformerBridge``: TL 3.9, 4.x) or ``"hooked"``
             (``HookedTransformer``: TL 2.x, 3.x); None: the bridge where TL has it.
         device: where to put the model (default: CPU).
+        device_map: spread a Hugging Face model over devices, or offload it (accelerate's
+            ``device_map``: ``"auto"``, ``"balanced"``, ``"sequential"``, a device, or
+            ``{module name: device}`` with devices such as ``0``, ``"cpu"``, ``"disk"``);
+            excludes ``device``. Needs a TransformerBridge that takes it (TL 4.x).
+        max_memory: the most each device may hold, e.g. ``{0: "2GiB", "cpu": "4GiB"}``: what
+            does not fit is offloaded (to CPU memory, then disk). Alone it means
+            ``device_map="auto"``.
+        offload_folder: where disk-offloaded weights are written when they must be (weights
+            of a safetensors checkpoint are read from it in place).
 
     Returns:
         A ``TransformerBridge`` or ``HookedTransformer``: ``run_with_cache``, ``run_with_hooks``,
@@ -122,6 +140,7 @@ def load(
     if source is not None and source not in SOURCES:
         raise RatLensError(f"source={source!r} not in {{'bridge', 'hooked', None}}")
     device = check_device(device)
+    dispatch = check_dispatch(device, device_map, max_memory, offload_folder)
     sources = available_sources()
     if source not in (None, *sources):
         raise RatLensError(
@@ -130,9 +149,9 @@ def load(
     if not sources:
         raise RatLensError(f"TransformerLens {_tl_version()} has no model class rat_lens knows")
     if name in _MODELS:
-        return _MODELS[name][0](source or sources[0], device)
+        return _MODELS[name][0](source or sources[0], device, dispatch)
     if Path(name).is_dir():
-        return _hf.load_pretrained(name, _hf.hf_source(source), device)
+        return _hf.load_pretrained(name, _hf.hf_source(source), device, dispatch)
     if "/" not in name and name not in _official_names():
         close = difflib.get_close_matches(name, [*_MODELS, *_official_names()], n=3)
         hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
@@ -141,7 +160,7 @@ def load(
             f"local folder, not a TransformerLens model name or Hugging Face id{hint}"
         )
     try:
-        return _hf.load_pretrained(name, _hf.hf_source(source), device)
+        return _hf.load_pretrained(name, _hf.hf_source(source), device, dispatch)
     except OSError as err:  # transformers' "couldn't connect / not found" errors
         raise RatLensError(
             f"could not load {name!r} from the Hugging Face Hub ({err}); without "

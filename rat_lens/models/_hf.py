@@ -9,6 +9,7 @@ every later load takes about a second.
 
 import copy
 import importlib.metadata
+import inspect
 import os
 from pathlib import Path
 
@@ -68,26 +69,72 @@ def smollm2_folder() -> Path:
     return folder
 
 
-def load_smollm2(source: str, device) -> nn.Module:
+def load_smollm2(source: str, device, dispatch: dict) -> nn.Module:
     if source != "bridge":
         raise RatLensError(
             "model 'smollm2' loads through TransformerBridge (TransformerLens "
             ">= 3.0); this TransformerLens has only HookedTransformer"
         )
-    return load_pretrained(str(smollm2_folder()), source, device)
+    return load_pretrained(str(smollm2_folder()), source, device, dispatch)
 
 
-def load_pretrained(name: str, source: str, device) -> nn.Module:
-    """Any Hugging Face Hub name (needs internet the first time) or local model folder."""
+DISPATCH = ("device_map", "max_memory", "offload_folder")
+
+
+def load_pretrained(name: str, source: str, device, dispatch: dict) -> nn.Module:
+    """Any Hugging Face Hub name (needs internet the first time) or local model folder;
+    ``dispatch`` holds the ``device_map`` / ``max_memory`` / ``offload_folder`` given (checked)."""
     if source == "bridge":
         from transformer_lens.model_bridge import TransformerBridge
 
-        model = TransformerBridge.boot_transformers(name, device=device)
+        if dispatch:
+            _check_dispatch_support(TransformerBridge.boot_transformers)
+            try:
+                model = TransformerBridge.boot_transformers(name, **dispatch)
+            except ValueError as err:  # e.g. TL 4.3 refuses a map mixing a GPU with offload
+                raise RatLensError(f"cannot dispatch {name!r} with {dispatch}: {err}") from None
+            _inputs_where_the_embedding_runs(model)
+        else:
+            model = TransformerBridge.boot_transformers(name, device=device)
     else:
+        if dispatch:
+            raise RatLensError(
+                f"{'/'.join(dispatch)} need source='bridge': rat_lens dispatches a model "
+                "through TransformerBridge, and source='hooked' (HookedTransformer) takes none"
+            )
         from transformer_lens import HookedTransformer
 
         model = HookedTransformer.from_pretrained(name, device=device or "cpu")
     return model.eval()
+
+
+def _check_dispatch_support(boot) -> None:
+    """Dispatch needs a bridge that takes all three arguments: the bridges that do (TL 4.x) also
+    materialise offloaded weights for every component call; TL 3.9's takes no offload_folder
+    and refuses disk offload."""
+    lacking = [arg for arg in DISPATCH if arg not in inspect.signature(boot).parameters]
+    if lacking:
+        version = importlib.metadata.version("transformer-lens")
+        raise RatLensError(
+            f"device_map / max_memory / offload_folder need a TransformerBridge.boot_transformers "
+            f"that takes all three; TransformerLens {version}'s lacks {', '.join(lacking)}: "
+            "upgrade TransformerLens (4.x), or load with device="
+        )
+
+
+def _inputs_where_the_embedding_runs(model) -> None:
+    """With the embedding offloaded (e.g. ``device_map={"": "disk"}``) the bridge records its
+    placeholder device, meta, as ``cfg.device``, and ``to_tokens`` would make meta tokens with no
+    values: record the device accelerate runs the embedding on instead."""
+    if str(model.cfg.device) != "meta":
+        return
+    embedding = model.original_model.get_input_embeddings()
+    hooked = (
+        getattr(getattr(m, "_hf_hook", None), "execution_device", None) for m in embedding.modules()
+    )
+    runs_on = next((d for d in hooked if d is not None), "cpu")
+    # accelerate names a GPU by its index
+    model.cfg.device = str(torch.device("cuda", runs_on) if isinstance(runs_on, int) else runs_on)
 
 
 def wrap_hf_model(model, tokenizer=None) -> nn.Module:
