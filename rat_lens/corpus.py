@@ -4,7 +4,8 @@
 result to disk as it goes (``traces.jsonl``, or ``traces.parquet`` through pyarrow), resumes
 after an interruption without redoing finished prompts, and aggregates per (layer, head): how
 many prompts' top beams use it, how many beam edges run through it, and its traced mass (the
-Sankey rule summed over prompts: softmax(score_norm) over a prompt's beams × edge weight).
+Sankey rule summed over prompts: softmax(score_norm) over a prompt's beams × edge weight), and
+draws them as a page (``census.html``: a layer × head heatmap, :func:`rat_lens.render.census_html`).
 
 Data-parallel: when ``torch.distributed`` is initialised (``torchrun --nproc_per_node N``,
 ``accelerate launch``; gloo on CPU, NCCL on GPUs) rank ``r`` traces the prompts ``i`` with
@@ -21,10 +22,11 @@ Examples:
     >>> result.n_prompts, sorted({h.layer for h in result.heads})
     (2, [0, 1])
     >>> sorted(p.name for p in Path(out).iterdir())
-    ['census.csv', 'census.json', 'traces.jsonl']
+    ['census.csv', 'census.html', 'census.json', 'traces.jsonl']
 """
 
 import csv
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -32,10 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from .errors import RatLensError, check_choice, check_int
+import torch
+
+from .causal import verify as verify_trace
+from .errors import RatLensError, check_bool, check_choice, check_int
 from .files import write_files
 from .options import TraceOptions
-from .result import JsonRoundTrip, TraceResult, beam_weights, parse_json
+from .render import census_fragment, census_html
+from .result import HeadTable, JsonRoundTrip, TraceResult, beam_weights, parse_json
+from .roles import head_roles
 from .tracer import Tracer
 
 __all__ = [
@@ -66,12 +73,15 @@ class HeadCount:
 
 @dataclass
 class Census(JsonRoundTrip):
-    """What :func:`census` found; the records themselves are in ``path``."""
+    """What :func:`census` found; the records themselves are in ``path``. ``roles``: every
+    traced head's role scores (TransformerLens's head detector) averaged over the prompts, when
+    the census was asked for them."""
 
     n_prompts: int
     path: str
     options: dict
     heads: list[HeadCount] = field(default_factory=list)
+    roles: Optional[HeadTable] = None
 
     def to_dict(self) -> dict:
         return {
@@ -79,18 +89,21 @@ class Census(JsonRoundTrip):
             "path": self.path,
             "options": self.options,
             "heads": [vars(h) for h in self.heads],
+            "roles": None if self.roles is None else self.roles.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, data) -> "Census":
         try:
+            roles = data.get("roles")
             return cls(
                 data["n_prompts"],
                 data["path"],
                 dict(data["options"]),
                 [HeadCount(**h) for h in data["heads"]],
+                None if roles is None else HeadTable.from_dict(roles),
             )
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, AttributeError) as err:
             raise RatLensError(
                 f"census: not a saved census ({type(err).__name__}: {err})"
             ) from None
@@ -112,6 +125,16 @@ class Census(JsonRoundTrip):
     def __str__(self) -> str:
         return self.table()
 
+    def traces(self) -> list[TraceResult]:
+        """Every prompt's trace, in prompt order, read back from ``path``."""
+        path = Path(self.path)
+        rows = _load(path.parent, path.suffix.removeprefix("."), self.n_prompts)
+        return [TraceResult.from_dict(row["trace"]) for row in rows]
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the census page (:func:`rat_lens.render.census_fragment`)."""
+        return census_fragment(self)
+
 
 def census(
     model,
@@ -123,6 +146,8 @@ def census(
     format: str = "jsonl",
     resume: bool = True,
     progress: bool = True,
+    roles: bool = False,
+    verify: Union[bool, dict] = False,
     options: Optional[TraceOptions] = None,
     **option_keywords,
 ) -> Census:
@@ -142,6 +167,12 @@ def census(
         format: ``"jsonl"`` or ``"parquet"`` (pyarrow; one row per prompt, the trace as JSON).
         resume: skip prompts already in ``out_dir``; False starts over.
         progress: a progress bar with rate and ETA on stderr (terminals only).
+        roles: also score every head of the traced layers on each prompt with
+            TransformerLens's head detector (:func:`rat_lens.roles.head_roles`; one more
+            forward per prompt); ``Census.roles`` holds the means over the prompts.
+        verify: also check each prompt's trace causally (:func:`rat_lens.verify`, kept as the
+            trace's ``verification``): True, or a dict of ``verify``'s keywords
+            (``{"n_random": 5, "token_importance": False}``).
         options: the search as a :class:`~rat_lens.options.TraceOptions`, or
         option_keywords: its fields one by one (``layers=(0, 11), agg_heads="none"``).
     """
@@ -151,6 +182,8 @@ def census(
         raise RatLensError("give options=TraceOptions(...) or its fields as keywords, not both")
     check_int("batch_size", batch_size)
     check_choice("format", format, FORMATS)
+    check_bool("roles", roles)
+    checks = _verify_keywords(verify)
     prompts = list(prompts)
     if not prompts:
         raise RatLensError("prompts is empty: a census needs at least one prompt")
@@ -167,25 +200,29 @@ def census(
     with _Bar(len(mine), len(mine) - len(todo), progress and rank == 0) as advance:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            _append(
-                out,
-                format,
-                rank,
-                [(i, _trace_one(tracer, prompts[i], wanted[i], options)) for i in batch],
-            )
+            rows = [
+                (i, _record(tracer, prompts[i], wanted[i], options, roles, checks)) for i in batch
+            ]
+            _append(out, format, rank, rows)
             advance(len(batch))
     _barrier(world)
     path = out / f"traces.{format}"
     found = Census(len(prompts), str(path), options.to_dict())
     if rank == 0:
-        records = _records(out, format)
-        missing = sorted(set(range(len(prompts))) - set(records))
-        if missing:
-            raise RatLensError(f"census: prompts {missing[:10]} have no trace in {str(out)!r}")
-        results = [TraceResult.from_dict(records[i]) for i in range(len(prompts))]
+        rows = _load(out, format, len(prompts))
+        results = [TraceResult.from_dict(row["trace"]) for row in rows]
         found.heads = aggregate(results)
-        _merge(out, format, [(i, records[i]) for i in range(len(prompts))])
-        write_files(out, {"census.json": found.to_json(indent=1), "census.csv": _csv(found)})
+        if roles:
+            found.roles = _mean_roles(rows, out)
+        _merge(out, format, rows)
+        write_files(
+            out,
+            {
+                "census.json": found.to_json(indent=1),
+                "census.csv": _csv(found),
+                "census.html": census_html(found, results),
+            },
+        )
     _barrier(world)
     return found
 
@@ -268,6 +305,57 @@ def _targets(targets: Target, n: int) -> list[int]:
     return targets
 
 
+def _verify_keywords(verify) -> Optional[dict]:
+    """``verify``'s keywords for each prompt's check, or None for no check."""
+    if verify is False:
+        return None
+    if verify is True:
+        return {}
+    known = [
+        n for n, p in inspect.signature(verify_trace).parameters.items() if p.kind is p.KEYWORD_ONLY
+    ]
+    if not isinstance(verify, dict) or not set(verify) <= set(known):
+        raise RatLensError(
+            f"verify={verify!r}: give True, False or a dict of rat_lens.verify's keywords {known}"
+        )
+    return dict(verify)
+
+
+def _record(tracer: Tracer, prompt, target: int, options: TraceOptions, roles: bool, checks):
+    """One prompt's record: its trace (with its causal check when asked) and role scores."""
+    result = _trace_one(tracer, prompt, target, options)
+    if checks is not None:
+        result.verification = verify_trace(tracer.model, result, **checks)
+    row = {"trace": result.to_dict()}
+    if roles:
+        lo = result.layer_lo if result.mode == "layers" else result.layer
+        table = head_roles(
+            tracer.model, torch.tensor(result.token_ids), layers=list(range(lo, result.layer + 1))
+        )
+        row["roles"] = table.to_dict()
+    return row
+
+
+def _mean_roles(rows: list[dict], out: Path) -> HeadTable:
+    """The prompts' role scores averaged, as ``head_roles`` averages a list of prompts."""
+    missing = [i for i, row in enumerate(rows) if "roles" not in row]
+    if missing:
+        raise RatLensError(
+            f"census: prompts {missing[:10]} in {str(out)!r} were traced without roles: "
+            "run again with resume=False (--no-resume)"
+        )
+    tables = [HeadTable.from_dict(row["roles"]) for row in rows]
+    first = tables[0]
+    scores = {
+        name: [
+            [sum(t.scores[name][i][h] for t in tables) / len(tables) for h in range(len(heads))]
+            for i, heads in enumerate(first.scores[name])
+        ]
+        for name in first.scores
+    }
+    return HeadTable(list(first.layers), scores)
+
+
 def _trace_one(tracer: Tracer, prompt, target: int, options: TraceOptions) -> TraceResult:
     if isinstance(prompt, str):
         tokens, mask = tracer.tokenize([prompt])
@@ -278,34 +366,46 @@ def _trace_one(tracer: Tracer, prompt, target: int, options: TraceOptions) -> Tr
 SHARDS = ".shards"  # each rank's batches, as they finish; merged into traces.* at the end
 
 
-def _append(out: Path, format: str, rank: int, records: list[tuple[int, TraceResult]]) -> None:
+def _append(out: Path, format: str, rank: int, rows: list[tuple[int, dict]]) -> None:
     """One batch of records into this rank's shard: JSONL lines appended and flushed to disk,
     or one Parquet file per batch (written to a temporary name, then renamed)."""
     shards = out / SHARDS
     shards.mkdir(parents=True, exist_ok=True)
-    rows = [(i, json.dumps(r.to_dict(), allow_nan=False)) for i, r in records]
     if format == "jsonl":
         path = shards / f"rank{rank}.jsonl"
         torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
         with path.open("a", encoding="utf-8") as handle:
             if torn:  # an interrupted write: end that line, which readers then skip
                 handle.write("\n")
-            handle.write("".join(f'{{"prompt": {i}, "trace": {t}}}\n' for i, t in rows))
+            handle.write(_lines(rows))
             handle.flush()
             os.fsync(handle.fileno())
         return
-    _write_parquet(shards / f"rank{rank}-{records[0][0]:08d}.parquet", rows)
+    _write_parquet(shards / f"rank{rank}-{rows[0][0]:08d}.parquet", rows)
 
 
-def _write_parquet(path: Path, rows: list[tuple[int, str]]) -> None:
+def _lines(rows: list[tuple[int, dict]]) -> str:
+    """JSONL: ``{"prompt": i, "trace": {...}}`` (and ``"roles"`` when scored) per line."""
+    return "".join(json.dumps({"prompt": i, **row}, allow_nan=False) + "\n" for i, row in rows)
+
+
+def _write_parquet(path: Path, rows: list[tuple[int, dict]]) -> None:
+    """One row per prompt: its index, and its trace (and role scores) as JSON text."""
     pa, pq = _pyarrow()
+    columns = {
+        "prompt": [i for i, _ in rows],
+        "trace": [json.dumps(row["trace"], allow_nan=False) for _, row in rows],
+    }
+    if any("roles" in row for _, row in rows):
+        columns["roles"] = [json.dumps(row["roles"]) if "roles" in row else None for _, row in rows]
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table({"prompt": [i for i, _ in rows], "trace": [t for _, t in rows]}), tmp)
+    pq.write_table(pa.table(columns), tmp)
     os.replace(tmp, path)
 
 
 def _records(out: Path, format: str) -> dict[int, dict]:
-    """Every finished record in ``out``: the merged file and every rank's shard."""
+    """Every finished record in ``out`` (the merged file and every rank's shard), by prompt:
+    ``{"trace": ..., "roles": ...}``."""
     found: dict[int, dict] = {}
     files = [out / f"traces.{format}", *sorted((out / SHARDS).glob(f"*.{format}"))]
     for path in files:
@@ -315,25 +415,39 @@ def _records(out: Path, format: str) -> dict[int, dict]:
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     record = json.loads(line)
-                    found[int(record["prompt"])] = record["trace"]
-                except (ValueError, KeyError, TypeError):
+                    index = int(record.pop("prompt"))
+                except (ValueError, KeyError, TypeError, AttributeError):
                     continue  # a line cut by an interruption: its prompt is traced again
+                if isinstance(record.get("trace"), dict):
+                    found[index] = record
         else:
             _, pq = _pyarrow()
             table = pq.read_table(path).to_pydict()
-            found.update((int(i), json.loads(t)) for i, t in zip(table["prompt"], table["trace"]))
+            roles = table.get("roles", [None] * len(table["prompt"]))
+            for i, trace, scores in zip(table["prompt"], table["trace"], roles):
+                found[int(i)] = {"trace": json.loads(trace)}
+                if scores is not None:
+                    found[int(i)]["roles"] = json.loads(scores)
     return found
 
 
-def _merge(out: Path, format: str, records: list[tuple[int, dict]]) -> None:
+def _load(out: Path, format: str, n_prompts: int) -> list[dict]:
+    """Prompts 0..n_prompts-1's records from ``out`` (merged file and shards), in order."""
+    check_choice("format", format, FORMATS)
+    records = _records(out, format)
+    missing = sorted(set(range(n_prompts)) - set(records))
+    if missing:
+        raise RatLensError(f"census: prompts {missing[:10]} have no trace in {str(out)!r}")
+    return [records[i] for i in range(n_prompts)]
+
+
+def _merge(out: Path, format: str, rows: list[dict]) -> None:
     """All records, in prompt order, as ``traces.{format}``; the shards are then removed."""
-    rows = [(i, json.dumps(t, allow_nan=False)) for i, t in records]
+    numbered = list(enumerate(rows))
     if format == "jsonl":
-        write_files(
-            out, {"traces.jsonl": "".join(f'{{"prompt": {i}, "trace": {t}}}\n' for i, t in rows)}
-        )
+        write_files(out, {"traces.jsonl": _lines(numbered)})
     else:
-        _write_parquet(out / "traces.parquet", rows)
+        _write_parquet(out / "traces.parquet", numbered)
     _clear_shards(out)
 
 
@@ -351,12 +465,16 @@ def _clear_shards(out: Path) -> None:
 
 
 def _csv(found: Census) -> str:
-    rows = ["layer,head,top_beam_prompts,edges,traced_mass,mass_share"]
-    rows += [
-        f"{h.layer},{'' if h.head is None else h.head},{h.top_beam_prompts},{h.edges},"
-        f"{h.traced_mass:.6g},{h.mass_share:.6g}"
-        for h in found.heads
-    ]
+    """One row per head, as ``table()``; with role scores, a column per role."""
+    names = sorted(found.roles.scores) if found.roles is not None else []
+    rows = [",".join(["layer,head,top_beam_prompts,edges,traced_mass,mass_share", *names])]
+    for h in found.heads:
+        scores = [found.roles.get(name, h.layer, h.head) for name in names]
+        rows.append(
+            f"{h.layer},{'' if h.head is None else h.head},{h.top_beam_prompts},{h.edges},"
+            f"{h.traced_mass:.6g},{h.mass_share:.6g}"
+            + "".join("," if x is None else f",{x:.6g}" for x in scores)
+        )
     return "\n".join(rows) + "\n"
 
 

@@ -1,6 +1,9 @@
 """The census: every prompt's trace on disk as it goes, exact resumption, per-head counts that
-equal a hand count, and the same result from 1 or 2 processes under torchrun."""
+equal a hand count, role scores that are TransformerLens's detector's, each prompt's causal check
+when asked, and the same result from 1 or 2 processes under torchrun. (Its page:
+tests/test_render.py and tests/test_render_browser.py.)"""
 
+import importlib.metadata
 import json
 import random
 import shutil
@@ -9,12 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformer_lens.head_detector import detect_head
 
 import rat_lens
 from rat_lens import RatLensError, TraceResult
 from rat_lens import corpus as census_module
 from rat_lens.cli import main
-from rat_lens.corpus import census, read_prompts
+from rat_lens.corpus import Census, census, read_prompts
 from rat_lens.models import load
 from rat_lens.result import beam_weights
 
@@ -37,6 +42,9 @@ WORDS = [
     "hen",
 ]
 OPTIONS = dict(layers=(0, 1), agg_heads="none", top_beam=3)
+# TransformerLens 3.x's bridge ignores pattern edits, so verify refuses it (docs/verify.md): the
+# causal checks run on its HookedTransformer there.
+OLD_BRIDGE = int(importlib.metadata.version("transformer-lens").split(".")[0]) < 4
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:
@@ -65,11 +73,14 @@ def test_records_are_each_prompts_own_trace_and_counts_are_a_hand_count(model, t
     assert [r["prompt"] for r in records] == list(range(12))
     expected = [rat_lens.trace(model, t, -1 - i % 2, **OPTIONS) for i, t in enumerate(texts)]
     assert [TraceResult.from_dict(r["trace"]) for r in records] == expected
-    # The oracle: the counts by hand from the traces.
+    # The oracle: the counts by hand from the traces, stays in the residual stream left out.
     mass, edges, top = {}, {}, {}
     for result in expected:
         for rank, (beam, share) in enumerate(zip(result.beams, beam_weights(result.beams))):
-            for layer, head, weight in zip(beam.layers, beam.heads, beam.edge_attns):
+            kinds = beam.kinds or ["head"] * beam.num_edges
+            for layer, head, weight, kind in zip(beam.layers, beam.heads, beam.edge_attns, kinds):
+                if kind == "residual":
+                    continue
                 mass[layer, head] = mass.get((layer, head), 0.0) + share * weight
                 edges[layer, head] = edges.get((layer, head), 0) + 1
                 if rank == 0:
@@ -84,7 +95,8 @@ def test_records_are_each_prompts_own_trace_and_counts_are_a_hand_count(model, t
         (h.traced_mass for h in found.heads), reverse=True
     )
     saved = json.loads((tmp_path / "census.json").read_text())
-    assert rat_lens.corpus.Census.from_dict(saved) == found
+    assert Census.from_dict(saved) == found and found.roles is None
+    assert found.traces() == expected
     assert (tmp_path / "census.csv").read_text().count("\n") == len(found.heads) + 1
     assert not (tmp_path / ".shards").exists()
     assert "L1.H" in found.table()
@@ -132,13 +144,24 @@ def test_an_interrupted_census_resumes_without_redoing_finished_prompts(
 def test_parquet_holds_the_same_traces(model, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     texts = prompts(5, seed=2)
-    a = census(model, texts, tmp_path / "j", progress=False, **OPTIONS)
+    a = census(model, texts, tmp_path / "j", roles=True, progress=False, **OPTIONS)
     b = census(
-        model, texts, tmp_path / "p", format="parquet", batch_size=2, progress=False, **OPTIONS
+        model,
+        texts,
+        tmp_path / "p",
+        format="parquet",
+        batch_size=2,
+        roles=True,
+        progress=False,
+        **OPTIONS,
     )
-    assert a.heads == b.heads
+    assert a.heads == b.heads and a.roles == b.roles
+    assert b.traces() == a.traces()
     table = pq.read_table(tmp_path / "p" / "traces.parquet").to_pydict()
     assert table["prompt"] == list(range(5))
+    assert [json.loads(r) for r in table["roles"]] == [
+        r["roles"] for r in lines(tmp_path / "j" / "traces.jsonl")
+    ]
     assert [json.loads(t) for t in table["trace"]] == [
         r["trace"] for r in lines(tmp_path / "j" / "traces.jsonl")
     ]
@@ -152,7 +175,10 @@ def test_two_processes_under_torchrun_give_the_one_process_census(tmp_path):
             for i, t in enumerate(prompts(200, seed=3))
         )
     )
-    flags = ["census", str(data), "--layers", "0:1", "--agg-heads", "none", "--target", "pos"]
+    flags = [
+        *("census", str(data), "--layers", "0:1", "--agg-heads", "none", "--target", "pos"),
+        "--roles",
+    ]
     assert main([*flags, "-o", str(tmp_path / "one")]) == 0
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     done = subprocess.run(
@@ -179,6 +205,7 @@ def test_two_processes_under_torchrun_give_the_one_process_census(tmp_path):
         tmp_path / "two" / "traces.jsonl"
     ).read_text()
     assert one["n_prompts"] == 200 and not (tmp_path / "two" / ".shards").exists()
+    assert one["roles"]["layers"] == [0, 1]
 
 
 def test_prompts_from_jsonl_csv_and_text(tmp_path):
@@ -208,6 +235,8 @@ def test_prompts_from_jsonl_csv_and_text(tmp_path):
         (dict(format="csv"), "format='csv' not in"),
         (dict(top_k=0), "top_k must be >= 1"),
         (dict(options=rat_lens.TraceOptions(), top_k=2), "not both"),
+        (dict(roles="yes"), "roles must be True or False"),
+        (dict(verify={"n_rand": 3}), "verify=.*rat_lens.verify's keywords"),
     ],
 )
 def test_bad_census_input_is_one_error_and_writes_nothing(
@@ -226,3 +255,54 @@ def test_the_cli_census_errors_before_loading(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("cat dog red cat\n")
     assert main(["census", str(tmp_path / "p.txt"), "-o", str(tmp_path / "o"), "--top-k", "0"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_role_scores_are_the_head_detectors_averaged_over_the_prompts(model, tmp_path):
+    texts = prompts(6, seed=4)
+    found = census(model, texts, tmp_path, roles=True, progress=False, **OPTIONS)
+    assert found.roles.layers == [0, 1]
+    for name, rows in found.roles.scores.items():
+        theirs = detect_head(model, texts, name)  # TransformerLens's own, [layer, head]
+        torch.testing.assert_close(
+            torch.tensor(rows, dtype=torch.float64), theirs.double(), rtol=0, atol=1e-6
+        )
+    assert Census.from_json((tmp_path / "census.json").read_text()) == found
+    header, *rows = (tmp_path / "census.csv").read_text().splitlines()
+    names = header.split(",")[6:]
+    assert sorted(names) == sorted(found.roles.scores)
+    for row, h in zip(rows, found.heads):
+        scores = [float(x) for x in row.split(",")[6:]]
+        expected = [found.roles.get(n, h.layer, h.head) for n in names]
+        assert scores == pytest.approx(expected, rel=1e-5)  # 6 significant digits
+    # Records traced without role scores cannot give them: said, not guessed.
+    census(model, texts, tmp_path / "plain", progress=False, **OPTIONS)
+    with pytest.raises(RatLensError, match="traced without roles.*resume=False"):
+        census(model, texts, tmp_path / "plain", roles=True, progress=False, **OPTIONS)
+
+
+def test_each_prompts_causal_check_is_kept_with_its_trace(tmp_path):
+    model = load("induction-2l", source="hooked" if OLD_BRIDGE else "bridge")
+    texts = prompts(3, seed=5)
+    check = {"n_random": 4, "token_importance": False, "percents": [50]}
+    census(model, texts, tmp_path, verify=check, progress=False, **OPTIONS)
+    for record, text in zip(lines(tmp_path / "traces.jsonl"), texts):
+        expected = rat_lens.verify(model, rat_lens.trace(model, text, **OPTIONS), **check)
+        assert TraceResult.from_dict(record["trace"]).verification == expected
+
+
+def test_the_cli_census_writes_the_page_and_checks_when_asked(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("cat dog red cat dog\nsun moon sky sun moon\n")
+    out = tmp_path / "o"
+    flags = ["--layers", "0:1", "--agg-heads", "none", "--roles", "--verify"]
+    if OLD_BRIDGE:  # the CLI loads the bridge, which cannot be verified there
+        flags.remove("--verify")
+    assert main(["census", str(tmp_path / "p.txt"), "-o", str(out), *flags]) == 0
+    assert str(out / "census.html") in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "census.csv",
+        "census.html",
+        "census.json",
+        "traces.jsonl",
+    ]
+    records = lines(out / "traces.jsonl")
+    assert all(r["roles"] and bool(r["trace"]["verification"]) != OLD_BRIDGE for r in records)

@@ -1,8 +1,10 @@
 """The renderer without a browser: the embedded data, its escaping, the page's self-containment,
 files written, the vendored D3, and the ``rat-lens render`` command."""
 
+import dataclasses
 import difflib
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import math
@@ -18,7 +20,7 @@ import torch
 import rat_lens
 from rat_lens import RatLensError, TraceResult
 from rat_lens.cli import main
-from rat_lens.render import _html, html_fragment, render_html, to_html
+from rat_lens.render import _census, _html, html_fragment, render_html, to_html
 from rat_lens.render._payload import inline_json, payload
 from rat_lens.result import (
     BeamPath,
@@ -283,7 +285,7 @@ def test_page_is_self_contained_and_our_code_never_fetches_or_injects_markup(sma
     page = to_html(small)
     assert not re.search(r"<script[^>]*\bsrc=|<link\b|<iframe\b|<img\b", page)
     ours = "".join(
-        p.read_text() for p in [*sorted((RENDER / "js").glob("*.js")), RENDER / "widget.css"]
+        p.read_text() for p in [*sorted((RENDER / "js").glob("*.js")), *RENDER.glob("*.css")]
     )
     for banned in (
         "fetch(",
@@ -583,7 +585,50 @@ def induction_payloads():
     return plain, payload(result)
 
 
-def test_schema_js_documents_every_record_and_field(induction_payloads, small):
+def run_census(out: Path) -> tuple:
+    """A census of the embedded model into ``out``, with role scores and a causal check of every
+    prompt: (the Census, its traces, ``out``)."""
+    from rat_lens.models import load
+
+    texts = [
+        "cat dog red blue cat dog red",
+        "sun moon sky tree sun moon",
+        "owl fox bee owl fox",
+        "red green blue red green",
+        "cow pig hen ant cow pig hen",
+    ]
+    check = {"n_random": 3, "token_importance": False, "percents": []}
+    # TransformerLens 3.x's bridge ignores pattern edits (verify refuses it): its
+    # HookedTransformer there.
+    old = int(importlib.metadata.version("transformer-lens").split(".")[0]) < 4
+    found = rat_lens.census(
+        load("induction-2l", source="hooked" if old else "bridge"),
+        texts,
+        out,
+        layers=(0, 1),
+        agg_heads="none",
+        top_beam=3,
+        roles=True,
+        verify=check,
+        progress=False,
+    )
+    return found, found.traces(), out
+
+
+@pytest.fixture(scope="module")
+def census_run(tmp_path_factory):
+    return run_census(tmp_path_factory.mktemp("census"))
+
+
+def census_data(page: str) -> dict:
+    """The data inlined in a census page."""
+    (text,) = re.findall(
+        r'<script type="application/json" id="ratlens-census-data-\w+">(.*?)</script>', page, re.S
+    )
+    return json.loads(text)
+
+
+def test_schema_js_documents_every_record_and_field(induction_payloads, small, census_run):
     types = typedefs()
     assert {
         "Payload",
@@ -606,6 +651,12 @@ def test_schema_js_documents_every_record_and_field(induction_payloads, small):
     payloads = [*induction_payloads, payload(small)]
     for i, data in enumerate(payloads):
         assert schema_problems(data, "Payload", types, f"payload{i}", seen) == []
+    found, results, _ = census_run
+    unchecked = dataclasses.replace(results[0], verification=None)
+    plain = _census.census_payload(rat_lens.corpus.Census(1, "", {}, found.heads), [unchecked])
+    for i, data in enumerate([_census.census_payload(found, results), plain]):
+        assert schema_problems(data, "CensusPayload", types, f"census{i}", seen) == []
+    assert "roles" not in plain and "verification" not in plain["prompts"][0]
     assert seen == set(types), "a record schema.js documents never appeared"
     assert "verification" in payloads[1] and "verification" not in payloads[0]
     assert "head_rows" in payloads[0] and "head_rows" not in payloads[2]  # a bare tensor trace
@@ -661,11 +712,18 @@ def contract(text: str) -> tuple[set[str], dict[str, set[str]]]:
     )
 
 
-def test_each_js_file_says_what_it_defines_and_uses_from_the_files_before_it():
-    assert _html.SCRIPTS[0] == "js/schema.js"
-    assert {f"js/{p.name}" for p in (RENDER / "js").glob("*.js")} == set(_html.SCRIPTS)
+def test_every_js_file_is_on_a_page():
+    pages = set(_html.SCRIPTS) | set(_census.CENSUS_SCRIPTS)
+    assert {f"js/{p.name}" for p in (RENDER / "js").glob("*.js")} == pages
+
+
+@pytest.mark.parametrize(
+    "scripts", [_html.SCRIPTS, _census.CENSUS_SCRIPTS], ids=["trace", "census"]
+)
+def test_each_js_file_says_what_it_defines_and_uses_from_the_files_before_it(scripts):
+    assert scripts[0] == "js/schema.js"
     earlier: dict[str, set[str]] = {}  # file → its top-level names
-    for path in _html.SCRIPTS:
+    for path in scripts:
         name, text = path.removeprefix("js/"), (RENDER / path).read_text()
         code = js_code(text)
         assert not re.search(r"\bvar\b", code), f"{name}: var (use const or let)"
@@ -724,3 +782,81 @@ def test_the_page_of_a_small_trace_matches_its_snapshot(small, monkeypatch):
         "the page differs from its snapshot (RAT_LENS_UPDATE_SNAPSHOTS=1 "
         "rewrites it):\n" + "\n".join(diff)
     )
+
+
+# --- The census page (rat_lens/render/_census.py) -----------------------------------------------
+
+
+def test_the_census_payload_is_the_census_and_its_traces(census_run):
+    found, results, _ = census_run
+    data = _census.census_payload(found, results)
+    assert data["meta"]["n_prompts"] == data["meta"]["listed"] == len(results) == 5
+    assert data["meta"]["layers"] == [1, 0]
+    assert data["meta"]["heads"] == list(range(max(h.head for h in found.heads) + 1))
+    assert [(h["layer"], h["head"], h["top_beam_prompts"], h["edges"]) for h in data["heads"]] == [
+        (h.layer, h.head, h.top_beam_prompts, h.edges) for h in found.heads
+    ]
+    for shown, h in zip(data["heads"], found.heads):
+        assert shown["traced_mass"] == pytest.approx(h.traced_mass, rel=1e-5)
+        assert shown["mass_share"] == pytest.approx(h.mass_share, rel=1e-5)
+    for shown, result in zip(data["prompts"], results):
+        pos, best = result.target_pos, result.beams[0]
+        tokens = shown["before"] + [shown["target"]] + shown["after"]
+        assert tokens == result.tokens[shown["start"] :] and shown["start"] == 0
+        assert shown["before"] == result.tokens[:pos] and shown["target_pos"] == pos
+        assert (shown["layers"], shown["heads"]) == (best.layers, best.heads)
+        assert shown["path"] == result.paths_text[0]
+        effect = result.verification.beams[0].effect.effect
+        assert shown["verification"]["beams"][0]["effect"] == pytest.approx(effect, rel=1e-5)
+    assert data["roles"]["layers"] == found.roles.layers == [0, 1]
+    for name, rows in found.roles.scores.items():
+        assert torch.tensor(data["roles"]["scores"][name]) == pytest.approx(
+            torch.tensor(rows), rel=1e-5, abs=1e-12
+        )
+
+
+def test_the_census_writes_its_page_with_the_table_of_every_head(census_run, tmp_path):
+    found, results, out = census_run
+    page = (out / "census.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<script") == 2  # data, code
+    assert not re.search(r"<script[^>]*\bsrc=|<link\b|<iframe\b|<img\b", page)
+    assert census_data(page) == _census.census_payload(found, results)
+    assert "d3-sankey" not in page and _html._asset("vendor/d3.min.js") in page
+    rows = re.findall(
+        r'<tr data-layer="(\d+)" data-head="(\d*)"><th scope="row">([^<]*)</th>'
+        r"<td>([^<]*)</td><td>[^<]*</td><td>([^<]*)</td>",
+        page,
+    )
+    assert rows == [
+        (str(h.layer), str(h.head), f"L{h.layer}.H{h.head}", str(h.top_beam_prompts), str(h.edges))
+        for h in found.heads
+    ]
+    # Drawn again from the census alone: its traces are read back from its folder.
+    again = _census.render_census(found, tmp_path / "again")
+    assert census_data(Path(again).read_text()) == census_data(page)
+    assert census_data(found._repr_html_()) == census_data(page)
+
+
+def test_a_census_page_keeps_hostile_prompts_in_its_data_and_lists_at_most_max_prompts():
+    from rat_lens.corpus import Census, aggregate
+
+    results = [
+        make_result(causal(len(HOSTILE) + 1, seed=seed), ["<bos>", *HOSTILE], agg_heads="mean")
+        for seed in range(3)
+    ]
+    found = Census(3, "traces.jsonl", {"layer": -1, "agg_heads": "mean"}, aggregate(results))
+    page = _census.census_html(found, results, max_prompts=2)
+    assert page.count("<script") == page.count("</script>") == 2
+    assert "<!--" not in page and "\u2028" not in page and "\u2029" not in page
+    data = census_data(page)
+    assert data["meta"]["listed"] == len(data["prompts"]) == 2 and data["meta"]["heads"] == [None]
+    shown = data["prompts"][0]
+    assert shown["before"] + [shown["target"]] == ["<bos>", *HOSTILE]
+
+
+def test_census_page_errors_name_the_problem(census_run, no_typecheck):
+    found, results, _ = census_run
+    with pytest.raises(RatLensError, match="results must be the census's TraceResults"):
+        _census.census_html(found, ["not a trace"])
+    with pytest.raises(RatLensError, match="max_prompts must be >= 0, got -1"):
+        _census.census_html(found, results, max_prompts=-1)

@@ -2,7 +2,8 @@
 
 D3 v7 and d3-sankey (vendored, unmodified) and the trace data are inlined: the page works from
 ``file://``, offline, and as a notebook output (``TraceResult._repr_html_``). What the page
-shows and how to use it: docs/render.md.
+shows and how to use it: docs/render.md. A census of many prompts (:func:`rat_lens.census`) has a
+page of its own, a layer × head heatmap: :func:`render_census` (docs/census.md).
 
 Examples:
     >>> import torch, rat_lens
@@ -18,6 +19,15 @@ Examples:
     (True, 2)
 """
 
+from ._census import census_fragment, census_html, render_census
 from ._html import html_fragment, page_files, render_html, to_html
 
-__all__ = ["render_html", "to_html", "html_fragment", "page_files"]
+__all__ = [
+    "render_html",
+    "to_html",
+    "html_fragment",
+    "page_files",
+    "render_census",
+    "census_html",
+    "census_fragment",
+]

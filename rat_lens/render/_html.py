@@ -101,16 +101,31 @@ def html_fragment(results: Results) -> str:
             f'<script type="application/json" id="ratlens-data-{uid}">'
             f"{inline_json(payload(result))}</script>"
         )
-    vendor = "\n;\n".join(_asset(name) for name in VENDOR)
-    app = "\n".join(_asset(name) for name in SCRIPTS)
-    parts.append(
+    parts.append(_script(VENDOR, SCRIPTS, f"mountAll({inline_json(ids)});"))
+    return "\n".join(parts)
+
+
+def _script(vendor: Sequence[str], scripts: Sequence[str], call: str) -> str:
+    """One ``<script>``: the vendored files (D3 attaching itself to a private object, see the
+    module docstring), then our files in one function, then ``call``."""
+    loaded = "\n;\n".join(_asset(name) for name in vendor)
+    app = "\n".join(_asset(name) for name in scripts)
+    return (
         '<script>\n(function () {\n"use strict";\nconst scope = {};\n'
         "(function (globalThis, define, module, exports) {\n"
-        f"{vendor}\n}}).call(scope, scope);\nconst d3 = scope.d3;\n"
-        f"{app}\n"
-        f"mountAll({inline_json(ids)});\n}})();\n</script>"
+        f"{loaded}\n}}).call(scope, scope);\nconst d3 = scope.d3;\n"
+        f"{app}\n{call}\n}})();\n</script>"
     )
-    return "\n".join(parts)
+
+
+def _document(title: str, body: str) -> str:
+    """A complete HTML document: ``title`` (escaped here) and ``body`` (markup)."""
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f'<title>{html.escape(title)}</title>\n</head>\n<body class="ratlens-page">\n'
+        f"{body}\n</body>\n</html>\n"
+    )
 
 
 def _target_label(result: TraceResult, prompts: bool = False) -> str:
@@ -136,13 +151,7 @@ def to_html(results: Results) -> str:
     """A complete, self-contained HTML document showing one result, or several one below the
     other (e.g. what ``trace_batch`` returned)."""
     items = _as_list(results)
-    title = html.escape(f"rat_lens trace: {_target_label(items[0])}")
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f'<title>{title}</title>\n</head>\n<body class="ratlens-page">\n'
-        f"{html_fragment(items)}\n</body>\n</html>\n"
-    )
+    return _document(f"rat_lens trace: {_target_label(items[0])}", html_fragment(items))
 
 
 def page_files(results: Results) -> dict[str, str]:

@@ -146,3 +146,62 @@
  * @property {?number} ratio  effect / mean |effect| of random paths; null when those are noise
  * @property {?number} p_value  share of random paths (plus one) with at least this effect
  */
+
+/**
+ * The census page's data (rat_lens/render/_census.py census_payload; drawn by census.js).
+ * @typedef {Object} CensusPayload
+ * @property {CensusMeta} meta  what was counted, and how
+ * @property {CensusHead[]} heads  every (layer, head) on a beam of some prompt, most traced mass
+ *     first (rat_lens.corpus.HeadCount)
+ * @property {CensusPrompt[]} prompts  the first meta.listed prompts, in prompt order
+ * @property {CensusRoles} [roles]  each head's role scores averaged over the prompts, only when
+ *     the census computed them (census(..., roles=True))
+ */
+
+/**
+ * @typedef {Object} CensusMeta
+ * @property {number} n_prompts  prompts in the census (all counted)
+ * @property {number} listed  prompts listed on the page (the first ones)
+ * @property {number[]} layers  the heatmap's rows: every traced layer, the top layer first
+ * @property {Array<?number>} heads  its columns: head numbers, or [null] when heads were
+ *     aggregated
+ * @property {Object<string, (string|number|boolean)>} options  the trace options shown
+ *     (agg_heads, top_beam, top_k, length_norm, edge_weight, residual)
+ * @property {string} traced_layers  the traced layers in words
+ */
+
+/**
+ * One head's counts over the census.
+ * @typedef {Object} CensusHead
+ * @property {number} layer  the layer
+ * @property {?number} head  the head; null when heads were aggregated
+ * @property {number} top_beam_prompts  prompts whose best beam has an edge through it
+ * @property {number} edges  beam edges through it, all beams of all prompts
+ * @property {number} traced_mass  sum over prompts and beams of softmax(score_norm) x edge weight
+ * @property {number} mass_share  its share of all traced mass
+ */
+
+/**
+ * One prompt as the page lists it.
+ * @typedef {Object} CensusPrompt
+ * @property {number} index  the prompt's index in the census
+ * @property {number} seq_len  its number of tokens
+ * @property {number} target_pos  the traced token's position
+ * @property {number} start  the position of before[0] (> 0: the tokens before it are left out)
+ * @property {string[]} before  the tokens from start up to the traced one
+ * @property {string} target  the traced token
+ * @property {string[]} after  the tokens after it (the first few)
+ * @property {string} path  the best beam as text; "" when no beam left the target
+ * @property {number[]} layers  the layer of each head edge of the best beam
+ * @property {Array<?number>} heads  the head of each (null when heads were aggregated)
+ * @property {Verification} [verification]  the trace's causal check, only when the census ran
+ *     one (census(..., verify=True))
+ */
+
+/**
+ * Role scores per (layer, head): scores[name][i][head] belongs to layer layers[i].
+ * @typedef {Object} CensusRoles
+ * @property {number[]} layers  the layers scored
+ * @property {Object<string, number[][]>} scores  by role name (TransformerLens's head detector:
+ *     "previous_token_head", "duplicate_token_head", "induction_head")
+ */
