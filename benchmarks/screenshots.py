@@ -10,17 +10,20 @@ request aborted) at 1280 x 900, and saves what each interaction shows under ``do
 - ``render-strip.png``: a token of the strip hovered: its nodes lit, the diagram's edges and the
   averaged attention in the readout;
 - ``render-export.png``: the PNG export (title and key included);
-- ``render-targets.png``: a page of a generated continuation, one target per generated token.
+- ``render-targets.png``: a page of a generated continuation, one target per generated token;
+- ``census.png``: the census page of 24 prompts (docs/census.md), a head clicked and another
+  hovered.
 
 Usage: python benchmarks/screenshots.py [--out docs/img]
 """
 
 import argparse
+import random
 import tempfile
 from pathlib import Path
 
 import rat_lens
-from rat_lens.models import load
+from rat_lens.models import WORDS, load
 from rat_lens.render import to_html
 from rat_lens.tracer import generate
 
@@ -34,6 +37,16 @@ ARGS = [
     "--no-first-run",
 ]
 TEXT = "cat dog red blue green cat dog red"
+
+
+def census_prompts(n: int = 24) -> list[str]:
+    """A few words, then the first of them again: the induction circuit's case."""
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):
+        words = rng.sample(WORDS, rng.randint(5, 9))
+        out.append(" ".join(words + words[: rng.randint(2, 4)]))
+    return out
 
 
 def open_page(browser, html: str, folder: Path, name: str):
@@ -87,7 +100,7 @@ def main() -> None:
         widget.screenshot(path=str(out / "render-link.png"))
 
         page.locator(".ratlens-clear").click()
-        band = page.locator(".ratlens-linklabel", has_text="L1.H2").first.bounding_box()
+        band = page.locator(".ratlens-linklabel", has_text="L0.H1").first.bounding_box()
         page.mouse.move(band["x"] + band["width"] / 2, band["y"] + band["height"] / 2 + 8)
         page.locator(".ratlens-tooltip").wait_for(state="visible")
         page.locator(".ratlens-main").screenshot(path=str(out / "render-tooltip.png"))
@@ -107,10 +120,25 @@ def main() -> None:
         page.wait_for_timeout(200)
         page.screenshot(path=str(out / "render-targets.png"))
         errors += page.errors
+
+        rat_lens.census(
+            model,
+            census_prompts(),
+            folder / "census",
+            layers=(0, 1),
+            agg_heads="none",
+            roles=True,
+            progress=False,
+        )
+        page = open_page(browser, (folder / "census" / "census.html").read_text(), folder, "c")
+        page.locator('.ratlens-census-cell[data-layer="1"][data-head="0"]').click()
+        page.locator('.ratlens-census-cell[data-layer="0"][data-head="1"]').hover()
+        page.locator(".ratlens-census").screenshot(path=str(out / "census.png"))
+        errors += page.errors
         browser.close()
     if errors:
         raise SystemExit(f"the page logged errors: {errors}")
-    for name in sorted(out.glob("render-*.png")):
+    for name in sorted([*out.glob("render-*.png"), out / "census.png"]):
         print(name)
 
 

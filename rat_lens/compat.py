@@ -21,6 +21,7 @@ from typing import Union
 
 import torch
 
+from .capture import input_device
 from .models import check_device
 from .models._hf import wrap_hf_model
 from .render import render_html
@@ -51,11 +52,9 @@ class ReverseAttentionTracer(Tracer):
         super().__init__(model, tokenizer)
         params = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
         first = next(iter(params), None)
-        self.device = (
-            check_device(device)
-            if device is not None
-            else (str(first.device) if first is not None else "cpu")
-        )
+        # the embedding's device: on a dispatched or offloaded model the first parameter may
+        # be a meta placeholder
+        self.device = check_device(device) if device is not None else str(input_device(model))
         self.dtype = dtype if dtype is not None else (first.dtype if first is not None else None)
         # Only where reverse-attention could have run (a Hugging Face model) is its pad mask
         # a difference worth a warning.

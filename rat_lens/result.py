@@ -447,7 +447,8 @@ class TraceResult(JsonRoundTrip):
     traced positions; ``verification`` is a causal check (``rat_lens.verify``) kept with the
     trace, which the summary and the page then show; ``rollout`` is the target's
     attention-rollout importance over positions
-    (Abnar & Zuidema 2020) across the traced layers (head-mean; empty for ``agg_heads="max"``).
+    (Abnar & Zuidema 2020) across the traced layers (head-mean; empty for ``agg_heads="max"``
+    and for bounded traces whose head-means exceed ``rat_lens.options.PATTERN_BUDGET``).
     """
 
     seq_len: int
@@ -474,6 +475,9 @@ class TraceResult(JsonRoundTrip):
     # (layer, head, query) an edge leaves from; the row's strongest keys and the beam's key.
     head_rows: list[dict] = field(default_factory=list)
     edge_weight: str = "attention"  # what edge_attns are: attention, or contribution shares
+    # How contribution routes were scored (TraceOptions); None for attention edges.
+    move_threshold: Optional[float] = None
+    depth_discount: Optional[float] = None
     verification: Optional[Verification] = None  # result.verification = rat_lens.verify(...)
     format_version: int = FORMAT_VERSION
 

@@ -50,6 +50,8 @@ _OPTIONAL = (
     "rollout",
     "head_rows",
     "edge_weight",
+    "move_threshold",
+    "depth_discount",
     "verification",
     "format_version",
     "metadata",
@@ -100,7 +102,12 @@ def check_trace(data: Any, where: str = "trace") -> dict:
     at.check("length_norm", lambda: check_length_norm(data.get("length_norm", "avg_logprob")))
     at.choice("residual", data.get("residual", "none"), RESIDUALS)
     at.flag("exclude_bos", data.get("exclude_bos", False))
-    at.choice("edge_weight", data.get("edge_weight", "attention"), EDGE_WEIGHTS)
+    weight = at.choice("edge_weight", data.get("edge_weight", "attention"), EDGE_WEIGHTS)
+    for name in ("move_threshold", "depth_discount"):
+        if data.get(name) is not None:
+            at.need(name, weight != "attention", "is set, but edge_weight is 'attention'")
+            value = at.number(name, data[name], 0.0)
+            at.need(name, 0 < value <= 1, f"must be in (0, 1], got {value!r}")
     at.integer("batch_index", data.get("batch_index", 0), 0)
     ids = at.items("token_ids", data.get("token_ids", []))
     if ids:

@@ -109,30 +109,33 @@ def test_bad_requests_are_named(model):
     assert hook_count(model) == 0
 
 
-def enumerate_routes(shares, target):
-    """Every path down the layers (top first) by loops: at each layer stay (the residual
-    channel, free) or move through a head to an earlier-or-equal key, ending at the bottom or at
-    position 0; score = mean log weight of the moves; paths that never leave the target are no
-    routes."""
+def enumerate_routes(shares, target, threshold=0.04, discount=0.5):
+    """Every path down the layers (top first) by loops. At each layer a path stays (the
+    residual channel plus every head's read of its own position, free) or moves to an earlier
+    key through that key's strongest head (the lowest among equals); it ends at the bottom or at
+    position 0. The i-th move scores discount**(i-1) * log(weight / threshold); paths that never
+    leave the target are no routes."""
     n_layers, n_parts = shares.shape[:2]
     found = []
 
     def walk(t, pos, edges):
         if t == n_layers or (edges and pos == 0):  # position 0 ends a path: nothing earlier
             moves = [w for kind, _, _, w in edges if kind == "head"]
-            if any(k != target for _, _, k, _ in edges):
-                score = sum(math.log(max(w, 1e-12)) for w in moves) / max(len(moves), 1)
+            if moves:
+                score = sum(
+                    discount**i * math.log(max(w, 1e-12) / threshold) for i, w in enumerate(moves)
+                )
                 found.append(
                     (score, [target] + [k for _, _, k, _ in edges], [h for _, h, _, _ in edges])
                 )
             return
         layer = n_layers - 1 - t
-        for h in range(n_parts - 1):
-            for k in range(pos + 1):
-                w = float(shares[layer, h, pos, k])
-                if w > 0:
-                    walk(t + 1, k, edges + [("head", h, k, w)])
-        w = float(shares[layer, n_parts - 1, pos, pos])
+        for k in range(pos):
+            weights = [float(shares[layer, h, pos, k]) for h in range(n_parts - 1)]
+            h = weights.index(max(weights))
+            if weights[h] > 0:
+                walk(t + 1, k, edges + [("head", h, k, weights[h])])
+        w = float(shares[layer, :, pos, pos].sum())
         if w > 0:
             walk(t + 1, pos, edges + [("residual", None, pos, w)])
 
@@ -173,9 +176,86 @@ def test_residual_stays_are_free_and_routes_are_ranked_by_their_moves(seed):
     )
     for beam in beams:
         assert any(p != n - 1 for p in beam.positions)
-        for i, kind in enumerate(beam.kinds):
-            if kind == "residual":
-                assert beam.heads[i] is None and beam.positions[i + 1] == beam.positions[i]
+        for i, (kind, pos) in enumerate(zip(beam.kinds, beam.positions)):
+            layer = beam.layers[i]
+            if kind == "residual":  # the residual stream and every head's read of pos itself
+                assert beam.heads[i] is None and beam.positions[i + 1] == pos
+                assert beam.edge_attns[i] == pytest.approx(float(shares[layer, :, pos, pos].sum()))
+            else:
+                assert beam.positions[i + 1] < pos
+                assert beam.edge_attns[i] == pytest.approx(
+                    float(shares[layer, beam.heads[i], pos, beam.positions[i + 1]])
+                )
+
+
+def stays_stack(moves: dict, n: int = 4, n_layers: int = 3) -> torch.Tensor:
+    """[layer, head + 1, q, k] shares of one head: ``moves[(layer, q, k)] = share``; the rest
+    of each row is the residual stream (on the diagonal)."""
+    shares = torch.zeros(n_layers, 2, n, n)
+    for q in range(n):
+        shares[:, 1, q, q] = 1.0
+    for (layer, q, k), w in moves.items():
+        shares[layer, 0, q, k] = w
+        shares[layer, 1, q, q] -= w
+    return shares
+
+
+def test_the_beam_still_at_the_target_is_never_pruned():
+    """A weak move high up (just over the threshold) must not crowd out the one beam that has
+    not moved yet: with one beam, the strong move two layers lower still wins."""
+    from rat_lens import trace_attention
+
+    shares = stays_stack({(2, 3, 2): 0.05, (1, 3, 1): 0.6})
+    kw = dict(layers=(0, 2), agg_heads="none", edge_weight="value_norm", stop_at_bos=False)
+    best = trace_attention(shares, 3, top_beam=1, **kw)[0]
+    assert (best.positions, best.kinds) == ([3, 3, 1, 1], ["residual", "head", "residual"])
+    assert best.score_raw == pytest.approx(math.log(0.6 / 0.04))
+    assert best.positions == enumerate_routes(shares, 3)[0][1]
+
+
+def test_a_second_move_above_the_threshold_extends_the_route():
+    """Averaging would stop after the strongest move (0.3 > 0.1); against the threshold the
+    second move adds discount * log(0.1 / threshold) and the longer route ranks first."""
+    from rat_lens import trace_attention
+
+    shares = stays_stack({(2, 3, 2): 0.3, (1, 2, 1): 0.1})
+    kw = dict(layers=(0, 2), agg_heads="none", edge_weight="contribution", stop_at_bos=False)
+    beams = trace_attention(shares, 3, **kw)
+    assert beams[0].positions == [3, 2, 1, 1]
+    assert beams[0].score_raw == pytest.approx(math.log(0.3 / 0.04) + 0.5 * math.log(0.1 / 0.04))
+    assert [b.positions for b in beams[:2]] == [p for _, p, _ in enumerate_routes(shares, 3)[:2]]
+    # a threshold above the second move's share: the short route wins
+    short = trace_attention(shares, 3, move_threshold=0.2, **kw)[0]
+    assert short.positions == [3, 2, 2, 2]
+    # no discount: both moves count fully
+    flat = trace_attention(shares, 3, depth_discount=1.0, **kw)[0]
+    assert flat.score_raw == pytest.approx(math.log(0.3 / 0.04) + math.log(0.1 / 0.04))
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        (dict(move_threshold=0.0), r"move_threshold must be in \(0, 1\], got 0.0"),
+        (dict(depth_discount=1.5), r"depth_discount must be in \(0, 1\], got 1.5"),
+        (dict(depth_discount="x"), "depth_discount must be a finite number, got 'x'"),
+        (dict(edge_weight="attention", move_threshold=0.1), "need edge_weight='contribution'"),
+    ],
+)
+def test_route_scoring_options_are_checked(given, message, no_typecheck):
+    from rat_lens.options import TraceOptions
+
+    kw = dict(layers=(0, 1), agg_heads="none", edge_weight="contribution") | given
+    with pytest.raises(RatLensError, match=message):
+        TraceOptions(**kw)
+
+
+def test_length_norm_follows_the_edge_weight_unless_given():
+    from rat_lens.options import TraceOptions
+
+    contrib = dict(layers=(0, 1), agg_heads="none", edge_weight="contribution")
+    assert TraceOptions().length_norm == "avg_logprob"
+    assert TraceOptions(**contrib).length_norm == "none"
+    assert TraceOptions(length_norm="sqrt", **contrib).length_norm == "sqrt"
 
 
 def test_a_contribution_trace_round_trips_summarises_and_verifies(model):
@@ -188,6 +268,10 @@ def test_a_contribution_trace_round_trips_summarises_and_verifies(model):
     )
     assert result.beams and all(len(b.kinds) == b.num_edges for b in result.beams)
     assert rat_lens.TraceResult.from_json(result.to_json()) == result
+    assert (result.move_threshold, result.depth_discount) == (0.04, 0.5)
+    data = result.to_dict() | {"edge_weight": "attention"}
+    with pytest.raises(RatLensError, match="move_threshold is set, but edge_weight is .attention."):
+        rat_lens.TraceResult.from_dict(data)
     assert any("res" in line for line in result.paths_text) or all(
         k == "head" for b in result.beams for k in b.kinds
     )

@@ -31,7 +31,11 @@ def test_a_local_hugging_face_folder_loads_and_traces(gpt2_folder):
     model = load(str(gpt2_folder))
     assert model.cfg.n_layers == 3 and model.cfg.n_heads == 4
     result = rat_lens.trace(
-        model, repeated_tokens(1, 10, 5, seed=0)[0], layers=(0, 2), agg_heads="none"
+        model,
+        repeated_tokens(1, 10, 5, seed=0)[0],
+        layers=(0, 2),
+        agg_heads="none",
+        edge_weight="attention",
     )
     _, cache = model.run_with_cache(repeated_tokens(1, 10, 5, seed=0))
     best = result.beams[0]
@@ -97,7 +101,13 @@ def test_smollm2_induction_heads_and_an_indirect_object_prompt(tmp_path):
         half = torch.randint(1000, 20000, (1, 20), generator=torch.Generator().manual_seed(seed))
         tokens = torch.cat([torch.tensor([[model.tokenizer.bos_token_id]]), half, half], dim=1)
         best = tracer.trace(
-            tokens, layers=(12, 18), agg_heads="none", exclude_bos=True, top_beam=3, top_k=3
+            tokens,
+            layers=(12, 18),
+            agg_heads="none",
+            exclude_bos=True,
+            top_beam=3,
+            top_k=3,
+            edge_weight="attention",
         ).beams[0]
         layer, head = best.layers[0], best.heads[0]
         assert 16 <= layer <= 19 and best.positions[:2] == [40, 21]

@@ -1,10 +1,12 @@
 """The rendered page in a real browser: Debian's chromium driven by Playwright, the page opened
-from file:// with every other request aborted, checked against the data it embeds.
+from file:// with every other request aborted, checked against the data it embeds (the census
+page against the Census).
 
 Each test leaves a screenshot in $RAT_LENS_SCREENSHOTS (default: <pytest basetemp>/screenshots).
 Without chromium or playwright these tests skip, except under CI=true, where they fail.
 """
 
+import dataclasses
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -12,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_render import HOSTILE, causal, embedded, make_result
+from test_render import HOSTILE, causal, embedded, make_result, run_census
 
-from rat_lens import SankeyData, TraceResult
-from rat_lens.render import html_fragment, to_html
+from rat_lens import SankeyData, TraceOptions, TraceResult
+from rat_lens.render import census_html, html_fragment, to_html
 from rat_lens.render._payload import payload
 from rat_lens.result import node_id
 
@@ -456,6 +458,7 @@ def induction() -> TraceResult:
         layers=(0, 1),
         agg_heads="none",
         predictions=3,
+        edge_weight="attention",  # the heads' attention rows are what the heatmap shows
     )
 
 
@@ -483,7 +486,7 @@ def test_per_head_every_head_is_named_drawn_and_coloured(open_page, induction):
     opened = open_page(to_html(induction))
     # Every head of the top beams is named on the diagram, on a label that is shown.
     heads = {(lay, h) for b in induction.beams for lay, h in zip(b.layers, b.heads)}
-    assert len(heads) >= 6  # 5 beams through 6 different heads
+    assert len(heads) >= 3  # 5 different routes through 3 heads or more
     labels = opened.each(
         ".ratlens-linklabel", "e => [e.textContent, getComputedStyle(e).display !== 'none']"
     )
@@ -505,16 +508,31 @@ def test_per_head_every_head_is_named_drawn_and_coloured(open_page, induction):
     opened.assert_clean()
 
 
-def test_a_links_tooltip_lists_every_head_of_its_pair_by_weight(open_page, induction):
-    data = payload(induction)
-    opened = open_page(to_html(induction))
+@pytest.fixture(scope="module")
+def two_heads(induction) -> TraceResult:
+    """The trace plus a beam that takes its top route's layer-1 edge through another head, at
+    half the weight (search results no longer hold such twins; older saved traces do)."""
+    top = induction.beams[0]
+    i = top.layers.index(1)
+    other = next(h for h in range(4) if h != top.heads[i])
+    twin = dataclasses.replace(
+        top,
+        heads=[other if j == i else h for j, h in enumerate(top.heads)],
+        edge_attns=[w / 2 if j == i else w for j, w in enumerate(top.edge_attns)],
+    )
+    return dataclasses.replace(induction, beams=[*induction.beams, twin])
+
+
+def test_a_links_tooltip_lists_every_head_of_its_pair_by_weight(open_page, two_heads):
+    data = payload(two_heads)
+    opened = open_page(to_html(two_heads))
     pairs = {}
     for lk in data["links"]:
         pairs.setdefault((lk["source"], lk["target"]), []).append(lk)
     source, target = max(pairs, key=lambda p: len(pairs[p]))
     siblings = sorted(pairs[source, target], key=lambda lk: -lk["value"])
     assert len(siblings) >= 2
-    link = siblings[-1]
+    link = siblings[0]  # the searched one: its head row is recorded, so its attention shows
     opened.page.locator(
         f'.ratlens-link[data-source="{source}"][data-target="{target}"][data-head="{link["head"]}"]'
     ).dispatch_event("mousemove")
@@ -630,7 +648,8 @@ def test_the_heads_grid_lights_a_heads_links(open_page, induction):
     cells = opened.each(
         ".ratlens-grid-cell", "e => [+e.dataset.layer, +e.dataset.head, e.textContent]"
     )
-    assert len(cells) == 2 * 4  # layers 1 and 0, heads 0 to 3
+    shown = max(h for b in induction.beams for h in b.heads) + 1
+    assert len(cells) == 2 * shown  # layers 1 and 0, heads up to the highest traced
     mass = {}
     for lk in data["links"]:
         mass[lk["layer"], lk["head"]] = mass.get((lk["layer"], lk["head"]), 0) + lk["value"]
@@ -797,4 +816,123 @@ def test_residual_stays_of_a_contribution_weighted_trace_are_named_and_grey(open
     )
     info = opened.page.locator(".ratlens-info").text_content()
     assert "a stay in the residual stream" in info and "edge weight" in info
+    opened.assert_clean()
+
+
+# --- The census page ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def census_run(tmp_path_factory):
+    return run_census(tmp_path_factory.mktemp("census"))
+
+
+def census_cells(opened: "Page") -> dict[tuple, dict]:
+    """(layer, head) → the heatmap cell's data attributes and its fill, as drawn."""
+    cells = opened.each(
+        ".ratlens-census-cell",
+        "e => ({...e.dataset, fill: getComputedStyle(e.querySelector('rect')).fill})",
+    )
+    return {(int(c["layer"]), int(c["head"]) if "head" in c else None): c for c in cells}
+
+
+def darkness(fill: str) -> float:
+    """How dark an ``rgb(r, g, b)`` fill is: 0 white, 765 black."""
+    return 765 - sum(int(x) for x in fill[fill.index("(") + 1 : -1].split(","))
+
+
+def listed(opened: "Page") -> list[int]:
+    return opened.each(".ratlens-census-prompts li", "e => +e.dataset.index")
+
+
+def test_the_census_heatmap_is_the_census(open_page, census_run):
+    found, results, out = census_run
+    opened = open_page((out / "census.html").read_text())
+    page = opened.page
+    counted = {(h.layer, h.head): h for h in found.heads}
+    cells = census_cells(opened)
+    heads = range(max(h.head for h in found.heads) + 1)
+    assert set(cells) == {(layer, head) for layer in (0, 1) for head in heads}
+    for key, cell in cells.items():
+        h = counted.get(key)
+        assert int(cell["topBeamPrompts"]) == (h.top_beam_prompts if h else 0)
+        assert int(cell["edges"]) == (h.edges if h else 0)
+        assert float(cell["tracedMass"]) == pytest.approx(h.traced_mass if h else 0, rel=1e-5)
+    # Each metric colours the cells: the more, the darker; none, the empty colour.
+    for metric in ("traced_mass", "edges", "top_beam_prompts"):
+        page.locator(f'.ratlens-census-metric input[value="{metric}"]').check()
+        cells = census_cells(opened)
+        values = {k: getattr(counted[k], metric) if k in counted else 0 for k in cells}
+        assert {k: float(c["value"]) for k, c in cells.items()} == pytest.approx(values, rel=1e-5)
+        ranked = sorted(cells, key=lambda k: values[k])
+        shades = [darkness(cells[k]["fill"]) for k in ranked]
+        assert shades == sorted(shades) and shades[-1] > shades[0]
+        assert all(cells[k]["fill"] == "rgb(244, 245, 248)" for k in cells if not values[k])
+        assert page.locator(".ratlens-census-key").get_attribute("data-metric") == metric
+    # The tooltip: the head, its counts and its role scores.
+    top = found.heads[0]
+    cell = page.locator(f'.ratlens-census-cell[data-layer="{top.layer}"][data-head="{top.head}"]')
+    cell.hover()
+    tip = page.locator(".ratlens-census .ratlens-tooltip").text_content()
+    induction = float(f"{found.roles.get('induction_head', top.layer, top.head):.6g}")
+    for part in (
+        f"L{top.layer}.H{top.head}",
+        f"best beam of {top.top_beam_prompts} of {found.n_prompts} prompts",
+        f"beam edges: {top.edges}",
+        f"traced mass: {float(f'{top.traced_mass:.6g}'):.3f}",
+        f"induction {induction:.3f}",
+    ):
+        assert part in tip, (part, tip)
+    # A click lists the prompts whose best beam goes through the head; again, all of them.
+    assert listed(opened) == list(range(len(results)))
+    for h in found.heads[:3]:
+        through = [
+            i
+            for i, r in enumerate(results)
+            if (h.layer, h.head) in zip(r.beams[0].layers, r.beams[0].heads)
+        ]
+        page.locator(
+            f'.ratlens-census-cell[data-layer="{h.layer}"][data-head="{h.head}"]'
+        ).dispatch_event("click")
+        assert listed(opened) == through and len(through) == h.top_beam_prompts
+    cell.focus()
+    page.keyboard.press("Enter")
+    assert page.locator(".ratlens-census-cell.is-on").count() == 1
+    page.keyboard.press("Enter")
+    assert listed(opened) == list(range(len(results)))
+    checks = opened.each(".ratlens-census-check", "e => e.textContent")
+    assert len(checks) == len(results) and all("ablating the best beam" in c for c in checks)
+    opened.assert_clean()
+
+
+def test_a_census_pages_hostile_prompts_render_as_text_and_execute_nothing(open_page):
+    from rat_lens.corpus import Census, aggregate
+
+    tokens = ["<bos>", *HOSTILE, "\t tab"]
+    results = [
+        make_result(causal(2, 3, len(tokens), seed=seed), tokens, layers=(0, 1), agg_heads="none")
+        for seed in range(3)
+    ]
+    options = TraceOptions(layers=(0, 1), agg_heads="none").to_dict()
+    found = Census(3, "traces.jsonl", options, aggregate(results))
+    opened = open_page(census_html(found, results))
+    page = opened.page
+    for cell in page.locator(".ratlens-census-cell").all():
+        cell.dispatch_event("mousemove")
+        cell.dispatch_event("click")
+        cell.dispatch_event("click")
+    shown = opened.each(
+        ".ratlens-census-prompts li:first-child .ratlens-census-tok", "e => e.textContent"
+    )
+    expected = [
+        t.replace("\t", "\u2192").replace("\u2028", "\u2424").replace("\u2029", "\u00b6")
+        for t in tokens[:-1]
+    ]
+    assert shown == expected  # spaces as they are, other whitespace made visible
+    mark = page.locator(".ratlens-census-prompts li:first-child mark").text_content()
+    assert mark == visible(tokens[-1])
+    assert page.evaluate("window.__pwned") is None
+    injected = ".ratlens img, .ratlens script, .ratlens iframe, .ratlens svg svg"
+    assert page.locator(injected).count() == 0
+    assert page.evaluate("document.scripts.length") == 2
     opened.assert_clean()

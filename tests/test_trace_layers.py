@@ -85,18 +85,20 @@ def all_paths(stack, target, chain, per_head, rollout, stop):
             out.append(path)
             return
         extended = False
-        for h in range(n_heads):
-            row = stack[layer, h, pos].clone()
-            if rollout:
-                row = 0.5 * row + 0.5 * torch.nn.functional.one_hot(torch.tensor(pos), n)
-            for k in range(pos if chain else pos + 1):
-                if row[k] > 0:
-                    extended = True
-                    edge = (layer, h if per_head else None, k, float(row[k]))
-                    if k in stop:
-                        out.append(path + [edge])
-                    else:
-                        walk(step + 1, k, path + [edge])
+        rows = stack[layer, :, pos].clone()
+        if rollout:
+            rows = 0.5 * rows + 0.5 * torch.nn.functional.one_hot(torch.tensor(pos), n)
+        for k in range(pos if chain else pos + 1):
+            # one edge per key: its strongest head, the lowest among equals
+            weights = [float(rows[h, k]) for h in range(n_heads)]
+            h = weights.index(max(weights))
+            if weights[h] > 0:
+                extended = True
+                edge = (layer, h if per_head else None, k, weights[h])
+                if k in stop:
+                    out.append(path + [edge])
+                else:
+                    walk(step + 1, k, path + [edge])
         if not extended:
             out.append(path)
 
@@ -222,13 +224,13 @@ def test_layers_mode_ties_go_to_the_lower_head_then_the_earlier_key():
     stack = torch.zeros(1, 2, 5, 5)
     stack[0, 0, 4], stack[0, 1, 4] = row_h0, row_h1
     beams = trace_attention(stack, 4, layers=(0, 0), agg_heads="none", top_beam=10, top_k=6)
-    # Eight weights tie at 0.2 for five places: head 0's keys 0..4 win, head 1's 1, 3, 4 lose.
-    # All end after the one layer, in expansion order, so equal scores stay in that order.
+    # One edge per key, through its strongest head: key 2 by head 1 (0.3); keys 0, 1, 3, 4 by
+    # head 0 (0.2; on keys 1, 3, 4 head 1 ties, and the lower head wins). The four tied beams
+    # end after the one layer, in expansion order (earlier key first).
     assert summary(beams) == [
         ([4, 2], [0.3], [0], [1]),
         ([4, 0], [0.2], [0], [0]),
         ([4, 1], [0.2], [0], [0]),
-        ([4, 2], [0.2], [0], [0]),
         ([4, 3], [0.2], [0], [0]),
         ([4, 4], [0.2], [0], [0]),
     ]
@@ -261,14 +263,15 @@ def reference_search(mats, target, *, chain, top_beam, top_k, min_attn, stops, r
         new = []
         for beam in live:
             pos = beam[0][-1]
-            cands = []
+            best = {}  # key -> (-w, h): each key's strongest head, the lowest among equals
             for h in range(n_heads):
                 row = mats[0 if chain else t][h, pos]
                 if rollout:
                     row = 0.5 * row + 0.5 * torch.nn.functional.one_hot(torch.tensor(pos), n)
                 for k, w in enumerate(row.tolist()[: pos if chain else pos + 1]):
-                    if w > 0 and w >= min_attn:
-                        cands.append((-w, h, k))
+                    if w > 0 and w >= min_attn and (k not in best or -w < best[k][0]):
+                        best[k] = (-w, h)
+            cands = [(w, h, k) for k, (w, h) in best.items()]
             if not cands:
                 ended.append(beam)
             for w, h, k in sorted(cands)[:top_k]:

@@ -35,7 +35,7 @@ def assert_same_beams(got, expected):
         dict(layer=1),
         dict(layer=0, agg_heads="max", length_norm="sqrt"),
         dict(layers=(0, 1)),
-        dict(layers=(0, 1), agg_heads="none", top_k=8),
+        dict(layers=(0, 1), agg_heads="none", top_k=8, edge_weight="attention"),
         dict(layers=(0, 1), residual="rollout", exclude_bos=True),
         dict(layer=-1, agg_heads="none"),
     ],
@@ -77,7 +77,9 @@ def test_batch_of_padded_prompts_and_many_targets_is_one_forward(model):
     with model.hooks(
         fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: forwards.append(p.shape[0]))]
     ):
-        results = tracer.trace_batch(texts, [-1, -2, 3], layers=(0, 1), agg_heads="none")
+        results = tracer.trace_batch(
+            texts, [-1, -2, 3], layers=(0, 1), agg_heads="none", edge_weight="attention"
+        )
     assert forwards == [2]  # one forward for 2 prompts × 3 targets
     assert [(r.batch_index, r.target_pos) for r in results] == [
         (0, 6),
@@ -89,9 +91,50 @@ def test_batch_of_padded_prompts_and_many_targets_is_one_forward(model):
     ]
     for r in results:  # each equals the same prompt traced alone, unpadded
         alone = tracer.trace_text(
-            texts[r.batch_index], r.target_pos, layers=(0, 1), agg_heads="none"
+            texts[r.batch_index],
+            r.target_pos,
+            layers=(0, 1),
+            agg_heads="none",
+            edge_weight="attention",
         )
         assert_same_beams(r.beams, alone.beams)
+
+
+def test_padded_prompts_with_contribution_edges_equal_each_prompt_alone(model):
+    """Per-head layers traces weigh edges by value_norm unless told: a padded batch runs each
+    prompt on its own real tokens, with the results of tracing it alone."""
+    tracer = ReverseAttentionTracer(model)
+    texts = ["cat dog red blue cat dog", "sun moon star sun moon star sea sky sun"]
+    results = tracer.trace_batch(texts, [-1, 3], layers=(0, 1), agg_heads="none", predictions=2)
+    assert {r.edge_weight for r in results} == {"value_norm"}
+    for r in results:
+        alone = tracer.trace_text(
+            texts[r.batch_index], r.target_pos, layers=(0, 1), agg_heads="none", predictions=2
+        )
+        assert_same_beams(r.beams, alone.beams)
+        assert [b.kinds for b in r.beams] == [b.kinds for b in alone.beams]
+        assert [p.token_ids for p in r.predictions] == [p.token_ids for p in alone.predictions]
+
+
+@pytest.mark.parametrize("extra", ["cache", "query_chunk"])
+def test_the_default_falls_back_to_attention_where_contributions_cannot_run(gpt2_bridge, extra):
+    """value_norm needs its own whole forward: from a cache, or in query chunks, a per-head
+    layers trace left at the default weighs edges by attention and says so; asked for
+    explicitly, value_norm there is an error."""
+    tokens = repeated_tokens(1, prefix_len=15, repeat_len=7, seed=3)
+    tracer = ReverseAttentionTracer(gpt2_bridge)
+    per_head = dict(layers=(0, 2), agg_heads="none")
+    attention = tracer.trace(tokens, **per_head, edge_weight="attention")
+    if extra == "cache":
+        extra = dict(cache=gpt2_bridge.run_with_cache(tokens, names_filter=NAMES)[1])
+    else:
+        extra = dict(query_chunk=8)
+    got = tracer.trace(tokens, **per_head, **extra)
+    assert got.edge_weight == "attention" and got.length_norm == "avg_logprob"
+    assert_same_beams(got.beams, attention.beams)
+    with pytest.raises(RatLensError, match="pass edge_weight='attention'"):
+        tracer.trace(tokens, **per_head, edge_weight="value_norm", **extra)
+    assert tracer.trace(tokens, **per_head).edge_weight == "value_norm"
 
 
 def test_reusing_a_cache_gives_the_same_result_without_a_forward(model):
@@ -283,7 +326,8 @@ def test_query_chunks_trace_exactly_as_one_forward(gpt2_bridge):
     """Long-context mode (the forward in chunks over a KV cache) changes memory, not results."""
     tokens = repeated_tokens(2, prefix_len=30, repeat_len=15, seed=5)
     tracer = ReverseAttentionTracer(gpt2_bridge)
-    for opts in ({"layer": 2}, {"layers": (0, 2), "agg_heads": "none"}, {"predictions": 3}):
+    per_head = {"layers": (0, 2), "agg_heads": "none", "edge_weight": "attention"}
+    for opts in ({"layer": 2}, per_head, {"predictions": 3}):
         whole = tracer.trace_batch(tokens, [-1, -6], **opts)
         chunked = tracer.trace_batch(tokens, [-1, -6], query_chunk=8, **opts)
         for a, b in zip(chunked, whole, strict=True):
@@ -305,7 +349,9 @@ def test_head_rows_are_the_traced_heads_attention_rows(model):
     from rat_lens.tracer import HEAD_ROW_KEYS
 
     tokens = repeated_tokens(1, prefix_len=20, repeat_len=10, seed=3)
-    result = rat_lens.trace(model, tokens[0], layers=(0, 1), agg_heads="none")
+    result = rat_lens.trace(
+        model, tokens[0], layers=(0, 1), agg_heads="none", edge_weight="attention"
+    )
     _, cache = model.run_with_cache(tokens, names_filter=NAMES)
     rows = {(r["layer"], r["head"], r["query"]): r for r in result.head_rows}
     assert len(rows) == len(result.head_rows)

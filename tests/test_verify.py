@@ -200,7 +200,9 @@ def test_exact_faithfulness_and_blank_out(tiny):
     source, model = tiny
     if EDITS_IGNORED[source]:
         pytest.skip("pattern edits are ignored by this model class")
-    result = trace(model, PROMPT, layers=(0, 0), agg_heads="none", top_beam=1)
+    result = trace(
+        model, PROMPT, layers=(0, 0), agg_heads="none", top_beam=1, edge_weight="attention"
+    )
     check = verify(model, result, n_random=2, blank="token", neutral_token=7)
     f = check.faithfulness
     kept = logp5(0, 0, 0, 0, 0, 1, 0, 0)  # head 0 keeps 4 -> 1 only (renormalised), head 1 is 0

@@ -6,7 +6,19 @@ uses layer ``hi - t`` and may stay on the same position (attention to itself), s
 one layer per edge. Candidates at a step are (head, key) pairs of the beam's current query row,
 found by one ``topk`` over ``[row, head·key]`` for all rows at once (in chain mode for every row
 before the search starts, since the matrix never changes). The step loop then works on small
-arrays, and paths are kept as parent pointers, rebuilt only for the beams returned.
+arrays, and paths are kept as parent pointers, rebuilt only for the beams returned. Over two
+heads or more each key keeps only its strongest head, so a row's ``top_k`` candidates are
+``top_k`` different keys and no two beams differ only in the head of an edge.
+
+Contribution edges (``edge_weight`` other than attention, layers mode) add *stays*: the last
+channel is the residual stream, joined by every head's read of the row's own position. A stay is
+free; the ``i``-th move (an edge to an earlier position) adds
+``depth_discount**(i-1) · log(share / move_threshold)``. Averaging log shares, as attention
+traces do, would end every route after its strongest move (a second move helps an average only
+when it is stronger than the first); a plain sum would rank short routes first. Against a
+threshold, each move above it lengthens a route's lead and each below it costs, and the discount
+keeps the first move out of the target, the one the target reads directly, the heaviest. The one
+beam still at the target is never pruned: its first move may come at a lower layer.
 
 Ties (equal weights in a row: uniform early or padded rows, the even rest of a sink-heavy row,
 quantised patterns) decide which beams exist, so their order is a rule, not an accident of
@@ -65,11 +77,13 @@ def trace_attention(
     top_k: int = _DEFAULT.top_k,
     min_attn: float = _DEFAULT.min_attn,
     agg_heads: str = _DEFAULT.agg_heads,
-    length_norm: str = _DEFAULT.length_norm,
+    length_norm: Optional[str] = None,
     stop_at_bos: bool = _DEFAULT.stop_at_bos,
     residual: Optional[str] = _DEFAULT.residual,
     exclude_bos: bool = _DEFAULT.exclude_bos,
-    edge_weight: str = _DEFAULT.edge_weight,
+    edge_weight: Optional[str] = None,
+    move_threshold: float = _DEFAULT.move_threshold,
+    depth_discount: float = _DEFAULT.depth_discount,
     bos_positions: Sequence[int] = (),
     attention_mask: Optional[Shaped[Tensor, " seq"]] = None,
 ) -> list[Beam]:
@@ -78,7 +92,10 @@ def trace_attention(
     ``attn`` is ``[query, key]`` (one matrix), ``[layer, query, key]`` (heads already
     aggregated) or ``[layer, head, query, key]``. Without ``layers`` the trace is a chain in
     ``layer``; with ``layers=(lo, hi)`` it descends one layer per edge from ``hi`` to ``lo``.
-    The search options are :class:`~rat_lens.options.TraceOptions`'s.
+    The search options are :class:`~rat_lens.options.TraceOptions`'s, but ``edge_weight``
+    defaults to ``"attention"`` here, whatever the mode: ``attn`` holds the weights. Pass
+    ``"contribution"`` / ``"value_norm"`` when it holds shares whose last head channel is the
+    residual stream (:func:`rat_lens.search.contrib.edge_shares`).
 
     Examples:
         >>> A = torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.1, 0.6, 0.3]])
@@ -101,7 +118,9 @@ def trace_attention(
         stop_at_bos=stop_at_bos,
         residual=residual,
         exclude_bos=exclude_bos,
-        edge_weight=edge_weight,
+        edge_weight="attention" if edge_weight is None else edge_weight,  # attn is what it is
+        move_threshold=move_threshold,
+        depth_discount=depth_discount,
     )
     if not isinstance(attn, Tensor):
         raise RatLensError(f"attn must be a torch.Tensor, got {type(attn).__name__}")
@@ -158,15 +177,20 @@ def _top_candidates(
     min_attn: float,
     top_k: int,
     rollout: bool,
+    stays: bool = False,
 ) -> _Candidates:
     keys = torch.arange(rows.shape[-1], device=rows.device)
     if rollout:  # Abnar & Zuidema: half the mass stays in the residual stream
         rows = 0.5 * rows + 0.5 * (keys == row_pos[:, None]).to(rows.dtype)
     bos_mass = (rows * is_sink).sum(-1)
+    if stays:
+        rows = _merge_self_reads(rows, row_pos)
     earlier = keys < row_pos[:, None] if chain else keys <= row_pos[:, None]
     w = rows.masked_fill(~(earlier & key_ok), 0.0)
     w = w.masked_fill(w < min_attn, 0.0)
     peer = chain and w.shape[0] == 1  # a chain in one matrix, the peer's mode: its tie order
+    if not peer:
+        w = _strongest_head_per_key(w)
     w = rearrange(w, "head row key -> row (head key)")
     k = min(top_k, w.shape[-1])
     vals, flat = w.topk(min(k + 1, w.shape[-1]))  # one more: is the last kept one tied?
@@ -186,6 +210,32 @@ def _top_candidates(
         _safe_log(weights),
         rearrange(bos_mass, "head row -> row head").double().cpu().numpy(),
     )
+
+
+def _merge_self_reads(
+    rows: Float[Tensor, "part row key"], row_pos: Tensor
+) -> Float[Tensor, "part row key"]:
+    """With contribution weights the last channel is the residual stream (on the diagonal). A
+    head reading its own position moves nothing between tokens either, so its share joins the
+    stay: one way to keep a position, and routes that differ only in how they stayed are one."""
+    row = torch.arange(rows.shape[1], device=rows.device)
+    own = rows[:, row, row_pos]  # [part, row]
+    rows = rows.clone()
+    rows[:-1, row, row_pos] = 0.0
+    rows[-1, row, row_pos] = own.sum(0)
+    return rows
+
+
+def _strongest_head_per_key(w: Float[Tensor, "head row key"]) -> Float[Tensor, "head row key"]:
+    """Keep each key's strongest head only (the lowest one among equals): beams that would
+    differ only in the head of an edge are one route, so a row's ``top_k`` candidates are
+    ``top_k`` different keys."""
+    if w.shape[0] == 1:
+        return w
+    strongest = w.max(0, keepdim=True).values
+    first = (w == strongest).to(torch.uint8).argmax(0, keepdim=True)  # argmax: first maximum
+    heads = torch.arange(w.shape[0], device=w.device)[:, None, None]
+    return w.masked_fill(heads != first, 0.0)
 
 
 def _peer_order(w: Float[Tensor, "row key"], row_pos: np.ndarray, k: int):
@@ -280,6 +330,7 @@ def beam_search(
         min_attn=options.min_attn,
         top_k=options.top_k,
         rollout=options.residual == "rollout",
+        stays=options.stays,
     )
     table = _chain_table(patterns[0], target_pos, **find) if chain else None
     n_steps = target_pos + 1 if chain else len(patterns)
@@ -291,6 +342,7 @@ def beam_search(
     # score and the length norm counts moves only; ``moved`` says whether a beam has left the
     # target at all (a beam that never did is no route to an earlier token).
     stay_channel = patterns[0].shape[0] - 1 if options.stays else -1
+    log_bar, depth_discount = math.log(options.move_threshold), options.depth_discount
     steps = [dict(key=np.array([target_pos]), parent=np.array([-1]))]
     ended: list[tuple] = []  # (step, beam ids, raw scores, moves, moved)
     live, live_score = np.array([0]), np.zeros(1)
@@ -321,7 +373,11 @@ def beam_search(
         head, key = np.divmod(cand.flat[parent, j], n)
         weight = cand.weights[parent, j]
         stay = head == stay_channel
-        score = live_score[parent] + np.where(stay, 0.0, cand.log_weights[parent, j])
+        if options.stays:  # the i-th move adds discount**(i-1) · log(share / threshold)
+            gain = depth_discount ** live_moves[parent] * (cand.log_weights[parent, j] - log_bar)
+            score = live_score[parent] + np.where(stay, 0.0, gain)
+        else:
+            score = live_score[parent] + cand.log_weights[parent, j]
         moves = live_moves[parent] + ~stay
         moved = live_moved[parent] | (key != live_pos[parent])
         steps.append(
@@ -341,7 +397,11 @@ def beam_search(
         live = np.nonzero(~ends)[0]
         if live.size > top_beam:
             norm = score[live] / denominators[moves[live]]
-            live = live[np.argsort(-norm, kind="stable")[:top_beam]]
+            keep = np.argsort(-norm, kind="stable")[:top_beam]
+            if options.stays:  # the beam still at the target may yet make the best first move
+                waiting = np.flatnonzero(~moved[live])[:1]
+                keep = np.concatenate([keep, np.setdiff1d(waiting, keep)])
+            live = live[keep]
         live_score, live_moves, live_moved = score[live], moves[live], moved[live]
 
     if options.stays:  # a route must reach an earlier token

@@ -120,6 +120,7 @@ class Summary(JsonRoundTrip):
     stats: Optional[HeadTable] = None
     predictions: list[Prediction] = field(default_factory=list)
     verification: Optional[Verification] = None
+    edge_weight: str = "attention"  # what the edge weights (and so the masses) are
 
     def to_markdown(self) -> str:
         """GitHub-flavoured markdown: a heading, then one table per section."""
@@ -284,6 +285,7 @@ def summarize(
         layer_lo=result.layer_lo,
         agg_heads=result.agg_heads,
         length_norm=result.length_norm,
+        edge_weight=result.edge_weight,
         exclude_bos=result.exclude_bos,
         batch_index=result.batch_index,
         beams=circuits,

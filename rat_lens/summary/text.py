@@ -75,6 +75,8 @@ def _role(label: str, score) -> str:
 def _title(s) -> tuple[str, str]:
     span = f"layer {s.layer} (chain)" if s.mode == "chain" else f"layers L{s.layer}→L{s.layer_lo}"
     heads = "per-head edges" if s.agg_heads == "none" else f"heads aggregated by {s.agg_heads}"
+    if s.edge_weight != "attention":
+        heads += f" weighted by {s.edge_weight} (shares of the block output)"
     extra = ", BOS/position 0 excluded" if s.exclude_bos else ""
     return (
         f"Trace summary: target {_at(s.target_token, s.target_pos)}"
