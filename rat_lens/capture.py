@@ -19,6 +19,10 @@ it would in one pass (checked against ``run_with_cache`` in the tests). The defa
 ``query_chunk="auto"``, chunks prompts longer than ``AUTO_ABOVE`` tokens by ``AUTO_CHUNK`` when a
 probe on the prompt's first ``PROBE_LEN`` tokens shows the chunked forward reproduces the one-shot
 patterns (two forwards of 16 tokens); otherwise, and for padded batches, one forward.
+
+Per-head traces over ``rat_lens.options.PATTERN_BUDGET``: :class:`BoundedCapture` keeps, as each
+block of rows arrives, only each row's strongest keys (:mod:`rat_lens.search.store`), so no
+layer's whole ``[head, seq, seq]`` pattern outlives its query chunk.
 """
 
 import inspect
@@ -27,7 +31,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -38,7 +42,9 @@ from transformer_lens import ActivationCache
 
 from .errors import RatLensError, check_choice, check_int
 from .options import AGG_HEADS
-from .search.pattern import aggregate_heads
+from .search.pattern import aggregate_heads, check_pattern_values
+from .search.stats import top_attention
+from .search.store import LayerMeanRows, TopKeys, TopKeysBuilder, head_mean
 
 AUTO_ABOVE, AUTO_CHUNK, PROBE_LEN, PROBE_ATOL = 512, 256, 16, 2e-5
 _warned = weakref.WeakSet()  # models told once that the probe failed
@@ -46,6 +52,8 @@ _warned = weakref.WeakSet()  # models told once that the probe failed
 __all__ = [
     "PatternCapture",
     "capture_patterns",
+    "BoundedCapture",
+    "capture_bounded",
     "run_with_patterns",
     "patterns_from_cache",
     "pattern_layers",
@@ -54,6 +62,8 @@ __all__ = [
     "model_session",
     "check_tokens",
     "capture_contributions",
+    "input_device",
+    "offloaded_weights_loaded",
 ]
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
@@ -116,6 +126,7 @@ class PatternCapture:
     agg_heads: str = "mean"
     stop_after: bool = False
     store: dict = field(default_factory=dict)  # hook name -> list of row blocks
+    device: Optional[torch.device] = None  # where rows land (None: each layer's own device)
 
     def __post_init__(self):
         check_choice("agg_heads", self.agg_heads, AGG_HEADS)
@@ -126,6 +137,7 @@ class PatternCapture:
 
         def keep(pattern: Tensor, hook):
             rows = aggregate_heads(pattern.detach(), self.agg_heads)
+            rows = rows if self.device is None else rows.to(self.device)
             queries, keys = rows.shape[-2:]
             blocks = self.store.setdefault(hook.name, [])
             if keys == queries:  # a forward from position 0: starts afresh
@@ -143,6 +155,11 @@ class PatternCapture:
 
         return [(hook_name(layer), keep) for layer in sorted(set(self.layers))]
 
+    def rows_captured(self) -> dict[str, int]:
+        return {
+            name: sum(block.shape[-2] for block in blocks) for name, blocks in self.store.items()
+        }
+
     def to_cache(self, model) -> ActivationCache:
         names = [hook_name(layer) for layer in self.layers]
         missing = [name for name in names if not self.store.get(name)]
@@ -153,6 +170,109 @@ class PatternCapture:
         return ActivationCache(
             {name: _stack_rows(blocks) for name, blocks in self.store.items()}, model
         )
+
+
+@dataclass
+class BoundedCapture:
+    """Forward hooks that keep the per-head attention of ``layers`` in bounded memory as the
+    forward runs (:mod:`rat_lens.search.store`), one block of query rows at a time:
+
+    - ``stores()``: per layer and prompt a :class:`~rat_lens.search.store.TopKeys` (per row the
+      ``keep`` strongest keys a search may pick, ``key_ok``; the diagonal; the ``sink_keys``);
+    - ``strips[b]``: prompt ``b``'s token strip, the 4 strongest keys of each query where
+      ``query_mask`` is 1 in the head-mean averaged over the layers (finished, and its rows
+      dropped, as soon as every layer has delivered them);
+    - with ``head_means``: each layer's dense head-mean too (``head_mean_stack``; the rollout
+      needs all of it).
+
+    ``add(name, pattern)`` takes a ``[batch, head, query, key]`` block of the layer hooked at
+    ``name`` (the hooks call it; so can a caller holding patterns).
+    """
+
+    layers: Sequence[int]
+    key_ok: Tensor  # [batch, seq] bool
+    sink_keys: Sequence[int]
+    keep: int
+    query_mask: Tensor  # [batch, seq]
+    head_means: bool = False
+    stop_after: bool = False
+
+    def __post_init__(self):
+        batch, seq = self.key_ok.shape
+        names = [hook_name(layer) for layer in sorted(set(self.layers))]
+        self.builders = {
+            n: TopKeysBuilder(seq, self.keep, self.key_ok, self.sink_keys) for n in names
+        }
+        self.strip_rows = LayerMeanRows(len(names), seq)
+        self.strips: list[list] = [[] for _ in range(batch)]
+        self.means: dict[str, list] = {name: [] for name in names} if self.head_means else {}
+
+    def add(self, name: str, pattern: Float[Tensor, "batch head query key"]) -> None:
+        check_pattern_values(pattern, name)
+        self.builders[name].add(pattern)
+        mean = head_mean(pattern.detach().float()).cpu()
+        if self.head_means:
+            self.means[name].append(mean)
+        done = self.strip_rows.add(mean)
+        if done is not None:
+            first, rows = done
+            for b, strip in enumerate(self.strips):
+                strip.extend(top_attention(rows[b], self.query_mask[b], first))
+
+    @property
+    def fwd_hooks(self) -> list:
+        last = hook_name(max(self.layers))
+
+        def keep(pattern: Tensor, hook):
+            self.add(hook.name, pattern)
+            if self.stop_after and hook.name == last:
+                raise _StopForward
+            return None
+
+        return [(name, keep) for name in self.builders]
+
+    def rows_captured(self) -> dict[str, int]:
+        return {name: builder.rows for name, builder in self.builders.items()}
+
+    def stores(self) -> dict[int, list[TopKeys]]:
+        """Layer -> one store per prompt (call once, after the forward)."""
+        return {
+            int(_HOOK_RE.match(name)[1]): builder.build() for name, builder in self.builders.items()
+        }
+
+    def head_mean_stack(self, layers: Sequence[int]) -> Optional[Tensor]:
+        """``[layer (in the order given), batch, query, key]`` head-means, if kept."""
+        if not self.head_means:
+            return None
+        return torch.stack([_stack_rows(self.means[hook_name(layer)]) for layer in layers])
+
+
+def capture_bounded(
+    model,
+    tokens: Int[Tensor, "batch seq"],
+    capture: BoundedCapture,
+    *,
+    attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
+    query_chunk: Union[int, str, None] = "auto",
+    logits: bool = False,
+) -> Optional[Float[Tensor, "batch seq vocab"]]:
+    """Run ``model`` on ``tokens`` under no_grad with ``capture``'s hooks (a
+    :class:`BoundedCapture`), in query chunks as :func:`capture_patterns` does; stopped after
+    its highest layer unless ``logits`` (then the whole forward's logits are returned).
+
+    Examples:
+        >>> from rat_lens.models import load
+        >>> model = load("induction-2l")
+        >>> tokens = model.to_tokens("cat dog red cat dog")
+        >>> ok = torch.ones_like(tokens, dtype=torch.bool)
+        >>> capture = BoundedCapture([0, 1], ok, sink_keys=[0], keep=3, query_mask=ok)
+        >>> _ = capture_bounded(model, tokens, capture)
+        >>> capture.stores()[1][0]
+        TopKeys(head=4, query=6, keep=3, sinks=1)
+    """
+    capture.stop_after = not logits
+    layers, agg = capture.layers, "none"
+    return _run(model, tokens, layers, agg, attention_mask, query_chunk, not logits, capture)[0]
 
 
 def capture_patterns(
@@ -179,7 +299,8 @@ def capture_patterns(
         >>> sorted(cache.keys()), cache["pattern", 0].shape
         (['blocks.0.attn.hook_pattern', 'blocks.1.attn.hook_pattern'], torch.Size([1, 4, 6, 6]))
     """
-    return _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_early=True)[1]
+    capture = _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, True)[1]
+    return capture.to_cache(model)
 
 
 def run_with_patterns(
@@ -200,10 +321,15 @@ def run_with_patterns(
         >>> logits.shape, cache["pattern", 1].shape
         (torch.Size([1, 4, 64]), torch.Size([1, 1, 4, 4]))
     """
-    return _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_early=False)
+    logits, capture = _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, False)
+    return logits, capture.to_cache(model)
 
 
-def _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_early: bool):
+def _run(
+    model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_early: bool, capture=None
+):
+    """The checked forward: ``(logits or None, the capture)``; ``capture`` defaults to a
+    :class:`PatternCapture` of ``layers``."""
     n_layers = pattern_layers(model)
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad or not layers:
@@ -211,12 +337,28 @@ def _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_ear
     check_tokens(model, tokens)
     with model_session(model):
         return _forward(
-            model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_early, n_layers
+            model,
+            tokens,
+            layers,
+            agg_heads,
+            attention_mask,
+            query_chunk,
+            stop_early,
+            n_layers,
+            capture,
         )
 
 
 def _forward(
-    model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_early: bool, n_layers: int
+    model,
+    tokens,
+    layers,
+    agg_heads,
+    attention_mask,
+    query_chunk,
+    stop_early: bool,
+    n_layers: int,
+    capture=None,
 ):
     seq = tokens.shape[-1]
     chunk = _chunk_size(model, tokens, layers, attention_mask, query_chunk)
@@ -225,7 +367,10 @@ def _forward(
         if chunk < seq
         else lambda piece: {"attention_mask": attention_mask}
     )
-    capture = PatternCapture(layers, agg_heads, stop_after=stop_early)
+    if capture is None:
+        capture = PatternCapture(
+            layers, agg_heads, stop_after=stop_early, device=input_device(model)
+        )
     last = max(layers) if stop_early else n_layers - 1
     logits = []
     with (
@@ -239,18 +384,14 @@ def _forward(
                 logits.append(model(piece, **kwargs(piece)))
             except _StopForward:
                 pass
-    short = {
-        name: n
-        for name, blocks in capture.store.items()
-        if (n := sum(block.shape[-2] for block in blocks)) != seq
-    }
+    short = {name: n for name, n in capture.rows_captured().items() if n != seq}
     if short:  # each chunk restarted from position 0
         raise RatLensError(
             f"{type(model).__name__} ignored the KV cache across query chunks "
             f"(rows captured per layer {short}, expected {seq}): query_chunk is "
             f"not available for this model; trace without it"
         )
-    return (torch.cat(logits, dim=1) if logits else None), capture.to_cache(model)
+    return (torch.cat(logits, dim=1) if logits else None), capture
 
 
 _locks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its RLock
@@ -290,6 +431,43 @@ def _all_modules(model) -> list:
         if isinstance(root, torch.nn.Module):
             found.update((id(m), m) for m in root.modules())
     return list(found.values())
+
+
+def input_device(model) -> torch.device:
+    """Where ``model`` takes its tokens, and where rat_lens puts what it captures: the device of
+    its embedding (``cfg.device``) even when its layers are dispatched over other devices, each
+    hook computing on its own layer's. A model whose embedding is offloaded (meta placeholders)
+    runs it on the device accelerate names; lacking one, CPU.
+
+    Examples:
+        >>> from rat_lens.models import load
+        >>> input_device(load("induction-2l"))
+        device(type='cpu')
+    """
+    device = getattr(getattr(model, "cfg", None), "device", None)
+    if device is not None and torch.device(device).type != "meta":
+        return torch.device(device)
+    params = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    return next((p.device for p in params if p.device.type != "meta"), torch.device("cpu"))
+
+
+@contextmanager
+def offloaded_weights_loaded(module):
+    """Within this block every weight under ``module`` holds its values, on the device its
+    layer runs on. accelerate's CPU / disk offload (a model loaded with ``device_map``) keeps
+    offloaded weights as meta placeholders outside their own module's forward, so reading one
+    (``attn.W_O``) needs this; elsewhere it does nothing. They are offloaded again afterwards.
+    """
+    offloaded = [m for m in module.modules() if getattr(getattr(m, "_hf_hook", None), "offload", 0)]
+    if not offloaded:
+        yield module
+        return
+    from accelerate.utils import align_module_device  # installed wherever a model is offloaded
+
+    with ExitStack() as stack:
+        for submodule in offloaded:
+            stack.enter_context(align_module_device(submodule))
+        yield module
 
 
 def check_tokens(model, tokens: Tensor) -> None:
@@ -534,24 +712,29 @@ def capture_contributions(
 
     with model_session(model), torch.no_grad(), model.hooks([(n, keeper(n)) for n in names]):
         logits = model(tokens)
-    out = {}
+    out, device = {}, input_device(model)
     for layer in layers:
-        attn = model.blocks[layer].attn
-        b_O = getattr(attn, "b_O", None)
+        # Each layer's shares are computed where its activations are (a dispatched model's
+        # layers are on several devices), then land on one device.
+        pattern = kept[f"blocks.{layer}.attn.hook_pattern"]
+        with offloaded_weights_loaded(model.blocks[layer].attn) as attn:
+            W_O = attn.W_O.detach().to(pattern.device)
+            b_O = getattr(attn, "b_O", None)
+            b_O = None if b_O is None else b_O.detach().to(pattern.device)
         out[layer] = torch.stack(
             [
                 edge_shares(
-                    kept[f"blocks.{layer}.attn.hook_pattern"][b],
+                    pattern[b],
                     kept[f"blocks.{layer}.attn.hook_v"][b],
-                    attn.W_O.detach(),
+                    W_O,
                     kept[f"blocks.{layer}.hook_resid_pre"][b],
-                    None if b_O is None else b_O.detach(),
+                    b_O,
                     weight,
                 )
                 for b in range(tokens.shape[0])
             ]
-        )
+        ).to(device)
     if with_patterns:
-        patterns = {layer: kept[f"blocks.{layer}.attn.hook_pattern"] for layer in layers}
+        patterns = {layer: kept[f"blocks.{layer}.attn.hook_pattern"].to(device) for layer in layers}
         return out, patterns, logits
     return out

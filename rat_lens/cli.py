@@ -117,15 +117,33 @@ def _search_options(args: argparse.Namespace) -> Optional[TraceOptions]:
             residual=args.residual,
             exclude_bos=args.exclude_bos,
             edge_weight=args.edge_weight,
+            move_threshold=args.move_threshold,
+            depth_discount=args.depth_discount,
         )
         if args.device is not None:
             from .models import check_device
 
             check_device(args.device)
+        args.dispatch = _dispatch(args)
     except RatLensError as err:
         print(f"rat-lens {args.command}: error: {err}", file=sys.stderr)
         return None
     return options
+
+
+def _dispatch(args: argparse.Namespace) -> dict:
+    """--device-map / --max-memory / --offload-folder as load()'s keywords, checked."""
+    if args.device_map is None and args.max_memory is None and args.offload_folder is None:
+        return {}
+    from .models.dispatch import check_dispatch, parse_device_map, parse_max_memory
+
+    given = {
+        "device_map": None if args.device_map is None else parse_device_map(args.device_map),
+        "max_memory": None if args.max_memory is None else parse_max_memory(args.max_memory),
+        "offload_folder": args.offload_folder,
+    }
+    check_dispatch(args.device, **given)
+    return given
 
 
 def _census(args: argparse.Namespace) -> int:
@@ -149,7 +167,7 @@ def _census(args: argparse.Namespace) -> int:
 
     rank, _ = init_distributed()  # under torchrun: this process's share of the prompts
     with progress(f"loading {args.model}"):
-        model = load(args.model, device=args.device)
+        model = load(args.model, device=args.device, **args.dispatch)
     found = census(
         model,
         texts,
@@ -158,12 +176,15 @@ def _census(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         format=args.format,
         resume=not args.no_resume,
+        roles=args.roles,
+        verify=args.verify,
         options=options,
     )
     if rank == 0:  # the other ranks' census has no counts: rank 0 merged them
         print(found.table())
         out = Path(args.out)
-        print(f"wrote {found.path}, {out / 'census.json'}, {out / 'census.csv'}")
+        written = ", ".join(str(out / f"census.{x}") for x in ("json", "csv", "html"))
+        print(f"wrote {found.path}, {written}")
     return 0
 
 
@@ -183,7 +204,7 @@ def _trace(args: argparse.Namespace) -> int:
     from .tracer import generate
 
     with progress(f"loading {args.model}"):
-        model = load(args.model, device=args.device)
+        model = load(args.model, device=args.device, **args.dispatch)
     tracer = ReverseAttentionTracer(model)
     tokens, mask = tracer.tokenize([text])
     targets = args.target_pos
@@ -346,8 +367,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     search.add_argument(
         "--length-norm",
-        default=_DEFAULT.length_norm,
-        help=f"none, avg_logprob, sqrt or pow:ALPHA (default {_DEFAULT.length_norm})",
+        default=None,
+        help="none, avg_logprob, sqrt or pow:ALPHA (default: avg_logprob for attention edges, "
+        "none for contribution edges)",
     )
     search.add_argument(
         "--residual",
@@ -364,11 +386,43 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--edge-weight",
         choices=EDGE_WEIGHTS,
-        default=_DEFAULT.edge_weight,
-        help="attention (default), or what each head wrote: contribution / value_norm "
-        "(need --layers and --agg-heads none; paths may stay in the residual stream)",
+        default=None,
+        help="attention, or what each head wrote: contribution / value_norm (need --layers "
+        "and --agg-heads none; paths may keep their position). Default: value_norm with "
+        "--layers and --agg-heads none, else attention",
+    )
+    search.add_argument(
+        "--move-threshold",
+        type=float,
+        default=_DEFAULT.move_threshold,
+        metavar="SHARE",
+        help="contribution edges: a move scores log(share / SHARE) "
+        f"(default {_DEFAULT.move_threshold})",
+    )
+    search.add_argument(
+        "--depth-discount",
+        type=float,
+        default=_DEFAULT.depth_discount,
+        metavar="G",
+        help="contribution edges: the i-th move of a route counts G**(i-1) "
+        f"(default {_DEFAULT.depth_discount})",
     )
     search.add_argument("--device", help="torch device for the model (default: CPU)")
+    search.add_argument(
+        "--device-map",
+        metavar="MAP",
+        help="spread a Hugging Face model over devices or offload it: auto, balanced, "
+        "sequential, one device, or MODULE=DEVICE,... (devices: 0, cuda:1, cpu, disk)",
+    )
+    search.add_argument(
+        "--max-memory",
+        metavar="DEV=SIZE,...",
+        help="the most each device holds, e.g. 0=2GiB,cpu=4GiB; the rest is offloaded "
+        "(implies --device-map auto)",
+    )
+    search.add_argument(
+        "--offload-folder", metavar="DIR", help="where disk-offloaded weights are written"
+    )
 
     trace = commands.add_parser(
         "trace",
@@ -439,7 +493,8 @@ def _parser() -> argparse.ArgumentParser:
         help="trace a dataset of prompts and count the heads on the routes",
         description="Trace every prompt of DATA (.jsonl, .csv or text lines), stream the "
         "traces to OUT/traces.jsonl, resume where a run stopped, and write per-head counts "
-        "(OUT/census.json, OUT/census.csv). Under torchrun, ranks share the prompts.",
+        "(OUT/census.json, OUT/census.csv) and their page, a layer x head heatmap "
+        "(OUT/census.html). Under torchrun, ranks share the prompts.",
     )
     census.add_argument("data", metavar="DATA", help="prompts: .jsonl / .csv rows or text lines")
     census.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
@@ -462,6 +517,16 @@ def _parser() -> argparse.ArgumentParser:
         "--no-resume",
         action="store_true",
         help="start over instead of skipping prompts already traced in OUT",
+    )
+    census.add_argument(
+        "--roles",
+        action="store_true",
+        help="also score each head's role (previous-token, duplicate, induction) on every prompt",
+    )
+    census.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check each prompt's trace causally (rat_lens.verify: ablate its beams)",
     )
     census.set_defaults(run=_census)
 

@@ -15,17 +15,19 @@ Examples:
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
-from .errors import RatLensError, check_bool, check_choice, check_int, resolve_index
+from .errors import RatLensError, check_bool, check_choice, check_int, check_number, resolve_index
 
 __all__ = [
     "TraceOptions",
     "AGG_HEADS",
+    "AUTO_EDGE_WEIGHT",
     "LENGTH_NORMS",
     "RESIDUALS",
     "SEARCH_BUDGET",
+    "PATTERN_BUDGET",
     "length_norm_denominator",
 ]
 
@@ -37,9 +39,17 @@ SEARCH_BUDGET = 20_000_000
 # Beams one page draws, over all its results (a beam costs ~1.4 ms to lay out and ~250 bytes of
 # page; 200,000 took 4 min 44 s and 49 MB). Raise it with ``rat_lens.options.PAGE_BEAM_BUDGET``.
 PAGE_BEAM_BUDGET = 5_000
+# Bytes of dense float32 attention a trace may keep (per-head patterns, and the head-means its
+# rollout reads). Over it a per-head trace keeps each row's strongest keys instead (the tracer's
+# store="auto"), and has no rollout if the head-means are over it too. 1 GiB: a 12 x 12 trace of
+# 1,024 tokens stays dense, of 2,048 not. Raise it with ``rat_lens.options.PATTERN_BUDGET = n``.
+PATTERN_BUDGET = 2**30
 LENGTH_NORMS = ("none", "avg_logprob", "sqrt", "pow:<alpha>")
 RESIDUALS = ("none", "rollout")
 EDGE_WEIGHTS = ("attention", "value_norm", "contribution")
+# What per-head layers traces weigh edges by unless told: the winner of the comparison in
+# docs/concepts.md (SmolLM2 at full depth: induction circuits and verify against random paths).
+AUTO_EDGE_WEIGHT = "value_norm"
 
 
 @dataclass(frozen=True)
@@ -54,17 +64,27 @@ class TraceOptions:
         top_k: candidates (head, key) each beam expands to per step.
         min_attn: candidates below this weight are dropped.
         agg_heads: ``"mean"`` / ``"max"`` over heads, or ``"none"``: per-head edges.
-        length_norm: how a path's Σ log(weight) is normalised: ``"none"``, ``"avg_logprob"``
-            (÷ edges), ``"sqrt"`` (÷ √edges) or ``"pow:α"`` (÷ edges^α).
+        length_norm: how a path's score is normalised: ``"none"``, ``"avg_logprob"``
+            (÷ edges), ``"sqrt"`` (÷ √edges) or ``"pow:α"`` (÷ edges^α). ``None`` (the
+            default): ``"avg_logprob"`` for attention edges (reverse-attention's), ``"none"``
+            for contribution edges, whose routes are scored by ``move_threshold`` and
+            ``depth_discount`` instead.
         stop_at_bos: a beam ends when it reaches a BOS position (position 0 always ends it).
         residual: ``"rollout"`` (layers mode) adds the residual stream, 0.5·A + 0.5·I.
         exclude_bos: leave BOS / position 0 out of the candidates (attention sinks).
         edge_weight: what an edge weighs: ``"attention"`` (the pattern, reverse-attention's), or
             what the head wrote, as a share of the block's output at the query:
             ``"contribution"`` (proximity, Ferrando & Voita 2024) or ``"value_norm"``
-            (Kobayashi et al. 2020). These two need layers mode and ``agg_heads="none"``, and
-            add residual edges: a path may stay at its position through the residual stream,
-            free in the score, which then averages over the moves (docs/concepts.md).
+            (Kobayashi et al. 2020). ``None`` (the default): ``"value_norm"`` for per-head
+            layers traces (``layers=...``, ``agg_heads="none"``, no rollout), else
+            ``"attention"``. The two need layers mode and ``agg_heads="none"``, and
+            add stays: a path may keep its position (the residual stream, with every head's
+            read of that same position), free in the score (docs/concepts.md).
+        move_threshold: contribution edges only: a move scores ``log(share / move_threshold)``,
+            so moves stronger than this lengthen a route's lead and weaker ones cost.
+        depth_discount: contribution edges only: the ``i``-th move of a route counts
+            ``depth_discount ** (i - 1)``: the first move out of the target weighs most, deeper
+            moves reach the target only through the ones before them.
     """
 
     layer: int = -1
@@ -73,11 +93,13 @@ class TraceOptions:
     top_k: int = 5
     min_attn: float = 0.0
     agg_heads: str = "mean"
-    length_norm: str = "avg_logprob"
+    length_norm: Optional[str] = None  # resolved by edge_weight (see above)
     stop_at_bos: bool = True
     residual: Optional[str] = "none"  # None reads as "none"
     exclude_bos: bool = False
-    edge_weight: str = "attention"
+    edge_weight: Optional[str] = None  # resolved by the mode (see above)
+    move_threshold: float = 0.04
+    depth_discount: float = 0.5
 
     def __post_init__(self):
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
@@ -106,7 +128,6 @@ class TraceOptions:
         ):
             raise RatLensError(f"min_attn must be a number, got {self.min_attn!r}")
         check_choice("agg_heads", self.agg_heads, AGG_HEADS)
-        check_length_norm(self.length_norm)
         check_bool("stop_at_bos", self.stop_at_bos)
         check_bool("exclude_bos", self.exclude_bos)
         residual = "none" if self.residual is None else self.residual
@@ -117,7 +138,32 @@ class TraceOptions:
                 "chain stays in one layer"
             )
         object.__setattr__(self, "residual", residual)
+        # which of the two were left to the mode (a trace may fall back: attention_fallback)
+        auto = frozenset(n for n in ("edge_weight", "length_norm") if getattr(self, n) is None)
+        object.__setattr__(self, "_auto", auto)
+        if self.edge_weight is None:  # per-head layers traces find circuits by what heads wrote
+            per_head_layers = not self.chain and self.per_head and residual == "none"
+            object.__setattr__(
+                self, "edge_weight", AUTO_EDGE_WEIGHT if per_head_layers else "attention"
+            )
         check_choice("edge_weight", self.edge_weight, EDGE_WEIGHTS)
+        if self.length_norm is None:
+            auto = "avg_logprob" if self.edge_weight == "attention" else "none"
+            object.__setattr__(self, "length_norm", auto)
+        check_length_norm(self.length_norm)
+        for name in ("move_threshold", "depth_discount"):
+            value = check_number(name, getattr(self, name))
+            if not 0 < value <= 1:
+                raise RatLensError(f"{name} must be in (0, 1], got {value!r}")
+        if self.edge_weight == "attention" and (
+            self.move_threshold != TraceOptions.move_threshold
+            or self.depth_discount != TraceOptions.depth_discount
+        ):
+            raise RatLensError(
+                f"move_threshold={self.move_threshold!r} and depth_discount="
+                f"{self.depth_discount!r} score contribution routes: they need "
+                "edge_weight='contribution' or 'value_norm', got edge_weight='attention'"
+            )
         if self.edge_weight != "attention" and (
             self.chain or self.agg_heads != "none" or residual != "none"
         ):
@@ -141,6 +187,32 @@ class TraceOptions:
     def stays(self) -> bool:
         """Whether edges include residual stays (contribution-weighted traces)."""
         return self.edge_weight != "attention"
+
+    @property
+    def auto_edge_weight(self) -> bool:
+        """Whether ``edge_weight`` was left to the mode (not given)."""
+        return "edge_weight" in self._auto
+
+    def attention_fallback(self) -> "TraceOptions":
+        """These options with attention edges, as if ``edge_weight="attention"`` had been given
+        (``length_norm`` follows unless it was given too): what a per-head layers trace uses
+        where the default contribution edges cannot run (a ``cache=``, query chunks, more
+        shares than ``PATTERN_BUDGET``).
+
+        Examples:
+            >>> auto = TraceOptions(layers=(0, 1), agg_heads="none")
+            >>> auto.edge_weight, auto.attention_fallback().edge_weight
+            ('value_norm', 'attention')
+            >>> auto.attention_fallback().length_norm
+            'avg_logprob'
+        """
+        return replace(
+            self,
+            edge_weight="attention",
+            length_norm=None if "length_norm" in self._auto else self.length_norm,
+            move_threshold=TraceOptions.move_threshold,
+            depth_discount=TraceOptions.depth_discount,
+        )
 
     def layer_ids(self, n_layers: int) -> list[int]:
         """The layers a path reads, top first: ``[layer]`` in chain mode, else hi..lo.

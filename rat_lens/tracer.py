@@ -6,15 +6,20 @@ TransformerLens model and the tokenizer defaults to its own. ``rat_lens.ReverseA
 ``render_html``, ``device`` / ``dtype``.
 """
 
+import warnings
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Optional, Union
 
+import numpy as np
 import torch
-from einops import reduce
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
+from . import options as option_defaults
 from .capture import (
+    BoundedCapture,
+    capture_bounded,
     capture_contributions,
     capture_patterns,
     check_tokens,
@@ -24,17 +29,19 @@ from .capture import (
     patterns_from_cache,
     run_with_patterns,
 )
-from .errors import RatLensError, check_int
+from .errors import RatLensError, check_choice, check_int
 from .options import TraceOptions
 from .result import BeamPath, TraceResult, build_sankey, path_text
 from .search.beam import beam_search
 from .search.pattern import check_pattern_values
-from .search.stats import predictions_at, rollout_rows
+from .search.stats import predictions_at, rollout_rows, top_attention
+from .search.store import TopKeys, head_mean, layer_mean
 
 __all__ = ["Tracer", "trace", "generate"]
 
 Targets = Union[int, Sequence[int]]
 QueryChunk = Union[int, str, None]
+STORES = ("auto", "dense", "bounded")
 _DEFAULT = TraceOptions()  # the defaults below are read from here, written only in options.py
 
 
@@ -64,18 +71,21 @@ class Tracer:
         top_k: int = _DEFAULT.top_k,
         min_attn: float = _DEFAULT.min_attn,
         agg_heads: str = _DEFAULT.agg_heads,
-        length_norm: str = _DEFAULT.length_norm,
+        length_norm: Optional[str] = None,
         stop_at_bos: bool = _DEFAULT.stop_at_bos,
         bos_token_id: Optional[int] = None,
         *,
         layers: Optional[tuple[int, int]] = _DEFAULT.layers,
         residual: Optional[str] = _DEFAULT.residual,
         exclude_bos: bool = _DEFAULT.exclude_bos,
-        edge_weight: str = _DEFAULT.edge_weight,
+        edge_weight: Optional[str] = None,
+        move_threshold: float = _DEFAULT.move_threshold,
+        depth_discount: float = _DEFAULT.depth_discount,
         options: Optional[TraceOptions] = None,
         cache=None,
         predictions: int = 0,
         query_chunk: QueryChunk = "auto",
+        store: str = "auto",
     ) -> TraceResult:
         """Trace one prompt (``input_ids`` ``[seq]`` or ``[1, seq]``) from ``target_pos``.
 
@@ -83,8 +93,8 @@ class Tracer:
         (``target_pos=None`` is the last token), then, by keyword, the
         rest of :class:`~rat_lens.options.TraceOptions` (``layers=(lo, hi)`` for layers mode,
         ``agg_heads="none"`` for per-head edges, ``residual``, ``exclude_bos``) or a whole
-        ``options=TraceOptions(...)``; ``cache``, ``predictions`` and ``query_chunk`` as in
-        :meth:`trace_batch`.
+        ``options=TraceOptions(...)``; ``cache``, ``predictions``, ``query_chunk`` and ``store``
+        as in :meth:`trace_batch`.
         """
         tokens = _as_batch(input_ids)
         if tokens.shape[0] != 1:
@@ -111,6 +121,8 @@ class Tracer:
             residual=residual,
             exclude_bos=exclude_bos,
             edge_weight=edge_weight,
+            move_threshold=move_threshold,
+            depth_discount=depth_discount,
         )
         return self.trace_batch(
             tokens,
@@ -121,6 +133,7 @@ class Tracer:
             cache=cache,
             predictions=predictions,
             query_chunk=query_chunk,
+            store=store,
         )[0]
 
     def _before_trace(self, input_ids, attention_mask) -> None:
@@ -144,16 +157,19 @@ class Tracer:
         top_k: int = _DEFAULT.top_k,
         min_attn: float = _DEFAULT.min_attn,
         agg_heads: str = _DEFAULT.agg_heads,
-        length_norm: str = _DEFAULT.length_norm,
+        length_norm: Optional[str] = None,
         stop_at_bos: bool = _DEFAULT.stop_at_bos,
         residual: Optional[str] = _DEFAULT.residual,
         exclude_bos: bool = _DEFAULT.exclude_bos,
-        edge_weight: str = _DEFAULT.edge_weight,
+        edge_weight: Optional[str] = None,
+        move_threshold: float = _DEFAULT.move_threshold,
+        depth_discount: float = _DEFAULT.depth_discount,
         options: Optional[TraceOptions] = None,
         bos_token_id: Optional[int] = None,
         cache=None,
         predictions: int = 0,
         query_chunk: QueryChunk = "auto",
+        store: str = "auto",
     ) -> list[TraceResult]:
         """Trace every prompt of a batch from every position in ``target_pos``: ONE forward.
 
@@ -169,7 +185,12 @@ class Tracer:
         time over the model's KV cache, so it never holds more than N rows of attention scores
         (long contexts; unpadded prompts; same patterns); the default ``"auto"`` does so for
         unpadded prompts over 512 tokens where a probe shows it exact; ``None`` always runs one
-        forward.
+        forward. ``store`` says what a per-head trace keeps of the attention: ``"dense"`` every
+        head's whole pattern; ``"bounded"`` per (layer, head, query) row only its strongest keys
+        (``max(top_k, 64)``), the diagonal and the BOS columns, filled as the forward runs
+        (memory ∝ seq·heads, not seq²·heads; same beams, strip and head rows; the rollout only
+        where the head-means fit in ``rat_lens.options.PATTERN_BUDGET``, else empty); ``"auto"``
+        bounded when the dense patterns would exceed that budget.
         """
         options = _options(
             options,
@@ -184,6 +205,8 @@ class Tracer:
             residual=residual,
             exclude_bos=exclude_bos,
             edge_weight=edge_weight,
+            move_threshold=move_threshold,
+            depth_discount=depth_discount,
         )
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs):
             if attention_mask is not None:
@@ -212,24 +235,39 @@ class Tracer:
                 "none: give one or the other"
             )
 
-        if options.stays:
-            logits, stacked, attention = self._contributions(
-                tokens, mask, layer_ids, options.edge_weight, cache, predictions, query_chunk
-            )
-        else:
-            logits, stacked = self._patterns(
-                tokens, mask, layer_ids, options.agg_heads, cache, predictions, query_chunk
-            )
-            attention = stacked
-        head_means = torch.stack(
-            [reduce(p, "batch head query key -> batch query key", "mean") for p in attention]
-        )  # [layer (top first), batch, query, key]: the strip and rollout read attention
-        overview = head_means.mean(0)
+        if options.stays and options.auto_edge_weight:
+            options = self._fall_back(options, tokens, layer_ids, cache, query_chunk)
+        bounded = self._bounded(store, options, tokens, layer_ids, cache)
         bos_id = (
             bos_token_id
             if bos_token_id is not None
             else getattr(self.tokenizer, "bos_token_id", None)
         )
+        bos_of = [
+            [p for p, t in enumerate(row.tolist()) if t == bos_id and mask[b, p]]
+            for b, row in enumerate(tokens)
+        ]
+
+        if options.stays:
+            logits, stacked, attention = self._contributions(
+                tokens, mask, layer_ids, options.edge_weight, cache, predictions, query_chunk
+            )
+        elif bounded:
+            logits, stacked, head_means, strips = self._bounded_patterns(
+                tokens, mask, layer_ids, options, bos_of, cache, predictions, query_chunk
+            )
+            attention = stacked
+        else:
+            logits, stacked = self._patterns(
+                tokens, mask, layer_ids, options.agg_heads, cache, predictions, query_chunk
+            )
+            attention = stacked
+        if not bounded:
+            # [layer (top first), batch, query, key]: the strip and rollout read attention
+            head_means = torch.stack([head_mean(p) for p in attention])
+            # The layers summed bottom up, as a forward delivers them to the bounded strip.
+            overview = layer_mean(list(head_means.flip(0)))
+            strips = [top_attention(overview[b], mask[b]) for b in range(tokens.shape[0])]
         results = []
         for b in range(tokens.shape[0]):
             ids = tokens[b].tolist()
@@ -238,7 +276,7 @@ class Tracer:
                 token_ids=ids,
                 seq_len=len(ids),
                 batch_index=b,
-                top_attention=_top_attention(overview[b], mask[b]),
+                top_attention=strips[b],
                 mode="chain" if options.chain else "layers",
                 layer=layer_ids[0],
                 layer_lo=layer_ids[-1],
@@ -249,13 +287,16 @@ class Tracer:
                 top_k=options.top_k,
                 length_norm=options.length_norm,
                 edge_weight=options.edge_weight,
+                move_threshold=options.move_threshold if options.stays else None,
+                depth_discount=options.depth_discount if options.stays else None,
             )
-            bos = [p for p, t in enumerate(ids) if t == bos_id and mask[b, p]]
+            bos = bos_of[b]
             patterns = [p[b] for p in stacked]
-            # Rollout is not defined for max-aggregated heads; all targets share one pass.
+            # Rollout is not defined for max-aggregated heads, nor without every head-mean (a
+            # bounded trace over the budget); all targets share one pass.
             rollouts = (
                 [[] for _ in targets[b]]
-                if options.agg_heads == "max"
+                if options.agg_heads == "max" or head_means is None
                 else rollout_rows(head_means[:, b, None].flip(0), targets[b]).tolist()
             )
             for target, rollout in zip(targets[b], rollouts):
@@ -303,22 +344,130 @@ class Tracer:
             check_pattern_values(pattern, hook_name(layer))
         return logits, stacked
 
+    def _bounded(self, store, options, tokens, layer_ids, cache) -> bool:
+        """Whether to keep the attention bounded (``store``, see :meth:`trace_batch`)."""
+        check_choice("store", store, STORES)
+        n_heads = getattr(getattr(self.model, "cfg", None), "n_heads", None)
+        if not options.per_head:
+            why = f"agg_heads={options.agg_heads!r} keeps one matrix per layer"
+        elif options.stays:
+            why = f"edge_weight={options.edge_weight!r} reads every head's whole rows"
+        elif options.chain and n_heads == 1:
+            why = "a chain through one head takes reverse-attention's order, from whole rows"
+        else:
+            why = None
+        if store == "bounded" and why:
+            raise RatLensError(
+                f"store='bounded' is for per-head traces (agg_heads='none', attention weights), "
+                f"but {why}: use store='auto' or 'dense'"
+            )
+        if store != "auto" or why or cache is not None:  # a cache already holds it all
+            return store == "bounded"
+        batch, seq = tokens.shape
+        dense = 4 * len(layer_ids) * batch * (n_heads or 1) * seq * seq
+        return dense > option_defaults.PATTERN_BUDGET
+
+    def _bounded_patterns(
+        self, tokens, mask, layer_ids, options, bos_of, cache, predictions, query_chunk
+    ):
+        """A bounded trace's attention, filled as the forward runs: per layer (top first) one
+        :class:`~rat_lens.search.store.TopKeys` per prompt; the head-means ``[layer, batch,
+        query, key]`` if they fit in ``PATTERN_BUDGET`` (else None); each prompt's strip; the
+        logits when predictions are asked for."""
+        batch, seq = tokens.shape
+        means = 4 * len(layer_ids) * batch * seq * seq  # bytes of the rollout's head-means
+        if means > option_defaults.PATTERN_BUDGET:
+            warnings.warn(
+                f"no rollout: it reads every traced layer's whole head-mean ({means / 2**30:.1f} "
+                f"GB here), over rat_lens.options.PATTERN_BUDGET; raise that to have it",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        key_ok = mask.bool()  # the search's candidates: unmasked keys, sinks unless excluded
+        if options.exclude_bos:
+            key_ok[:, 0] = False
+            for b, positions in enumerate(bos_of):
+                key_ok[b, positions] = False
+        capture = BoundedCapture(
+            layer_ids,
+            key_ok,
+            sink_keys=sorted({p for positions in bos_of for p in positions}),
+            keep=max(options.top_k, HEAD_ROW_KEYS),
+            query_mask=mask,
+            head_means=means <= option_defaults.PATTERN_BUDGET,
+        )
+        logits = None
+        if cache is not None:
+            patterns = patterns_from_cache(cache, layer_ids, "none", (batch, seq))
+            for layer in sorted(layer_ids):  # in a forward's order
+                capture.add(hook_name(layer), patterns[hook_name(layer)])
+        else:
+            logits = capture_bounded(
+                self.model,
+                tokens,
+                capture,
+                attention_mask=None if mask.all() else mask,
+                query_chunk=query_chunk,
+                logits=bool(predictions),
+            )
+        stores = capture.stores()
+        stacked = [stores[layer] for layer in layer_ids]
+        return logits, stacked, capture.head_mean_stack(layer_ids), capture.strips
+
+    def _fall_back(self, options, tokens, layer_ids, cache, query_chunk) -> TraceOptions:
+        """Attention edges where the default contribution edges cannot run: they need their
+        own whole forward (no ``cache=``, no query chunks) and dense shares within
+        ``PATTERN_BUDGET``. The result's ``edge_weight`` says which weights were used."""
+        n_heads = getattr(getattr(self.model, "cfg", None), "n_heads", 1)
+        batch, seq = tokens.shape
+        shares = 4 * len(layer_ids) * batch * (n_heads + 1) * seq * seq
+        if (
+            cache is not None
+            or isinstance(query_chunk, int)
+            or shares > option_defaults.PATTERN_BUDGET
+        ):
+            return options.attention_fallback()
+        return options
+
     def _contributions(self, tokens, mask, layer_ids, weight, cache, predictions, query_chunk):
         """Per layer (top first) the parts' shares ``[batch, head + 1, query, key]`` (the last
-        channel the residual stream), the attention patterns, and logits when asked for."""
-        if cache is not None or isinstance(query_chunk, int) or not mask.all():
+        channel the residual stream), the attention patterns, and logits when asked for. A
+        padded prompt runs alone, on its real tokens, its results placed back at their
+        positions (zero rows and columns at the padding)."""
+        if cache is not None or isinstance(query_chunk, int):
             raise RatLensError(
-                f"edge_weight={weight!r} runs its own forward over unpadded prompts: no cache=, "
-                "no query_chunk, no padding (trace long or padded prompts one at a time)"
+                f"edge_weight={weight!r} runs its own whole forward: no cache=, no "
+                "query_chunk (pass edge_weight='attention' to trace from a cache or in chunks)"
             )
-        shares, patterns, logits = capture_contributions(
-            self.model, tokens, layer_ids, weight, with_patterns=True
-        )
+        if mask.all():
+            shares, patterns, logits = capture_contributions(
+                self.model, tokens, layer_ids, weight, with_patterns=True
+            )
+        else:
+            shares, patterns, logits = self._padded_contributions(tokens, mask, layer_ids, weight)
         logits = logits if predictions else None  # the same forward ran to the end
         stacked = [shares[layer].float().cpu() for layer in layer_ids]
         for layer, share in zip(layer_ids, stacked):
             check_pattern_values(share, f"edge shares of layer {layer}")
         return logits, stacked, [patterns[layer].float().cpu() for layer in layer_ids]
+
+    def _padded_contributions(self, tokens, mask, layer_ids, weight):
+        batch, seq = tokens.shape
+        shares, patterns, logits = {}, {}, None
+        for b in range(batch):
+            real = mask[b].nonzero().flatten()
+            one = capture_contributions(
+                self.model, tokens[b : b + 1, real], layer_ids, weight, with_patterns=True
+            )
+            for out, got in zip((shares, patterns), one[:2]):
+                for layer, value in got.items():
+                    if layer not in out:
+                        out[layer] = value.new_zeros(batch, value.shape[1], seq, seq)
+                    out[layer][b][:, real[:, None], real[None, :]] = value[0]
+            if logits is None:
+                logits = one[2].new_zeros(batch, seq, one[2].shape[-1])
+            logits[b, real] = one[2][0]
+        return shares, patterns, logits
 
     def tokenize(
         self, texts: list[str]
@@ -364,17 +513,20 @@ def trace(
     top_k: int = _DEFAULT.top_k,
     min_attn: float = _DEFAULT.min_attn,
     agg_heads: str = _DEFAULT.agg_heads,
-    length_norm: str = _DEFAULT.length_norm,
+    length_norm: Optional[str] = None,
     stop_at_bos: bool = _DEFAULT.stop_at_bos,
     residual: Optional[str] = _DEFAULT.residual,
     exclude_bos: bool = _DEFAULT.exclude_bos,
-    edge_weight: str = _DEFAULT.edge_weight,
+    edge_weight: Optional[str] = None,
+    move_threshold: float = _DEFAULT.move_threshold,
+    depth_discount: float = _DEFAULT.depth_discount,
     options: Optional[TraceOptions] = None,
     attention_mask=None,
     bos_token_id: Optional[int] = None,
     cache=None,
     predictions: int = 0,
     query_chunk: QueryChunk = "auto",
+    store: str = "auto",
 ) -> TraceResult:
     """One-call trace for notebooks: ``inputs`` is text or token ids of one prompt; keywords as
     :meth:`Tracer.trace`.
@@ -401,6 +553,8 @@ def trace(
         residual=residual,
         exclude_bos=exclude_bos,
         edge_weight=edge_weight,
+        move_threshold=move_threshold,
+        depth_discount=depth_discount,
     )
     run = dict(
         options=options,
@@ -408,6 +562,7 @@ def trace(
         cache=cache,
         predictions=predictions,
         query_chunk=query_chunk,
+        store=store,
     )
     if isinstance(inputs, str):
         if attention_mask is not None:
@@ -425,7 +580,8 @@ def _options(options: Optional[TraceOptions], **given) -> TraceOptions:
         return TraceOptions(**given)
     if not isinstance(options, TraceOptions):
         raise RatLensError(f"options must be a TraceOptions, got {type(options).__name__}")
-    changed = sorted(k for k, v in given.items() if v != getattr(_DEFAULT, k))
+    defaults = {f.name: f.default for f in fields(TraceOptions)}  # as given, not as resolved
+    changed = sorted(k for k, v in given.items() if v != defaults[k])
     if changed:
         raise RatLensError(f"give options=TraceOptions(...) or the keywords {changed}, not both")
     return options
@@ -473,11 +629,13 @@ def _result(prompt: dict, target: int, beams, rollout: list[float]) -> TraceResu
 HEAD_ROW_KEYS, HEAD_ROWS_MAX = 64, 512  # per row; per trace (the page's heatmap, bounded)
 
 
-def _head_rows(beams, attention: list[Tensor], layer_ids: list[int]) -> list[dict]:
+def _head_rows(beams, attention: list, layer_ids: list[int]) -> list[dict]:
     """The attention row each head edge leaves from, compactly: per distinct (layer, head,
-    query), best beams first, the row's ``HEAD_ROW_KEYS`` strongest keys and the beams' own keys
-    (at most ``HEAD_ROWS_MAX`` rows). ``attention[t]`` is layer ``layer_ids[t]``'s pattern
-    ``[head, query, key]`` (one channel, head None, when heads were aggregated)."""
+    query), best beams first, the row's ``HEAD_ROW_KEYS`` strongest keys (equal weights: the
+    earlier key first) and the beams' own keys (at most ``HEAD_ROWS_MAX`` rows).
+    ``attention[t]`` is layer ``layer_ids[t]``'s pattern ``[head, query, key]`` (one channel,
+    head None, when heads were aggregated), dense or a bounded ``TopKeys`` (which holds every
+    row's strongest keys)."""
     index = {layer: t for t, layer in enumerate(layer_ids)}
     wanted: dict[tuple, set] = {}
     for beam in beams:
@@ -487,31 +645,25 @@ def _head_rows(beams, attention: list[Tensor], layer_ids: list[int]) -> list[dic
                 wanted.setdefault(edge, set()).add(beam.positions[i + 1])
     rows = []
     for (layer, head, query), keys in wanted.items():
-        row = attention[index[layer]][0 if head is None else head, query, : query + 1]
-        chosen = sorted(set(row.topk(min(HEAD_ROW_KEYS, query + 1)).indices.tolist()) | keys)
+        pattern, channel = attention[index[layer]], 0 if head is None else head
+        if isinstance(pattern, TopKeys):
+            row_keys, row_weights = pattern.row(channel, query)
+        else:
+            row_keys, row_weights = torch.arange(query + 1), pattern[channel, query, : query + 1]
+        row_keys, row_weights = row_keys.numpy(), row_weights.double().numpy()
+        strongest = row_keys[np.lexsort((row_keys, -row_weights))[:HEAD_ROW_KEYS]]
+        weight_of = dict(zip(row_keys.tolist(), row_weights.tolist()))
+        chosen = sorted(set(strongest.tolist()) | keys)
         rows.append(
             {
                 "layer": layer,
                 "head": head,
                 "query": query,
                 "keys": chosen,
-                "weights": [round(float(row[k]), 6) for k in chosen],
+                "weights": [round(weight_of[k], 6) for k in chosen],
             }
         )
     return rows
-
-
-def _top_attention(
-    pattern: Float[Tensor, "query key"], mask: Int[Tensor, " seq"], k: int = 4
-) -> list[list]:
-    """``[query, key, weight]`` for the ``k`` strongest keys of each unmasked query."""
-    weights, keys = pattern.topk(min(k, pattern.shape[-1]), dim=-1)
-    return [
-        [q, key, round(w, 4)]
-        for q in mask.nonzero()[:, 0].tolist()
-        for key, w in zip(keys[q].tolist(), weights[q].tolist())
-        if w > 0
-    ]
 
 
 def _as_batch(input_ids) -> Int[Tensor, "batch seq"]:

@@ -23,7 +23,7 @@ from typing import Optional, Union
 
 import torch
 from einops import reduce
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor
 
 from ..errors import RatLensError
@@ -41,6 +41,7 @@ __all__ = [
     "rollout_importance",
     "rollout_rows",
     "beam_mass_importance",
+    "top_attention",
     "top_predictions",
     "predictions_at",
 ]
@@ -269,6 +270,27 @@ def beam_mass_importance(
     """
     out = torch.zeros(seq_len, dtype=mass.dtype, device=mass.device)
     return out.index_add_(0, keys.to(mass.device), mass)
+
+
+def top_attention(
+    rows: Float[Tensor, "query key"], mask: Shaped[Tensor, " seq"], first_row: int = 0, k: int = 4
+) -> list[list]:
+    """``[query, key, weight]`` (weight rounded to 4 places) for the ``k`` strongest positive
+    keys of each unmasked query; ``rows`` are queries ``first_row, first_row + 1, ...`` (a trace's
+    token strip, row block by row block).
+
+    Examples:
+        >>> rows = torch.tensor([[1.0, 0.0, 0.0], [0.25, 0.75, 0.0]])
+        >>> top_attention(rows, torch.tensor([1, 1, 1]), first_row=1, k=1)
+        [[1, 0, 1.0], [2, 1, 0.75]]
+    """
+    weights, keys = rows.topk(min(k, rows.shape[-1]), dim=-1)
+    return [
+        [first_row + i, key, round(w, 4)]
+        for i in mask[first_row : first_row + len(rows)].nonzero()[:, 0].tolist()
+        for key, w in zip(keys[i].tolist(), weights[i].tolist())
+        if w > 0
+    ]
 
 
 def top_predictions(

@@ -1,0 +1,279 @@
+"""Attention in bounded memory: per (head, query) row, only what a trace can read of it.
+
+A per-head trace of L layers × H heads over n tokens keeps L·H·n² weights when dense (2.4 GB at
+2,048 tokens on GPT-2 small, ~38 GB at 8,192), yet a search step reads at most ``top_k + 1``
+(head, key) pairs of a row. :class:`TopKeys` keeps, per (head, query) row of one layer:
+
+* the ``keep`` strongest keys strictly before the query among those a search may pick
+  (``key_ok``: not masked, not a sink left out by ``exclude_bos``), ties at the cut going to the
+  earlier key (the set a stable sort by weight, descending, puts first);
+* the diagonal ``A[q, q]`` (a layers-mode step may stay; ``residual="rollout"`` raises it);
+* the sink columns (position 0, BOS positions), which a step's ``bos_mass`` sums whether or not
+  they are candidates.
+
+``store[:, rows]`` gives dense ``[head, row, key]`` rows with exactly these entries, 0 elsewhere, so
+:func:`rat_lens.search.beam.beam_search` runs on a list of them unchanged, with the same beams,
+weights and scores as on the dense patterns whenever ``keep >= top_k``: a step takes a row's
+``top_k`` strongest (head, key) pairs in a stable sort's order (weight, then lower head, then
+earlier key), and each of those is among its own head's first ``top_k`` in that order
+(``min_attn`` and the rollout's ``0.5·A`` keep the order of the keys before the diagonal), which
+are kept. (Not for reverse-attention's own tie order, a chain in one matrix: that depends on the
+whole row.)
+
+The store fills as a forward runs, block of query rows by block (:class:`TopKeysBuilder`); only
+one block of a layer's dense pattern exists at a time. :class:`LayerMeanRows` likewise averages
+each row over the traced layers as soon as every layer has delivered it (the token strip).
+"""
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from einops import reduce
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from ..errors import RatLensError
+
+__all__ = [
+    "TopKeys",
+    "TopKeysBuilder",
+    "LayerMeanRows",
+    "stable_top_keys",
+    "layer_mean",
+    "head_mean",
+]
+
+
+def stable_top_keys(values: Float[Tensor, "row key"], k: int) -> Int[Tensor, "row kept"]:
+    """The ``k`` largest entries of each row (all of them if the row is shorter), where equal
+    values straddle the cut the earlier keys: the set a stable sort puts first (except among
+    -inf, which marks keys left out). Order within a row unspecified. One ``topk`` of ``k + 1``
+    finds the rows whose cut splits equal values; only those are redone by index.
+
+    Examples:
+        >>> sorted(stable_top_keys(torch.tensor([[0.1, 0.3, 0.3, 0.3, 0.0]]), 2)[0].tolist())
+        [1, 2]
+    """
+    rows, n = values.shape
+    if k >= n:
+        return torch.arange(n, device=values.device).repeat(rows, 1)
+    vals, idx = values.topk(k + 1)
+    idx, cut = idx[:, :k], vals[:, k - 1]
+    tied = ((cut == vals[:, k]) & (cut > -torch.inf)).nonzero()[:, 0]  # -inf: never read
+    if len(tied):
+        v, c = values[tied], cut[tied, None]
+        above, at = v > c, v == c
+        need = k - above.sum(-1, keepdim=True)
+        keep = above | (at & (at.cumsum(-1) <= need))  # exactly k per row, in key order
+        idx[tied] = keep.nonzero()[:, 1].view(len(tied), k)
+    return idx
+
+
+def layer_mean(parts: Sequence[Float[Tensor, "*rows key"]]) -> Float[Tensor, "*rows key"]:
+    """``Σ parts / len(parts)``, summed in the order given (as :class:`LayerMeanRows` sums the
+    layers as they arrive: the streamed strip and the dense one agree bit for bit).
+
+    Examples:
+        >>> layer_mean([torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])])
+        tensor([0.5000, 0.5000])
+    """
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total / len(parts)
+
+
+def head_mean(block: Float[Tensor, "batch head query key"]) -> Float[Tensor, "batch query key"]:
+    """The mean over heads (the strip's and the rollout's attention), taken the same way by the
+    dense and the bounded paths.
+
+    Examples:
+        >>> head_mean(torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]]))
+        tensor([[[0.5000, 0.5000]]])
+    """
+    return reduce(block, "batch head query key -> batch query key", "mean")
+
+
+class TopKeys(Tensor):
+    """One layer's attention of one prompt in bounded memory (see the module docstring); reads as
+    the dense ``[head, query, key]`` tensor by rows only: ``store[:, rows]`` (``rows`` a slice or
+    positions) gives dense rows. Memory: ``head · query · (keep + sinks + 1)`` weights.
+
+    Examples:
+        >>> A = torch.tensor([[[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.2, 0.3, 0.5, 0],
+        ...                    [0.1, 0.6, 0.1, 0.2]]])            # [head 1, query 4, key 4]
+        >>> builder = TopKeysBuilder(4, keep=1, key_ok=torch.ones(1, 4, dtype=torch.bool),
+        ...                          sink_keys=[0])
+        >>> builder.add(A[None])
+        >>> store = builder.build()[0]
+        >>> store.shape, store[:, [3]]                           # key 2 (0.1) was not kept
+        (torch.Size([1, 4, 4]), tensor([[[0.1000, 0.6000, 0.0000, 0.2000]]]))
+    """
+
+    kept_keys: Int[Tensor, "head query keep"]
+    kept_weights: Float[Tensor, "head query keep"]
+    self_weights: Float[Tensor, "head query"]
+    sink_keys: Int[Tensor, " sink"]
+    sink_weights: Float[Tensor, "head query sink"]
+
+    @staticmethod
+    def __new__(cls, kept_keys, kept_weights, self_weights, sink_keys, sink_weights):
+        head, query, _ = kept_weights.shape
+        store = Tensor._make_wrapper_subclass(
+            cls, (head, query, query), dtype=kept_weights.dtype, device=kept_weights.device
+        )
+        store.kept_keys, store.kept_weights = kept_keys, kept_weights
+        store.self_weights = self_weights
+        store.sink_keys, store.sink_weights = sink_keys, sink_weights
+        return store
+
+    def __repr__(self) -> str:
+        head, query, _ = self.shape
+        keep = self.kept_keys.shape[-1]
+        return f"TopKeys(head={head}, query={query}, keep={keep}, sinks={len(self.sink_keys)})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RatLensError(
+            f"a TopKeys store is read by rows only (store[:, rows]), not by {func}: it holds "
+            f"each row's strongest keys, not the whole pattern"
+        )
+
+    def __getitem__(self, index) -> Float[Tensor, "head row key"]:
+        if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)):
+            raise RatLensError(
+                f"a TopKeys store is read by rows only (store[:, rows]), got index {index!r}"
+            )
+        rows = index[1]
+        if isinstance(rows, slice):
+            rows = torch.arange(self.shape[1])[rows]
+        return self._dense_rows(torch.as_tensor(rows, dtype=torch.long).cpu().reshape(-1))
+
+    def _dense_rows(self, rows: Int[Tensor, " row"]) -> Float[Tensor, "head row key"]:
+        head, _, n = self.shape
+        out = self.kept_weights.new_zeros(head, len(rows), n)
+        # Unused kept slots point at the diagonal, which is written last.
+        out.scatter_(-1, self.kept_keys[:, rows].long(), self.kept_weights[:, rows])
+        out[:, :, self.sink_keys] = self.sink_weights[:, rows]
+        out[:, torch.arange(len(rows)), rows] = self.self_weights[:, rows]
+        return out
+
+    def row(self, head: int, query: int) -> tuple[Int[Tensor, " key"], Float[Tensor, " key"]]:
+        """The keys ``<= query`` this store holds for one (head, query) row and their weights,
+        by key.
+
+        Examples:
+            >>> builder = TopKeysBuilder(3, keep=1, key_ok=torch.ones(1, 3, dtype=torch.bool),
+            ...                          sink_keys=[0])
+            >>> builder.add(torch.tensor([[[[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]]]]))
+            >>> builder.build()[0].row(0, 2)
+            (tensor([0, 1, 2]), tensor([0.2000, 0.3000, 0.5000]))
+        """
+        keys = torch.cat(
+            [
+                self.kept_keys[head, query].long(),
+                self.sink_keys[self.sink_keys <= query],
+                torch.tensor([query]),
+            ]
+        ).unique()
+        return keys, self[:, [query]][head, 0, keys]
+
+
+class TopKeysBuilder:
+    """Fills one layer's :class:`TopKeys` for every prompt of a batch from blocks of query rows
+    as a forward delivers them: the whole ``[batch, head, seq, seq]`` at once, or, over a KV
+    cache, ``[batch, head, chunk, keys so far]`` blocks in order. The work is done on the
+    blocks' device; what is kept moves to the CPU.
+
+    ``key_ok[b, k]``: whether key ``k`` of prompt ``b`` may be a candidate (unmasked, and not a
+    sink when sinks are excluded); ``sink_keys``: every prompt's sink positions (their union).
+    """
+
+    def __init__(
+        self, seq: int, keep: int, key_ok: Bool[Tensor, "batch seq"], sink_keys: Sequence[int]
+    ):
+        self.seq, self.keep, self.key_ok = seq, keep, key_ok.bool()
+        self.sink_keys = torch.tensor(sorted({0, *sink_keys}), dtype=torch.long)
+        self.rows = 0  # query rows received so far
+        self.parts: list[tuple[Tensor, ...]] = []
+
+    def add(self, block: Float[Tensor, "batch head query key"]) -> None:
+        batch, head, queries, keys = block.shape
+        first = keys - queries  # the block continues the rows received so far
+        if first != self.rows or keys > self.seq:
+            raise RatLensError(
+                f"a block of {queries} query rows over {keys} keys cannot follow the "
+                f"{self.rows} rows received (a prompt of {self.seq} tokens): the model did "
+                f"not continue its KV cache"
+            )
+        block = block.detach().float()
+        device = block.device
+        query = torch.arange(first, keys, device=device)
+        allowed = self.key_ok[:, None, None, :keys].to(device) & (
+            torch.arange(keys, device=device) < query[:, None]
+        )
+        values = block.masked_fill(~allowed, -torch.inf)
+        idx = stable_top_keys(values.view(-1, keys), self.keep).view(batch, head, queries, -1)
+        weights = values.gather(-1, idx)
+        unused = weights == -torch.inf  # fewer allowed keys than keep: point at the diagonal
+        idx = torch.where(unused, query[:, None], idx)
+        weights = weights.masked_fill(unused, 0.0)
+        if idx.shape[-1] < self.keep:  # fewer keys so far than keep: the rest likewise
+            fill = self.keep - idx.shape[-1]
+            idx = torch.cat([idx, query[:, None].expand(batch, head, queries, fill)], dim=-1)
+            weights = torch.nn.functional.pad(weights, (0, fill))
+        sinks = block.new_zeros(batch, head, queries, len(self.sink_keys))
+        inside = self.sink_keys < keys
+        sinks[..., inside] = block[..., self.sink_keys[inside].to(device)]
+        diagonal = block.diagonal(offset=first, dim1=-2, dim2=-1)
+        # Copies: a view (the diagonal; anything already on the CPU) would keep the block alive.
+        kept = (idx.int(), weights, diagonal, sinks)
+        self.parts.append(tuple(t.to("cpu", copy=True) for t in kept))
+        self.rows = keys
+
+    def build(self) -> list[TopKeys]:
+        """One store per prompt, once every row has arrived (the blocks are freed)."""
+        if self.rows != self.seq:
+            raise RatLensError(f"{self.rows} of {self.seq} query rows were received")
+        keys, weights, diagonal, sinks = (torch.cat(part, dim=2) for part in zip(*self.parts))
+        self.parts = []
+        return [
+            TopKeys(keys[b], weights[b], diagonal[b], self.sink_keys, sinks[b])
+            for b in range(keys.shape[0])
+        ]
+
+
+class LayerMeanRows:
+    """Each query row's head-mean attention averaged over ``n_layers`` layers
+    (:func:`layer_mean`, in the order the layers arrive), handed back as soon as every layer has
+    delivered the row, so only the rows in flight are held (one query chunk over a KV cache).
+
+    Examples:
+        >>> rows = LayerMeanRows(n_layers=2, seq=3)
+        >>> rows.add(torch.tensor([[[1.0, 0.0]]]))   # layer 0, row 1 of 3 (keys so far: 2)
+        >>> rows.add(torch.tensor([[[0.0, 1.0]]]))   # layer 1, the same row: done
+        (1, tensor([[[0.5000, 0.5000, 0.0000]]]))
+    """
+
+    def __init__(self, n_layers: int, seq: int):
+        self.n_layers, self.seq = n_layers, seq
+        self.pending: dict[int, list] = {}  # first row -> [running sum, layers added]
+
+    def add(
+        self, rows: Float[Tensor, "batch query key"]
+    ) -> Optional[tuple[int, Float[Tensor, "batch query seq"]]]:
+        queries, keys = rows.shape[-2:]
+        first = keys - queries
+        if first not in self.pending:
+            total = rows.new_zeros(*rows.shape[:-1], self.seq)
+            total[..., :keys] = rows
+            self.pending[first] = [total, 1]
+        else:
+            self.pending[first][0][..., :keys] += rows
+            self.pending[first][1] += 1
+        total, added = self.pending[first]
+        if added < self.n_layers:
+            return None
+        del self.pending[first]
+        return first, total / self.n_layers
