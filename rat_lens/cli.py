@@ -222,6 +222,7 @@ def _trace(args: argparse.Namespace) -> int:
             options=options,
             predictions=args.predictions,
             query_chunk=args.query_chunk,
+            store=args.store,
         )
 
     if args.generate:  # the continuation, as text: each target below produced its next token
@@ -461,6 +462,14 @@ def _parser() -> argparse.ArgumentParser:
         help="run the forward N positions at a time over the model's KV cache: "
         "attention memory grows with N x tokens, not tokens^2 (default auto: "
         "chunks of 256 above 512 tokens where that is exact; off: one pass)",
+    )
+    trace.add_argument(
+        "--store",
+        choices=("auto", "dense", "bounded"),
+        default="auto",
+        help="per-head attention kept whole (dense) or as each row's strongest keys (bounded: "
+        "memory grows with tokens, not tokens^2; same beams); auto: bounded over "
+        "rat_lens.options.PATTERN_BUDGET",
     )
     trace.add_argument(
         "--generate",

@@ -209,3 +209,19 @@ def test_open_browser_opens_the_written_page(tmp_path, capsys, monkeypatch):
     code, _, _ = run(capsys, "trace", TEXT, "--out", str(tmp_path), "--open-browser")
     assert code == 0
     assert opened == [(tmp_path / "index.html").resolve().as_uri()]
+
+
+def test_store_flag_keeps_the_beams_and_refuses_what_it_cannot_bound(tmp_path, capsys):
+    per_head = ["--layers", "0:1", "--agg-heads", "none", "--edge-weight", "attention"]
+    for store in ("dense", "bounded"):
+        code, _, _ = run(
+            capsys, "trace", TEXT, *per_head, "--store", store, "-o", str(tmp_path / store)
+        )
+        assert code == 0
+    dense, bounded = saved(tmp_path / "dense"), saved(tmp_path / "bounded")
+    assert dense[0].beams == bounded[0].beams and dense[0].head_rows == bounded[0].head_rows
+    # value_norm (the per-head default) reads whole rows: no bounded store for it
+    code, _, err = run(
+        capsys, "trace", TEXT, "--layers", "0:1", "--agg-heads", "none", "--store", "bounded"
+    )
+    assert code == 1 and "store='bounded' is for per-head traces" in err

@@ -936,3 +936,24 @@ def test_a_census_pages_hostile_prompts_render_as_text_and_execute_nothing(open_
     assert page.locator(injected).count() == 0
     assert page.evaluate("document.scripts.length") == 2
     opened.assert_clean()
+
+
+def test_the_key_says_how_each_kind_of_trace_is_scored(open_page, induction):
+    """A contribution trace's key gives its own scoring (threshold and discount, higher is
+    better); an attention trace's, the log-attention sum (0 is best)."""
+    from rat_lens import trace
+    from rat_lens.models import load
+
+    routes = trace(
+        load("induction-2l"),
+        "cat dog red blue green cat dog red",
+        layers=(0, 1),
+        agg_heads="none",
+        move_threshold=0.05,
+        depth_discount=0.7,
+    )
+    assert routes.edge_weight == "value_norm"
+    text = open_page(to_html(routes)).page.evaluate("() => document.body.innerText")
+    assert "0.7^(i\u22121) \u00b7 log(edge weight / 0.05)" in text and "higher is better" in text
+    text = open_page(to_html(induction)).page.evaluate("() => document.body.innerText")
+    assert "\u03a3 log(edge attention)" in text and "0 is best" in text

@@ -66,6 +66,8 @@ def payload(result: TraceResult) -> dict:
             "top_k": result.top_k,
             "agg_heads": result.agg_heads,
             "length_norm": result.length_norm,
+            "move_threshold": result.move_threshold,
+            "depth_discount": result.depth_discount,
             "residual": result.residual,
             "exclude_bos": result.exclude_bos,
             "batch_index": result.batch_index,

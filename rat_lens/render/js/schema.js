@@ -41,6 +41,8 @@
  * @property {number} top_k  keys expanded per step
  * @property {string} agg_heads  "mean" / "max" over heads, or "none": per-head edges
  * @property {string} length_norm  how a beam's score is length-normalised
+ * @property {?number} move_threshold  contribution routes: a move scores log(weight / this)
+ * @property {?number} depth_discount  contribution routes: the i-th move counts this^(i-1)
  * @property {string} residual  "none", or how the residual stream was mixed in
  * @property {boolean} exclude_bos  whether BOS / position 0 was left out of the search
  * @property {number} batch_index  which prompt of a batch

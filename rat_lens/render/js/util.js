@@ -85,7 +85,8 @@ function averagedName(meta) {
 }
 
 // What score_norm is, for the legend: it depends on the trace's length norm (concepts.md).
-// In a contribution-weighted trace only moves (edges through a head) count: stays are free.
+// In a contribution-weighted trace only moves (edges through a head) count, each against the
+// move threshold and discounted by its depth: stays are free.
 function scoreMeaning(data) {
   const norm = data.meta.length_norm, word = weightName(data);
   const unit = weighted(data) ? "moves" : "edges", one = unit.slice(0, -1);
@@ -94,10 +95,21 @@ function scoreMeaning(data) {
       " (e^score is the geometric-mean " + word + ")"
     : norm === "sqrt" ? "= raw / \u221a" + unit
     : norm.indexOf("pow:") === 0 ? "= raw / " + unit + "^" + norm.slice(4) : "(" + norm + ")";
-  return "score (score_norm) " + how + "; raw (score_raw) = \u03a3 log(edge " + word + ")" +
-    (weighted(data) ? " over the moves (edges through a head; stays in the residual stream " +
-      "are free)" : "") + ". Beams rank by score: 0 is best (every " + one + " 1.0), lower is " +
-    "weaker.";
+  if (weighted(data) && data.meta.move_threshold == null) {  // saved before the threshold
+    return "score (score_norm) " + how + "; raw (score_raw) = \u03a3 log(edge weight) over " +
+      "the moves (edges through a head; stays in the residual stream are free). Beams rank " +
+      "by score: higher is better.";
+  }
+  if (weighted(data)) {
+    const t = data.meta.move_threshold, d = data.meta.depth_discount;
+    return "score (score_norm) " + how + "; raw (score_raw) = \u03a3 over the moves (edges " +
+      "through a head; stays in the residual stream are free) of " + d + "^(i\u22121) \u00b7 " +
+      "log(edge weight / " + t + "), the i-th move first: a move stronger than " + t +
+      " adds, a weaker one costs, deeper moves count less. Beams rank by score: higher is " +
+      "better.";
+  }
+  return "score (score_norm) " + how + "; raw (score_raw) = \u03a3 log(edge attention). " +
+    "Beams rank by score: 0 is best (every edge 1.0), lower is weaker.";
 }
 
 // Unicode isolates around token text, so a right-to-left token cannot reorder the text around
