@@ -359,8 +359,16 @@ def _mean_roles(rows: list[dict], out: Path) -> HeadTable:
 def _trace_one(tracer: Tracer, prompt, target: int, options: TraceOptions) -> TraceResult:
     if isinstance(prompt, str):
         tokens, mask = tracer.tokenize([prompt])
-        return tracer.trace_batch(tokens, target, mask, options=options)[0]
-    return tracer.trace(prompt, target, options=options)
+        result = tracer.trace_batch(tokens, target, mask, options=options)[0]
+    else:
+        result = tracer.trace(prompt, target, options=options)
+    if result.edge_weight != options.edge_weight:  # a census adds its edges up: one weight
+        raise RatLensError(
+            f"a prompt of {result.seq_len} tokens fell back to edge_weight="
+            f"{result.edge_weight!r} (its {options.edge_weight} shares are over "
+            "rat_lens.options.PATTERN_BUDGET): give edge_weight= explicitly, or raise the budget"
+        )
+    return result
 
 
 SHARDS = ".shards"  # each rank's batches, as they finish; merged into traces.* at the end

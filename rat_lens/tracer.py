@@ -421,13 +421,29 @@ class Tracer:
         n_heads = getattr(getattr(self.model, "cfg", None), "n_heads", 1)
         batch, seq = tokens.shape
         shares = 4 * len(layer_ids) * batch * (n_heads + 1) * seq * seq
-        if (
-            cache is not None
-            or isinstance(query_chunk, int)
-            or shares > option_defaults.PATTERN_BUDGET
+        why = (
+            "a trace from cache= runs no forward"
+            if cache is not None
+            else "query chunks split the forward"
+            if isinstance(query_chunk, int)
+            else f"their shares would take {shares / 2**30:.1f} GiB, over "
+            "rat_lens.options.PATTERN_BUDGET"
+            if shares > option_defaults.PATTERN_BUDGET
+            else None
+        )
+        if why is None:
+            return options
+        fallback = options.attention_fallback()
+        if (options.move_threshold, options.depth_discount) != (
+            fallback.move_threshold,
+            fallback.depth_discount,
         ):
-            return options.attention_fallback()
-        return options
+            raise RatLensError(
+                f"move_threshold / depth_discount score contribution routes, but this trace "
+                f"cannot run contribution edges ({why}): drop them for attention edges, or "
+                f"trace without cache= and query chunks, or raise the budget"
+            )
+        return fallback
 
     def _contributions(self, tokens, mask, layer_ids, weight, cache, predictions, query_chunk):
         """Per layer (top first) the parts' shares ``[batch, head + 1, query, key]`` (the last

@@ -306,3 +306,24 @@ def test_the_cli_census_writes_the_page_and_checks_when_asked(tmp_path, capsys):
     ]
     records = lines(out / "traces.jsonl")
     assert all(r["roles"] and bool(r["trace"]["verification"]) != OLD_BRIDGE for r in records)
+
+
+def test_a_census_never_adds_up_two_kinds_of_edge_weight(model, tmp_path, monkeypatch):
+    """The per-head default (value_norm) falls back to attention over PATTERN_BUDGET; a census
+    adds its prompts' edges up, so a prompt that fell back is an error, not a silent mix."""
+    import rat_lens.options
+
+    monkeypatch.setattr(rat_lens.options, "PATTERN_BUDGET", 2_000)  # 4 x 2 layers x 5 x n^2: n <= 7
+    texts = ["cat dog red", "cat dog red blue green cat dog red blue green cat"]
+    with pytest.raises(RatLensError, match="fell back to edge_weight='attention'"):
+        census(model, texts, tmp_path, layers=(0, 1), agg_heads="none", progress=False)
+    found = census(
+        model,
+        texts,
+        tmp_path / "att",
+        layers=(0, 1),
+        agg_heads="none",
+        edge_weight="attention",
+        progress=False,
+    )
+    assert found.n_prompts == 2

@@ -134,6 +134,8 @@ def test_the_default_falls_back_to_attention_where_contributions_cannot_run(gpt2
     assert_same_beams(got.beams, attention.beams)
     with pytest.raises(RatLensError, match="pass edge_weight='attention'"):
         tracer.trace(tokens, **per_head, edge_weight="value_norm", **extra)
+    with pytest.raises(RatLensError, match="cannot run contribution edges"):  # never dropped
+        tracer.trace(tokens, **per_head, move_threshold=0.2, **extra)
     assert tracer.trace(tokens, **per_head).edge_weight == "value_norm"
 
 

@@ -175,7 +175,8 @@ def _table(data: dict) -> str:
     cols += [name.removesuffix("_head").replace("_", " ") for name in names]
     rows = []
     for h in heads:
-        layer, head = h["layer"], h["head"]
+        # ints, whatever a loaded census.json holds: they go into the markup unescaped
+        layer, head = int(h["layer"]), None if h["head"] is None else int(h["head"])
         cells = [
             f"{h['top_beam_prompts']:,}",
             f"{h['top_beam_prompts'] / max(meta['n_prompts'], 1):.1%}",
