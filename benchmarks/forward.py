@@ -67,7 +67,7 @@ def runner(who: str, hf, tok, layer: int, targets: int, chunk: int):
         model = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tok)
         tracer = ReverseAttentionTracer(model)
         where = (
-            dict(layers=(0, 11), agg_heads="none", top_beam=50, top_k=10)
+            dict(layers=(0, 11), agg_heads="none", top_beam=50, top_k=10, edge_weight="attention")
             if who == "layers_head"
             else dict(layer=layer)
         )
