@@ -363,9 +363,7 @@ class Tracer:
             )
         if store != "auto" or why or cache is not None:  # a cache already holds it all
             return store == "bounded"
-        batch, seq = tokens.shape
-        dense = 4 * len(layer_ids) * batch * (n_heads or 1) * seq * seq
-        return dense > option_defaults.PATTERN_BUDGET
+        return _dense_bytes(tokens, layer_ids, n_heads or 1) > option_defaults.PATTERN_BUDGET
 
     def _bounded_patterns(
         self, tokens, mask, layer_ids, options, bos_of, cache, predictions, query_chunk
@@ -375,7 +373,7 @@ class Tracer:
         query, key]`` if they fit in ``PATTERN_BUDGET`` (else None); each prompt's strip; the
         logits when predictions are asked for."""
         batch, seq = tokens.shape
-        means = 4 * len(layer_ids) * batch * seq * seq  # bytes of the rollout's head-means
+        means = _dense_bytes(tokens, layer_ids, 1)  # the rollout's head-means
         if means > option_defaults.PATTERN_BUDGET:
             warnings.warn(
                 f"no rollout: it reads every traced layer's whole head-mean ({means / 2**30:.1f} "
@@ -419,8 +417,7 @@ class Tracer:
         own whole forward (no ``cache=``, no query chunks) and dense shares within
         ``PATTERN_BUDGET``. The result's ``edge_weight`` says which weights were used."""
         n_heads = getattr(getattr(self.model, "cfg", None), "n_heads", 1)
-        batch, seq = tokens.shape
-        shares = 4 * len(layer_ids) * batch * (n_heads + 1) * seq * seq
+        shares = _dense_bytes(tokens, layer_ids, n_heads + 1)  # heads and the residual stream
         why = (
             "a trace from cache= runs no forward"
             if cache is not None
@@ -587,6 +584,12 @@ def trace(
             )
         return tracer.trace_text(inputs, target_pos, **run)
     return tracer.trace(inputs, target_pos, attention_mask, **run)
+
+
+def _dense_bytes(tokens: Tensor, layer_ids: list[int], channels: int) -> int:
+    """Bytes of float32 ``[layer, batch, channel, seq, seq]``: what a dense trace would hold."""
+    batch, seq = tokens.shape
+    return 4 * len(layer_ids) * batch * channels * seq * seq
 
 
 def _options(options: Optional[TraceOptions], **given) -> TraceOptions:
