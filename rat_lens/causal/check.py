@@ -272,9 +272,16 @@ def _beam_effects(result: TraceResult, drops: dict[str, Tensor], n_random: int) 
 
 def _edges(beam) -> list[tuple]:
     """A beam's head edges (layer, head, query, key); residual stays read no pattern."""
+    return [edge for edge, _ in _weighted_edges(beam)]
+
+
+def _weighted_edges(beam) -> list[tuple[tuple, float]]:
+    """A beam's head edges, each with its own weight (the stays, left out, have weights too:
+    pairing the head edges with ``edge_attns`` by rank would credit a stay's weight to the
+    head edge after it)."""
     return [
-        (beam.layers[i], beam.heads[i], beam.positions[i], beam.positions[i + 1])
-        for i in range(beam.num_edges)
+        ((beam.layers[i], beam.heads[i], beam.positions[i], beam.positions[i + 1]), attn)
+        for i, attn in enumerate(beam.edge_attns)
         if not beam.is_residual(i)
     ]
 
@@ -284,7 +291,7 @@ def _traced_edges(result: TraceResult) -> list[tuple]:
     first; ties by layer (top first), query, key."""
     mass: dict[tuple, float] = {}
     for beam, share in zip(result.beams, beam_weights(result.beams)):
-        for edge, attn in zip(_edges(beam), beam.edge_attns):
+        for edge, attn in _weighted_edges(beam):
             mass[edge] = mass.get(edge, 0.0) + share * attn
     return sorted(mass, key=lambda e: (-mass[e], -e[0], e[2], e[3], -1 if e[1] is None else e[1]))
 
