@@ -108,12 +108,53 @@ class Beam:
         return len(self.edge_attns)
 
 
-@dataclass
+@dataclass(init=False)
 class BeamPath(Beam):
-    """A :class:`Beam` with the token text and ids at each of its positions."""
+    """A :class:`Beam` with the token text and ids at each of its positions.
+
+    Built in reverse-attention 0.1.0's field order, positionally or by name:
+    ``BeamPath(positions, tokens, token_ids, edge_attns, score_raw, score_norm)``; what the
+    peer's beam does not carry comes by keyword (``layers``, ``heads``, ``bos_mass``,
+    ``kinds``) and is an empty list when not given: a beam built from the peer's six fields
+    records no layer, head or BOS mass (``rat_lens.compat`` fills them where it needs them).
+
+    Examples:
+        >>> beam = BeamPath([2, 0], ["c", "a"], [7, 5], [0.9], -0.105, -0.105)
+        >>> beam.tokens, beam.edge_attns, beam.layers
+        (['c', 'a'], [0.9], [])
+    """
 
     tokens: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+
+    def __init__(
+        self,
+        positions: list[int],
+        tokens: Optional[list[str]] = None,
+        token_ids: Optional[list[int]] = None,
+        edge_attns: Optional[list[float]] = None,
+        score_raw: Optional[float] = None,
+        score_norm: Optional[float] = None,
+        *,
+        layers: Optional[list[int]] = None,
+        heads: Optional[list[Optional[int]]] = None,
+        bos_mass: Optional[list[float]] = None,
+        kinds: Optional[list[str]] = None,
+    ):
+        # tokens and ids may be absent from a saved beam (its dict has no "tokens"); the edges
+        # and scores never are, so they are required as Python requires an argument.
+        given = {"edge_attns": edge_attns, "score_raw": score_raw, "score_norm": score_norm}
+        missing = [name for name, value in given.items() if value is None]
+        if missing:
+            raise TypeError(f"BeamPath() missing required argument(s): {', '.join(missing)}")
+        self.positions, self.edge_attns = positions, edge_attns
+        self.score_raw, self.score_norm = score_raw, score_norm
+        self.tokens = [] if tokens is None else tokens
+        self.token_ids = [] if token_ids is None else token_ids
+        self.layers = [] if layers is None else layers
+        self.heads = [] if heads is None else heads
+        self.bos_mass = [] if bos_mass is None else bos_mass
+        self.kinds = [] if kinds is None else kinds
 
     @classmethod
     def from_beam(cls, beam: Beam, tokens: list[str], token_ids: list[int]) -> "BeamPath":

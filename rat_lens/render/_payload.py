@@ -41,8 +41,8 @@ def payload(result: TraceResult) -> dict:
     """The data one diagram draws: plain JSON types, deterministic for a given result.
 
     >>> from rat_lens.result import BeamPath, build_sankey
-    >>> beam = BeamPath([2, 0], [0.9], [0], [None], [0.9], -0.1, -0.1, tokens=["c", "a"],
-    ...                 token_ids=[7, 5])
+    >>> beam = BeamPath([2, 0], ["c", "a"], [7, 5], [0.9], -0.1, -0.1, layers=[0],
+    ...                 heads=[None], bos_mass=[0.9])
     >>> result = TraceResult(3, 2, 0, 1, 1, ["a", "b", "c"], [beam],
     ...                      build_sankey([beam], ["a", "b", "c"], "chain", 0), ["a -> c"])
     >>> data = payload(result)
@@ -129,7 +129,8 @@ def links(result: TraceResult, ids: Callable[[int, int], str]) -> list[dict]:
     ``None``) is a link of its own, marked ``"residual": True``.
 
     >>> from rat_lens.result import BeamPath, build_sankey
-    >>> beams = [BeamPath([2, 1], [0.8], [0], [h], [0.0], -0.2, -0.2) for h in (1, 0)]
+    >>> beams = [BeamPath([2, 1], ["c", "b"], [2, 1], [0.8], -0.2, -0.2, layers=[0],
+    ...                   heads=[h], bos_mass=[0.0]) for h in (1, 0)]
     >>> result = TraceResult(3, 2, 0, 2, 2, ["a", "b", "c"], beams,
     ...                      build_sankey(beams, ["a", "b", "c"], "chain", 0), ["", ""])
     >>> [(lk["head"], lk["value"], lk["beams"]) for lk in links(result, node_ids(result))]
