@@ -16,6 +16,10 @@ Token importance for one target: attention rollout (Abnar & Zuidema 2020) and th
 that a trace put on each position. :class:`rat_lens.result.HeadTable` carries named
 ``[layer][head]`` values (statistics, head-role scores) as plain lists, so results holding them
 round-trip through JSON.
+
+Half-precision patterns are upcast before any sum
+(:func:`rat_lens.search.pattern.at_least_float32`):
+every statistic and rollout comes out in float32 whatever the model's dtype.
 """
 
 from collections.abc import Sequence
@@ -28,6 +32,7 @@ from torch import Tensor
 
 from ..errors import RatLensError
 from ..result import Prediction, TraceResult
+from .pattern import at_least_float32
 
 __all__ = [
     "STAT_NAMES",
@@ -57,6 +62,7 @@ def _row_mean(
     per_row: Float[Tensor, "*lead head query"], query_mask: QueryMask
 ) -> Float[Tensor, "*lead head"]:
     """Mean over query rows, counting only rows where ``query_mask`` is True."""
+    per_row = at_least_float32(per_row)
     if query_mask is None:
         return reduce(per_row, "... query -> ...", "mean")
     keep = query_mask.to(per_row.device).unsqueeze(-2).to(per_row.dtype)  # [..., 1, query]
@@ -75,7 +81,7 @@ def entropy(
         >>> entropy(causal_uniform[None])                     # rows: ln 1, ln 2, ln 3
         tensor([0.5973])
     """
-    return _row_mean(torch.special.entr(pattern).sum(-1), query_mask)
+    return _row_mean(torch.special.entr(at_least_float32(pattern)).sum(-1), query_mask)
 
 
 def max_weight(
@@ -104,6 +110,7 @@ def sink_mass(
     """
     if sink is None:
         return _row_mean(pattern[..., 0], query_mask)
+    pattern = at_least_float32(pattern)
     on_sink = sink.to(pattern.device).unsqueeze(-2).to(pattern.dtype)  # [..., 1, key]
     return _row_mean((pattern * on_sink).sum(-1), query_mask)
 
@@ -133,7 +140,7 @@ def prev_mass(
     n = pattern.shape[-1]
     below = torch.diagonal(pattern, offset=-1, dim1=-2, dim2=-1)  # [..., head, query - 1]
     if n < 2:
-        return torch.zeros(pattern.shape[:-2], dtype=pattern.dtype, device=pattern.device)
+        return at_least_float32(pattern.new_zeros(pattern.shape[:-2]))
     mask = None if query_mask is None else query_mask[..., 1:]
     return _row_mean(below, mask)
 
@@ -185,7 +192,7 @@ def _with_residual(
 def _head_mean(
     patterns: Float[Tensor, "layer *batch head query key"],
 ) -> Float[Tensor, "layer *batch query key"]:
-    return reduce(patterns, "layer ... head q k -> layer ... q k", "mean")
+    return reduce(at_least_float32(patterns), "layer ... head q k -> layer ... q k", "mean")
 
 
 def attention_rollout(
@@ -314,7 +321,9 @@ def predictions_at(
     result: TraceResult, logits: Float[Tensor, "*batch seq vocab"], tokenizer, k: int
 ) -> list[Prediction]:
     """The top-``k`` next tokens at the target and every traced position, from final logits
-    (decoded by ``tokenizer`` when there is one, else shown as ids)."""
+    (decoded by ``tokenizer`` when there is one, else shown as ids). The logits stay where they
+    are (a GPU): only the ``k`` probabilities and ids of the traced positions are copied to the
+    host, never the ``[seq, vocab]`` rows."""
     if logits.ndim == 3:
         logits = logits[result.batch_index if logits.shape[0] > 1 else 0]
     if logits.ndim != 2 or logits.shape[0] != result.seq_len:
@@ -325,9 +334,9 @@ def predictions_at(
     positions = list(dict.fromkeys(p for beam in result.beams for p in beam.positions))
     if not positions:
         positions = [result.target_pos]
-    probs, ids = top_predictions(logits.detach().cpu(), positions, k)
+    probs, ids = top_predictions(logits.detach(), positions, k)
     out = []
-    for p, row_probs, row_ids in zip(positions, probs.tolist(), ids.tolist()):
+    for p, row_probs, row_ids in zip(positions, probs.cpu().tolist(), ids.cpu().tolist()):
         words = (
             tokenizer.batch_decode([[i] for i in row_ids])
             if tokenizer is not None

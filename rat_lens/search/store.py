@@ -34,6 +34,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..errors import RatLensError
+from .pattern import at_least_float32
 
 __all__ = [
     "TopKeys",
@@ -72,13 +73,14 @@ def stable_top_keys(values: Float[Tensor, "row key"], k: int) -> Int[Tensor, "ro
 
 def layer_mean(parts: Sequence[Float[Tensor, "*rows key"]]) -> Float[Tensor, "*rows key"]:
     """``Σ parts / len(parts)``, summed in the order given (as :class:`LayerMeanRows` sums the
-    layers as they arrive: the streamed strip and the dense one agree bit for bit).
+    layers as they arrive: the streamed strip and the dense one agree bit for bit), in at least
+    float32.
 
     Examples:
         >>> layer_mean([torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])])
         tensor([0.5000, 0.5000])
     """
-    total = parts[0].clone()
+    total = at_least_float32(parts[0]).clone()
     for part in parts[1:]:
         total += part
     return total / len(parts)
@@ -86,13 +88,15 @@ def layer_mean(parts: Sequence[Float[Tensor, "*rows key"]]) -> Float[Tensor, "*r
 
 def head_mean(block: Float[Tensor, "batch head query key"]) -> Float[Tensor, "batch query key"]:
     """The mean over heads (the strip's and the rollout's attention), taken the same way by the
-    dense and the bounded paths.
+    dense and the bounded paths, in at least float32 whatever the model's dtype.
 
     Examples:
         >>> head_mean(torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]]))
         tensor([[[0.5000, 0.5000]]])
+        >>> head_mean(torch.ones(1, 4, 1, 1, dtype=torch.float16)).dtype
+        torch.float32
     """
-    return reduce(block, "batch head query key -> batch query key", "mean")
+    return reduce(at_least_float32(block), "batch head query key -> batch query key", "mean")
 
 
 class TopKeys(Tensor):
@@ -265,6 +269,7 @@ class LayerMeanRows:
     ) -> Optional[tuple[int, Float[Tensor, "batch query seq"]]]:
         queries, keys = rows.shape[-2:]
         first = keys - queries
+        rows = at_least_float32(rows)
         if first not in self.pending:
             total = rows.new_zeros(*rows.shape[:-1], self.seq)
             total[..., :keys] = rows
