@@ -16,7 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import head_detector
 
-from .capture import capture_patterns, hook_name, pattern_layers
+from .capture import capture_patterns, hook_name, input_device, pattern_layers
 from .errors import RatLensError, check_choice
 from .result import HeadTable
 
@@ -169,7 +169,7 @@ def head_roles(
     if cache is None:
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
         cache = capture_patterns(
-            model, tokens.to(_device(model)), layer_ids, agg_heads="none", attention_mask=mask
+            model, tokens.to(input_device(model)), layer_ids, agg_heads="none", attention_mask=mask
         )
     scores = {name: [] for name in names}
     for layer in layer_ids:
@@ -211,10 +211,3 @@ def _resolve_layer(layer: int, n_layers: int) -> int:
     if not 0 <= resolved < n_layers:
         raise RatLensError(f"layer {layer} out of range for n_layers {n_layers}")
     return resolved
-
-
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
