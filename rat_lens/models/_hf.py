@@ -46,33 +46,36 @@ def smollm2_folder() -> Path:
     return folder
 
 
-def load_smollm2(source: str, device, dispatch: dict) -> nn.Module:
+def load_smollm2(source: str, device, dispatch: dict, dtype: torch.dtype) -> nn.Module:
     if source != "bridge":
         raise RatLensError(
             "model 'smollm2' loads through TransformerBridge (TransformerLens "
             ">= 3.0); this TransformerLens has only HookedTransformer"
         )
-    return load_pretrained(str(smollm2_folder()), source, device, dispatch)
+    return load_pretrained(str(smollm2_folder()), source, device, dispatch, dtype)
 
 
 DISPATCH = ("device_map", "max_memory", "offload_folder")
 
 
-def load_pretrained(name: str, source: str, device, dispatch: dict) -> nn.Module:
+def load_pretrained(
+    name: str, source: str, device, dispatch: dict, dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """Any Hugging Face Hub name (needs internet the first time) or local model folder;
-    ``dispatch`` holds the ``device_map`` / ``max_memory`` / ``offload_folder`` given (checked)."""
+    ``dispatch`` holds the ``device_map`` / ``max_memory`` / ``offload_folder`` given (checked).
+    Without a device or a map the model goes to the CPU (TransformerLens would pick a GPU)."""
     if source == "bridge":
         from transformer_lens.model_bridge import TransformerBridge
 
         if dispatch:
             _check_dispatch_support(TransformerBridge.boot_transformers)
             try:
-                model = TransformerBridge.boot_transformers(name, **dispatch)
+                model = TransformerBridge.boot_transformers(name, dtype=dtype, **dispatch)
             except ValueError as err:  # e.g. TL 4.3 refuses a map mixing a GPU with offload
                 raise RatLensError(f"cannot dispatch {name!r} with {dispatch}: {err}") from None
             _inputs_where_the_embedding_runs(model)
         else:
-            model = TransformerBridge.boot_transformers(name, device=device)
+            model = TransformerBridge.boot_transformers(name, device=device or "cpu", dtype=dtype)
     else:
         if dispatch:
             raise RatLensError(
@@ -81,7 +84,7 @@ def load_pretrained(name: str, source: str, device, dispatch: dict) -> nn.Module
             )
         from transformer_lens import HookedTransformer
 
-        model = HookedTransformer.from_pretrained(name, device=device or "cpu")
+        model = HookedTransformer.from_pretrained(name, device=device or "cpu", dtype=dtype)
     return model.eval()
 
 
@@ -135,12 +138,25 @@ def wrap_hf_model(model, tokenizer=None) -> nn.Module:
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     twin = copy.deepcopy(model, memo=shared)
     try:
-        return TransformerBridge.boot_transformers(name, hf_model=twin, tokenizer=tokenizer)
+        return TransformerBridge.boot_transformers(
+            name, hf_model=twin, tokenizer=tokenizer, device=_hf_input_device(model)
+        )
     except Exception as err:  # TL names the architecture it cannot adapt in many ways
         raise RatLensError(
             f"cannot trace {type(model).__name__} ({', '.join(architectures)}): "
             f"TransformerBridge has no adapter for it ({type(err).__name__}: {err})"
         ) from None
+
+
+def _hf_input_device(model) -> str:
+    """Where a Hugging Face model takes its tokens: its input embedding's device (left alone,
+    the bridge would record a GPU for a CPU model wherever a GPU exists). A model dispatched
+    with a device map is placed by the bridge from the map itself."""
+    try:
+        params = model.get_input_embeddings().parameters()
+    except (AttributeError, NotImplementedError):
+        params = model.parameters()
+    return str(next((p.device for p in params if p.device.type != "meta"), torch.device("cpu")))
 
 
 def hf_source(source: str | None) -> str:

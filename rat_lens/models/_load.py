@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import RatLensError
+from ..errors import RatLensError, check_choice
 from . import _hf
-from ._catalogue import INDUCTION_DIR
+from ._catalogue import DTYPES, INDUCTION_DIR
 from ._convert import SOURCES, available_sources, to_bridge, to_hooked
 from ._induction import InductionConfig
 from ._tokenizer import InductionTokenizer, load_tokenizer
@@ -30,7 +30,9 @@ def load_induction_tokenizer() -> InductionTokenizer:
     return load_tokenizer(INDUCTION_DIR)
 
 
-def _load_induction_2l(source: str, device: str | torch.device | None, dispatch: dict) -> nn.Module:
+def _load_induction_2l(
+    source: str, device: str | torch.device | None, dispatch: dict, dtype: torch.dtype
+) -> nn.Module:
     if dispatch:
         raise RatLensError(
             "model 'induction-2l' (186 KB, built from TransformerLens's own modules) takes "
@@ -38,11 +40,11 @@ def _load_induction_2l(source: str, device: str | torch.device | None, dispatch:
         )
     convert = {"bridge": to_bridge, "hooked": to_hooked}[source]
     weights, tokenizer = load_induction_weights(), load_induction_tokenizer()
-    return convert(weights, InductionConfig(), tokenizer, device, "induction-2l")
+    return convert(weights, InductionConfig(), tokenizer, device, "induction-2l", dtype)
 
 
-# name -> loader(source, device, dispatch); each name's note is in _catalogue.NOTES.
-_LOADERS: dict[str, Callable[[str, str | torch.device | None, dict], nn.Module]] = {
+# name -> loader(source, device, dispatch, dtype); each name's note is in _catalogue.NOTES.
+_LOADERS: dict[str, Callable[[str, str | torch.device | None, dict, torch.dtype], nn.Module]] = {
     "induction-2l": _load_induction_2l,
     "smollm2": _hf.load_smollm2,
 }
@@ -56,6 +58,7 @@ def load(
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
     offload_folder: str | Path | None = None,
+    dtype: str | torch.dtype = "float32",
 ) -> nn.Module:
     """Load a model into the installed TransformerLens, tokenizer attached, in eval mode.
 
@@ -66,7 +69,8 @@ def load(
             of a Hugging Face model.
         source: ``"bridge"`` (``TransformerBridge``: TL 3.9, 4.x) or ``"hooked"``
             (``HookedTransformer``: TL 2.x, 3.x); None: the bridge where TL has it.
-        device: where to put the model (default: CPU).
+        device: where to put the model (default: CPU, even where a GPU is: only a device
+            asked for is used).
         device_map: spread a Hugging Face model over devices, or offload it (accelerate's
             ``device_map``: ``"auto"``, ``"balanced"``, ``"sequential"``, a device, or
             ``{module name: device}`` with devices such as ``0``, ``"cpu"``, ``"disk"``);
@@ -76,6 +80,9 @@ def load(
             ``device_map="auto"``.
         offload_folder: where disk-offloaded weights are written when they must be (weights
             of a safetensors checkpoint are read from it in place).
+        dtype: the weights' dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``
+            (or the torch dtype). Half precision halves the memory; rat_lens still reduces and
+            searches the attention in float32.
 
     Returns:
         A ``TransformerBridge`` or ``HookedTransformer``: ``run_with_cache``, ``run_with_hooks``,
@@ -95,6 +102,7 @@ def load(
     if source is not None and source not in SOURCES:
         raise RatLensError(f"source={source!r} not in {{'bridge', 'hooked', None}}")
     device = check_device(device)
+    dtype = check_dtype(dtype)
     dispatch = check_dispatch(device, device_map, max_memory, offload_folder)
     sources = available_sources()
     if source not in (None, *sources):
@@ -102,9 +110,9 @@ def load(
     if not sources:
         raise RatLensError(f"TransformerLens {_tl_version()} has no model class rat_lens knows")
     if name in _LOADERS:
-        return _LOADERS[name](source or sources[0], device, dispatch)
+        return _LOADERS[name](source or sources[0], device, dispatch, dtype)
     if Path(name).is_dir():
-        return _hf.load_pretrained(name, _hf.hf_source(source), device, dispatch)
+        return _hf.load_pretrained(name, _hf.hf_source(source), device, dispatch, dtype)
     if "/" not in name and name not in _official_names():
         close = difflib.get_close_matches(name, [*_LOADERS, *_official_names()], n=3)
         hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
@@ -113,7 +121,7 @@ def load(
             f"local folder, not a TransformerLens model name or Hugging Face id{hint}"
         )
     try:
-        return _hf.load_pretrained(name, _hf.hf_source(source), device, dispatch)
+        return _hf.load_pretrained(name, _hf.hf_source(source), device, dispatch, dtype)
     except OSError as err:  # transformers' "couldn't connect / not found" errors
         raise RatLensError(
             f"could not load {name!r} from the Hugging Face Hub ({err}); without "
@@ -162,6 +170,23 @@ def check_device(device) -> Optional[str]:
             f"devices (valid: cuda:0..cuda:{torch.cuda.device_count() - 1})"
         )
     return str(parsed)
+
+
+def check_dtype(dtype) -> torch.dtype:
+    """``dtype`` (one of :data:`DTYPES`, by name or as the torch dtype) as a torch dtype.
+
+    Examples:
+        >>> check_dtype("bfloat16"), check_dtype(torch.float16)
+        (torch.bfloat16, torch.float16)
+        >>> check_dtype("half")
+        Traceback (most recent call last):
+        ...
+        rat_lens.errors.RatLensError: dtype='half' not in {'float32', 'float16', 'bfloat16'}
+    """
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+    if isinstance(dtype, torch.dtype) and name not in DTYPES:
+        raise RatLensError(f"dtype={dtype} not in {{{', '.join(f'torch.{d}' for d in DTYPES)}}}")
+    return getattr(torch, check_choice("dtype", name, DTYPES))
 
 
 def _official_names() -> set[str]:
