@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from .errors import RatLensError, check_int
+from .errors import RatLensError, check_int, resolve_index
 from .options import AGG_HEADS, EDGE_WEIGHTS, RESIDUALS, TraceOptions
 from .result import TraceResult, dump_traces, load_traces
 
@@ -195,7 +195,7 @@ def _trace(args: argparse.Namespace) -> int:
         print(f'rat-lens trace: error: {what} (rat-lens trace "some text")', file=sys.stderr)
         return 2
     options = _search_options(args)
-    if options is None:
+    if options is None or not _fits_config(args, options):
         return 2
 
     from .compat import ReverseAttentionTracer
@@ -249,6 +249,26 @@ def _trace(args: argparse.Namespace) -> int:
         webbrowser.open(written[0].resolve().as_uri())
     print("wrote " + ", ".join(map(str, written)))
     return 0
+
+
+def _fits_config(args: argparse.Namespace, options: TraceOptions) -> bool:
+    """--layer/--layers and --target-pos against the model's config file (the known names and
+    local folders; Hub names are checked after the load), so a bad index is refused in a moment
+    instead of after the weights load. False after printing the usage error."""
+    from .models import config_shape
+
+    shape = config_shape(args.model)
+    if shape is None:
+        return True
+    try:
+        options.layer_ids(shape.n_layers)
+        for target in [] if args.generate else args.target_pos:
+            # A prompt has at most n_ctx tokens: a position outside that is out of any prompt.
+            resolve_index("target_pos", target, shape.n_ctx, "the context length n_ctx")
+    except RatLensError as err:
+        print(f"rat-lens trace: error: {err}", file=sys.stderr)
+        return False
+    return True
 
 
 def _markdown(results: list[TraceResult]) -> str:

@@ -156,9 +156,10 @@ def test_models_lists_what_loads_offline(capsys):
         (["trace", TEXT, "--top-beam", "x"], 2, "invalid int value: 'x'"),
         (["trace"], 2, "give the text to trace"),
         (["trace", TEXT, "--model", "no-such-model"], 1, "no-such-model"),
-        (["trace", TEXT, "--layers", "0:5"], 1, "layers[1]=5 out of range for n_layers 2"),
-        (["trace", TEXT, "--layer", "7"], 1, "layer=7 out of range for n_layers 2"),
-        (["trace", TEXT, "--target-pos", "99"], 1, "target_pos=99 out of range"),
+        (["trace", TEXT, "--layers", "0:5"], 2, "layers[1]=5 out of range for n_layers 2"),
+        (["trace", TEXT, "--layer", "7"], 2, "layer=7 out of range for n_layers 2"),
+        (["trace", TEXT, "--target-pos", "99"], 2, "target_pos=99 out of range"),
+        (["trace", TEXT, "--target-pos", "9"], 1, "target_pos=9 out of range"),
         (["trace", TEXT, "--top-k", "0"], 2, "top_k must be >= 1, got 0"),
         (["trace", TEXT, "--length-norm", "avg"], 2, "length_norm='avg' not in"),
         (["trace", TEXT, "--residual", "rollout"], 2, "needs layers mode"),
@@ -197,7 +198,7 @@ def test_errors_are_one_line_without_traceback_from_the_installed_command(tmp_pa
         text=True,
         timeout=300,
     )
-    assert done.returncode == 1
+    assert done.returncode == 2  # checked against the config, before the load
     assert done.stderr.strip() == (
         "rat-lens trace: error: layer=9 out of range for n_layers 2 (valid: -2..1)"
     )
