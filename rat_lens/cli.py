@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import RatLensError, check_int, resolve_index
+from .models._catalogue import DTYPES
 from .options import AGG_HEADS, EDGE_WEIGHTS, RESIDUALS, TraceOptions
 from .result import TraceResult, dump_traces, load_traces
 
@@ -167,7 +168,7 @@ def _census(args: argparse.Namespace) -> int:
 
     rank, _ = init_distributed()  # under torchrun: this process's share of the prompts
     with progress(f"loading {args.model}"):
-        model = load(args.model, device=args.device, **args.dispatch)
+        model = load(args.model, device=args.device, dtype=args.dtype, **args.dispatch)
     found = census(
         model,
         texts,
@@ -204,7 +205,7 @@ def _trace(args: argparse.Namespace) -> int:
     from .tracer import generate
 
     with progress(f"loading {args.model}"):
-        model = load(args.model, device=args.device, **args.dispatch)
+        model = load(args.model, device=args.device, dtype=args.dtype, **args.dispatch)
     tracer = ReverseAttentionTracer(model)
     tokens, mask = tracer.tokenize([text])
     targets = args.target_pos
@@ -429,6 +430,12 @@ def _parser() -> argparse.ArgumentParser:
         f"(default {_DEFAULT.depth_discount})",
     )
     search.add_argument("--device", help="torch device for the model (default: CPU)")
+    search.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=DTYPES[0],
+        help="the weights' dtype (default: float32); the search runs in float32 whatever it is",
+    )
     search.add_argument(
         "--device-map",
         metavar="MAP",
