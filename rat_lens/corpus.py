@@ -486,34 +486,79 @@ def _csv(found: Census) -> str:
     return "\n".join(rows) + "\n"
 
 
+BARRIER_TIMEOUT = "RAT_LENS_BARRIER_TIMEOUT"  # seconds a rank waits at a barrier (default 1800)
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group a launcher (``torchrun``, ``accelerate launch``) describes in the
-    environment (``WORLD_SIZE`` > 1): gloo on CPU, NCCL on GPUs. Returns (rank, world size);
-    (0, 1) when launched alone. The CLI calls it; in your own script call it (or
-    ``torch.distributed.init_process_group``) before :func:`census`."""
-    import torch
+    environment (``WORLD_SIZE`` > 1). Returns (rank, world size); (0, 1) when launched alone.
+    The CLI calls it; in your own script call it (or ``torch.distributed.init_process_group``,
+    any backend) before :func:`census`.
+
+    The group is gloo whatever the model's device: a census exchanges no tensors (the ranks'
+    traces meet on disk), it only waits at barriers, which gloo runs without a GPU and times
+    out naming the ranks that did not arrive. With GPUs, each rank's becomes its current device
+    (:func:`_rank_world`), so ``device="cuda"`` names it."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" = this rank's GPU
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo", timeout=_barrier_timeout())
     return _rank_world()
 
 
 def _rank_world() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one. On a machine with GPUs the
+    rank's own GPU becomes the current device (``LOCAL_RANK``, else the rank, modulo the GPUs
+    here), whoever initialised the group: a group made by ``init_process_group`` alone would
+    leave every rank on ``cuda:0``."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.device_count():
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local % torch.cuda.device_count())
+    return rank, world
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
+def _barrier(world: int, what: str = "every rank to reach the same step of the census") -> None:
+    """Wait for all ``world`` ranks, at most ``$RAT_LENS_BARRIER_TIMEOUT`` seconds (default
+    1800); then a RatLensError says what this rank waited for (and, on gloo, which ranks never
+    came)."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
 
-        dist.barrier()
+    timeout = _barrier_timeout()
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
+        elif dist.get_backend() == "nccl":  # on this rank's GPU, not cuda:0 for every rank
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+    except RuntimeError as err:  # torch's DistBackendError and timeouts
+        raise RatLensError(
+            f"rank {dist.get_rank()} of {world} stopped waiting for {what} (timeout "
+            f"{timeout.total_seconds():g} s): {str(err).strip().splitlines()[0]}; if a rank is "
+            f"only slower (it has more prompts left to trace), wait longer: "
+            f"{BARRIER_TIMEOUT}=SECONDS"
+        ) from None
+
+
+def _barrier_timeout():
+    """``$RAT_LENS_BARRIER_TIMEOUT`` seconds as a timedelta (torch's 30 minutes without it)."""
+    from datetime import timedelta
+
+    text = os.environ.get(BARRIER_TIMEOUT, "1800")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise RatLensError(f"{BARRIER_TIMEOUT}={text!r} must be a positive number of seconds")
+    return timedelta(seconds=seconds)
 
 
 def _pyarrow():
