@@ -201,7 +201,7 @@ def _trace(args: argparse.Namespace) -> int:
 
     from .compat import ReverseAttentionTracer
     from .models import load
-    from .summary import summarize
+    from .summary import indent_wrapped, summarize
     from .tracer import generate
 
     with progress(f"loading {args.model}"):
@@ -242,7 +242,7 @@ def _trace(args: argparse.Namespace) -> int:
         )
         print(f"target {where}, {span}, {len(result.beams)} beams:")
         for line in result.paths_text:
-            print(f"  {line}")
+            print(indent_wrapped(line))
         print()
         print(summarize(result).to_text())
     written = _write(results, args.out, args.format)

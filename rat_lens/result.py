@@ -16,15 +16,18 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 from .errors import RatLensError
 from .schema import FORMAT_VERSION, check_trace, is_reverse_attention_trace
+from .text import head_label, num, path_text
 
 __all__ = [
     "TraceResult",
     "Beam",
     "BeamPath",
+    "Move",
+    "Stay",
     "SankeyData",
     "SankeyNode",
     "SankeyLink",
@@ -41,6 +44,7 @@ __all__ = [
     "beam_weights",
     "build_sankey",
     "path_text",
+    "head_label",
     "NOISE",
 ]
 
@@ -106,6 +110,56 @@ class Beam:
     @property
     def num_edges(self) -> int:
         return len(self.edge_attns)
+
+    def route(self) -> list[Union["Move", "Stay"]]:
+        """The path as a researcher reads it, target first: each head :class:`Move` in turn,
+        each run of residual stays between them as one :class:`Stay`.
+
+        Examples:
+            >>> beam = Beam(positions=[9, 9, 9, 4, 3], edge_attns=[0.7, 0.6, 0.12, 0.3],
+            ...             layers=[3, 2, 1, 0], heads=[None, None, 6, 2], bos_mass=[0.0] * 4,
+            ...             score_raw=0.0, score_norm=0.0, kinds=["residual"] * 2 + ["head"] * 2)
+            >>> beam.route()[0], beam.route()[1].key
+            (Stay(position=9, top=3, bottom=2, edges=(0, 1)), 4)
+        """
+        steps: list[Union[Move, Stay]] = []
+        for i in range(self.num_edges):
+            query, layer = self.positions[i], self.layers[i]
+            if not self.is_residual(i):
+                key, weight = self.positions[i + 1], self.edge_attns[i]
+                steps.append(Move(i, layer, self.heads[i], query, key, weight))
+            elif steps and isinstance(steps[-1], Stay):  # the run goes on one layer lower
+                steps[-1] = Stay(query, steps[-1].top, layer, steps[-1].edges + (i,))
+            else:
+                steps.append(Stay(query, layer, layer, (i,)))
+        return steps
+
+    def moves(self) -> list["Move"]:
+        """The head moves of :meth:`route`, target first (every edge when there are no stays)."""
+        return [step for step in self.route() if isinstance(step, Move)]
+
+
+class Move(NamedTuple):
+    """A head move: at ``layer`` the ``query`` position reads ``key`` through ``head`` (None:
+    heads aggregated), with the edge ``weight`` the search used; ``edge`` indexes the beam's
+    per-edge lists (``bos_mass``, ``kinds``...)."""
+
+    edge: int
+    layer: int
+    head: Optional[int]
+    query: int
+    key: int
+    weight: float
+
+
+class Stay(NamedTuple):
+    """A run of residual stays: the route keeps ``position`` through layers ``top`` down to
+    ``bottom``; ``edges`` index the beam's per-edge lists."""
+
+    position: int
+    top: int
+    bottom: int
+    edges: tuple[int, ...]
 
 
 @dataclass(init=False)
@@ -299,7 +353,7 @@ class Verification(JsonRoundTrip):
         return (
             f"Verification(target_pos={self.target_pos}, prediction={self.prediction!r}, "
             f"ablation={self.ablation!r}, beams={len(self.beams)}, top_effect={best}, "
-            f"top_ratio={_num(ratio)}, faithfulness_area={_num(area)})"
+            f"top_ratio={num(ratio)}, faithfulness_area={num(area)})"
         )
 
     def to_text(self) -> str:
@@ -338,13 +392,6 @@ class Verification(JsonRoundTrip):
         return cls(**data)
 
 
-def _num(value: Optional[float], digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    text = f"{value:.{digits}f}"
-    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
-
-
 def _ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f}x"
 
@@ -355,7 +402,7 @@ def _lines(v: Verification, markdown: bool) -> list[str]:
         f"{v.prediction!r} (log p {v.prediction_logp:.3f})"
     )
     if v.token is not None:
-        head += f"; token {v.token!r} (log p {_num(v.token_logp)})"
+        head += f"; token {v.token!r} (log p {num(v.token_logp)})"
     lines = [
         ("### " if markdown else "") + head,
         "",
@@ -372,15 +419,15 @@ def _lines(v: Verification, markdown: bool) -> list[str]:
             e = b.effect
             row = [
                 str(b.rank),
-                _num(e.effect),
-                _num(e.baseline_mean),
-                _num(e.baseline_std),
+                num(e.effect),
+                num(e.baseline_mean),
+                num(e.baseline_std),
                 _ratio(e.ratio),
-                _num(e.p_value, 2),
+                num(e.p_value, 2),
             ]
             if v.token is not None:
                 t = b.token_effect
-                row += [_num(t.effect if t else None), _ratio(t.ratio if t else None)]
+                row += [num(t.effect if t else None), _ratio(t.ratio if t else None)]
             rows.append(row)
         lines += _table(cols, rows, markdown) + [""]
     f = v.faithfulness
@@ -388,7 +435,7 @@ def _lines(v: Verification, markdown: bool) -> list[str]:
         cols = ["kept %"] + [f"{p:g}" for p in f.percents] + ["area"]
         rows = [
             ["edges"] + [str(n) for n in f.kept_edges] + [""],
-            ["faithfulness"] + [_num(x, 2) for x in f.faithfulness] + [_num(f.area)],
+            ["faithfulness"] + [num(x, 2) for x in f.faithfulness] + [num(f.area)],
         ]
         lines.append(
             f"Faithfulness ({f.total_edges} traced edges, {f.rows} rows ablated; "
@@ -397,7 +444,7 @@ def _lines(v: Verification, markdown: bool) -> list[str]:
         lines += _table(cols, rows, markdown) + [""]
     t = v.token_importance
     if t is not None:
-        corr = ", ".join(f"{name} {_num(value)}" for name, value in t.spearman.items())
+        corr = ", ".join(f"{name} {num(value)}" for name, value in t.spearman.items())
         lines.append(f"Blank-out importance (blank={t.blank!r}): Spearman with {corr or '-'}")
     while lines and not lines[-1]:
         lines.pop()
@@ -717,27 +764,3 @@ def build_sankey(beams: list[Beam], tokens: list[str], mode: str, layer: int) ->
                 link.heads.append(beam.heads[i])
     ordered = sorted(nodes.values(), key=lambda n: (-n.layer, n.position))
     return SankeyData(nodes=ordered, links=list(links.values()))
-
-
-def path_text(beam: BeamPath) -> str:
-    """Earliest token first, as reverse-attention prints it; edges carry layer/head when the
-    trace spans layers or heads: ``a -[L0.H3 0.38]-> b (score: -0.97)``."""
-    shown = [_show(t) for t in beam.tokens]
-    plain = len(set(beam.layers)) <= 1 and all(h is None for h in beam.heads)
-    if plain:
-        text = " -> ".join(reversed(shown))
-    else:
-        text = shown[-1]
-        for i in reversed(range(beam.num_edges)):
-            head = (
-                ".res"
-                if beam.is_residual(i)
-                else ("" if beam.heads[i] is None else f".H{beam.heads[i]}")
-            )
-            text += f" -[L{beam.layers[i]}{head} {beam.edge_attns[i]:.2f}]-> {shown[i]}"
-    return f"{text} (score: {beam.score_norm:.4f})"
-
-
-def _show(token: str) -> str:
-    token = token.replace("\n", "\\n").replace("\t", "\\t")
-    return f'"{token}"' if " " in token or token == "" else token

@@ -116,6 +116,7 @@ BOTTOM = [
     "rat_lens.options",
     "rat_lens.schema",
     "rat_lens.result",
+    "rat_lens.text",
     "rat_lens.files",
 ]
 

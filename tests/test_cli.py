@@ -28,7 +28,7 @@ def test_the_readme_main_job_runs_offline_as_a_real_command(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "target 8 'red', layer 1, 5 beams:" in done.stdout
-    assert " -> " in done.stdout and "(score: " in done.stdout
+    assert "  'red'@8 ←L1(" in done.stdout and "(score: " in done.stdout
     page = tmp_path / "rat_lens_out" / "index.html"
     assert page.exists() and f"wrote {page.relative_to(tmp_path)}" in done.stdout
     saved = TraceResult.from_json((tmp_path / "rat_lens_out" / "trace.json").read_text())

@@ -272,7 +272,7 @@ def test_a_contribution_trace_round_trips_summarises_and_verifies(model):
     data = result.to_dict() | {"edge_weight": "attention"}
     with pytest.raises(RatLensError, match="move_threshold is set, but edge_weight is .attention."):
         rat_lens.TraceResult.from_dict(data)
-    assert any("res" in line for line in result.paths_text) or all(
+    assert any(" stays L" in line for line in result.paths_text) or all(
         k == "head" for b in result.beams for k in b.kinds
     )
     summary = summarize(result)

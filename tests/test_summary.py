@@ -1,6 +1,7 @@
 """Summaries: masses by hand, every trace mode, markdown that parses, text that fits 100 columns."""
 
 import io
+import itertools
 import random
 
 import pytest
@@ -9,13 +10,15 @@ from markdown_it import MarkdownIt
 from rich.cells import cell_len
 
 import rat_lens
-from rat_lens import ReverseAttentionTracer, TraceResult, trace_attention
+from rat_lens import TraceResult, trace_attention
 from rat_lens.capture import capture_patterns
+from rat_lens.compat import ReverseAttentionTracer
 from rat_lens.models import load, repeated_tokens
-from rat_lens.result import BeamPath, HeadTable, build_sankey, path_text
+from rat_lens.result import Beam, BeamPath, HeadTable, Move, Stay, build_sankey
 from rat_lens.roles import head_roles
 from rat_lens.search.stats import attention_stats, rollout_importance
-from rat_lens.summary import Summary, circuit_line, summarize
+from rat_lens.summary import Summary, summarize
+from rat_lens.text import path_text
 
 TEXT = "cat dog red blue green cat dog red"
 
@@ -43,12 +46,118 @@ def result_from(attn, tokens, target=-1, **opts) -> TraceResult:
     )
 
 
-def test_circuit_line_format():
-    assert (
-        circuit_line([" B", " C", " B"], [7, 4, 3], [1, 0], [2, 3], [0.912, 0.38])
-        == "' B'@7 ←L1.H2(0.91)─ ' C'@4 ←L0.H3(0.38)─ ' B'@3"
+def full_depth_beam(seed: int, n_layers: int = 30, seq: int = 300) -> BeamPath:
+    """A contribution-weighted route as a full-depth trace makes them: from the target at the top
+    layer, each layer a stay (kind "residual", head None) or a head move to an earlier position."""
+    rng = random.Random(seed)
+    positions, kinds, heads, weights = [seq - 1], [], [], []
+    for _ in range(n_layers):
+        move = rng.random() < 0.2 and positions[-1] > 0
+        kinds.append("head" if move else "residual")
+        heads.append(rng.randrange(9) if move else None)
+        positions.append(rng.randrange(positions[-1]) if move else positions[-1])
+        weights.append(rng.uniform(0.05, 0.3) if move else rng.uniform(0.5, 0.9))
+    return BeamPath(
+        positions=positions,
+        tokens=[f" w{p}" for p in positions],
+        token_ids=positions,
+        edge_attns=weights,
+        score_raw=1.0,
+        score_norm=1.0,
+        layers=list(range(n_layers - 1, -1, -1)),
+        heads=heads,
+        bos_mass=[0.0] * n_layers,
+        kinds=kinds,
     )
-    assert circuit_line(["x"], [0], [], [], []) == "'x'@0"
+
+
+def test_route_lists_moves_and_runs_of_stays_target_first():
+    beam = Beam(
+        positions=[9, 9, 9, 4, 4, 3, 3],
+        edge_attns=[0.7, 0.6, 0.12, 0.8, 0.31, 0.5],
+        layers=[5, 4, 3, 2, 1, 0],
+        heads=[None, None, 6, None, 2, None],
+        bos_mass=[0.0] * 6,
+        score_raw=0.0,
+        score_norm=0.0,
+        kinds=["residual", "residual", "head", "residual", "head", "residual"],
+    )
+    assert beam.route() == [
+        Stay(9, 5, 4, (0, 1)),
+        Move(2, 3, 6, 9, 4, 0.12),
+        Stay(4, 2, 2, (3,)),
+        Move(4, 1, 2, 4, 3, 0.31),
+        Stay(3, 0, 0, (5,)),
+    ]
+    assert beam.moves() == [Move(2, 3, 6, 9, 4, 0.12), Move(4, 1, 2, 4, 3, 0.31)]
+    path = BeamPath.from_beam(beam, ["a", "b", "c", " B", " C", "e", "f", "g", "h", " B"], [0] * 10)
+    assert path_text(path) == (
+        "' B'@9 stays L5-L4 ←L3.H6(0.12)─ ' C'@4 stays L2 ←L1.H2(0.31)─ ' B'@3 stays L0 "
+        "(score: 0.0000)"
+    )
+    assert path_text(path, score=False) == path_text(path).rsplit(" (score", 1)[0]
+
+
+def test_routes_without_stays_write_every_edge_as_a_move():
+    """Attention edges (every layer a head's, self-reads included) and chains: one move per
+    edge, in the edges' order; aggregated heads print as the layer alone."""
+    chain = BeamPath(
+        positions=[7, 4, 0], tokens=[" B", " C", "<s>"], token_ids=[0, 1, 2],
+        edge_attns=[0.912, 0.38], score_raw=-1.06, score_norm=-0.53,
+        layers=[1, 1], heads=[None, None], bos_mass=[0.0, 0.0],
+    )  # fmt: skip
+    assert chain.moves() == [Move(0, 1, None, 7, 4, 0.912), Move(1, 1, None, 4, 0, 0.38)]
+    assert path_text(chain) == "' B'@7 ←L1(0.91)─ ' C'@4 ←L1(0.38)─ '<s>'@0 (score: -0.5300)"
+    per_head = BeamPath.from_beam(
+        Beam(positions=[5, 5, 2], edge_attns=[0.4, 0.9], layers=[1, 0], heads=[3, 0],
+             bos_mass=[0.0, 0.0], score_raw=0.0, score_norm=0.0),
+        ["x"] * 6, list(range(6)),
+    )  # fmt: skip
+    assert path_text(per_head, score=False) == "'x'@5 ←L1.H3(0.40)─ 'x'@5 ←L0.H0(0.90)─ 'x'@2"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_route_reads_back_into_its_beam(seed):
+    """Oracle: the edges, rebuilt from the route (each stay run edge by edge), are the beam's."""
+    beam = full_depth_beam(seed)
+    edges = {}
+    for step in beam.route():
+        if isinstance(step, Stay):
+            assert list(step.edges) == list(range(step.edges[0], step.edges[-1] + 1))
+            for i, layer in zip(step.edges, range(step.top, step.bottom - 1, -1)):
+                edges[i] = (layer, None, step.position, step.position, "residual")
+        else:
+            edges[step.edge] = (step.layer, step.head, step.query, step.key, "head")
+            assert step.weight == beam.edge_attns[step.edge]
+    runs = [isinstance(step, Stay) for step in beam.route()]
+    assert not any(a and b for a, b in itertools.pairwise(runs))  # stays merged into runs
+    assert [edges[i] for i in range(beam.num_edges)] == [
+        (beam.layers[i], beam.heads[i], beam.positions[i], beam.positions[i + 1], beam.kinds[i])
+        for i in range(beam.num_edges)
+    ]
+
+
+def test_a_full_depth_route_fits_a_few_lines():
+    """The issue's measurement: 30 edges, most of them stays, wrapped onto ~30 lines. Written as
+    moves with compressed stays, every beam's circuit takes at most one line per two moves
+    (and one more) in a 100-column summary."""
+    beams = [full_depth_beam(seed) for seed in range(5)]
+    tokens = [f" w{p}" for p in range(300)]
+    result = TraceResult(
+        seq_len=300, target_pos=299, layer=29, top_beam=5, top_k=5, tokens=tokens, beams=beams,
+        sankey=build_sankey(beams, tokens, "layers", 29), paths_text=[path_text(b) for b in beams],
+        mode="layers", layer_lo=0, agg_heads="none", edge_weight="value_norm",
+    )  # fmt: skip
+    summary = summarize(result)
+    text = summary.to_text()
+    assert max(cell_len(line) for line in text.splitlines()) <= 100
+    rows = text.split("#  score")[1].split("\n\n")[0].splitlines()[1:]
+    starts = [i for i, line in enumerate(rows) if line[:1].isdigit()] + [len(rows)]
+    for beam, start, end in zip(beams, starts, starts[1:]):
+        assert beam.num_edges == 30 and end - start <= len(beam.moves()) // 2 + 1
+    assert "stays L29-" in summary.beams[0].circuit
+    assert "share: the edge share of the block output (value_norm)" in text
+    check_outputs(summary)
 
 
 def test_masses_by_hand_on_a_two_layer_per_head_trace():

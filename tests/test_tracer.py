@@ -62,7 +62,7 @@ def test_result_has_reverse_attentions_fields_and_round_trips_json(model):
     assert best.tokens == [result.tokens[p] for p in best.positions]
     assert best.token_ids == [result.token_ids[p] for p in best.positions]
     assert len(result.paths_text) == len(result.beams)
-    assert "-[L1.H" in result.paths_text[0] and result.paths_text[0].endswith(")")
+    assert result.paths_text[0].startswith("'red'@8 ←L1.H") and result.paths_text[0].endswith(")")
     links = {(lk.source, lk.target) for lk in result.sankey.links}
     assert (f"L0_P{best.positions[1]}", "L1_P8") in links
     again = TraceResult.from_json(json.loads(json.dumps(result.to_json())))

@@ -3,7 +3,8 @@ the heads and layers carrying traced mass, token importance, predictions, the ca
 read as text, markdown, an HTML fragment, rich tables or JSON.
 
 - ``build``: the summary's dataclasses and :func:`summarize`;
-- ``text``: how a summary reads (sections → text / markdown / HTML / rich).
+- ``text``: how a summary reads (sections → text / markdown / HTML / rich), and
+  :func:`indent_wrapped` (a path on lines of at most 100 columns, as the command line prints it).
 
 Needs no torch unless given patterns or logits.
 """
@@ -16,9 +17,9 @@ from .build import (
     LayerMass,
     Summary,
     TokenScore,
-    circuit_line,
     summarize,
 )
+from .text import indent_wrapped
 
 __all__ = [
     "Summary",
@@ -28,6 +29,6 @@ __all__ = [
     "EdgeMass",
     "TokenScore",
     "summarize",
-    "circuit_line",
+    "indent_wrapped",
     "ROLE_LABELS",
 ]

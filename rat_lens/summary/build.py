@@ -8,17 +8,18 @@ dataclass, ``to_markdown()``, ``to_text()`` (fits 100 columns), ``rich.print(sum
 terminal, or ``to_dict()`` / ``to_json()`` (and back).
 
 **Traced mass** is the Sankey rule summed by what it runs through: every beam counts with
-softmax(score_norm) over the beams, every edge with that share × its attention weight.
+softmax(score_norm) over the beams, every edge with that share × its edge weight (attention,
+or a share of the block output).
 """
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from ..errors import RatLensError
 from ..result import HeadTable, JsonRoundTrip, Prediction, TraceResult, Verification, beam_weights
-from .text import summary_html, summary_markdown, summary_rich, summary_text, token_label
+from ..text import path_text
+from .text import summary_html, summary_markdown, summary_rich, summary_text
 
 __all__ = [
     "Summary",
@@ -28,7 +29,6 @@ __all__ = [
     "EdgeMass",
     "TokenScore",
     "summarize",
-    "circuit_line",
     "ROLE_LABELS",
 ]
 
@@ -41,7 +41,8 @@ ROLE_LABELS = {
 
 @dataclass
 class BeamCircuit:
-    """One beam as a line, target first: ``'red'@7 ←L1.H1(0.97)─ 'red'@3``."""
+    """One beam as a line, target first (:func:`rat_lens.text.path_text` without the score):
+    ``'red'@7 ←L1.H1(0.97)─ 'red'@3``; runs of residual stays read ``stays L29-L19``."""
 
     rank: int
     circuit: str
@@ -73,7 +74,9 @@ class LayerMass:
 
 @dataclass
 class EdgeMass:
-    """One edge (key → query through layer.head) with its attention and its traced mass."""
+    """One edge (key → query through layer.head) with its weight and its traced mass; ``attn``
+    is the edge weight the search used (attention, or under value_norm / contribution the
+    head's share of the block output: the text heads the column by which)."""
 
     layer: int
     head: Optional[int]
@@ -165,34 +168,6 @@ class Summary(JsonRoundTrip):
         if data.get("verification") is not None:
             data["verification"] = Verification.from_dict(data["verification"])
         return cls(**data)
-
-
-def circuit_line(
-    tokens: list[str],
-    positions: list[int],
-    layers: list[int],
-    heads: list[Optional[int]],
-    edge_attns: list[float],
-    kinds: Sequence[str] = (),
-) -> str:
-    """A path as one line, target first, each edge ``←L{layer}.H{head}(weight)─`` (a residual
-    stay ``←L{layer}.res(weight)─``).
-
-    Examples:
-        >>> circuit_line([" B", " C", " B"], [7, 4, 3], [1, 0], [2, 3], [0.912, 0.38])
-        "' B'@7 ←L1.H2(0.91)─ ' C'@4 ←L0.H3(0.38)─ ' B'@3"
-        >>> circuit_line(["c", "a"], [2, 0], [5], [None], [0.5])
-        "'c'@2 ←L5(0.50)─ 'a'@0"
-    """
-    text = f"{token_label(tokens[0])}@{positions[0]}"
-    for i, attn in enumerate(edge_attns):
-        head = (
-            ".res"
-            if kinds and kinds[i] == "residual"
-            else ("" if heads[i] is None else f".H{heads[i]}")
-        )
-        text += f" ←L{layers[i]}{head}({attn:.2f})─ {token_label(tokens[i + 1])}@{positions[i + 1]}"
-    return text
 
 
 def summarize(
@@ -345,9 +320,7 @@ def _masses(
             )
             em.mass += share * attn
             em.beams.append(b)
-        line = circuit_line(
-            beam.tokens, beam.positions, beam.layers, beam.heads, beam.edge_attns, beam.kinds
-        )
+        line = path_text(beam, score=False)
         circuits.append(
             BeamCircuit(b + 1, line, beam.score_raw, beam.score_norm, share, edge_roles)
         )

@@ -7,19 +7,18 @@ one small function over those, so the three never disagree about what a row says
 import html
 import re
 import textwrap
-import unicodedata
 from dataclasses import dataclass, field
 
+from ..text import cells, num, token_label
+
 __all__ = [
-    "token_label",
     "sections",
+    "indent_wrapped",
     "summary_markdown",
     "summary_text",
     "summary_rich",
     "summary_html",
 ]
-
-MAX_TOKEN_CELLS = 18
 
 
 @dataclass
@@ -31,29 +30,6 @@ class Section:
     flex: int = -1  # the column that wraps when the table is too wide
     code: set[int] = field(default_factory=set)  # columns holding tokens: code spans in markdown
     note: str = ""
-
-
-def cells(text: str) -> int:
-    """Terminal columns ``text`` takes: wide East Asian characters 2, combining marks 0."""
-    return sum(
-        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
-        for c in text
-    )
-
-
-def token_label(token: str) -> str:
-    """A token as Python's repr (spaces and newlines visible), cut to 18 columns.
-
-    >>> token_label(" B"), token_label("a\\nb"), token_label("x" * 40)
-    ("' B'", "'a\\\\nb'", "'xxxxxxxxxxxxxxx…'")
-    """
-    label = repr(token)
-    if cells(label) <= MAX_TOKEN_CELLS:
-        return label
-    while token and cells(repr(token)) > MAX_TOKEN_CELLS - 1:
-        token = token[:-1]
-    short = repr(token)
-    return short[:-1] + "…" + short[-1]
 
 
 def _at(token: str, position: int) -> str:
@@ -70,6 +46,17 @@ def _pct(x: float) -> str:
 
 def _role(label: str, score) -> str:
     return f"{label} {score:.2f}" if label else ""
+
+
+def _weight_column(s) -> str:
+    """The edge weight's column: attention, or (value_norm / contribution) a share."""
+    return "attention" if s.edge_weight == "attention" else "share"
+
+
+def _weight_name(s) -> str:
+    if s.edge_weight == "attention":
+        return "edge attention"
+    return f"edge share of the block output ({s.edge_weight})"
 
 
 def _title(s) -> tuple[str, str]:
@@ -105,7 +92,7 @@ def sections(s) -> list[Section]:
                     for h in s.heads
                 ],
                 "lrrrl",
-                note="mass = Σ over beams of share × edge attention",
+                note=f"mass = Σ over beams of share × {_weight_name(s)}",
             )
         )
         out.append(
@@ -119,7 +106,7 @@ def sections(s) -> list[Section]:
         out.append(
             Section(
                 "Top edges",
-                ["edge", "key → query", "attn", "mass", "sink", "beams", "role"],
+                ["edge", "key → query", _weight_column(s), "mass", "sink", "beams", "role"],
                 [
                     [
                         _head(e.layer, e.head, s.agg_heads),
@@ -135,7 +122,8 @@ def sections(s) -> list[Section]:
                 "llrrrll",
                 flex=1,
                 code={1},
-                note="sink = the row's attention on BOS / position 0",
+                note=f"{_weight_column(s)}: the {_weight_name(s)}; sink = the row's attention "
+                "on BOS / position 0",
             )
         )
     if s.tokens:
@@ -188,12 +176,17 @@ def _beams_section(s) -> Section:
         [str(b.rank), f"{b.score_norm:.3f}", f"{b.score_raw:.3f}", _pct(b.share), b.circuit]
         for b in s.beams
     ]
-    note = "share = softmax(score_norm) over the beams"
+    note = (
+        f"share = softmax(score_norm) over the beams; circuit: target first, each head move "
+        f"←L{{layer}}.H{{head}}({_weight_column(s)})─ and the token it reads"
+    )
+    if any(" stays L" in b.circuit for b in s.beams):
+        note += "; stays L{top}-L{bottom}: the position kept through the residual stream"
     v = s.verification
     if v is None or len(v.beams) != len(rows):
         return Section("Beams (best first)", header, rows, "rrrrl", flex=4, code={4}, note=note)
     for row, b in zip(rows, v.beams):  # the causal effect goes before the circuit
-        row[4:4] = [f"{b.effect.effect:.3f}", _times(b.effect.ratio), _num(b.effect.p_value, 2)]
+        row[4:4] = [f"{b.effect.effect:.3f}", _times(b.effect.ratio), num(b.effect.p_value, 2)]
     note += (
         f"; effect = drop in log p of {token_label(v.prediction)} when the beam's edges "
         f"are ablated ({v.ablation}); ×random = effect / mean |effect| of {v.n_random} "
@@ -219,13 +212,13 @@ def _verification_sections(v) -> list[Section]:
                 "Faithfulness",
                 ["kept", "edges", "faithfulness"],
                 [
-                    [f"{p:g}%", f"{n}/{f.total_edges}", _num(x, 3)]
+                    [f"{p:g}%", f"{n}/{f.total_edges}", num(x, 3)]
                     for p, n, x in zip(f.percents, f.kept_edges, f.faithfulness)
                 ],
                 "rrr",
                 note=f"top traced edges kept, the rest of their {f.rows} rows ablated; (m(kept) − "
                 f"m(all ablated)) / (m(full) − m(all ablated)), m = log p of "
-                f"{token_label(v.prediction)} (Hanna et al. 2024); area {_num(f.area, 3)}",
+                f"{token_label(v.prediction)} (Hanna et al. 2024); area {num(f.area, 3)}",
             )
         )
     t = v.token_importance
@@ -234,17 +227,13 @@ def _verification_sections(v) -> list[Section]:
             Section(
                 "Blank-out importance vs trace",
                 ["importance", "Spearman"],
-                [[name.replace("_", " "), _num(value, 3)] for name, value in t.spearman.items()],
+                [[name.replace("_", " "), num(value, 3)] for name, value in t.spearman.items()],
                 "lr",
                 note=f"each token blanked ({t.blank}); its drop in log p of "
                 f"{token_label(v.prediction)}, rank-correlated with the trace's",
             )
         )
     return out
-
-
-def _num(x, digits: int) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def _times(x) -> str:
@@ -380,14 +369,28 @@ def _table(sec: Section, width: int) -> list[str]:
     return lines
 
 
+def indent_wrapped(text: str, width: int = 100, indent: str = "  ") -> str:
+    """``text`` (a path, a circuit) on lines of at most ``width`` columns, broken before its
+    moves and stays as the summary's tables break it: the first line indented by ``indent``,
+    the rest by twice that.
+
+    >>> print(indent_wrapped("'d'@9 stays L5-L2 ←L1.H0(0.40)─ 'c'@3 ←L0.H2(0.91)─ 'b'@2", 40))
+      'd'@9 stays L5-L2 ←L1.H0(0.40)─ 'c'@3
+        ←L0.H2(0.91)─ 'b'@2
+    """
+    lines = _wrap(text, width - 2 * len(indent))
+    return "\n".join(indent * (1 + (i > 0)) + line.lstrip() for i, line in enumerate(lines))
+
+
 def _wrap(text: str, width: int) -> list[str]:
-    """Break before ``←`` / ``→`` edges and after commas; cut only what still does not fit."""
-    atoms = [a for a in re.split(r"(?<=, )|(?= ←)|(?= → )|(?<=; )", text) if a]
+    """Break before ``←`` / ``→`` edges and ``stays`` spans, after commas and semicolons; cut
+    only what still does not fit."""
+    atoms = [a for a in re.split(r"(?<=, )|(?= ←)|(?= → )|(?= stays L)|(?<=; )", text) if a]
     lines, line = [], ""
     for atom in atoms:
         if line and cells(line + atom) > width:
             lines.append(line)
-            line = atom.lstrip() if not atom.startswith(" ←") else atom
+            line = atom.lstrip() if not atom.startswith((" ←", " stays")) else atom
         else:
             line += atom
         while cells(line) > width:

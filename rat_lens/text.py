@@ -1,0 +1,90 @@
+"""How results read as text, at the bottom of the package: tokens, numbers and routes.
+
+One spelling of each, shared by the tracer's ``paths_text``, the summary, the command line and the
+census: :func:`token_label` (a token as Python's repr, cut to 18 columns), :func:`head_label`
+(``L17.H3``), :func:`num` (fixed digits, never "-0.000") and :func:`path_text` (a beam, target
+first, head moves spelled out, runs of residual stays compressed). Imports nothing from
+rat_lens: the result types use it, so it sits below them (``path_text`` reads a beam by its
+``route()`` method).
+"""
+
+import unicodedata
+from typing import Optional
+
+__all__ = ["cells", "token_label", "head_label", "num", "path_text"]
+
+MAX_TOKEN_CELLS = 18
+
+
+def cells(text: str) -> int:
+    """Terminal columns ``text`` takes: wide East Asian characters 2, combining marks 0."""
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
+    )
+
+
+def token_label(token: str) -> str:
+    """A token as Python's repr (spaces and newlines visible), cut to 18 columns.
+
+    >>> token_label(" B"), token_label("a\\nb"), token_label("x" * 40)
+    ("' B'", "'a\\\\nb'", "'xxxxxxxxxxxxxxx…'")
+    """
+    label = repr(token)
+    if cells(label) <= MAX_TOKEN_CELLS:
+        return label
+    while token and cells(repr(token)) > MAX_TOKEN_CELLS - 1:
+        token = token[:-1]
+    short = repr(token)
+    return short[:-1] + "…" + short[-1]
+
+
+def head_label(layer: int, head: Optional[int], residual: bool = False) -> str:
+    """How an edge's head is written everywhere, the page included (its twin is ``headName`` in
+    ``render/js/util.js``; a browser test checks they agree): ``L1.H0``; ``L1.res`` for a stay
+    in the residual stream; ``L1`` when heads were aggregated (``head`` None).
+
+    >>> head_label(17, 3), head_label(2, None, residual=True), head_label(0, None)
+    ('L17.H3', 'L2.res', 'L0')
+    """
+    return f"L{layer}" + (".res" if residual else "" if head is None else f".H{head}")
+
+
+def num(value: Optional[float], digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals; ``"-"`` for None, and no sign on a rounded zero.
+
+    >>> num(0.12345), num(-0.00001), num(None), num(2.5, 1)
+    ('0.123', '0.000', '-', '2.5')
+    """
+    if value is None:
+        return "-"
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def path_text(beam, score: bool = True) -> str:
+    """A beam as one line, target first: each head move ``←L{layer}.H{head}(weight)─`` and the
+    token it reads (``←L{layer}(weight)─`` with heads aggregated), each run of residual stays
+    between moves as ``stays L{top}-L{bottom}``; then ``(score: …)`` unless ``score=False``.
+
+    ``beam`` is a :class:`rat_lens.result.BeamPath` (its tokens and ``route()``).
+
+    Examples:
+        >>> from rat_lens.result import BeamPath
+        >>> beam = BeamPath(positions=[9, 9, 9, 4, 3], tokens=[" B", " B", " B", " C", " B"],
+        ...                 token_ids=[0] * 5, edge_attns=[0.7, 0.6, 0.123, 0.31],
+        ...                 score_raw=1.5, score_norm=1.5, layers=[3, 2, 1, 0],
+        ...                 heads=[None, None, 6, 2], bos_mass=[0.0] * 4,
+        ...                 kinds=["residual", "residual", "head", "head"])
+        >>> path_text(beam)
+        "' B'@9 stays L3-L2 ←L1.H6(0.12)─ ' C'@4 ←L0.H2(0.31)─ ' B'@3 (score: 1.5000)"
+    """
+    text = f"{token_label(beam.tokens[0])}@{beam.positions[0]}"
+    for step in beam.route():
+        if hasattr(step, "key"):  # a Move (a Stay keeps its position)
+            reached = f"{token_label(beam.tokens[step.edge + 1])}@{step.key}"
+            text += f" ←{head_label(step.layer, step.head)}({step.weight:.2f})─ {reached}"
+        else:
+            span = f"L{step.top}" + ("" if step.bottom == step.top else f"-L{step.bottom}")
+            text += f" stays {span}"
+    return f"{text} (score: {beam.score_norm:.4f})" if score else text
