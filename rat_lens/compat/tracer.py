@@ -1,11 +1,13 @@
-"""A drop-in for reverse-attention users: ``rat_lens.ReverseAttentionTracer``.
+"""reverse-attention's ``ReverseAttentionTracer``, on top of rat_lens's :class:`Tracer`.
 
 reverse-attention 0.1.0's ``ReverseAttentionTracer(model, tokenizer, device=None, dtype=None)``
 takes a Hugging Face model; this one takes that or any TransformerLens model, and keeps the
 peer's API: ``trace`` (same argument order and defaults, ``target_pos=None`` = last token),
-``trace_text``, ``render_html(result, out_dir, open_browser=False)``. Every difference is listed
-in docs/migration.md. It sits on top of the package (it needs the tracer, the models and the
-renderer); the tracer itself is :class:`rat_lens.tracer.Tracer`.
+``trace_text``, ``render_html(result, out_dir, open_browser=False)``; tokens decoded one by
+one with ``decode``, paths printed as the peer prints them, its warning when ``stop_at_bos``
+finds no BOS. A model that is neither (anything that answers ``output_attentions=True`` as a
+Hugging Face model does) is traced the peer's way, through the attentions it returns. Every
+difference is listed in docs/migration.md.
 
 Examples:
     >>> from rat_lens.models import load
@@ -17,18 +19,27 @@ Examples:
 
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
+from torch import Tensor
 
-from .capture import input_device
-from .models import check_device
-from .models._hf import wrap_hf_model
-from .render import render_html
-from .result import TraceResult
-from .tracer import Tracer
+from ..capture import input_device
+from ..errors import RatLensError
+from ..models import check_device
+from ..models._hf import wrap_hf_model
+from ..options import TraceOptions
+from ..plan import resolve_targets
+from ..render import render_html
+from ..result import BeamPath, TraceResult, build_sankey
+from ..tracer import PEER_ORDER, Tracer
+from .attn_extract import extract_attention, get_attention_mask, is_transformer_lens
+from .beam import search
+from .tokenize import format_path_text, get_bos_positions, get_token_strings
 
 __all__ = ["ReverseAttentionTracer"]
+
+_DEFAULT = TraceOptions()  # Tracer.trace's defaults, so passing them on changes nothing
 
 
 class ReverseAttentionTracer(Tracer):
@@ -37,7 +48,10 @@ class ReverseAttentionTracer(Tracer):
     Args:
         model: a TransformerLens model (``TransformerBridge``, ``HookedTransformer``) or, as
             reverse-attention takes it, a Hugging Face ``PreTrainedModel``, which is wrapped in
-            a ``TransformerBridge`` sharing its weights (the model is not changed).
+            a ``TransformerBridge`` sharing its weights (the model is not changed). Any other
+            model is called as the peer calls one, ``model(input_ids=..., attention_mask=...,
+            output_attentions=True, use_cache=False)``, and traced in the ``.attentions`` it
+            returns (``tracer.model`` is then the model itself).
         tokenizer: default: the model's own.
         device: reverse-attention's; as there, it is recorded (``tracer.device``, default:
             the model's) and nothing is moved. A device this machine does not have is refused.
@@ -49,16 +63,117 @@ class ReverseAttentionTracer(Tracer):
         from_hf = _is_hf_model(model)
         if from_hf:
             model = wrap_hf_model(model, tokenizer)
-        super().__init__(model, tokenizer)
-        params = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
+        # Neither TransformerLens nor Hugging Face, but callable: read its attentions output
+        # (Tracer's constructor would refuse a model without hook points).
+        self._attentions = not from_hf and callable(model) and not is_transformer_lens(model)
+        if self._attentions:
+            self.model, self.tokenizer = model, tokenizer
+        else:
+            super().__init__(model, tokenizer)
+        params = model.parameters() if hasattr(model, "parameters") else iter(())
         first = next(iter(params), None)
+        first = first if isinstance(first, Tensor) else None
         # the embedding's device: on a dispatched or offloaded model the first parameter may
         # be a meta placeholder
-        self.device = check_device(device) if device is not None else str(input_device(model))
+        model_device = (
+            (first.device if first is not None else torch.device("cpu"))
+            if self._attentions
+            else input_device(model)
+        )
+        self.device = check_device(device) if device is not None else str(model_device)
         self.dtype = dtype if dtype is not None else (first.dtype if first is not None else None)
         # Only where reverse-attention could have run (a Hugging Face model) is its pad mask
         # a difference worth a warning.
         self._told_pad_mask = not from_hf
+
+    def trace(
+        self,
+        input_ids,
+        target_pos: Optional[int] = None,
+        attention_mask=None,
+        layer: Optional[int] = None,
+        top_beam: Optional[int] = None,
+        top_k: Optional[int] = None,
+        min_attn: Optional[float] = None,
+        agg_heads: Optional[str] = None,
+        length_norm: Optional[str] = None,
+        stop_at_bos: Optional[bool] = None,
+        bos_token_id: Optional[int] = None,
+        *,
+        options: Optional[TraceOptions] = None,
+        **keywords,
+    ) -> TraceResult:
+        """reverse-attention's ``trace``: its arguments in its order (``None``: its default,
+        which is :class:`~rat_lens.options.TraceOptions`'s); for a TransformerLens model also
+        ``options=`` and every keyword of :meth:`rat_lens.tracer.Tracer.trace`."""
+        if isinstance(input_ids, Tensor) and (
+            input_ids.ndim not in (1, 2) or (input_ids.ndim == 2 and input_ids.shape[0] != 1)
+        ):
+            raise RatLensError(
+                f"Expected input_ids shape [1, seq_len] or [seq_len], got "
+                f"{tuple(input_ids.shape)}: for several prompts use trace_batch"
+            )
+        args = (layer, top_beam, top_k, min_attn, agg_heads, length_norm, stop_at_bos)
+        peer = {name: value for name, value in zip(PEER_ORDER, args) if value is not None}
+        stops = (options or _DEFAULT).stop_at_bos if stop_at_bos is None else stop_at_bos
+        if stops is True and isinstance(input_ids, Tensor):
+            _warn_no_bos(input_ids, self.tokenizer, bos_token_id)
+        if not self._attentions:
+            result = super().trace(
+                input_ids, target_pos, attention_mask, bos_token_id=bos_token_id,
+                options=options, **peer, **keywords,
+            )  # fmt: skip
+        elif options is not None or keywords:
+            given = sorted(keywords) + (["options"] if options is not None else [])
+            raise RatLensError(
+                f"{given} need a TransformerLens model: a {type(self.model).__name__} is "
+                "traced in the attentions it returns, with reverse-attention's arguments only"
+            )
+        else:
+            search_options = TraceOptions(**peer, edge_weight="attention").resolve()
+            result = self._trace_attentions(
+                input_ids, target_pos, attention_mask, search_options, bos_token_id
+            )
+        result.paths_text = [format_path_text(beam) for beam in result.beams]
+        return result
+
+    def _trace_attentions(self, input_ids, target_pos, attention_mask, options, bos_token_id):
+        """The peer's trace of a model it calls: its pad mask (when no mask is given), one
+        layer's attentions, rat_lens's search."""
+        if not isinstance(input_ids, Tensor):
+            raise RatLensError(
+                f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}"
+            )
+        tokens = input_ids.reshape(1, -1)
+        mask = get_attention_mask(tokens, self.tokenizer, attention_mask).cpu()
+        attn, layer = extract_attention(self.model, tokens, mask, options.layer, options.agg_heads)
+        # negative targets count back from the last unmasked token, as Tracer's do
+        target = resolve_targets(-1 if target_pos is None else target_pos, mask)[0][0]
+        bos = get_bos_positions(tokens, self.tokenizer, bos_token_id) if options.stop_at_bos else []
+        beams = search(attn, target, options, bos, mask[0], layer)
+        ids, strings = tokens[0].tolist(), get_token_strings(tokens, self.tokenizer)
+        paths = [BeamPath.from_beam(beam, strings, ids) for beam in beams]
+        sankey = build_sankey(paths, strings, "chain", layer)
+        return TraceResult(
+            len(ids), target, layer, options.top_beam, options.top_k, strings, paths, sankey, [],
+            agg_heads=options.agg_heads, length_norm=options.length_norm, token_ids=ids,
+        )  # fmt: skip
+
+    def trace_text(self, text: str, target_pos: Optional[int] = None, **kwargs) -> TraceResult:
+        """reverse-attention's ``trace_text``: a TransformerLens model tokenizes as it does
+        (``to_tokens``, BOS prepended); any other model's tokenizer is called as the peer calls
+        it, ``tokenizer(text, return_tensors="pt")``, and its mask is used."""
+        if not self._attentions:
+            return super().trace_text(text, target_pos, **kwargs)
+        encoded = self.tokenizer(text, return_tensors="pt")
+        return self.trace(encoded["input_ids"], target_pos, encoded.get("attention_mask"), **kwargs)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each token decoded alone with ``decode`` (as the peer does: a tokenizer without
+        ``batch_decode`` will do)."""
+        if self.tokenizer is None:
+            return super().token_strings(ids)
+        return get_token_strings(torch.tensor(ids), self.tokenizer)
 
     def _before_trace(self, input_ids, attention_mask) -> None:
         """Where the tokenizer's pad id appears in ``input_ids`` and no mask is given,
@@ -83,6 +198,19 @@ def _is_hf_model(model) -> bool:
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
     return isinstance(model, PreTrainedModel)
+
+
+def _warn_no_bos(input_ids: Tensor, tokenizer, bos_token_id: Optional[int]) -> None:
+    """The peer's warning: ``stop_at_bos`` with no BOS token in the prompt stops only at 0."""
+    if bos_token_id is None:
+        bos_token_id = getattr(tokenizer, "bos_token_id", None)
+    if not get_bos_positions(input_ids, tokenizer, bos_token_id):
+        warnings.warn(
+            f"stop_at_bos=True, but the prompt holds no BOS token (bos_token_id="
+            f"{bos_token_id}): beams run to position 0",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _warn_pad_mask(input_ids, tokenizer) -> bool:
