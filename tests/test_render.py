@@ -80,6 +80,60 @@ def make_result(attn: torch.Tensor, tokens: list[str], target: int = -1, **opts)
     )
 
 
+# A full-depth per-head route as a contribution-weighted trace of SmolLM2 finds them (DESIGN.md):
+# (layer, head, key) of each move from the target, stays everywhere else. Prompt: 20 random words
+# repeated, the target the repeat's last word; beam 0 is the induction circuit (a previous-token
+# head, then an induction head reading the token after the earlier copy).
+DEEP_ROUTES = [
+    [(18, 6, 20), (2, 1, 19)],
+    [(17, 3, 20), (13, 1, 19)],
+    [(23, 2, 20)],
+    [(18, 6, 20), (11, 1, 19), (1, 2, 18)],
+    [(27, 4, 0)],
+]
+
+
+def deep_result(n_tokens: int = 40, n_layers: int = 30, prompt_len=None) -> TraceResult:
+    """A synthetic trace at SmolLM2's shape (30 layers, 9 heads, per head, full depth, edges of
+    contribution weight with residual stays): every edge of every beam is known here, so the
+    page can be checked against it."""
+    words = [f" w{i}" for i in range(n_tokens // 2 - 1)]
+    tokens = ["<bos>", *words, *words][:n_tokens] + [" x"] * max(0, n_tokens - 2 * len(words) - 1)
+    target = n_tokens - 1
+    beams = []
+    for rank, moves in enumerate(DEEP_ROUTES):
+        at = {lay: (head, key) for lay, head, key in moves}
+        positions, weights, heads, kinds, pos = [target], [], [], [], target
+        for layer in range(n_layers - 1, -1, -1):
+            head, key = at.get(layer, (None, pos))
+            weights.append(0.12 + 0.05 * rank if head is not None else 0.8)
+            heads.append(head)
+            kinds.append("residual" if head is None else "head")
+            pos = key
+            positions.append(pos)
+        score = -0.5 * rank - 0.1
+        beams.append(
+            BeamPath(
+                positions, [tokens[p] for p in positions], list(positions), weights, score, score,
+                layers=list(range(n_layers - 1, -1, -1)), heads=heads, bos_mass=[0.5] * n_layers,
+                kinds=kinds,
+            )
+        )
+    result = TraceResult(
+        n_tokens, target, n_layers - 1, len(beams), 5, tokens, beams,
+        build_sankey(beams, tokens, "layers", n_layers - 1), [path_text(b) for b in beams],
+        mode="layers", layer_lo=0, agg_heads="none", length_norm="none",
+        token_ids=list(range(n_tokens)), edge_weight="value_norm", move_threshold=0.05,
+        depth_discount=0.9,
+        predictions=[
+            Prediction(target, tokens[target], [1, 2, 3], [" w0", " the", " w1"], [0.62, 0.05, 0.03])
+        ],
+    )
+    if prompt_len is not None:
+        result.prompt_len = prompt_len
+    return result
+
+
 def causal(*shape: int, seed: int = 0, sharp: float = 3.0) -> torch.Tensor:
     """Random causal attention ``[*, n, n]``; ``sharp`` scales the logits (peakier rows)."""
     n = shape[-1]

@@ -32,6 +32,7 @@ SCRIPTS = (
     "js/schema.js",
     "js/util.js",
     "js/diagram.js",
+    "js/routemap.js",
     "js/heads.js",
     "js/panels.js",
     "js/strip.js",

@@ -71,6 +71,8 @@ def payload(result: TraceResult) -> dict:
             "residual": result.residual,
             "exclude_bos": result.exclude_bos,
             "batch_index": result.batch_index,
+            # A --generate page: the tokens from here on were generated (None: not known).
+            "prompt_len": getattr(result, "prompt_len", None),
         },
         "tokens": list(result.tokens),
         "token_ids": list(result.token_ids),

@@ -1,11 +1,13 @@
-// diagram.js: the Sankey diagram: layout, drawing (links labelled with their head, the target's
-// predictions), zoom, keyboard focus, the off-screen note, and the highlight/filter state painted
-// as classes.
+// diagram.js: the graph every view draws (layout), and the Sankey diagram: drawing (links
+// labelled with their head, a run of stays as one band, the target's predictions), zoom,
+// keyboard focus, the off-screen note, and the highlight/filter state painted as classes (for
+// the route map of routemap.js too).
 // Defines: NODE_W, COL_W, LABEL_W, PAD, TOP, MIN_NODE, READABLE, LIST_SHOWN, assignColumns,
-//   edgeAttentions, layout, headTable, sortedList, nodeTip, linkTip, placeLabels, drawDiagram,
-//   beamsThrough, paint.
-// Uses: util.js: RESIDUAL_COLOR, fmt, palette, beamColor, layerName, headName, headKey, isResidual,
-//   weightName, isolate, shorten, visible, tokenAt, predictionsAt, predictionText, prob.
+//   edgeAttentions, layout, headTable, sortedList, nodeTip, linkTip, placeLabels, stayRuns,
+//   drawDiagram, beamsThrough, paint.
+// Uses: util.js: RESIDUAL_COLOR, fmt, headColor, beamColor, layerName, headName, headKey,
+//   isResidual, weightName, isolate, shorten, visible, tokenAt, predictionsAt, predictionText,
+//   prob.
 
 const NODE_W = 12;      // node bar width
 const COL_W = 150;      // distance between columns: room for a label
@@ -114,18 +116,18 @@ function layout(data) {
           height: TOP + inner + 8};
 }
 
-// Traced mass per (layer, head): the sum of the Sankey weights of its links, heaviest first,
-// each with its colour (the links' colour when coloured by head; residual stays are grey).
+// Traced mass per (layer, head): the sum of the Sankey weights of its links; heads first,
+// heaviest first, then the stays in the residual stream. Each with its colour (headColor: the
+// same on every widget; stays are grey).
 function headTable(links) {
-  const table = d3.rollups(links, function (ls) {
+  return d3.rollups(links, function (ls) {
     return {key: ls[0].key, layer: ls[0].lay, head: ls[0].head, residual: ls[0].residual,
-            name: ls[0].name, mass: d3.sum(ls, function (l) { return l.value; }), links: ls};
+            name: ls[0].name, mass: d3.sum(ls, function (l) { return l.value; }), links: ls,
+            color: ls[0].residual ? RESIDUAL_COLOR : headColor(ls[0].lay, ls[0].head || 0)};
   }, function (l) { return l.key; }).map(function (e) { return e[1]; })
-    .sort(function (a, b) { return b.mass - a.mass || a.layer - b.layer || a.head - b.head; });
-  const heads = table.filter(function (h) { return !h.residual; });
-  heads.forEach(function (h, i) { h.color = palette(i, heads.length); });
-  table.forEach(function (h) { if (h.residual) h.color = RESIDUAL_COLOR; });
-  return table;
+    .sort(function (a, b) {
+      return a.residual - b.residual || b.mass - a.mass || a.layer - b.layer || a.head - b.head;
+    });
 }
 
 // "“blue”@4 via L1.H0 0.199, L1.H1 0.198, …": links grouped by their other end, each group's
@@ -185,14 +187,15 @@ function linkTip(data, l) {
   return lines.join("\n");
 }
 
-// Head labels at the middle of their links, the widest links first; a label that would overlap
-// one already placed is left out (class is-crowded; the link's tooltip still names the head).
-function placeLabels(labels) {
-  const placed = [];
-  labels.data().slice().sort(function (a, b) { return b.width - a.width; }).forEach(function (l) {
+// Head labels at the middle of their links, by `rank` (default: the widest links first); a label
+// that would overlap one already placed is left out (class is-crowded; the link's tooltip still
+// names the head), unless `keep` says it must show.
+function placeLabels(labels, rank, keep) {
+  const placed = [], by = rank || function (l) { return l.width; };
+  labels.data().slice().sort(function (a, b) { return by(b) - by(a); }).forEach(function (l) {
     const w = 6.2 * l.name.length + 4, box = {
       x0: l.labelX - w / 2, x1: l.labelX + w / 2, y0: l.labelY - 6, y1: l.labelY + 6};
-    l.crowded = placed.some(function (p) {
+    l.crowded = !(keep && keep(l)) && placed.some(function (p) {
       return box.x0 < p.x1 && p.x0 < box.x1 && box.y0 < p.y1 && p.y0 < box.y1;
     });
     if (!l.crowded) placed.push(box);
@@ -200,9 +203,36 @@ function placeLabels(labels) {
   labels.classed("is-crowded", function (l) { return l.crowded; });
 }
 
-function drawDiagram(ui, data, on) {
-  const lay = layout(data);
-  const svg = ui.diagram.append("svg")
+// Runs of stays in the residual stream (layers mode), each to be drawn as one band: a node that
+// only one stay enters and only one stay leaves is a step of a run, not a place where a route
+// does anything. Each run: {links (bottom first), source, target, beams, ..., index: its top
+// stay's}; the beams of a run are those of each of its stays, since nothing joins or leaves.
+function stayRuns(graph, targetId) {
+  function through(n) {
+    return n.id !== targetId && n.targetLinks.length === 1 && n.sourceLinks.length === 1 &&
+      n.targetLinks[0].residual && n.sourceLinks[0].residual;
+  }
+  const runs = [];
+  graph.links.forEach(function (l) {
+    if (!l.residual || through(l.source)) return;
+    const links = [l];
+    while (through(links[links.length - 1].target)) {
+      links.push(links[links.length - 1].target.sourceLinks[0]);
+    }
+    if (links.length < 2) return;
+    const last = links[links.length - 1];
+    runs.push({links: links, source: l.source, target: last.target, beams: last.beams,
+               key: last.key, lay: last.lay, head: null, residual: true, index: last.index,
+               attention: null, value: d3.min(links, function (s) { return s.value; }),
+               width: d3.min(links, function (s) { return s.width; }), y0: l.y0, y1: last.y1,
+               name: "stays " + layerName(l.lay) + "\u2013" + layerName(last.lay)});
+  });
+  return runs;
+}
+
+// box: the element to draw in; lay: layout(data), shared with the route map.
+function drawDiagram(box, data, lay, on) {
+  const svg = box.append("svg")
     .attr("height", Math.max(360, Math.min(560, lay.height)))
     .attr("role", "group").attr("aria-label", "attention trace diagram: Tab reaches its " +
       "links and nodes, Enter selects, Escape clears");
@@ -249,6 +279,31 @@ function drawDiagram(ui, data, on) {
     .on("focus", function (event, l) { reveal(l.labelX, l.labelY); })
     .on("mousemove", function (event, l) { on.hover(event, linkTip(data, l)); })
     .on("mouseleave", on.leave);
+  // A run of stays is one band from its first node to its last; its stays and inner nodes hide.
+  const runs = data.meta.mode === "layers" ? stayRuns(lay.graph, data.meta.target_node_id) : [];
+  const inner = new Set(runs.flatMap(function (r) {
+    return r.links.slice(1).map(function (s) { return s.source; });
+  }));
+  const merged = new Set(runs.flatMap(function (r) { return r.links; }));
+  links.classed("is-merged", function (l) { return merged.has(l); });
+  const bands = viewport.insert("g", ".ratlens-linklabels").selectAll("path").data(runs)
+    .join("path").attr("class", "ratlens-stayrun")
+    .attr("d", function (r) {
+      return d3.linkHorizontal()({source: [r.source.x1, r.y0], target: [r.target.x0, r.y1]});
+    })
+    .attr("stroke-width", function (r) { return Math.max(1.5, r.width); })
+    .attr("data-source", function (r) { return r.source.id; })
+    .attr("data-target", function (r) { return r.target.id; })
+    .attr("data-beams", function (r) { return r.beams.join(","); })
+    .on("click", function (event, r) { event.stopPropagation(); on.link(r.links[r.links.length - 1]); })
+    .on("mousemove", function (event, r) {
+      on.hover(event, tokenAt(data, r.source.position) + ": " + r.name + " (stays in the " +
+        "residual stream, " + r.links.length + " layers; the band is its weakest stay, Sankey " +
+        "weight " + fmt(r.value) + ")\nbeams " + r.beams.map(function (b) {
+          return "#" + (b + 1);
+        }).join(", "));
+    })
+    .on("mouseleave", on.leave);
 
   lay.graph.links.forEach(function (l) {
     l.labelX = (l.source.x1 + l.target.x0) / 2;  // the middle of sankeyLinkHorizontal's curve
@@ -265,10 +320,12 @@ function drawDiagram(ui, data, on) {
     .attr("data-head", function (l) { return l.head === null ? null : l.head; })
     .text(function (l) { return l.name; });
   placeLabels(labels);
+  labels.filter(function (l) { return merged.has(l); }).classed("is-crowded", true);
 
   const nodes = viewport.append("g").selectAll("g").data(lay.graph.nodes).join("g")
     .attr("class", function (n) {
-      return "ratlens-node" + (n.id === data.meta.target_node_id ? " is-target" : "");
+      return "ratlens-node" + (n.id === data.meta.target_node_id ? " is-target" : "") +
+        (inner.has(n) ? " is-merged" : "");
     })
     .attr("data-id", function (n) { return n.id; })
     .attr("data-pos", function (n) { return n.position; })
@@ -308,7 +365,7 @@ function drawDiagram(ui, data, on) {
         prob(guess.probs[0]));
   }
 
-  const note = ui.diagram.append("button").attr("type", "button")
+  const note = box.append("button").attr("type", "button")
     .attr("class", "ratlens-offscreen").style("display", "none")
     .on("click", function (event) { event.stopPropagation(); show(true); });
   let pending = false;
@@ -365,9 +422,8 @@ function drawDiagram(ui, data, on) {
     if (at[0] < 0 || at[0] > w || at[1] < 0 || at[1] > h) svg.call(zoom.translateTo, x, y);
   }
   show(false);
-  return {svg: svg, viewport: viewport, links: links, labels: labels, nodes: nodes,
-          heads: headTable(lay.graph.links), graph: lay.graph,
-          fit: function () { show(true); },
+  return {svg: svg, viewport: viewport, links: links, bands: bands, labels: labels, nodes: nodes,
+          fit: function () { show(true); }, first: function () { show(false); },
           width: lay.width, height: lay.height};
 }
 
@@ -383,10 +439,10 @@ function beamsThrough(beamNodes, id) {
 // the clicked link's index; state.colour: "head" or "beam"; state.strip: the position hovered in
 // the token strip. A clicked node lights every link of every beam through it, a picked head its
 // own links; the rest is dimmed. Links take their head's colour, or that of their best beam (of
-// the one beam the filter shows).
-function paint(view, beamNodes, state) {
+// the one beam the filter shows). view: drawDiagram's or drawRouteMap's; heads: headTable's.
+function paint(view, heads, beamNodes, state) {
   const nBeams = beamNodes.length;
-  const colours = new Map(view.heads.map(function (h) { return [h.key, h.color]; }));
+  const colours = new Map(heads.map(function (h) { return [h.key, h.color]; }));
   const through = state.node === null ? null : beamsThrough(beamNodes, state.node);
   const lit = through !== null
     ? function (l) { return l.beams.some(function (b) { return through.has(b); }); }
@@ -400,7 +456,9 @@ function paint(view, beamNodes, state) {
     });
   }
   function hidden(l) { return state.beam !== null && l.beams.indexOf(state.beam) < 0; }
-  view.links
+  const drawn = view.bands ? d3.selectAll(view.links.nodes().concat(view.bands.nodes()))
+    : view.links;
+  drawn
     .attr("stroke", function (l) {
       return state.colour === "head" && (l.head !== null || l.residual) ? colours.get(l.key)
         : beamColor(state.beam === null ? d3.min(l.beams) : state.beam, nBeams);

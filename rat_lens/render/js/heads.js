@@ -1,12 +1,11 @@
 // heads.js: the layer x head grid of traced mass beside the diagram, and the head heatmap below
 // it: one head's attention at the queries it was traced at, from the beams' edges, or from whole
 // rows when the payload has head_rows (schema.js).
-// Defines: GRID_NUMBERS, HEATMAP_COLUMNS, gridLayers, buildHeadGrid, paintGrid, clearHeatmap,
+// Defines: HEATMAP_COLUMNS, gridLayers, gridKeys, buildHeadGrid, paintGrid, clearHeatmap,
 //   heatmapRows, showHeatmap.
-// Uses: util.js: fmt, headName, headKey, weightName, layerName, averagedName, tokenAt, shorten,
-//   visible, isolate.
+// Uses: util.js: fmt, sig2, headName, headKey, weightName, layerName, averagedName, tokenAt,
+//   shorten, visible, isolate.
 
-const GRID_NUMBERS = 8;       // with more heads than this the grid shows shades, numbers on hover
 const HEATMAP_COLUMNS = 400;  // keys shown at most (whole rows of a long prompt)
 
 // The grid's rows: the traced layers, the top (target's) layer first.
@@ -32,16 +31,23 @@ function buildHeadGrid(ui, data, heads, pick) {
   const columns = (perHead ? d3.range(0, (d3.max(seen) || 0) + 1) : [null]).concat(
     heads.some(function (h) { return h.residual; }) ? ["res"] : []);
   const byKey = new Map(heads.map(function (h) { return [h.key, h]; }));
-  const top = d3.max(heads, function (h) { return h.mass; }) || 1;
-  const numbers = columns.length <= GRID_NUMBERS;
-  const table = box.append("table").attr("class", "ratlens-grid");
+  // Shading: heads on one scale, the stays (the res column) on their own: stays carry most of a
+  // contribution-weighted route's mass and would make every head look pale.
+  const tops = {};
+  [false, true].forEach(function (res) {
+    tops[res] = d3.max(heads.filter(function (h) { return h.residual === res; }),
+                       function (h) { return h.mass; }) || 1;
+  });
+  const table = box.append("table").attr("class", "ratlens-grid")
+    .attr("role", "grid").attr("aria-label", "traced mass per layer and head: arrow keys move, " +
+      "Enter picks");
   const head = table.append("thead").append("tr");
   head.append("th").text("");
   head.selectAll("th.ratlens-grid-col").data(columns).join("th")
     .attr("class", "ratlens-grid-col")
     .text(function (h) {
       if (h === "res") return "res";
-      if (h !== null) return numbers ? "H" + h : String(h);
+      if (h !== null) return columns.length <= 8 ? "H" + h : String(h);
       return data.meta.agg_heads === "max" ? "max of heads" : "mean of heads";
     });
   const rows = table.append("tbody").selectAll("tr").data(gridLayers(data, heads)).join("tr");
@@ -55,7 +61,7 @@ function buildHeadGrid(ui, data, heads, pick) {
               color: found ? found.color : null};
     });
   }).join("td").append("button").attr("type", "button")
-    .attr("class", "ratlens-grid-cell")
+    .attr("class", "ratlens-grid-cell").attr("tabindex", -1)
     .attr("data-layer", function (c) { return c.layer; })
     .attr("data-head", function (c) { return c.head === null ? null : c.head; })
     .attr("data-residual", function (c) { return c.residual ? "1" : null; })
@@ -65,28 +71,59 @@ function buildHeadGrid(ui, data, heads, pick) {
         (c.mass > 0 ? " (click: its links light up, its attention shows below)" :
           " (no traced edge)");
     })
-    .property("disabled", function (c) { return c.mass === 0 && !hasRows(c); })
+    .attr("aria-disabled", function (c) { return c.mass === 0 && !hasRows(c) ? "true" : null; })
     .style("background", function (c) {
-      return c.mass > 0 ? "rgba(47, 59, 89, " + (0.08 + 0.8 * c.mass / top).toFixed(3) + ")"
-        : null;
+      return c.mass > 0 ? "rgba(47, 59, 89, " +
+        (0.08 + 0.8 * c.mass / tops[c.residual]).toFixed(3) + ")" : null;
     })
-    .style("color", function (c) { return c.mass / top > 0.5 ? "#fff" : null; })
+    .style("color", function (c) { return c.mass / tops[c.residual] > 0.5 ? "#fff" : null; })
     .style("box-shadow", function (c) {
       return c.color && perHead ? "inset 0 -3px 0 " + c.color : null;
     })
-    .text(function (c) { return numbers && c.mass >= 0.005 ? fmt(c.mass, 2) : ""; })
-    .on("click", function (event, c) { pick(c.key); });
+    .text(function (c) { return c.mass > 0 ? sig2(c.mass) : ""; })
+    .on("click", function (event, c) {
+      if (c.mass > 0 || hasRows(c)) pick(c.key);
+    });
+  gridKeys(ui.gridCells, columns.length);
   box.append("div").attr("class", "ratlens-note").text(
     "Traced mass: the sum of the Sankey weights of a " + (perHead ? "head's" : "layer's") +
     " links. Click a cell: its links light up and its attention shows below the diagram." +
     (perHead ? " The bar under a cell is its colour in the diagram." : "") +
-    (columns.indexOf("res") >= 0 ? " res: stays in the residual stream." : ""));
+    (columns.indexOf("res") >= 0 ? " res: stays in the residual stream, shaded on a scale " +
+      "of their own." : "") + " One Tab stop: arrow keys move, Enter picks.");
 
   function hasRows(c) {
     return !c.residual && (data.head_rows || []).some(function (r) {
       return r.layer === c.layer && r.head === c.head;
     });
   }
+}
+
+// The grid is one Tab stop (a roving tabindex): the arrow keys move between cells, Home / End
+// to a row's ends; Enter or Space (the cell is a button) picks.
+function gridKeys(cells, width) {
+  const all = cells.nodes();
+  let at = Math.max(0, all.findIndex(function (el) { return el.textContent !== ""; }));
+  function focus(i) {
+    all[at].setAttribute("tabindex", -1);
+    at = Math.max(0, Math.min(all.length - 1, i));
+    all[at].setAttribute("tabindex", 0);
+    all[at].focus();
+  }
+  if (!all.length) return;
+  all[at].setAttribute("tabindex", 0);
+  cells.on("focus", function () {
+    all[at].setAttribute("tabindex", -1);
+    at = all.indexOf(this);
+    this.setAttribute("tabindex", 0);
+  })
+    .on("keydown", function (event) {
+      const moves = {ArrowRight: 1, ArrowLeft: -1, ArrowDown: width, ArrowUp: -width,
+                     Home: -(at % width), End: width - 1 - (at % width)};
+      if (!(event.key in moves)) return;
+      event.preventDefault();
+      focus(at + moves[event.key]);
+    });
 }
 
 function paintGrid(ui, state) {
@@ -135,7 +172,9 @@ function heatmapRows(data, links, key) {
   return rows;
 }
 
-function showHeatmap(ui, data, links, key) {
+// link: the clicked link (its cell is marked is-picked), or null for a head picked as a whole.
+// Either way the table scrolls so that the picked (else the first traced) cell is in view.
+function showHeatmap(ui, data, links, key, link) {
   const parts = key.split(":"), layer = +parts[0], residual = parts[1] === "res";
   const head = parts[1] === "" || residual ? null : +parts[1];
   const name = headName(layer, head, residual), word = weightName(data);
@@ -189,9 +228,11 @@ function showHeatmap(ui, data, links, key) {
     });
   }).join("td")
     .attr("class", function (c) {
+      const head = c.row.kind === "head";
       return c.weight === null ? "ratlens-hm-none"
-        : "ratlens-hm-cell" + (c.row.kind === "head" && c.row.traced.has(c.key)
-          ? " is-traced" : "");
+        : "ratlens-hm-cell" + (head && c.row.traced.has(c.key) ? " is-traced" : "") +
+          (head && link && c.row.query === link.target.position &&
+           c.key === link.source.position ? " is-picked" : "");
     })
     .attr("data-key", function (c) { return c.key; })
     .attr("data-weight", function (c) { return c.weight; })
@@ -213,5 +254,11 @@ function showHeatmap(ui, data, links, key) {
   if (cut) {
     box.append("div").attr("class", "ratlens-note")
       .text("Showing the last " + HEATMAP_COLUMNS + " of " + total + " keys.");
+  }
+  const cell = table.select("td.is-picked").node() || table.select("td.is-traced").node();
+  if (cell) {  // scroll the table (not the page) so the cell sits in the middle of the box
+    const w = wrap.node();
+    w.scrollLeft = cell.offsetLeft - (w.clientWidth - cell.offsetWidth) / 2;
+    w.scrollTop = cell.offsetTop - (w.clientHeight - cell.offsetHeight) / 2;
   }
 }

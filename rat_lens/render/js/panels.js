@@ -2,14 +2,15 @@
 // colour and score mean), trace facts, beam legend, info panel, tooltip. All text goes in with
 // .text(); elements are found through `ui`, never by id, so any number of widgets can share a
 // page.
-// Defines: KEY_HEADS, titleText, buildSkeleton, keyLines, buildKey, buildFacts, beamEffect,
-//   buildLegend, clearInfo, edgeList, showNode, beamEdgesAt, showHead, showLink, showTooltip,
-//   hideTooltip.
-// Uses: util.js: visible, shorten, fmt, prob, beamColor, layerName, headName, isResidual,
-//   weighted, weightName, scoreMeaning, isolate, tokenAt, nextToken, predictionsAt,
-//   predictionText, infoRow; diagram.js: sortedList.
+// Defines: KEY_HEADS, LEGEND_MOVES, titleText, buildSkeleton, keyLines, buildKey, buildFacts,
+//   beamEffect, beamMoves, buildLegend, clearInfo, revealInfo, edgeList, showNode, beamEdgesAt,
+//   showHead, showLink, showTooltip, hideTooltip.
+// Uses: util.js: visible, fmt, prob, headColor, beamColor, layerName, headName,
+//   isResidual, weighted, weightName, scoreMeaning, isolate, tokenAt, nextToken, generatedFrom,
+//   predictionsAt, predictionText, infoRow; diagram.js: sortedList.
 
-const KEY_HEADS = 16;  // head chips in the key; the grid has them all
+const KEY_HEADS = 16;     // head chips in the key; the grid has them all
+const LEGEND_MOVES = 12;  // moves listed per beam in the legend (a long chain's are cut)
 
 // "prompt 2 · Trace from “red”@8 (→ “blue”@9) · layers L1→L0 · 5 beams". The prompt is named
 // when the page shows several prompts (opts.prompt); the next token when there is one: on a page
@@ -39,6 +40,14 @@ function buildSkeleton(root, data, opts) {
       .text("Beam " + (i + 1) + " (score " + fmt(b.score_norm) + ")");
   });
   const ui = {root: root, select: select};
+  const views = data.meta.mode === "layers" && data.nodes.length ? ["routes", "sankey"] : [];
+  ui.viewButtons = controls.selectAll("button.ratlens-view").data(views).join("button")
+    .attr("type", "button").attr("class", function (v) { return "ratlens-view ratlens-view-" + v; })
+    .attr("title", function (v) {
+      return v === "routes" ? "tokens across, layers up: each move through a head an arc"
+        : "the Sankey diagram: one column per layer, bands as wide as their weight";
+    })
+    .text(function (v) { return v === "routes" ? "Route map" : "Sankey"; });
   if (perHead) {
     ui.colour = controls.append("select").attr("class", "ratlens-colour")
       .attr("aria-label", "colour links by");
@@ -58,13 +67,16 @@ function buildSkeleton(root, data, opts) {
                         "download the diagram as PNG, with a title and its key");
   const main = root.append("div").attr("class", "ratlens-main");
   const column = main.append("div").attr("class", "ratlens-column");
-  ui.diagram = column.append("div").attr("class", "ratlens-diagram");
+  if (views.length) ui.routes = column.append("div").attr("class", "ratlens-diagram ratlens-routes");
+  ui.diagram = column.append("div").attr("class", "ratlens-diagram ratlens-sankey");
   ui.key = column.append("div").attr("class", "ratlens-key");
   ui.heatmap = column.append("div").attr("class", "ratlens-box ratlens-heatmap");
+  // The side column stays in view while the page scrolls (sticky), the selection on top of it:
+  // what a click selects shows beside the diagram.
   const side = main.append("div").attr("class", "ratlens-side");
-  ui.grid = side.append("div").attr("class", "ratlens-box ratlens-heads");
-  ui.info = side.append("div").attr("class", "ratlens-box ratlens-info");
+  ui.info = side.append("div").attr("class", "ratlens-box ratlens-info").attr("aria-live", "polite");
   ui.legend = side.append("div").attr("class", "ratlens-box ratlens-legend");
+  ui.grid = side.append("div").attr("class", "ratlens-box ratlens-heads");
   ui.facts = side.append("div").attr("class", "ratlens-box ratlens-facts");
   ui.strip = root.append("div").attr("class", "ratlens-strip");
   ui.tooltip = root.append("div").attr("class", "ratlens-tooltip").style("display", "none");
@@ -72,9 +84,28 @@ function buildSkeleton(root, data, opts) {
   return ui;
 }
 
-// The key's sentences, also written under exported diagrams. colour: "head" or "beam".
-function keyLines(data, colour) {
+// The key's sentences, also written under exported diagrams. colour: "head" or "beam"; routes:
+// whether the route map is shown (else the Sankey diagram).
+function keyLines(data, colour, routes) {
   const layers = data.meta.mode === "layers";
+  const colourLine = colour === "head" ? "Colour: the link's head (labelled L<layer>.H<head>; " +
+    "one colour per head on every page, from a colour-blind-safe set of nine, so the label is " +
+    "what names it)" + (weighted(data) ? "; grey: a stay in the residual stream." : ".")
+    : "Colour: the best beam using the link (see Beams).";
+  if (routes) {
+    return [
+      "Route map: tokens across (only the positions a beam visits; \u22efN: N tokens skipped), " +
+        "layers up (emb = the embeddings). A move through a head is an arc from the query, at " +
+        "its layer, down to the key it read (the residual stream below), labelled with the " +
+        "head; the best beam's moves are drawn solid and always labelled. A stay in the " +
+        "residual stream is a thin vertical line.",
+      "Width: the Sankey weight, \u03a3 over the beams using a move of softmax(score over " +
+        "beams) \u00d7 the edge's " + (weighted(data) ? "weight (its share of what its layer " +
+        "wrote)" : "attention weight") + ".",
+      colourLine,
+      "Score: " + scoreMeaning(data),
+    ];
+  }
   return [
     "Width: the Sankey weight, \u03a3 over the beams using a link of softmax(score over " +
       "beams) \u00d7 the edge's " + (weighted(data) ? "weight (its share of what its layer " +
@@ -84,9 +115,8 @@ function keyLines(data, colour) {
       "The trace walks it backward from the target (outlined, right)." + (layers
       ? " Columns are layers: a link through layer l runs from column l\u22121 (the residual " +
         "stream below it; emb = the embeddings) to column l." : ""),
-    colour === "head" ? "Colour: the link's head (labelled L<layer>.H<head> on the link)" +
-      (weighted(data) ? "; grey L<layer>.res: a stay in the residual stream." : ".")
-      : "Colour: the best beam using the link (see Beams).",
+    colourLine + (layers && weighted(data) ? " A run of stays is one band (its width the " +
+      "run's weakest stay)." : ""),
     "Score: " + scoreMeaning(data),
   ];
 }
@@ -95,9 +125,9 @@ function keyLines(data, colour) {
 function buildKey(ui, data, heads, pickHead) {
   ui.key.selectAll("*").remove();
   const lines = ui.key.append("div").attr("class", "ratlens-key-lines");
-  ui.keyColour = function (colour) {
+  ui.keyColour = function (colour, routes) {
     lines.selectAll("*").remove();
-    lines.selectAll("div").data(keyLines(data, colour)).join("div").text(function (t) {
+    lines.selectAll("div").data(keyLines(data, colour, routes)).join("div").text(function (t) {
       return t;
     });
     chips.style("display", colour === "head" ? null : "none");
@@ -121,7 +151,7 @@ function buildKey(ui, data, heads, pickHead) {
     chips.append("span").attr("class", "ratlens-note")
       .text("+ " + (named.length - KEY_HEADS) + " more heads (see the grid)");
   }
-  ui.keyColour(named.length ? "head" : "beam");
+  ui.keyColour(named.length ? "head" : "beam", Boolean(ui.routes));
 }
 
 function buildFacts(box, data, opts) {
@@ -153,6 +183,11 @@ function buildFacts(box, data, opts) {
   if (m.residual !== "none") infoRow(box, "residual", m.residual);
   if (m.exclude_bos) infoRow(box, "exclude_bos", "yes");
   infoRow(box, "tokens", m.seq_len);
+  const generated = generatedFrom(data);
+  if (generated !== null) {
+    infoRow(box, "prompt / generated", generated + " / " + (data.tokens.length - generated))
+      .attr("title", "positions " + generated + " on were generated by the model (--generate)");
+  }
   const v = data.verification;
   if (v) {
     infoRow(box, "causal check", "ablation " + v.ablation + ", " + v.n_random +
@@ -173,6 +208,18 @@ function beamEffect(data, i) {
   if (e.ratio !== null) parts.push(fmt(e.ratio, 1) + "\u00d7 random");
   if (e.p_value !== null) parts.push("p " + fmt(e.p_value, 2));
   return parts.join(", ");
+}
+
+// A beam's moves (edges through a head; every edge of a chain), target first: {name, layer,
+// head, query, key, weight}. Stays in the residual stream are left out: they change nothing.
+function beamMoves(beam) {
+  const moves = [];
+  beam.layers.forEach(function (layer, i) {
+    if (isResidual(beam, i)) return;
+    moves.push({name: headName(layer, beam.heads[i]), layer: layer, head: beam.heads[i],
+                query: beam.positions[i], key: beam.positions[i + 1], weight: beam.edge_attns[i]});
+  });
+  return moves;
 }
 
 function buildLegend(ui, data, pick) {
@@ -197,10 +244,36 @@ function buildLegend(ui, data, pick) {
       "drop in log p of the prediction when this beam's edges are ablated, against random " +
       "paths of the same shape").text(function (b, i) { return beamEffect(data, i); });
   }
-  // A 2,000-hop chain's path is pages long: cut, with the whole of it on hover.
-  text.append("div").attr("class", "ratlens-path")
-    .attr("title", function (b) { return b.text.length > 240 ? b.text : null; })
-    .text(function (b) { return shorten(b.text, 240); });
+  // Its moves from the target back, each head in its colour; a long chain's are cut, with the
+  // whole path on hover.
+  const moves = text.append("ol").attr("class", "ratlens-moves").attr("title", function (b) {
+    return b.text;
+  }).selectAll("li").data(function (b) {
+    const all = beamMoves(b), shown = all.slice(0, LEGEND_MOVES);
+    return all.length > shown.length ? shown.concat([{more: all.length - shown.length}]) : shown;
+  }).join("li").attr("class", "ratlens-move-item");
+  moves.filter(function (m) { return m.more; })
+    .text(function (m) { return "\u2026 " + m.more + " more"; });
+  const named = moves.filter(function (m) { return !m.more; });
+  named.append("span").attr("class", "ratlens-swatch").style("background", function (m) {
+    return m.head === null ? null : headColor(m.layer, m.head);
+  });
+  named.append("b").text(function (m) { return m.name; });
+  named.append("span").attr("class", "ratlens-tokentext").text(function (m) {
+    return " " + tokenAt(data, m.query, 12) + " reads " + tokenAt(data, m.key, 12) + " " +
+      fmt(m.weight, 2);
+  });
+  text.filter(function (b) { return !beamMoves(b).length; }).append("div")
+    .attr("class", "ratlens-path").text("no move: the route stays at the target");
+}
+
+// After a click, the selection panel comes into view if it is not (it normally is: it sits on
+// top of the side column, which sticks to the window's top).
+function revealInfo(ui) {
+  const node = ui.info.node(), box = node.getBoundingClientRect();
+  if (box.top < 0 || box.top > window.innerHeight - 40) {
+    node.scrollIntoView({block: "nearest"});
+  }
 }
 
 function clearInfo(ui) {

@@ -1,8 +1,9 @@
 // util.js: helpers shared by the widget's parts (the contract of these headers: schema.js).
 // Token text only ever reaches the page through textContent (d3's .text()), never as markup.
-// Defines: WHITESPACE, RESIDUAL_COLOR, visible, shorten, fmt, prob, palette, beamColor, layerName,
-//   headName, headKey, isResidual, weighted, weightName, averagedName, scoreMeaning, isolate,
-//   tokenAt, nextToken, predictionsAt, predictionText, infoRow.
+// Defines: WHITESPACE, RESIDUAL_COLOR, HEAD_COLORS, visible, shorten, fmt, sig2, prob, headColor,
+//   beamColor, layerName, headName, headKey, isResidual, weighted, weightName, averagedName,
+//   scoreMeaning, isolate, tokenAt, nextToken, generatedFrom, predictionsAt, predictionText,
+//   infoRow.
 // Uses: nothing.
 
 // Whitespace made visible, so that " dog", "dog" and "dog\n" look different.
@@ -32,13 +33,27 @@ function prob(p) {
   return "<0.01%";
 }
 
-// Tableau10 as long as it lasts, then evenly spaced hues: colours stay distinguishable.
-function palette(i, n) {
-  return n <= 10 ? d3.schemeTableau10[i] : d3.interpolateSinebow(i / n);
+// Two significant digits, for the grids' numbers: "0.12", "0.0031", "1.2".
+function sig2(x) {
+  return Number(Number(x).toPrecision(2)).toString();
 }
 
+// Paul Tol's "muted" scheme ("Colour Schemes", SRON, 2021): nine categorical colours that stay
+// apart for the common kinds of colour blindness. A head's colour depends on (layer, head) alone,
+// so it is the same on every widget and every page; with nine colours, heads of a large model
+// share them: the label (L17.H3) is the identity, the colour a hint.
+const HEAD_COLORS = ["#CC6677", "#332288", "#DDCC77", "#117733", "#88CCEE", "#882255", "#44AA99",
+                     "#999933", "#AA4499"];
+
+// Step 4 is coprime with 9: the heads of one layer (up to 9) never share a colour, and the same
+// head in the next layer moves on.
+function headColor(layer, head) {
+  return HEAD_COLORS[(((head + 4 * layer) % 9) + 9) % 9];
+}
+
+// Beams are told apart by shades of slate, which no head colour uses: the best beam darkest.
 function beamColor(i, n) {
-  return palette(i, n);
+  return d3.interpolateRgb("#1f2430", "#b9bfcc")(n > 1 ? i / (n - 1) : 0);
 }
 
 // In layers mode a path ends on the residual stream below its last layer: below layer 0 that is
@@ -48,7 +63,8 @@ function layerName(layer) {
 }
 
 // "L1.H0"; "L1.res" for a stay in the residual stream (a contribution-weighted trace's edge
-// through no head); just "L1" when heads were aggregated (head null).
+// through no head); just "L1" when heads were aggregated (head null). The twin of Python's
+// rat_lens.text.head_label: tests/test_render_browser.py checks that the two agree.
 function headName(layer, head, residual) {
   return layerName(layer) +
     (residual ? ".res" : head === null || head === undefined ? "" : ".H" + head);
@@ -130,6 +146,13 @@ function tokenAt(data, pos, max) {
 function nextToken(data) {
   const next = data.meta.target_pos + 1;
   return next < data.tokens.length ? next : null;
+}
+
+// The first generated position of a --generate page (Meta.prompt_len), or null: the tokens from
+// there on were produced by the model, not given.
+function generatedFrom(data) {
+  const n = data.meta.prompt_len;
+  return n === null || n === undefined || n >= data.tokens.length ? null : n;
 }
 
 // The Prediction (schema.js) at a position, or null.
