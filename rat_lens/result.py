@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
 
 from .errors import RatLensError
-from .schema import FORMAT_VERSION, check_trace, is_reverse_attention_trace
+from .schema import (
+    FORMAT_VERSION,
+    PEER_METADATA,
+    check_trace,
+    from_reverse_attention,
+    is_reverse_attention_trace,
+)
 from .text import head_label, num, path_text
 
 __all__ = [
@@ -585,7 +591,7 @@ class TraceResult(JsonRoundTrip):
     def to_dict(self) -> dict:
         """Every field, plus reverse-attention's ``metadata`` block (its readers find it)."""
         data = dataclasses.asdict(self)
-        data["metadata"] = {name: data[name] for name in _PEER_METADATA}
+        data["metadata"] = {name: data[name] for name in PEER_METADATA}
         return data
 
     @classmethod
@@ -593,15 +599,19 @@ class TraceResult(JsonRoundTrip):
         """A result from ``to_dict()`` output, or from reverse-attention 0.1.0's ``trace.json``;
         every field is checked first (:func:`rat_lens.schema.check_trace`): a bad one is named
         in one RatLensError."""
-        if is_reverse_attention_trace(data):
-            data = _from_reverse_attention(data)
-        data = dict(check_trace(data))
+        peer = is_reverse_attention_trace(data)
+        data = dict(check_trace(from_reverse_attention(data) if peer else data))
         data.pop("metadata", None)
         data["beams"] = [BeamPath(**b) for b in data["beams"]]
         sankey = data["sankey"]
-        data["sankey"] = SankeyData(
-            nodes=[SankeyNode(**n) for n in sankey["nodes"]],
-            links=[SankeyLink(**lk) for lk in sankey["links"]],
+        data["sankey"] = (
+            # the peer's own graph has other ids: ours, by the same rule, from its beams
+            build_sankey(data["beams"], data["tokens"], "chain", data["layer"])
+            if peer
+            else SankeyData(
+                nodes=[SankeyNode(**n) for n in sankey["nodes"]],
+                links=[SankeyLink(**lk) for lk in sankey["links"]],
+            )
         )
         data["predictions"] = [Prediction(**p) for p in data.get("predictions", [])]
         if data.get("verification") is not None:
@@ -643,82 +653,6 @@ def load_traces(text, where: str = "trace.json") -> list["TraceResult"]:
             label = f"{where}[{i}]" if isinstance(data, list) else where
             raise RatLensError(f"{label}: {err}") from None
     return results
-
-
-_PEER_METADATA = ("seq_len", "target_pos", "layer", "top_beam", "top_k")
-
-
-def _from_reverse_attention(data: dict) -> dict:
-    """reverse-attention 0.1.0's ``trace.json`` (``metadata``, ``tokens``, ``beams`` without
-    layers/heads/BOS mass, ``sankey``, ``paths_text``) as our ``to_dict()``: a chain in its
-    layer, heads aggregated, BOS mass unknown (read as 0), the Sankey graph rebuilt from the
-    beams by the same rule, the length norm read off the scores."""
-    meta = data["metadata"]
-    unknown = sorted(set(data) - {"metadata", "tokens", "beams", "sankey", "paths_text"})
-    if unknown or not isinstance(data.get("beams"), list):
-        raise RatLensError(
-            f"reverse-attention trace: unexpected fields {unknown} or no 'beams' list"
-        )
-    beams = []
-    for i, beam in enumerate(data["beams"]):
-        if (
-            not isinstance(beam, dict)
-            or not isinstance(beam.get("positions"), list)
-            or not isinstance(beam.get("edge_attns"), list)
-        ):
-            raise RatLensError(
-                f"reverse-attention trace: beams[{i}] needs 'positions' and 'edge_attns' lists"
-            )
-        edges = len(beam["edge_attns"])
-        beams.append(
-            {
-                "positions": beam["positions"],
-                "edge_attns": beam["edge_attns"],
-                "layers": [meta.get("layer")] * edges,
-                "heads": [None] * edges,
-                "bos_mass": [0.0] * edges,
-                "score_raw": beam.get("score_raw"),
-                "score_norm": beam.get("score_norm"),
-                "tokens": beam.get("tokens", []),
-                "token_ids": beam.get("token_ids", []),
-            }
-        )
-    ours = {
-        **{name: meta.get(name) for name in _PEER_METADATA},
-        "tokens": data.get("tokens"),
-        "beams": beams,
-        "sankey": {"nodes": [], "links": []},
-        "paths_text": data.get("paths_text"),
-        "mode": "chain",
-        "length_norm": _length_norm_of(beams),
-    }
-    checked = check_trace(ours, "reverse-attention trace")
-    paths = [BeamPath(**b) for b in checked["beams"]]
-    sankey = build_sankey(paths, checked["tokens"], "chain", checked["layer"])
-    ours["sankey"] = dataclasses.asdict(sankey)
-    return ours
-
-
-def _length_norm_of(beams: list[dict]) -> str:
-    """Which of reverse-attention's norms turns each beam's score_raw into its score_norm."""
-    for norm in ("avg_logprob", "none", "sqrt"):
-
-        def matches(beam, norm=norm) -> bool:
-            edges, raw, scored = len(beam["edge_attns"]), beam["score_raw"], beam["score_norm"]
-            if not all(isinstance(x, (int, float)) for x in (raw, scored)):
-                return False
-            denominator = (
-                1.0
-                if norm == "none" or edges == 0
-                else float(edges)
-                if norm == "avg_logprob"
-                else math.sqrt(edges)
-            )
-            return math.isclose(raw / denominator, scored, rel_tol=1e-9, abs_tol=1e-12)
-
-        if all(matches(beam) for beam in beams):
-            return norm
-    return "avg_logprob"  # a pow:α norm: the scores are kept as saved
 
 
 def node_id(layer: int, position: int) -> str:

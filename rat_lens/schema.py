@@ -4,7 +4,8 @@ A ``trace.json`` may come from another machine, another version, a hand edit or 
 source. :func:`check_trace` walks the dict field by field and raises one :class:`RatLensError`
 naming the first bad field (``beams[2].edge_attns[0] must be a finite number, got nan``), so
 ``TraceResult.from_dict`` / ``from_json`` and ``rat-lens render`` never fail later with a raw
-traceback. Pure Python, no torch.
+traceback. :func:`from_reverse_attention` reads reverse-attention 0.1.0's ``trace.json`` as ours.
+Pure Python, no torch.
 
 >>> check_trace({"seq_len": 2, "target_pos": 5, "layer": 0, "top_beam": 1, "top_k": 1,
 ...              "tokens": ["a", "b"], "beams": [], "sankey": {}, "paths_text": []})
@@ -20,9 +21,17 @@ from typing import Any, Optional
 from .errors import RatLensError
 from .options import AGG_HEADS, EDGE_WEIGHTS, RESIDUALS, check_length_norm
 
-__all__ = ["FORMAT_VERSION", "check_trace", "is_reverse_attention_trace"]
+__all__ = [
+    "FORMAT_VERSION",
+    "PEER_METADATA",
+    "check_trace",
+    "is_reverse_attention_trace",
+    "from_reverse_attention",
+]
 
 FORMAT_VERSION = 1  # bump when a saved field changes meaning; loads accept 1..FORMAT_VERSION
+# The fields reverse-attention 0.1.0 keeps in its ``metadata`` block (to_dict writes them too).
+PEER_METADATA = ("seq_len", "target_pos", "layer", "top_beam", "top_k")
 MODES = ("chain", "layers")
 
 _REQUIRED = (
@@ -399,3 +408,73 @@ def _kind(value) -> str:
 def _show(value) -> str:
     text = repr(value)
     return text if len(text) <= 40 else f"{_kind(value)} ({text[:30]}...)"
+
+
+def from_reverse_attention(data: dict) -> dict:
+    """reverse-attention 0.1.0's ``trace.json`` (``metadata``, ``tokens``, ``beams`` without
+    layers/heads/BOS mass, ``sankey``, ``paths_text``) as our ``to_dict()``, checked: a chain in
+    its layer, heads aggregated, BOS mass unknown (read as 0), the length norm read off the
+    scores, the Sankey graph left empty (``TraceResult.from_dict`` rebuilds it from the beams by
+    the same rule)."""
+    meta = data["metadata"]
+    unknown = sorted(set(data) - {"metadata", "tokens", "beams", "sankey", "paths_text"})
+    if unknown or not isinstance(data.get("beams"), list):
+        raise RatLensError(
+            f"reverse-attention trace: unexpected fields {unknown} or no 'beams' list"
+        )
+    beams = []
+    for i, beam in enumerate(data["beams"]):
+        if (
+            not isinstance(beam, dict)
+            or not isinstance(beam.get("positions"), list)
+            or not isinstance(beam.get("edge_attns"), list)
+        ):
+            raise RatLensError(
+                f"reverse-attention trace: beams[{i}] needs 'positions' and 'edge_attns' lists"
+            )
+        edges = len(beam["edge_attns"])
+        beams.append(
+            {
+                "positions": beam["positions"],
+                "edge_attns": beam["edge_attns"],
+                "layers": [meta.get("layer")] * edges,
+                "heads": [None] * edges,
+                "bos_mass": [0.0] * edges,
+                "score_raw": beam.get("score_raw"),
+                "score_norm": beam.get("score_norm"),
+                "tokens": beam.get("tokens", []),
+                "token_ids": beam.get("token_ids", []),
+            }
+        )
+    ours = {
+        **{name: meta.get(name) for name in PEER_METADATA},
+        "tokens": data.get("tokens"),
+        "beams": beams,
+        "sankey": {"nodes": [], "links": []},
+        "paths_text": data.get("paths_text"),
+        "mode": "chain",
+        "length_norm": _length_norm_of(beams),
+    }
+    return check_trace(ours, "reverse-attention trace")
+
+
+def _length_norm_of(beams: list[dict]) -> str:
+    """Which of reverse-attention's norms turns each beam's score_raw into its score_norm."""
+    for norm in ("avg_logprob", "none", "sqrt"):
+
+        def matches(beam, norm=norm) -> bool:
+            edges, raw, scored = len(beam["edge_attns"]), beam["score_raw"], beam["score_norm"]
+            if not all(isinstance(x, (int, float)) for x in (raw, scored)):
+                return False
+            denominator = (
+                1.0
+                if norm == "none" or edges == 0
+                else float(edges)
+                if norm == "avg_logprob"
+                else math.sqrt(edges)
+            )
+            return math.isclose(raw / denominator, scored, rel_tol=1e-9, abs_tol=1e-12)
+
+        if all(matches(beam) for beam in beams):
+            return norm
+    return "avg_logprob"  # a pow:α norm: the scores are kept as saved
