@@ -148,6 +148,23 @@ def _dispatch(args: argparse.Namespace) -> dict:
 
 
 def _census(args: argparse.Namespace) -> int:
+    """``rat-lens census``; Ctrl-C is one line and exit 130 (what was traced stays on disk)."""
+    try:
+        return _run_census(args)
+    except KeyboardInterrupt as stop:
+        from .corpus import CensusInterrupted
+
+        how = "it again without --no-resume" if args.no_resume else "the same command"
+        done = (
+            f" after {stop.done} of {stop.total} prompts"
+            if isinstance(stop, CensusInterrupted)
+            else ""
+        )
+        print(f"rat-lens census: interrupted{done}; run {how} to resume", file=sys.stderr)
+        return 130
+
+
+def _run_census(args: argparse.Namespace) -> int:
     from .corpus import read_prompts
 
     options = _search_options(args)

@@ -47,6 +47,7 @@ from .tracer import Tracer
 
 __all__ = [
     "census",
+    "CensusInterrupted",
     "read_prompts",
     "aggregate",
     "init_distributed",
@@ -570,17 +571,33 @@ def _pyarrow():
     return pa, pq
 
 
+class CensusInterrupted(KeyboardInterrupt):
+    """Ctrl-C in a census: ``done`` of ``total`` prompts (this rank's) are traced and on disk,
+    and a census on the same ``out_dir`` with ``resume=True`` goes on from there."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"census interrupted after {done} of {total} prompts")
+        self.done, self.total = done, total
+
+
 class _Bar:
-    """A rich progress bar (done/total, prompts per second, ETA) on stderr, or nothing."""
+    """Counts the prompts done, shown as a rich progress bar (done/total, prompts per second,
+    ETA) on stderr or not at all; Ctrl-C inside becomes :class:`CensusInterrupted` with the
+    count."""
 
     def __init__(self, total: int, done: int, show: bool):
         self.total, self.done, self.show, self.progress = total, done, show, None
+        self.shown = lambda n: None
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        self.shown(n)
 
     def __enter__(self):
         import sys
 
         if not (self.show and sys.stderr.isatty()):
-            return lambda n: None
+            return self.advance
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -605,9 +622,12 @@ class _Bar:
         )
         self.progress.start()
         task = self.progress.add_task("census", total=self.total, completed=self.done)
-        return lambda n: self.progress.advance(task, n)
+        self.shown = lambda n: self.progress.advance(task, n)
+        return self.advance
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, error, traceback):
         if self.progress is not None:
             self.progress.stop()
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            raise CensusInterrupted(self.done, self.total) from None
         return False

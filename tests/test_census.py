@@ -327,3 +327,72 @@ def test_a_census_never_adds_up_two_kinds_of_edge_weight(model, tmp_path, monkey
         progress=False,
     )
     assert found.n_prompts == 2
+
+
+class CtrlC:
+    """The user's Ctrl-C when the model is first run on prompt ``at`` (prompts are traced in
+    order, each in its own forwards): a torch hook, untouched by TransformerLens's hooks."""
+
+    def __init__(self, model, at: int):
+        self.model, self.at, self.seen = model, at, set()
+
+    def __enter__(self):
+        def pre(module, args):
+            tokens = tuple(args[0].flatten().tolist())
+            if tokens not in self.seen and len(self.seen) == self.at:
+                raise KeyboardInterrupt
+            self.seen.add(tokens)
+
+        self.handle = self.model.embed.register_forward_pre_hook(pre)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_ctrl_c_in_a_census_keeps_finished_batches_and_says_how_far_it_got(model, tmp_path):
+    texts = prompts(10, seed=3)
+    assert len(set(texts)) == len(texts)
+    full = census(model, texts, tmp_path / "full", progress=False, **OPTIONS)
+    with CtrlC(model, at=7), pytest.raises(census_module.CensusInterrupted) as stop:
+        census(model, texts, tmp_path / "cut", batch_size=3, progress=False, **OPTIONS)
+    assert isinstance(stop.value, KeyboardInterrupt)  # what a Ctrl-C handler catches
+    assert (stop.value.done, stop.value.total) == (6, 10)  # prompt 7's batch was under way
+    expected = lines(tmp_path / "full" / "traces.jsonl")
+    assert lines(tmp_path / "cut" / ".shards" / "rank0.jsonl") == expected[:6]
+    again = census(model, texts, tmp_path / "cut", batch_size=3, progress=False, **OPTIONS)
+    assert again.heads == full.heads
+    assert lines(tmp_path / "cut" / "traces.jsonl") == expected
+
+
+def test_ctrl_c_in_the_cli_census_is_one_line_and_exit_130(model, tmp_path, capsys, monkeypatch):
+    texts = prompts(5, seed=4)
+    data, out = tmp_path / "p.txt", tmp_path / "o"
+    data.write_text("\n".join(texts) + "\n")
+    command = ["census", str(data), "-o", str(out), "--batch-size", "2", "--layers", "0:1"]
+    monkeypatch.setattr(rat_lens.models, "load", lambda *args, **kwargs: model)
+    with CtrlC(model, at=3):
+        assert main(command) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "rat-lens census: interrupted after 2 of 5 prompts; run the same command to resume"
+    ]
+    with CtrlC(model, at=1):
+        assert main([*command, "--no-resume"]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "rat-lens census: interrupted after 0 of 5 prompts; run it again without --no-resume "
+        "to resume"
+    ]
+    assert main(command) == 0
+    capsys.readouterr()
+    expected = census(model, texts, tmp_path / "api", layers=(0, 1), progress=False)
+    assert lines(out / "traces.jsonl") == lines(tmp_path / "api" / "traces.jsonl")
+    assert expected.n_prompts == 5
+
+    def interrupted_load(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rat_lens.models, "load", interrupted_load)
+    assert main(command) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "rat-lens census: interrupted; run the same command to resume"
+    ]
