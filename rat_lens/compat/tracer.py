@@ -5,8 +5,8 @@ takes a Hugging Face model; this one takes that or any TransformerLens model, an
 peer's API: ``trace`` (same argument order and defaults, ``target_pos=None`` = last token),
 ``trace_text``, ``render_html(result, out_dir, open_browser=False)``; tokens decoded one by
 one with ``decode``, paths printed as the peer prints them, its warning when ``stop_at_bos``
-finds no BOS. A model that is neither (anything that answers ``output_attentions=True`` as a
-Hugging Face model does) is traced the peer's way, through the attentions it returns. Every
+finds no BOS. A model that is neither, but whose forward takes ``output_attentions`` as a
+Hugging Face model's does, is traced the peer's way, through the attentions it returns. Every
 difference is listed in docs/migration.md.
 
 Examples:
@@ -17,6 +17,7 @@ Examples:
     (7, 1)
 """
 
+import inspect
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -49,9 +50,10 @@ class ReverseAttentionTracer(Tracer):
         model: a TransformerLens model (``TransformerBridge``, ``HookedTransformer``) or, as
             reverse-attention takes it, a Hugging Face ``PreTrainedModel``, which is wrapped in
             a ``TransformerBridge`` sharing its weights (the model is not changed). Any other
-            model is called as the peer calls one, ``model(input_ids=..., attention_mask=...,
-            output_attentions=True, use_cache=False)``, and traced in the ``.attentions`` it
-            returns (``tracer.model`` is then the model itself).
+            model whose forward takes ``output_attentions`` is called as the peer calls
+            one, ``model(input_ids=..., attention_mask=..., output_attentions=True,
+            use_cache=False)``, and traced in the ``.attentions`` it returns
+            (``tracer.model`` is then the model itself).
         tokenizer: default: the model's own.
         device: reverse-attention's; as there, it is recorded (``tracer.device``, default:
             the model's) and nothing is moved. A device this machine does not have is refused.
@@ -63,9 +65,11 @@ class ReverseAttentionTracer(Tracer):
         from_hf = _is_hf_model(model)
         if from_hf:
             model = wrap_hf_model(model, tokenizer)
-        # Neither TransformerLens nor Hugging Face, but callable: read its attentions output
-        # (Tracer's constructor would refuse a model without hook points).
-        self._attentions = not from_hf and callable(model) and not is_transformer_lens(model)
+        # Neither TransformerLens nor Hugging Face, but it takes output_attentions: read the
+        # attentions it returns (Tracer's constructor refuses a model without hook points).
+        self._attentions = (
+            not from_hf and not is_transformer_lens(model) and _takes_output_attentions(model)
+        )
         if self._attentions:
             self.model, self.tokenizer = model, tokenizer
         else:
@@ -198,6 +202,15 @@ def _is_hf_model(model) -> bool:
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
     return isinstance(model, PreTrainedModel)
+
+
+def _takes_output_attentions(model) -> bool:
+    """Whether ``model``'s forward (or call) names an ``output_attentions`` parameter."""
+    forward = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        return callable(forward) and "output_attentions" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        return False
 
 
 def _warn_no_bos(input_ids: Tensor, tokenizer, bos_token_id: Optional[int]) -> None:
