@@ -114,19 +114,40 @@ def deep_result(n_tokens: int = 40, n_layers: int = 30, prompt_len=None) -> Trac
         score = -0.5 * rank - 0.1
         beams.append(
             BeamPath(
-                positions, [tokens[p] for p in positions], list(positions), weights, score, score,
-                layers=list(range(n_layers - 1, -1, -1)), heads=heads, bos_mass=[0.5] * n_layers,
+                positions,
+                [tokens[p] for p in positions],
+                list(positions),
+                weights,
+                score,
+                score,
+                layers=list(range(n_layers - 1, -1, -1)),
+                heads=heads,
+                bos_mass=[0.5] * n_layers,
                 kinds=kinds,
             )
         )
     result = TraceResult(
-        n_tokens, target, n_layers - 1, len(beams), 5, tokens, beams,
-        build_sankey(beams, tokens, "layers", n_layers - 1), [path_text(b) for b in beams],
-        mode="layers", layer_lo=0, agg_heads="none", length_norm="none",
-        token_ids=list(range(n_tokens)), edge_weight="value_norm", move_threshold=0.05,
+        n_tokens,
+        target,
+        n_layers - 1,
+        len(beams),
+        5,
+        tokens,
+        beams,
+        build_sankey(beams, tokens, "layers", n_layers - 1),
+        [path_text(b) for b in beams],
+        mode="layers",
+        layer_lo=0,
+        agg_heads="none",
+        length_norm="none",
+        token_ids=list(range(n_tokens)),
+        edge_weight="value_norm",
+        move_threshold=0.05,
         depth_discount=0.9,
         predictions=[
-            Prediction(target, tokens[target], [1, 2, 3], [" w0", " the", " w1"], [0.62, 0.05, 0.03])
+            Prediction(
+                target, tokens[target], [1, 2, 3], [" w0", " the", " w1"], [0.62, 0.05, 0.03]
+            )
         ],
     )
     if prompt_len is not None:

@@ -7,6 +7,7 @@ Without chromium or playwright these tests skip, except under CI=true, where the
 """
 
 import dataclasses
+import itertools
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -14,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_render import HOSTILE, causal, embedded, make_result, run_census
+from test_render import HOSTILE, RENDER, causal, deep_result, embedded, make_result, run_census
 
 from rat_lens import SankeyData, TraceOptions, TraceResult
 from rat_lens.render import census_html, html_fragment, to_html
 from rat_lens.render._payload import payload
 from rat_lens.result import node_id
+from rat_lens.text import head_label
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -70,6 +72,13 @@ def shots(tmp_path_factory) -> Path:
     )
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def sankey(opened: "Page") -> None:
+    """Show the Sankey view (a layers trace opens on its route map; a chain has the Sankey only)."""
+    button = opened.page.locator(".ratlens-view-sankey")
+    if button.count():
+        button.first.click()
 
 
 class Page:
@@ -222,6 +231,7 @@ def test_clicking_a_node_highlights_exactly_the_links_of_its_beams(open_page):
     result = layers_result()
     data = payload(result)
     opened = open_page(to_html(result))
+    sankey(opened)
     opened.page.locator(".ratlens-reset").click()
     target = node_id(result.layer, result.target_pos)
     opened.page.locator(f'.ratlens-node[data-id="{target}"]').click()  # a real click first
@@ -236,7 +246,7 @@ def test_clicking_a_node_highlights_exactly_the_links_of_its_beams(open_page):
                 not lit,
             ), (node["id"], link_key(link))
         assert "is-selected" in opened.classes(".ratlens-node")[node["id"]]
-    opened.page.locator(".ratlens-diagram svg").click(position={"x": 3, "y": 3})  # background
+    opened.page.locator(".ratlens-sankey svg").click(position={"x": 3, "y": 3})  # background
     assert not any({"is-hl", "is-dim"} & set(c) for c in opened.classes(".ratlens-link").values())
     opened.assert_clean()
 
@@ -312,6 +322,7 @@ def test_hovering_the_token_strip_shows_what_a_token_attends_to_and_is_attended_
 def test_export_gives_an_svg_of_the_diagram_and_a_png(open_page, tmp_path):
     result = layers_result()
     opened = open_page(to_html(result))
+    sankey(opened)  # the route map exports as well: test_the_route_map_exports_with_its_own_key
     with opened.page.expect_download() as download:
         opened.page.locator(".ratlens-export-svg").click()
     svg = tmp_path / download.value.suggested_filename
@@ -363,14 +374,16 @@ def test_hostile_tokens_render_as_text_and_execute_nothing(open_page):
 
 def test_zoom_and_pan_move_the_diagram(open_page):
     opened = open_page(to_html(layers_result()))
+    sankey(opened)  # the Sankey view zooms; the route map fits its box
     page = opened.page
-    viewport = page.locator(".ratlens-viewport")
+    viewport = page.locator(".ratlens-sankey .ratlens-viewport")
     before = viewport.get_attribute("transform")
-    box = page.locator(".ratlens-diagram svg").bounding_box()
+    box = page.locator(".ratlens-sankey svg").bounding_box()
     page.mouse.move(box["x"] + 40, box["y"] + 40)
     page.mouse.wheel(0, -400)
     page.wait_for_function(
-        "t => document.querySelector('.ratlens-viewport').getAttribute('transform') !== t",
+        "t => document.querySelector('.ratlens-sankey .ratlens-viewport')"
+        ".getAttribute('transform') !== t",
         arg=before,
     )
     zoomed = viewport.get_attribute("transform")
@@ -501,7 +514,7 @@ def test_per_head_every_head_is_named_drawn_and_coloured(open_page, induction):
     assert {c.split()[0] for c in chips} == {f"L{lay}.H{h}" for lay, h in heads}
     # ... and by beam on demand: each link then takes its best beam's legend colour.
     opened.page.locator(".ratlens-colour").select_option("beam")
-    swatches = opened.each(".ratlens-legend-item .ratlens-swatch", "e => e.style.background")
+    swatches = opened.each(".ratlens-legend-item > .ratlens-swatch", "e => e.style.background")
     strokes = opened.each(".ratlens-link", "e => getComputedStyle(e).stroke")
     firsts = opened.each(".ratlens-link", "e => +e.dataset.beams.split(',')[0]")
     assert [swatches[b] for b in firsts] == strokes
@@ -654,7 +667,7 @@ def test_the_heads_grid_lights_a_heads_links(open_page, induction):
     for lk in data["links"]:
         mass[lk["layer"], lk["head"]] = mass.get((lk["layer"], lk["head"]), 0) + lk["value"]
     for layer, head, text in cells:
-        assert text == (f"{mass[layer, head]:.2f}" if (layer, head) in mass else "")
+        assert text == (f"{float(f'{mass[layer, head]:.2g}'):g}" if (layer, head) in mass else "")
     (layer, head), _ = max(mass.items(), key=lambda x: x[1])
     opened.page.locator(f'.ratlens-grid-cell[data-layer="{layer}"][data-head="{head}"]').click()
     links = opened.classes(".ratlens-link")
@@ -694,6 +707,7 @@ def test_the_target_shows_the_models_top_prediction(open_page, induction):
 def test_keyboard_reaches_and_selects_nodes_and_links(open_page, induction):
     data = payload(induction)
     opened = open_page(to_html(induction))
+    sankey(opened)
     page = opened.page
     page.locator(".ratlens-export-png").focus()  # the last control: Tab goes into the diagram
     page.keyboard.press("Tab")
@@ -957,3 +971,261 @@ def test_the_key_says_how_each_kind_of_trace_is_scored(open_page, induction):
     assert "0.7^(i\u22121) \u00b7 log(edge weight / 0.05)" in text and "higher is better" in text
     text = open_page(to_html(induction)).page.evaluate("() => document.body.innerText")
     assert "\u03a3 log(edge attention)" in text and "0 is best" in text
+
+
+# --- The route map: a full-depth per-head trace on the first screen (issue 21) ----------------
+
+
+def in_view(box: dict, width: int = 1280, height: int = 800) -> bool:
+    return (
+        box is not None
+        and box["x"] >= 0
+        and box["y"] >= 0
+        and (box["x"] + box["width"] <= width and box["y"] + box["height"] <= height)
+    )
+
+
+@pytest.fixture
+def small_screen(browser, shots, tmp_path, request):
+    """A page at 1280 x 800, as a laptop shows it."""
+    contexts = []
+
+    def open_(page_html: str) -> Page:
+        path = tmp_path / f"page{len(contexts)}.html"
+        path.write_text(page_html, encoding="utf-8")
+        contexts.append(browser.new_context(viewport={"width": 1280, "height": 800}))
+        return Page(contexts[-1], path)
+
+    yield open_
+    for i, context in enumerate(contexts):
+        for page in context.pages:
+            page.screenshot(path=str(shots / f"{request.node.name}-{i}.png"))
+        context.close()
+
+
+def test_a_full_depth_trace_opens_on_a_route_map_that_shows_the_top_beams_moves(small_screen):
+    result = deep_result()
+    opened = small_screen(to_html(result))
+    page = opened.page
+    assert page.locator(".ratlens-routes").is_visible()
+    assert not page.locator(".ratlens-sankey").is_visible()
+    # Every move of the top beam: its arc, its head label and its key token, on the first
+    # screen, with no pan or zoom.
+    top = [m for m in result.beams[0].moves()]
+    assert len(top) == 2
+    for move in top:
+        arc = page.locator(f'.ratlens-move.is-top[data-layer="{move.layer}"]')
+        assert arc.count() == 1 and in_view(arc.bounding_box())
+        label = page.locator(f'.ratlens-movelabel.is-top[data-layer="{move.layer}"]')
+        assert label.text_content() == head_label(move.layer, move.head)
+        assert label.is_visible() and in_view(label.bounding_box())
+        key = page.locator(f'.ratlens-route-token[data-pos="{move.key}"]')
+        assert "is-key" in key.get_attribute("class")
+        assert visible(result.tokens[move.key]) in key.text_content()
+        assert in_view(key.locator("text").bounding_box())
+    # Columns only for visited positions, gaps saying what they skip; all 30 layers and the
+    # embeddings as rows.
+    visited = sorted({p for b in result.beams for p in b.positions})
+    assert opened.each(".ratlens-route-token", "e => +e.dataset.pos") == visited
+    skipped = [b - a - 1 for a, b in itertools.pairwise(visited) if b - a > 1]
+    gaps = opened.each(".ratlens-route-gap text", "e => e.firstChild.textContent")
+    assert [int(g.removeprefix("\u22ef")) for g in gaps] == skipped
+    assert opened.page.locator(".ratlens-route-layer").count() >= 16
+    svg = page.locator(".ratlens-routes svg").bounding_box()
+    assert in_view(svg)
+    # Moves are arcs and stays thin lines: one per payload link, nothing else.
+    data = payload(result)
+    moves = [lk for lk in data["links"] if not lk.get("residual")]
+    stays = [lk for lk in data["links"] if lk.get("residual")]
+    assert page.locator(".ratlens-move").count() == len(moves)
+    assert page.locator(".ratlens-stay").count() == len(stays)
+    # The key lists heads (by weight) before stays.
+    chips = opened.each(".ratlens-chip", "e => e.textContent.split(' ')[0]")
+    kinds = [c.endswith(".res") for c in chips]
+    assert kinds == sorted(kinds) and not kinds[0]
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+    opened.assert_clean()
+
+
+def test_the_sankey_is_one_click_away_with_a_run_of_stays_as_one_band(small_screen):
+    result = deep_result()
+    opened = small_screen(to_html(result))
+    page = opened.page
+    page.locator(".ratlens-view-sankey").click()
+    assert page.locator(".ratlens-sankey").is_visible()
+    assert not page.locator(".ratlens-routes").is_visible()
+    # A node that one stay enters and one stay leaves (and no move) is inside a run: not drawn,
+    # its run one band from the run's first node to its last.
+    links = payload(result)["links"]
+    into, out = {}, {}
+    for lk in links:
+        into.setdefault(lk["target"], []).append(lk)
+        out.setdefault(lk["source"], []).append(lk)
+    target = node_id(29, result.target_pos)
+    inner = {
+        n
+        for n in into
+        if n != target
+        and len(into[n]) == len(out.get(n, [])) == 1
+        and into[n][0].get("residual")
+        and out[n][0].get("residual")
+    }
+    assert set(opened.each(".ratlens-node.is-merged", "e => e.dataset.id")) == inner
+    bands = opened.each(".ratlens-stayrun", "e => [e.dataset.source, e.dataset.target]")
+    ends = {n for band in bands for n in band}
+    assert len(bands) == len({lk["source"] for lk in links if lk["target"] in inner} - inner)
+    assert not ends & inner and [node_id(27, 39), target] in bands  # L27 to L29 at the target
+    page.locator(".ratlens-view-routes").click()
+    assert page.locator(".ratlens-routes").is_visible()
+    opened.assert_clean()
+
+
+def test_a_click_shows_its_selection_beside_the_diagram_and_escape_clears(small_screen):
+    result = deep_result()
+    opened = small_screen(to_html(result))
+    page = opened.page
+    move = result.beams[0].moves()[0]
+    page.locator(f'.ratlens-movelabel.is-top[data-layer="{move.layer}"]').click()
+    info = page.locator(".ratlens-info")
+    assert "Selected link" in info.text_content() and in_view(info.bounding_box())
+    assert head_label(move.layer, move.head) in info.text_content()
+    # The heatmap marks the picked edge's cell and has scrolled it into its box.
+    picked = page.locator(".ratlens-hm td.is-picked")
+    assert picked.count() == 1 and int(picked.get_attribute("data-key")) == move.key
+    wrap = page.locator(".ratlens-hm-wrap").bounding_box()
+    cell = picked.bounding_box()
+    assert wrap["x"] <= cell["x"] and cell["x"] + cell["width"] <= wrap["x"] + wrap["width"]
+    page.keyboard.press("Escape")
+    assert "Selected link" not in info.text_content()
+    assert page.locator(".ratlens-move.is-dim").count() == 0
+    # After scrolling the page, a click still shows the selection in view.
+    page.mouse.wheel(0, 300)
+    page.wait_for_timeout(100)
+    page.locator(".ratlens-route-node.is-target").dispatch_event("click")
+    assert in_view(info.bounding_box())
+    opened.assert_clean()
+
+
+def test_the_heads_grid_prints_two_digits_scales_heads_apart_from_stays_and_is_one_tab_stop(
+    small_screen,
+):
+    result = deep_result()
+    data = payload(result)
+    opened = small_screen(to_html(result))
+    page = opened.page
+    mass = {}
+    for lk in data["links"]:
+        key = (lk["layer"], "res" if lk.get("residual") else lk["head"])
+        mass[key] = mass.get(key, 0) + lk["value"]
+    cells = opened.each(
+        ".ratlens-grid-cell",
+        "e => [+e.dataset.layer, e.dataset.residual ? 'res' : +e.dataset.head, e.textContent,"
+        " getComputedStyle(e).backgroundColor]",
+    )
+    for layer, head, text, _ in cells:
+        assert text == (f"{float(f'{mass[layer, head]:.2g}'):g}" if (layer, head) in mass else "")
+    # The strongest head is as dark as the strongest stay: each on its own scale.
+    heads = {k: v for k, v in mass.items() if k[1] != "res"}
+    res = {k: v for k, v in mass.items() if k[1] == "res"}
+    shade = {(lay, h): bg for lay, h, _, bg in cells}
+    assert shade[max(heads, key=heads.get)] == shade[max(res, key=res.get)]
+    # One Tab stop: Tab lands on one cell; arrows move; Tab again leaves the grid.
+    focusable = opened.each(".ratlens-grid-cell", "e => e.getAttribute('tabindex')")
+    assert focusable.count("0") == 1
+    page.locator(".ratlens-grid-cell[tabindex='0']").focus()
+    start = page.evaluate(
+        "[document.activeElement.dataset.layer, document.activeElement.dataset.head]"
+    )
+    page.keyboard.press("ArrowDown")
+    below = page.evaluate(
+        "[document.activeElement.dataset.layer, document.activeElement.dataset.head]"
+    )
+    assert int(below[0]) == int(start[0]) - 1 and below[1] == start[1]
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("Tab")
+    assert not page.evaluate("document.activeElement.classList.contains('ratlens-grid-cell')")
+    opened.assert_clean()
+
+
+def test_each_head_has_one_colour_everywhere_and_beams_never_take_a_head_colour(small_screen):
+    result = deep_result()
+    strokes = "e => [e.dataset.layer + '.' + e.dataset.head, getComputedStyle(e).stroke]"
+    opened = small_screen(to_html(result))
+    colours = {}
+    for key, colour in opened.each(".ratlens-move", strokes):
+        colours.setdefault(key, set()).add(colour)
+    assert all(len(c) == 1 for c in colours.values())
+    # The key's chips and the grid's bars carry the same colour as the head's arcs.
+    chips = opened.each(
+        ".ratlens-chip",
+        "e => [e.dataset.layer + '.' + e.dataset.head,"
+        " getComputedStyle(e.querySelector('.ratlens-swatch')).backgroundColor]",
+    )
+    assert all(colours[k] == {c} for k, c in chips if k in colours)
+    # The same head on the page of another trace has the same colour: it depends on the head.
+    other = small_screen(to_html(dataclasses.replace(result, beams=result.beams[1:2])))
+    assert all(colours[k] == {c} for k, c in other.each(".ratlens-move", strokes))
+    # Beams are told apart by colours no head has.
+    beams = set(
+        opened.each(
+            ".ratlens-legend-item > .ratlens-swatch", "e => getComputedStyle(e).backgroundColor"
+        )
+    )
+    heads = {c for _, c in chips}
+    assert len(beams) == len(result.beams) and heads and not beams & heads
+    opened.assert_clean()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (0, 0, False),
+        (17, 3, False),
+        (2, None, True),
+        (5, None, False),
+        (29, 8, False),
+        (1, 12, False),
+    ],
+)
+def test_the_pages_head_label_is_pythons(small_screen, case):
+    opened = small_screen(to_html(deep_result()))
+    util = (RENDER / "js" / "util.js").read_text()
+    layer, head, residual = case
+    js = opened.page.evaluate(
+        f"(() => {{ {util}\n return headName({layer}, {json.dumps(head)}, "
+        f"{json.dumps(residual)}); }})()"
+    )
+    assert js == head_label(layer, head, residual)
+
+
+def test_a_generated_continuation_is_marked_where_the_prompt_ends(small_screen):
+    result = deep_result(prompt_len=30)
+    opened = small_screen(to_html(result))
+    generated = opened.each(".ratlens-tok.is-generated", "e => +e.dataset.pos")
+    assert generated == list(range(30, result.seq_len))
+    assert opened.each(".ratlens-tok.is-prompt-end", "e => +e.dataset.pos") == [29]
+    marked = opened.each(".ratlens-route-token.is-generated", "e => +e.dataset.pos")
+    assert marked == [p for p in sorted({p for b in result.beams for p in b.positions}) if p >= 30]
+    assert (
+        opened.page.locator("text.ratlens-route-generated").text_content().startswith("generated")
+    )
+    facts = opened.page.locator(".ratlens-facts").text_content()
+    assert "prompt / generated30 / 10" in facts
+    opened.assert_clean()
+
+
+def test_the_route_map_exports_with_its_own_key(small_screen, tmp_path):
+    result = deep_result()
+    opened = small_screen(to_html(result))
+    with opened.page.expect_download() as download:
+        opened.page.locator(".ratlens-export-svg").click()
+    svg = tmp_path / download.value.suggested_filename
+    download.value.save_as(svg)
+    root = ET.fromstring(svg.read_text())
+    ns = "{http://www.w3.org/2000/svg}"
+    moves = [p for p in root.iter(f"{ns}path") if "ratlens-move" in (p.get("class") or "")]
+    assert len(moves) == len([lk for lk in payload(result)["links"] if not lk.get("residual")])
+    text = " ".join("".join(t.itertext()) for t in root.iter(f"{ns}text"))
+    assert "Route map: tokens across" in text and "Score: score" in text
+    assert all(head_label(m.layer, m.head) in text for m in result.beams[0].moves())
+    opened.assert_clean()

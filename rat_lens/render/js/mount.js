@@ -129,8 +129,9 @@ function mount(root, data, opts) {
       if (v) v.nodes.classed("is-strip", function (n) { return n.position === pos; });
     });
   }
-  // Escape anywhere in the widget clears the selection.
-  root.on("keydown.ratlens", function (event) {
+  // Escape clears the selection: on the page (a click on an SVG element leaves the focus on the
+  // body) and inside the widget alike.
+  d3.select(document).on("keydown." + root.attr("id"), function (event) {
     if (event.key === "Escape") handlers.background();
   });
   buildStrip(ui, data, lay.graph.links, {

@@ -270,7 +270,9 @@ function buildLegend(ui, data, pick) {
 // After a click, the selection panel comes into view if it is not (it normally is: it sits on
 // top of the side column, which sticks to the window's top).
 function revealInfo(ui) {
-  const node = ui.info.node(), box = node.getBoundingClientRect();
+  const node = ui.info.node();
+  node.parentNode.scrollTop = 0;
+  const box = node.getBoundingClientRect();
   if (box.top < 0 || box.top > window.innerHeight - 40) {
     node.scrollIntoView({block: "nearest"});
   }
