@@ -71,3 +71,43 @@ def gpt2_bridge():
 def hook_count(model) -> int:
     """Forward hooks currently registered on the model's hook points."""
     return sum(len(hp._forward_hooks) for hp in model.hook_dict.values())
+
+
+# --- Devices (issue 24): a fake GPU machine, and tests that need a real one -----------------
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fake-gpu",
+        action="store_true",
+        help="run with torch.cuda.is_available() patched to True (the machine claims a GPU it "
+        "does not have): nothing may move to CUDA unless a test asks for it",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--fake-gpu"):
+        import torch
+
+        torch.cuda.is_available = lambda: True  # the whole session: what --fake-gpu is for
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests run on a real CUDA device only (``pytest -m gpu``)."""
+    import torch
+
+    if torch.cuda.device_count():  # not is_available(): --fake-gpu patches that one
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.device_count() == 0)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """This test on a machine that says it has a GPU (``torch.cuda.is_available()`` is True),
+    without one: any code that picks CUDA by itself fails (torch has no CUDA here)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
