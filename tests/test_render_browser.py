@@ -1229,3 +1229,30 @@ def test_the_route_map_exports_with_its_own_key(small_screen, tmp_path):
     assert "Route map: tokens across" in text and "Score: score" in text
     assert all(head_label(m.layer, m.head) in text for m in result.beams[0].moves())
     opened.assert_clean()
+
+
+def test_the_census_lists_each_prompts_route_from_the_target_and_its_grid_is_one_tab_stop(
+    open_page, census_run
+):
+    _, results, out = census_run
+    opened = open_page((out / "census.html").read_text())
+    page = opened.page
+    routes = opened.each(
+        ".ratlens-census-prompts li",
+        "e => [...e.querySelectorAll('.ratlens-census-move')].map(m => m.textContent)",
+    )
+    for shown, result in zip(routes, results):
+        moves = result.beams[0].moves() if result.beams else []
+        assert shown == [
+            f"{head_label(m.layer, m.head)} \u2192 \u201c\u2068{visible(result.tokens[m.key])}"
+            f"\u2069\u201d@{m.key}"
+            for m in moves
+        ]
+    focusable = opened.each(".ratlens-census-cell", "e => e.getAttribute('tabindex')")
+    assert focusable.count("0") == 1
+    page.locator(".ratlens-census-cell[tabindex='0']").focus()
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("document.activeElement.dataset.head") == "1"
+    page.keyboard.press("Tab")
+    assert not page.evaluate("document.activeElement.classList.contains('ratlens-census-cell')")
+    opened.assert_clean()

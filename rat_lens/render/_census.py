@@ -134,6 +134,7 @@ def _prompt(index: int, result: TraceResult) -> dict:
     start = max(0, pos - BEFORE_TOKENS)
     best = result.beams[0] if result.beams else None
     edges = [] if best is None else [i for i in range(best.num_edges) if not best.is_residual(i)]
+    guess = next((p for p in result.predictions if p.position == pos and p.tokens), None)
     return {
         "index": index,
         "seq_len": result.seq_len,
@@ -145,6 +146,20 @@ def _prompt(index: int, result: TraceResult) -> dict:
         "path": result.paths_text[0] if result.paths_text else "",
         "layers": [best.layers[i] for i in edges],
         "heads": [best.heads[i] for i in edges],
+        # The best route's moves from the target back (stays left out): what the list shows.
+        "moves": [
+            {
+                "layer": m.layer,
+                "head": m.head,
+                "query": m.query,
+                "key": m.key,
+                "token": tokens[m.key],
+                "weight": _round(m.weight),
+            }
+            for m in (best.moves() if best is not None else [])
+        ],
+        "guess": None if guess is None else guess.tokens[0],
+        "guess_prob": None if guess is None else _round(guess.probs[0]),
         **({"verification": verification(v)} if (v := result.verification) else {}),
     }
 

@@ -2,9 +2,9 @@
 // coloured by one of its counts (a toggle), tooltips, and the prompts it traced, filtered by a
 // clicked head. Its data is a CensusPayload (schema.js); the page loads schema.js, util.js and
 // this file only (no Sankey). Text reaches the page through textContent only, as in util.js.
-// Defines: CENSUS_METRICS, censusRoles, censusToken, censusLines, drawCensusGrid,
-//   drawCensusPrompts, censusCheck, mountCensus.
-// Uses: util.js: WHITESPACE, fmt, headName, headKey, visible, shorten, isolate.
+// Defines: CENSUS_METRICS, censusRoles, censusToken, censusLines, drawCensusGrid, censusKeys,
+//   drawCensusRoute, drawCensusPrompts, censusCheck, mountCensus.
+// Uses: util.js: WHITESPACE, fmt, prob, headColor, headName, headKey, visible, shorten, isolate.
 
 // What the heatmap can be coloured by: a CensusHead field each.
 const CENSUS_METRICS = [
@@ -90,7 +90,7 @@ function drawCensusGrid(box, data, opts) {
     .attr("transform", function (c) {
       return "translate(" + (left + w * c.col) + "," + (top + h * c.row) + ")";
     })
-    .attr("tabindex", 0).attr("role", "button")
+    .attr("tabindex", -1).attr("role", "button")
     .attr("data-layer", function (c) { return c.layer; })
     .attr("data-head", function (c) { return c.head === null ? null : c.head; })
     .attr("data-top-beam-prompts", function (c) { return c.count ? c.count.top_beam_prompts : 0; })
@@ -107,6 +107,7 @@ function drawCensusGrid(box, data, opts) {
       }
     });
   g.append("rect").attr("width", w - 1).attr("height", h - 1).attr("rx", 2);
+  censusKeys(g, heads.length);
   const label = g.append("text").attr("x", (w - 1) / 2).attr("y", (h - 1) / 2)
     .attr("dy", "0.35em").attr("text-anchor", "middle");
 
@@ -126,6 +127,49 @@ function drawCensusGrid(box, data, opts) {
     return {top: top, scale: scale};
   }
   return {cells: g, colour: colour};
+}
+
+// The heatmap is one Tab stop (a roving tabindex): arrow keys move between cells.
+function censusKeys(g, width) {
+  const all = g.nodes();
+  if (!all.length) return;
+  let at = 0;
+  all[0].setAttribute("tabindex", 0);
+  g.on("focus", function () {
+    all[at].setAttribute("tabindex", -1);
+    at = all.indexOf(this);
+    this.setAttribute("tabindex", 0);
+  }).on("keydown.move", function (event) {
+    const step = {ArrowRight: 1, ArrowLeft: -1, ArrowDown: width, ArrowUp: -width}[event.key];
+    if (step === undefined) return;
+    event.preventDefault();
+    all[Math.max(0, Math.min(all.length - 1, at + step))].focus();
+  });
+}
+
+// A prompt's best route from the target back, moves only: "L18.H6 → “w0”@20 · L2.H1 → …",
+// each head in its colour (the trace page's), and the model's prediction at the target.
+function drawCensusRoute(items) {
+  const route = items.append("div").attr("class", "ratlens-census-route");
+  route.filter(function (p) { return p.guess !== null; }).append("span")
+    .attr("class", "ratlens-census-guess").text(function (p) {
+      return "predicts \u201c" + isolate(visible(p.guess)) + "\u201d " + prob(p.guess_prob);
+    });
+  route.filter(function (p) { return !p.moves.length; }).append("span")
+    .text(function (p) { return p.path ? "no move: the route stays at the target" : "no beam"; });
+  const move = route.selectAll("span.ratlens-census-move")
+    .data(function (p) { return p.moves; }).join("span").attr("class", "ratlens-census-move")
+    .attr("title", function (m) {
+      return headName(m.layer, m.head) + ": position " + m.query + " reads " + m.key +
+        ", weight " + fmt(m.weight);
+    });
+  move.append("span").attr("class", "ratlens-swatch").style("background", function (m) {
+    return m.head === null ? null : headColor(m.layer, m.head);
+  });
+  move.append("b").text(function (m) { return headName(m.layer, m.head); });
+  move.append("span").text(function (m) {
+    return " \u2192 \u201c" + isolate(shorten(visible(m.token), 16)) + "\u201d@" + m.key;
+  });
 }
 
 // The listed prompts (CensusPrompt), or those whose best beam goes through `cell`'s head.
@@ -161,9 +205,7 @@ function drawCensusPrompts(box, data, cell) {
     .attr("class", "ratlens-census-tok ratlens-census-after").text(censusToken);
   text.filter(function (p) { return p.target_pos + 1 + p.after.length < p.seq_len; })
     .append("span").attr("class", "ratlens-census-after").text("\u2026");
-  items.append("div").attr("class", "ratlens-path")
-    .attr("title", function (p) { return p.path; })
-    .text(function (p) { return p.path ? "best beam: " + shorten(p.path, 240) : "no beam"; });
+  drawCensusRoute(items);
   items.filter(function (p) { return p.verification && p.verification.beams.length; })
     .append("div").attr("class", "ratlens-note ratlens-census-check")
     .text(function (p) { return censusCheck(p.verification); });

@@ -199,8 +199,24 @@
  * @property {string} path  the best beam as text; "" when no beam left the target
  * @property {number[]} layers  the layer of each head edge of the best beam
  * @property {Array<?number>} heads  the head of each (null when heads were aggregated)
+ * @property {CensusMove[]} moves  the best beam's moves (edges through a head), the target's
+ *     first; its stays in the residual stream left out
+ * @property {?string} guess  the model's top next token at the target, when the census traced
+ *     with predictions; null otherwise
+ * @property {?number} guess_prob  its probability (6 significant digits); null without it
  * @property {Verification} [verification]  the trace's causal check, only when the census ran
  *     one (census(..., verify=True))
+ */
+
+/**
+ * One move of a prompt's best route: at `layer`, `query` read `key` through `head`.
+ * @typedef {Object} CensusMove
+ * @property {number} layer  the layer
+ * @property {?number} head  the head; null when heads were aggregated
+ * @property {number} query  the reading position
+ * @property {number} key  the position read
+ * @property {string} token  the key's token text
+ * @property {number} weight  the edge's weight (6 significant digits)
  */
 
 /**
