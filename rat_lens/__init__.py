@@ -17,6 +17,7 @@ neither torch nor TransformerLens until a name that needs them is touched.
 """
 
 import importlib
+import pkgutil
 from typing import TYPE_CHECKING
 
 # name -> the module that defines it; each is imported when the name is first used.
@@ -41,7 +42,11 @@ _EXPORTS = {
     "verify": "causal",
     "render_html": "render",
     "census": "corpus",
+    "load": "models",
 }
+# Every submodule is an attribute too (``rat_lens.render.render_html`` after ``import
+# rat_lens``), imported on first use like the names above.
+_SUBMODULES = frozenset(module.name for module in pkgutil.iter_modules(__path__))
 
 __all__ = list(_EXPORTS)
 
@@ -51,6 +56,7 @@ if TYPE_CHECKING:  # editors and type checkers see the names without the lazy in
     from .compat import ReverseAttentionTracer
     from .corpus import census
     from .errors import RatLensError
+    from .models import load
     from .options import TraceOptions
     from .render import render_html
     from .result import (
@@ -69,6 +75,8 @@ if TYPE_CHECKING:  # editors and type checkers see the names without the lazy in
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES and name not in _EXPORTS:
+        return importlib.import_module(f".{name}", __name__)  # importing sets the attribute
     if name not in _EXPORTS:
         raise AttributeError(f"module 'rat_lens' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
@@ -77,4 +85,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)

@@ -41,7 +41,8 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from .errors import RatLensError, check_choice, check_int
-from .options import AGG_HEADS
+from .options import AGG_HEADS, EDGE_WEIGHTS
+from .search.contrib import edge_shares
 from .search.pattern import aggregate_heads, check_pattern_values
 from .search.stats import top_attention
 from .search.store import LayerMeanRows, TopKeys, TopKeysBuilder, head_mean
@@ -62,6 +63,10 @@ __all__ = [
     "model_session",
     "check_tokens",
     "capture_contributions",
+    "ContributionCapture",
+    "Forward",
+    "run_forward",
+    "check_layers",
     "input_device",
     "offloaded_weights_loaded",
 ]
@@ -96,6 +101,25 @@ def pattern_layers(model) -> int:
     return len(layers)
 
 
+def check_layers(layers) -> list[int]:
+    """``layers`` as a list if it is a non-empty sequence of layer indices (ints >= 0).
+
+    Examples:
+        >>> check_layers((1, 0))
+        [1, 0]
+        >>> check_layers([])
+        Traceback (most recent call last):
+        ...
+        rat_lens.errors.RatLensError: layers must be a non-empty list of layer indices ...
+    """
+    ok = isinstance(layers, Sequence) and not isinstance(layers, str) and len(layers) > 0
+    if not ok or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers):
+        raise RatLensError(
+            f"layers must be a non-empty list of layer indices (ints >= 0), got {layers!r}"
+        )
+    return list(layers)
+
+
 class _StopForward(Exception):
     """Raised from the last needed hook: everything after it would be thrown away."""
 
@@ -124,17 +148,17 @@ class PatternCapture:
 
     layers: Sequence[int]
     agg_heads: str = "mean"
-    stop_after: bool = False
     store: dict = field(default_factory=dict)  # hook name -> list of row blocks
     device: Optional[torch.device] = None  # where rows land (None: each layer's own device)
 
     def __post_init__(self):
+        self.layers = check_layers(self.layers)
         check_choice("agg_heads", self.agg_heads, AGG_HEADS)
+        if self.device is not None:
+            self.device = torch.device(self.device)
 
     @property
     def fwd_hooks(self) -> list:
-        last = max(self.layers)
-
         def keep(pattern: Tensor, hook):
             rows = aggregate_heads(pattern.detach(), self.agg_heads)
             rows = rows if self.device is None else rows.to(self.device)
@@ -149,8 +173,6 @@ class PatternCapture:
                     f"captured: the model did not continue its KV cache (past_key_values)"
                 )
             blocks.append(rows)
-            if self.stop_after and hook.name == hook_name(last):
-                raise _StopForward
             return None  # the model's own pattern flows on unchanged
 
         return [(hook_name(layer), keep) for layer in sorted(set(self.layers))]
@@ -195,7 +217,6 @@ class BoundedCapture:
     keep: int
     query_mask: Tensor  # [batch, seq]
     head_means: bool = False
-    stop_after: bool = False
 
     def __post_init__(self):
         batch, seq = self.key_ok.shape
@@ -221,13 +242,8 @@ class BoundedCapture:
 
     @property
     def fwd_hooks(self) -> list:
-        last = hook_name(max(self.layers))
-
         def keep(pattern: Tensor, hook):
             self.add(hook.name, pattern)
-            if self.stop_after and hook.name == last:
-                raise _StopForward
-            return None
 
         return [(name, keep) for name in self.builders]
 
@@ -247,6 +263,83 @@ class BoundedCapture:
         return torch.stack([_stack_rows(self.means[hook_name(layer)]) for layer in layers])
 
 
+@dataclass(frozen=True)
+class Forward:
+    """How one forward of a capture runs.
+
+    Attributes:
+        attention_mask: ``[batch, seq]`` 1 for real tokens (None: no padding).
+        query_chunk: ``N``, ``"auto"`` or ``None`` (one pass); see the module docstring.
+        logits: run to the end and return the logits; otherwise the forward stops right after
+            the capture's highest layer.
+    """
+
+    attention_mask: Optional[Tensor] = None
+    query_chunk: Union[int, str, None] = "auto"
+    logits: bool = False
+
+
+def run_forward(
+    model, tokens: Int[Tensor, "batch seq"], capture, forward: Forward = Forward()
+) -> Optional[Float[Tensor, "batch seq vocab"]]:
+    """The one forward every capture runs through: ``capture`` (anything with ``layers``,
+    ``fwd_hooks`` and ``rows_captured()``, e.g. :class:`PatternCapture`) hooked in, under
+    no_grad and :func:`model_session`, the tokens on the model's input device, in query
+    chunks where asked, each layer's bridge-side copy of its pattern freed as it finishes.
+
+    Checks the layers and tokens first; hooks are gone on every exit path (TransformerLens's
+    ``hooks()`` context), and the caller's capture is only filled, never reconfigured. Returns
+    the logits with ``forward.logits``, else None.
+
+    Examples:
+        >>> from rat_lens.models import load
+        >>> model = load("induction-2l")
+        >>> capture = PatternCapture([0])
+        >>> run_forward(model, model.to_tokens("cat dog"), capture) is None
+        True
+        >>> capture.to_cache(model)["pattern", 0].shape
+        torch.Size([1, 1, 3, 3])
+    """
+    n_layers = pattern_layers(model)
+    bad = [layer for layer in capture.layers if not 0 <= layer < n_layers]
+    if bad or not capture.layers:
+        raise RatLensError(
+            f"layers {list(capture.layers)} must be non-empty and within 0..{n_layers - 1}"
+        )
+    check_tokens(model, tokens)
+    tokens = tokens.to(input_device(model))
+    mask = forward.attention_mask
+    mask = None if mask is None else mask.to(tokens.device)
+    with model_session(model):
+        seq = tokens.shape[-1]
+        chunk = _chunk_size(model, tokens, capture.layers, mask, forward.query_chunk)
+        kwargs = _chunk_kwargs(model, tokens) if chunk < seq else lambda _: {"attention_mask": mask}
+        last = n_layers - 1 if forward.logits else max(capture.layers)
+        hooks = capture.fwd_hooks + _release_hooks(model, last)
+        if not forward.logits:
+            hooks.append((hook_name(last), _stop))  # after the capture's own hook there
+        logits = []
+        with torch.no_grad(), kv_cache_reaches_attention(model), model.hooks(fwd_hooks=hooks):
+            for start in range(0, seq, chunk):
+                piece = tokens[:, start : start + chunk]
+                try:
+                    logits.append(model(piece, **kwargs(piece)))
+                except _StopForward:
+                    pass
+    short = {name: n for name, n in capture.rows_captured().items() if n != seq}
+    if short:  # each chunk restarted from position 0
+        raise RatLensError(
+            f"{type(model).__name__} ignored the KV cache across query chunks "
+            f"(rows captured per layer {short}, expected {seq}): query_chunk is "
+            f"not available for this model; trace without it"
+        )
+    return torch.cat(logits, dim=1) if logits else None
+
+
+def _stop(activation: Tensor, hook):
+    raise _StopForward
+
+
 def capture_bounded(
     model,
     tokens: Int[Tensor, "batch seq"],
@@ -256,9 +349,9 @@ def capture_bounded(
     query_chunk: Union[int, str, None] = "auto",
     logits: bool = False,
 ) -> Optional[Float[Tensor, "batch seq vocab"]]:
-    """Run ``model`` on ``tokens`` under no_grad with ``capture``'s hooks (a
-    :class:`BoundedCapture`), in query chunks as :func:`capture_patterns` does; stopped after
-    its highest layer unless ``logits`` (then the whole forward's logits are returned).
+    """Run ``model`` on ``tokens`` with ``capture``'s hooks (a :class:`BoundedCapture`), in
+    query chunks as :func:`capture_patterns` does; stopped after its highest layer unless
+    ``logits`` (then the whole forward's logits are returned).
 
     Examples:
         >>> from rat_lens.models import load
@@ -270,9 +363,7 @@ def capture_bounded(
         >>> capture.stores()[1][0]
         TopKeys(head=4, query=6, keep=3, sinks=1)
     """
-    capture.stop_after = not logits
-    layers, agg = capture.layers, "none"
-    return _run(model, tokens, layers, agg, attention_mask, query_chunk, not logits, capture)[0]
+    return run_forward(model, tokens, capture, Forward(attention_mask, query_chunk, logits))
 
 
 def capture_patterns(
@@ -299,7 +390,8 @@ def capture_patterns(
         >>> sorted(cache.keys()), cache["pattern", 0].shape
         (['blocks.0.attn.hook_pattern', 'blocks.1.attn.hook_pattern'], torch.Size([1, 4, 6, 6]))
     """
-    capture = _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, True)[1]
+    capture = PatternCapture(layers, agg_heads, device=input_device(model))
+    run_forward(model, tokens, capture, Forward(attention_mask, query_chunk))
     return capture.to_cache(model)
 
 
@@ -321,77 +413,9 @@ def run_with_patterns(
         >>> logits.shape, cache["pattern", 1].shape
         (torch.Size([1, 4, 64]), torch.Size([1, 1, 4, 4]))
     """
-    logits, capture = _run(model, tokens, layers, agg_heads, attention_mask, query_chunk, False)
+    capture = PatternCapture(layers, agg_heads, device=input_device(model))
+    logits = run_forward(model, tokens, capture, Forward(attention_mask, query_chunk, logits=True))
     return logits, capture.to_cache(model)
-
-
-def _run(
-    model, tokens, layers, agg_heads, attention_mask, query_chunk, stop_early: bool, capture=None
-):
-    """The checked forward: ``(logits or None, the capture)``; ``capture`` defaults to a
-    :class:`PatternCapture` of ``layers``."""
-    n_layers = pattern_layers(model)
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad or not layers:
-        raise RatLensError(f"layers {list(layers)} must be non-empty and within 0..{n_layers - 1}")
-    check_tokens(model, tokens)
-    with model_session(model):
-        return _forward(
-            model,
-            tokens,
-            layers,
-            agg_heads,
-            attention_mask,
-            query_chunk,
-            stop_early,
-            n_layers,
-            capture,
-        )
-
-
-def _forward(
-    model,
-    tokens,
-    layers,
-    agg_heads,
-    attention_mask,
-    query_chunk,
-    stop_early: bool,
-    n_layers: int,
-    capture=None,
-):
-    seq = tokens.shape[-1]
-    chunk = _chunk_size(model, tokens, layers, attention_mask, query_chunk)
-    kwargs = (
-        _chunk_kwargs(model, tokens)
-        if chunk < seq
-        else lambda piece: {"attention_mask": attention_mask}
-    )
-    if capture is None:
-        capture = PatternCapture(
-            layers, agg_heads, stop_after=stop_early, device=input_device(model)
-        )
-    last = max(layers) if stop_early else n_layers - 1
-    logits = []
-    with (
-        torch.no_grad(),
-        kv_cache_reaches_attention(model),
-        model.hooks(fwd_hooks=capture.fwd_hooks + _release_hooks(model, last)),
-    ):
-        for start in range(0, seq, chunk):
-            piece = tokens[:, start : start + chunk]
-            try:
-                logits.append(model(piece, **kwargs(piece)))
-            except _StopForward:
-                pass
-    short = {name: n for name, n in capture.rows_captured().items() if n != seq}
-    if short:  # each chunk restarted from position 0
-        raise RatLensError(
-            f"{type(model).__name__} ignored the KV cache across query chunks "
-            f"(rows captured per layer {short}, expected {seq}): query_chunk is "
-            f"not available for this model; trace without it"
-        )
-    return (torch.cat(logits, dim=1) if logits else None), capture
 
 
 _locks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its RLock
@@ -662,6 +686,71 @@ def patterns_from_cache(
     return ActivationCache(store, getattr(cache, "model", None))
 
 
+@dataclass
+class ContributionCapture:
+    """Forward hooks that keep what contribution weights need of ``layers``: ``hook_pattern``
+    (every head), ``hook_v`` and ``hook_resid_pre``; :meth:`shares` then gives each part's
+    share of every row's attention-block output (:func:`rat_lens.search.contrib.edge_shares`).
+    One whole forward (no query chunks): the shares read every row's values."""
+
+    layers: Sequence[int]
+    kept: dict = field(default_factory=dict)  # hook name -> activation
+
+    PARTS = ("attn.hook_pattern", "attn.hook_v", "hook_resid_pre")
+
+    def __post_init__(self):
+        self.layers = check_layers(self.layers)
+
+    def names(self) -> list[str]:
+        return [f"blocks.{layer}.{part}" for layer in self.layers for part in self.PARTS]
+
+    @property
+    def fwd_hooks(self) -> list:
+        def keeper(name: str):  # by the name asked for: the bridge fires aliases under others
+            def keep(activation: Tensor, hook):
+                self.kept[name] = activation.detach()
+
+            return keep
+
+        return [(name, keeper(name)) for name in self.names()]
+
+    def rows_captured(self) -> dict[str, int]:
+        return {
+            name: value.shape[-2] for name, value in self.kept.items() if name.endswith("pattern")
+        }
+
+    def pattern(self, layer: int) -> Float[Tensor, "batch head query key"]:
+        return self.kept[hook_name(layer)]
+
+    def shares(self, model, layer: int, weight: str) -> Float[Tensor, "batch part query key"]:
+        """Layer ``layer``'s shares ``[batch, head + 1, query, key]`` (the last channel the
+        residual stream), computed where its activations are (a dispatched model's layers sit
+        on several devices)."""
+        pattern = self.pattern(layer)
+        with offloaded_weights_loaded(model.blocks[layer].attn) as attn:
+            W_O = attn.W_O.detach().to(pattern.device)
+            b_O = getattr(attn, "b_O", None)
+            b_O = None if b_O is None else b_O.detach().to(pattern.device)
+        values = self.kept[f"blocks.{layer}.attn.hook_v"]
+        resid = self.kept[f"blocks.{layer}.hook_resid_pre"]
+        return torch.stack(
+            [
+                edge_shares(pattern[b], values[b], W_O, resid[b], b_O, weight)
+                for b in range(pattern.shape[0])
+            ]
+        )
+
+
+def check_contribution_hooks(model, layers: Sequence[int]) -> None:
+    """A clear error where ``model`` lacks a hook point contribution weights read."""
+    missing = sorted(set(ContributionCapture(layers).names()) - set(model.hook_dict))
+    if missing:
+        raise RatLensError(
+            f"{type(model).__name__} lacks the hook points {missing[:3]}: "
+            "contribution weights need hook_pattern, hook_v and hook_resid_pre"
+        )
+
+
 def capture_contributions(
     model,
     tokens: Int[Tensor, "batch seq"],
@@ -670,12 +759,13 @@ def capture_contributions(
     with_patterns: bool = False,
 ):
     """Per layer, each part's share of every row's attention-block output (heads' edges and the
-    residual stream, :func:`rat_lens.search.contrib.edge_shares`), from one forward.
+    residual stream, :func:`rat_lens.search.contrib.edge_shares`), from one forward
+    (:class:`ContributionCapture`).
 
-    Hooks keep ``hook_pattern`` (every head), ``hook_v`` and ``hook_resid_pre`` of ``layers``;
     ``W_O`` and ``b_O`` are read from ``blocks[l].attn``. Unpadded prompts only. Returns
     ``{layer: [batch, head + 1, query, key]}``; with ``with_patterns``, ``(shares, attention
-    patterns {layer: [batch, head, query, key]}, the forward's logits)``.
+    patterns {layer: [batch, head, query, key]}, the forward's logits)`` (the forward then
+    runs to the end).
 
     Examples:
         >>> from rat_lens.models import load
@@ -684,57 +774,14 @@ def capture_contributions(
         >>> shares[1].shape, round(float(shares[1][0, :, 4].sum()), 4)
         (torch.Size([1, 5, 5, 5]), 1.0)
     """
-    from .search.contrib import EDGE_WEIGHTS, edge_shares
-
     check_choice("weight", weight, EDGE_WEIGHTS[1:])
-    n_layers = pattern_layers(model)
-    if not layers or any(not 0 <= layer < n_layers for layer in layers):
-        raise RatLensError(f"layers {list(layers)} must be non-empty and within 0..{n_layers - 1}")
-    check_tokens(model, tokens)
-    names = {
-        f"blocks.{layer}.{part}": layer
-        for layer in layers
-        for part in ("attn.hook_pattern", "attn.hook_v", "hook_resid_pre")
-    }
-    missing = sorted(set(names) - set(model.hook_dict))
-    if missing:
-        raise RatLensError(
-            f"{type(model).__name__} lacks the hook points {missing[:3]}: "
-            "contribution weights need hook_pattern, hook_v and hook_resid_pre"
-        )
-    kept: dict[str, Tensor] = {}
-
-    def keeper(name: str):  # by the name asked for: the bridge fires aliases under others
-        def keep(activation: Tensor, hook):
-            kept[name] = activation.detach()
-
-        return keep
-
-    with model_session(model), torch.no_grad(), model.hooks([(n, keeper(n)) for n in names]):
-        logits = model(tokens)
-    out, device = {}, input_device(model)
-    for layer in layers:
-        # Each layer's shares are computed where its activations are (a dispatched model's
-        # layers are on several devices), then land on one device.
-        pattern = kept[f"blocks.{layer}.attn.hook_pattern"]
-        with offloaded_weights_loaded(model.blocks[layer].attn) as attn:
-            W_O = attn.W_O.detach().to(pattern.device)
-            b_O = getattr(attn, "b_O", None)
-            b_O = None if b_O is None else b_O.detach().to(pattern.device)
-        out[layer] = torch.stack(
-            [
-                edge_shares(
-                    pattern[b],
-                    kept[f"blocks.{layer}.attn.hook_v"][b],
-                    W_O,
-                    kept[f"blocks.{layer}.hook_resid_pre"][b],
-                    b_O,
-                    weight,
-                )
-                for b in range(tokens.shape[0])
-            ]
-        ).to(device)
+    pattern_layers(model)
+    capture = ContributionCapture(layers)
+    check_contribution_hooks(model, capture.layers)
+    logits = run_forward(model, tokens, capture, Forward(None, None, logits=with_patterns))
+    device = input_device(model)
+    out = {layer: capture.shares(model, layer, weight).to(device) for layer in capture.layers}
     if with_patterns:
-        patterns = {layer: kept[f"blocks.{layer}.attn.hook_pattern"].to(device) for layer in layers}
+        patterns = {layer: capture.pattern(layer).to(device) for layer in capture.layers}
         return out, patterns, logits
     return out

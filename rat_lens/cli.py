@@ -13,19 +13,18 @@ import difflib
 import importlib.metadata
 import sys
 import webbrowser
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
 from .errors import RatLensError, check_int, resolve_index
 from .models._catalogue import DTYPES
-from .options import AGG_HEADS, EDGE_WEIGHTS, RESIDUALS, TraceOptions
+from .options import STORES, TraceOptions
 from .result import TraceResult, dump_traces, load_traces
 
 __all__ = ["main"]
-
-_DEFAULT = TraceOptions()
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -70,15 +69,6 @@ def _write(results: list[TraceResult], out: str, formats) -> list[Path]:
 FORMATS = ("html", "json", "md")
 
 
-def _layers(text: str) -> tuple[int, int]:
-    """``LO:HI`` → (lo, hi); negative indices count from the last layer, as in Python."""
-    try:
-        lo, hi = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers {text!r} is not LO:HI, e.g. 0:11") from None
-    return lo, hi
-
-
 def _query_chunk(text: str):
     """``N`` → N, ``auto`` → "auto", ``off`` → None (one forward)."""
     if text in ("auto", "off"):
@@ -103,24 +93,11 @@ def _formats(text: str) -> list[str]:
 
 
 def _search_options(args: argparse.Namespace) -> Optional[TraceOptions]:
-    """The search options and the device, checked before the (slow) model load; None after
-    printing the usage error."""
+    """The search options (the flags given; the rest keep TraceOptions' defaults) and the
+    device, checked before the (slow) model load; None after printing the usage error."""
     try:
-        options = TraceOptions(
-            layer=args.layer if args.layer is not None else _DEFAULT.layer,
-            layers=args.layers,
-            top_beam=args.top_beam,
-            top_k=args.top_k,
-            min_attn=args.min_attn,
-            agg_heads=args.agg_heads,
-            length_norm=args.length_norm,
-            stop_at_bos=not args.no_stop_at_bos,
-            residual=args.residual,
-            exclude_bos=args.exclude_bos,
-            edge_weight=args.edge_weight,
-            move_threshold=args.move_threshold,
-            depth_discount=args.depth_discount,
-        )
+        given = {f.name: getattr(args, f.name) for f in fields(TraceOptions)}
+        options = TraceOptions(**{name: v for name, v in given.items() if v is not None})
         if args.device is not None:
             from .models import check_device
 
@@ -130,6 +107,44 @@ def _search_options(args: argparse.Namespace) -> Optional[TraceOptions]:
         print(f"rat-lens {args.command}: error: {err}", file=sys.stderr)
         return None
     return options
+
+
+def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TraceOptions field, spelled from its metadata (help, choices, parser);
+    every default is the field's own (None here: not given)."""
+    groups: dict[str, argparse._ActionsContainer] = {}
+    for option in fields(TraceOptions):
+        meta = option.metadata
+        target = parser
+        if "group" in meta:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["group"]]
+        flag = meta.get("flag", "--" + option.name.replace("_", "-"))
+        shown = option.default is not None and "const" not in meta  # a switch: off by default
+        default = f" (default {option.default})" if shown else ""
+        spec = dict(dest=option.name, default=None, help=meta["help"] + default)
+        if "const" in meta:
+            spec.update(action="store_const", const=meta["const"])
+        else:
+            spec.update(type=_parsed(meta.get("parse") or type(option.default)))
+            spec.update({k: meta[k] for k in ("choices", "metavar") if k in meta})
+        target.add_argument(flag, **spec)
+
+
+def _parsed(parse: Callable):
+    """``parse`` as an argparse type: a RatLensError becomes argparse's usage error."""
+    if parse is type(None):  # a field that defaults to None takes a string
+        return str
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except RatLensError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")  # argparse names it in errors
+    return convert
 
 
 def _dispatch(args: argparse.Namespace) -> dict:
@@ -375,77 +390,7 @@ def _parser() -> argparse.ArgumentParser:
         help="induction-2l (embedded, default), smollm2, a Hugging Face name or a "
         "local folder (see rat-lens models)",
     )
-    where = search.add_mutually_exclusive_group()
-    where.add_argument("--layer", type=int, help="chain mode in this layer (default -1)")
-    where.add_argument(
-        "--layers",
-        type=_layers,
-        metavar="LO:HI",
-        help="layers mode: one edge per layer from HI down to LO",
-    )
-    search.add_argument(
-        "--top-beam",
-        type=int,
-        default=_DEFAULT.top_beam,
-        help=f"beams kept (default {_DEFAULT.top_beam})",
-    )
-    search.add_argument(
-        "--top-k",
-        type=int,
-        default=_DEFAULT.top_k,
-        help=f"candidates per step (default {_DEFAULT.top_k})",
-    )
-    search.add_argument(
-        "--min-attn", type=float, default=_DEFAULT.min_attn, help="minimum edge weight"
-    )
-    search.add_argument(
-        "--agg-heads",
-        choices=AGG_HEADS,
-        default=_DEFAULT.agg_heads,
-        help=f"how heads combine; none = per-head edges (default {_DEFAULT.agg_heads})",
-    )
-    search.add_argument(
-        "--length-norm",
-        default=None,
-        help="none, avg_logprob, sqrt or pow:ALPHA (default: avg_logprob for attention edges, "
-        "none for contribution edges)",
-    )
-    search.add_argument(
-        "--residual",
-        choices=RESIDUALS,
-        default=_DEFAULT.residual,
-        help="rollout: 0.5*A + 0.5*I, needs --layers",
-    )
-    search.add_argument(
-        "--exclude-bos",
-        action="store_true",
-        help="leave BOS / position 0 (attention sinks) out of the candidates",
-    )
-    search.add_argument("--no-stop-at-bos", action="store_true", help="walk on past BOS tokens")
-    search.add_argument(
-        "--edge-weight",
-        choices=EDGE_WEIGHTS,
-        default=None,
-        help="attention, or what each head wrote: contribution / value_norm (need --layers "
-        "and --agg-heads none; paths may keep their position). Default: value_norm with "
-        "--layers and --agg-heads none, else attention",
-    )
-    search.add_argument(
-        "--move-threshold",
-        type=float,
-        default=_DEFAULT.move_threshold,
-        metavar="SHARE",
-        help="contribution edges: a move scores log(share / SHARE) "
-        f"(default {_DEFAULT.move_threshold})",
-    )
-    search.add_argument(
-        "--depth-discount",
-        type=float,
-        default=_DEFAULT.depth_discount,
-        metavar="G",
-        help="contribution edges: the i-th move of a route counts G**(i-1) "
-        f"(default {_DEFAULT.depth_discount})",
-    )
+    _add_option_flags(search)
     search.add_argument("--device", help="torch device for the model (default: CPU)")
     search.add_argument(
         "--dtype",
@@ -509,7 +454,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     trace.add_argument(
         "--store",
-        choices=("auto", "dense", "bounded"),
+        choices=STORES,
         default="auto",
         help="per-head attention kept whole (dense) or as each row's strongest keys (bounded: "
         "memory grows with tokens, not tokens^2; same beams); auto: bounded over "

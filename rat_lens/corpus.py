@@ -39,7 +39,7 @@ import torch
 from .causal import verify as verify_trace
 from .errors import RatLensError, check_bool, check_choice, check_int
 from .files import write_files
-from .options import TraceOptions
+from .options import TraceOptions, merge_keywords
 from .render import census_fragment, census_html
 from .result import HeadTable, JsonRoundTrip, TraceResult, beam_weights, parse_json
 from .roles import head_roles
@@ -150,7 +150,7 @@ def census(
     roles: bool = False,
     verify: Union[bool, dict] = False,
     options: Optional[TraceOptions] = None,
-    **option_keywords,
+    **keywords,
 ) -> Census:
     """Trace every prompt (text or token ids) and aggregate the heads on the routes.
 
@@ -174,13 +174,11 @@ def census(
         verify: also check each prompt's trace causally (:func:`rat_lens.verify`, kept as the
             trace's ``verification``): True, or a dict of ``verify``'s keywords
             (``{"n_random": 5, "token_importance": False}``).
-        options: the search as a :class:`~rat_lens.options.TraceOptions`, or
-        option_keywords: its fields one by one (``layers=(0, 11), agg_heads="none"``).
+        options: the search as a :class:`~rat_lens.options.TraceOptions`;
+        keywords: its fields one by one (``layers=(0, 11), agg_heads="none"``), over
+            ``options`` when both are given.
     """
-    if options is None:
-        options = TraceOptions(**option_keywords)
-    elif not isinstance(options, TraceOptions) or option_keywords:
-        raise RatLensError("give options=TraceOptions(...) or its fields as keywords, not both")
+    options = merge_keywords(options, keywords, "census", inputs=False)
     check_int("batch_size", batch_size)
     check_choice("format", format, FORMATS)
     check_bool("roles", roles)
@@ -363,10 +361,10 @@ def _trace_one(tracer: Tracer, prompt, target: int, options: TraceOptions) -> Tr
         result = tracer.trace_batch(tokens, target, mask, options=options)[0]
     else:
         result = tracer.trace(prompt, target, options=options)
-    if result.edge_weight != options.edge_weight:  # a census adds its edges up: one weight
+    if result.edge_weight != options.resolve().edge_weight:  # a census adds up: one weight
         raise RatLensError(
             f"a prompt of {result.seq_len} tokens fell back to edge_weight="
-            f"{result.edge_weight!r} (its {options.edge_weight} shares are over "
+            f"{result.edge_weight!r} (its {options.resolve().edge_weight} shares are over "
             "rat_lens.options.PATTERN_BUDGET): give edge_weight= explicitly, or raise the budget"
         )
     return result

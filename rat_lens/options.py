@@ -1,8 +1,11 @@
-"""How a trace searches: one frozen, validated :class:`TraceOptions`, defined once.
+"""How a trace searches and runs, each said once: :class:`TraceOptions` (the beam search) and
+:class:`TraceInputs` (what a run reads besides the prompt).
 
-Every entry point (``rat_lens.trace``, ``ReverseAttentionTracer.trace`` / ``trace_batch``,
-``trace_attention``, the CLI) builds one from its keyword arguments and hands it to the beam
-search; the defaults below are the only place they are written. Nothing here imports torch.
+Every entry point (``rat_lens.trace``, ``Tracer.trace`` / ``trace_batch``, ``trace_attention``,
+``census``, the CLI) takes ``options=TraceOptions(...)`` plus keyword overrides, checked here
+against the fields (:func:`merge_keywords`); the CLI builds its flags from the fields' metadata.
+Fields left ``None`` stay ``None`` (so ``TraceOptions(**o.to_dict())`` is ``o``) until
+:meth:`TraceOptions.resolve` fills them for one trace. Nothing here imports torch.
 
 Examples:
     >>> TraceOptions(layers=(0, 11), agg_heads="none").chain
@@ -13,22 +16,28 @@ Examples:
     rat_lens.errors.RatLensError: top_k must be >= 1, got 0
 """
 
+import difflib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
-from typing import Optional
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Optional, Union
 
 from .errors import RatLensError, check_bool, check_choice, check_int, check_number, resolve_index
 
 __all__ = [
     "TraceOptions",
+    "TraceInputs",
+    "merge_keywords",
     "AGG_HEADS",
     "AUTO_EDGE_WEIGHT",
+    "EDGE_WEIGHTS",
     "LENGTH_NORMS",
     "RESIDUALS",
+    "STORES",
     "SEARCH_BUDGET",
     "PATTERN_BUDGET",
     "length_norm_denominator",
+    "parse_layers",
 ]
 
 AGG_HEADS = ("mean", "max", "none")
@@ -47,14 +56,36 @@ PATTERN_BUDGET = 2**30
 LENGTH_NORMS = ("none", "avg_logprob", "sqrt", "pow:<alpha>")
 RESIDUALS = ("none", "rollout")
 EDGE_WEIGHTS = ("attention", "value_norm", "contribution")
+STORES = ("auto", "dense", "bounded")
 # What per-head layers traces weigh edges by unless told: the winner of the comparison in
 # docs/concepts.md (SmolLM2 at full depth: induction circuits and verify against random paths).
 AUTO_EDGE_WEIGHT = "value_norm"
 
 
+def parse_layers(text: str) -> tuple[int, int]:
+    """``"LO:HI"`` as ``(lo, hi)`` (the CLI's ``--layers``); negative counts from the last.
+
+    Examples:
+        >>> parse_layers("0:-1")
+        (0, -1)
+    """
+    try:
+        lo, hi = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise RatLensError(f"layers {text!r} is not LO:HI, e.g. 0:11") from None
+    return lo, hi
+
+
+def _option(default, help: str, **cli):
+    """A field with its help text and CLI spelling (``flag``, ``parse``, ``choices``,
+    ``metavar``, ``const``: a flag that stores ``const``), read by the CLI's parser."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass(frozen=True)
 class TraceOptions:
-    """The beam search's options, checked once when built.
+    """The beam search's options, checked once when built; ``None`` = decided by the mode
+    (:meth:`resolve`).
 
     Attributes:
         layer: chain mode: the one layer whose attention every step reads (``-1``: last).
@@ -87,38 +118,42 @@ class TraceOptions:
             moves reach the target only through the ones before them.
     """
 
-    layer: int = -1
-    layers: Optional[Sequence[int]] = None  # (lo, hi); kept as a tuple
-    top_beam: int = 5
-    top_k: int = 5
-    min_attn: float = 0.0
-    agg_heads: str = "mean"
-    length_norm: Optional[str] = None  # resolved by edge_weight (see above)
-    stop_at_bos: bool = True
-    residual: Optional[str] = "none"  # None reads as "none"
-    exclude_bos: bool = False
-    edge_weight: Optional[str] = None  # resolved by the mode (see above)
-    move_threshold: float = 0.04
-    depth_discount: float = 0.5
+    layer: int = _option(-1, "chain mode in this layer", group="mode")
+    layers: Optional[Sequence[int]] = _option(
+        None, "layers mode: one edge per layer from HI down to LO", group="mode",
+        parse=parse_layers, metavar="LO:HI",
+    )  # fmt: skip
+    top_beam: int = _option(5, "beams kept")
+    top_k: int = _option(5, "candidates per step")
+    min_attn: float = _option(0.0, "minimum edge weight")
+    agg_heads: str = _option("mean", "how heads combine; none = per-head edges", choices=AGG_HEADS)
+    length_norm: Optional[str] = _option(
+        None, "none, avg_logprob, sqrt or pow:ALPHA (default: avg_logprob for attention edges, "
+        "none for contribution edges)",
+    )  # fmt: skip
+    stop_at_bos: bool = _option(
+        True, "walk on past BOS tokens", flag="--no-stop-at-bos", const=False
+    )
+    residual: Optional[str] = _option(
+        "none", "rollout: 0.5*A + 0.5*I, needs --layers", choices=RESIDUALS
+    )
+    exclude_bos: bool = _option(
+        False, "leave BOS / position 0 (attention sinks) out of the candidates", const=True
+    )
+    edge_weight: Optional[str] = _option(
+        None, "attention, or what each head wrote: contribution / value_norm (need --layers "
+        "and --agg-heads none; paths may keep their position). Default: value_norm with "
+        "--layers and --agg-heads none, else attention", choices=EDGE_WEIGHTS,
+    )  # fmt: skip
+    move_threshold: float = _option(
+        0.04, "contribution edges: a move scores log(share / SHARE)", metavar="SHARE"
+    )
+    depth_discount: float = _option(
+        0.5, "contribution edges: the i-th move of a route counts G**(i-1)", metavar="G"
+    )
 
     def __post_init__(self):
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
-            raise RatLensError(f"layer must be an int, got {self.layer!r}")
-        if self.layers is not None:
-            if not (
-                isinstance(self.layers, (tuple, list))
-                and len(self.layers) == 2
-                and all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers)
-            ):
-                raise RatLensError(
-                    f"layers={self.layers!r} must be a pair (lo, hi) of layer indices, e.g. (0, 11)"
-                )
-            if self.layer != -1:
-                raise RatLensError(
-                    f"give either layer={self.layer} (chain mode) or "
-                    f"layers={tuple(self.layers)} (layers mode), not both"
-                )
-            object.__setattr__(self, "layers", tuple(self.layers))
+        self._check_mode()
         check_int("top_beam", self.top_beam)
         check_int("top_k", self.top_k)
         if (
@@ -138,41 +173,35 @@ class TraceOptions:
                 "chain stays in one layer"
             )
         object.__setattr__(self, "residual", residual)
-        # which of the two were left to the mode (a trace may fall back: attention_fallback)
-        auto = frozenset(n for n in ("edge_weight", "length_norm") if getattr(self, n) is None)
-        object.__setattr__(self, "_auto", auto)
-        if self.edge_weight is None:  # per-head layers traces find circuits by what heads wrote
-            per_head_layers = not self.chain and self.per_head and residual == "none"
-            object.__setattr__(
-                self, "edge_weight", AUTO_EDGE_WEIGHT if per_head_layers else "attention"
-            )
-        check_choice("edge_weight", self.edge_weight, EDGE_WEIGHTS)
-        if self.length_norm is None:
-            auto = "avg_logprob" if self.edge_weight == "attention" else "none"
-            object.__setattr__(self, "length_norm", auto)
-        check_length_norm(self.length_norm)
+        if self.edge_weight is not None:
+            check_choice("edge_weight", self.edge_weight, EDGE_WEIGHTS)
+        if self.length_norm is not None:
+            check_length_norm(self.length_norm)
         for name in ("move_threshold", "depth_discount"):
             value = check_number(name, getattr(self, name))
             if not 0 < value <= 1:
                 raise RatLensError(f"{name} must be in (0, 1], got {value!r}")
-        if self.edge_weight == "attention" and (
-            self.move_threshold != TraceOptions.move_threshold
-            or self.depth_discount != TraceOptions.depth_discount
+        self.resolve()  # what the mode decides must make sense with what was given
+
+    def _check_mode(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise RatLensError(f"layer must be an int, got {self.layer!r}")
+        if self.layers is None:
+            return
+        if not (
+            isinstance(self.layers, (tuple, list))
+            and len(self.layers) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers)
         ):
             raise RatLensError(
-                f"move_threshold={self.move_threshold!r} and depth_discount="
-                f"{self.depth_discount!r} score contribution routes: they need "
-                "edge_weight='contribution' or 'value_norm', got edge_weight='attention'"
+                f"layers={self.layers!r} must be a pair (lo, hi) of layer indices, e.g. (0, 11)"
             )
-        if self.edge_weight != "attention" and (
-            self.chain or self.agg_heads != "none" or residual != "none"
-        ):
+        if self.layer != -1:
             raise RatLensError(
-                f"edge_weight={self.edge_weight!r} needs layers mode (layers=(lo, hi)), "
-                f"agg_heads='none' and residual='none' (the residual stream is an edge of "
-                f"its own), got layers={self.layers}, agg_heads={self.agg_heads!r}, "
-                f"residual={residual!r}"
+                f"give either layer={self.layer} (chain mode) or "
+                f"layers={tuple(self.layers)} (layers mode), not both"
             )
+        object.__setattr__(self, "layers", tuple(self.layers))
 
     @property
     def chain(self) -> bool:
@@ -185,34 +214,62 @@ class TraceOptions:
 
     @property
     def stays(self) -> bool:
-        """Whether edges include residual stays (contribution-weighted traces)."""
-        return self.edge_weight != "attention"
+        """Whether edges include residual stays (contribution-weighted traces); ``edge_weight``
+        as resolved."""
+        return self.resolve().edge_weight != "attention"
 
     @property
     def auto_edge_weight(self) -> bool:
-        """Whether ``edge_weight`` was left to the mode (not given)."""
-        return "edge_weight" in self._auto
+        """Whether ``edge_weight`` is left to the mode (not given)."""
+        return self.edge_weight is None
 
-    def attention_fallback(self) -> "TraceOptions":
-        """These options with attention edges, as if ``edge_weight="attention"`` had been given
-        (``length_norm`` follows unless it was given too): what a per-head layers trace uses
-        where the default contribution edges cannot run (a ``cache=``, query chunks, more
-        shares than ``PATTERN_BUDGET``).
+    def resolve(self, attention_only: Optional[str] = None) -> "TraceOptions":
+        """These options with every ``None`` decided, as one trace runs them: ``edge_weight``
+        by the mode (``AUTO_EDGE_WEIGHT`` for per-head layers traces, else attention; attention
+        too where ``attention_only`` says why contribution edges cannot run, and it was not
+        given), then ``length_norm`` by the edge weight.
 
         Examples:
             >>> auto = TraceOptions(layers=(0, 1), agg_heads="none")
-            >>> auto.edge_weight, auto.attention_fallback().edge_weight
-            ('value_norm', 'attention')
-            >>> auto.attention_fallback().length_norm
-            'avg_logprob'
+            >>> auto.edge_weight, auto.resolve().edge_weight, auto.resolve("no forward").edge_weight
+            (None, 'value_norm', 'attention')
+            >>> auto.resolve().length_norm, auto.resolve("no forward").length_norm
+            ('none', 'avg_logprob')
         """
-        return replace(
-            self,
-            edge_weight="attention",
-            length_norm=None if "length_norm" in self._auto else self.length_norm,
-            move_threshold=TraceOptions.move_threshold,
-            depth_discount=TraceOptions.depth_discount,
-        )
+        edge_weight = self.edge_weight
+        if edge_weight is None:
+            by_mode = not self.chain and self.per_head and self.residual == "none"
+            edge_weight = AUTO_EDGE_WEIGHT if by_mode and not attention_only else "attention"
+        length_norm = self.length_norm
+        if length_norm is None:
+            length_norm = "avg_logprob" if edge_weight == "attention" else "none"
+        self._check_edge_weight(edge_weight, attention_only)
+        if (edge_weight, length_norm) == (self.edge_weight, self.length_norm):
+            return self
+        return replace(self, edge_weight=edge_weight, length_norm=length_norm)
+
+    def _check_edge_weight(self, edge_weight: str, attention_only: Optional[str]) -> None:
+        defaults = (_DEFAULTS["move_threshold"], _DEFAULTS["depth_discount"])
+        if edge_weight == "attention" and (self.move_threshold, self.depth_discount) != defaults:
+            got = (
+                f"this trace cannot run contribution edges ({attention_only})"
+                if attention_only and self.edge_weight is None
+                else "got edge_weight='attention'"
+            )
+            raise RatLensError(
+                f"move_threshold={self.move_threshold!r} and depth_discount="
+                f"{self.depth_discount!r} score contribution routes: they need "
+                f"edge_weight='contribution' or 'value_norm', {got}"
+            )
+        if edge_weight != "attention" and (
+            self.chain or self.agg_heads != "none" or self.residual != "none"
+        ):
+            raise RatLensError(
+                f"edge_weight={edge_weight!r} needs layers mode (layers=(lo, hi)), "
+                f"agg_heads='none' and residual='none' (the residual stream is an edge of "
+                f"its own), got layers={self.layers}, agg_heads={self.agg_heads!r}, "
+                f"residual={self.residual!r}"
+            )
 
     def layer_ids(self, n_layers: int) -> list[int]:
         """The layers a path reads, top first: ``[layer]`` in chain mode, else hi..lo.
@@ -247,10 +304,107 @@ class TraceOptions:
             )
 
     def to_dict(self) -> dict:
-        """Plain JSON types (``layers`` as a list): ``TraceOptions(**d)`` reads it back."""
+        """Plain JSON types (``layers`` as a list), unresolved fields ``None``:
+        ``TraceOptions(**d)`` traces exactly as these options do."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["layers"] = None if self.layers is None else list(self.layers)
         return data
+
+
+_DEFAULTS = {f.name: f.default for f in fields(TraceOptions)}
+QueryChunk = Union[int, str, None]
+
+
+@dataclass(frozen=True)
+class TraceInputs:
+    """What a run reads besides the prompt and the search options.
+
+    Attributes:
+        cache: a ``run_with_cache`` cache of these tokens: the trace reads its patterns and
+            runs no forward.
+        predictions: record the model's top-k next tokens at every traced position (runs the
+            whole forward).
+        query_chunk: ``N`` runs the forward N positions at a time over the model's KV cache
+            (long contexts; unpadded prompts; same patterns); ``"auto"`` does so for unpadded
+            prompts over 512 tokens where a probe shows it exact; ``None``: one forward.
+        store: what a per-head trace keeps of the attention: ``"dense"`` every head's whole
+            pattern; ``"bounded"`` per (layer, head, query) row its strongest keys, the
+            diagonal and the BOS columns (memory ∝ seq·heads; same beams); ``"auto"``: bounded
+            when the dense patterns would exceed ``PATTERN_BUDGET``.
+        bos_token_id: marks BOS positions (default: the tokenizer's).
+    """
+
+    cache: Any = None
+    predictions: int = 0
+    query_chunk: QueryChunk = "auto"
+    store: str = "auto"
+    bos_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        if self.predictions:
+            check_int("predictions", self.predictions)
+        check_choice("store", self.store, STORES)
+        if isinstance(self.query_chunk, str) and self.query_chunk != "auto":
+            raise RatLensError(
+                f"query_chunk must be an int, 'auto' or None, got {self.query_chunk!r}"
+            )
+        if isinstance(self.query_chunk, int) or (
+            self.query_chunk is not None and not isinstance(self.query_chunk, str)
+        ):
+            check_int("query_chunk", self.query_chunk)
+        if self.bos_token_id is not None:
+            check_int("bos_token_id", self.bos_token_id, minimum=0)
+        if self.predictions and self.cache is not None:
+            raise RatLensError(
+                "predictions need the model's logits, which a cache does not "
+                "hold: trace without cache=, or pass logits to summarize()"
+            )
+        if isinstance(self.query_chunk, int) and self.cache is not None:
+            raise RatLensError(
+                "query_chunk splits the forward, and a trace from cache= runs "
+                "none: give one or the other"
+            )
+
+
+OPTION_NAMES = tuple(f.name for f in fields(TraceOptions))
+INPUT_NAMES = tuple(f.name for f in fields(TraceInputs))
+
+
+def merge_keywords(
+    options: Optional[TraceOptions], keywords: dict, where: str, inputs: bool = True
+) -> Union[TraceOptions, tuple[TraceOptions, TraceInputs]]:
+    """The options an entry point was given: ``options`` (default ``TraceOptions()``) with the
+    keywords that name its fields put over it, and (with ``inputs``) a :class:`TraceInputs`
+    of the others. A keyword that is neither is one error, with the closest name.
+
+    Examples:
+        >>> merge_keywords(TraceOptions(top_k=3), {"top_beam": 2}, "trace", inputs=False)
+        TraceOptions(layer=-1, layers=None, top_beam=2, top_k=3, ...)
+        >>> merge_keywords(None, {"topbeam": 3}, "trace")
+        Traceback (most recent call last):
+        ...
+        rat_lens.errors.RatLensError: trace() got an unknown keyword 'topbeam' (did you mean ...
+    """
+    known = OPTION_NAMES + (INPUT_NAMES if inputs else ())
+    for name in keywords:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RatLensError(
+                f"{where}() got an unknown keyword {name!r}{hint}; it takes options= and "
+                f"these keywords: {', '.join(known)}"
+            )
+    if options is not None and not isinstance(options, TraceOptions):
+        raise RatLensError(f"options must be a TraceOptions, got {type(options).__name__}")
+    given = {k: v for k, v in keywords.items() if k in OPTION_NAMES}
+    if "layers" in given and "layer" not in given:  # a mode given replaces the other one
+        given["layer"] = _DEFAULTS["layer"]
+    elif "layer" in given and "layers" not in given:
+        given["layers"] = None
+    merged = replace(options, **given) if options is not None else TraceOptions(**given)
+    if not inputs:
+        return merged
+    return merged, TraceInputs(**{k: v for k, v in keywords.items() if k in INPUT_NAMES})
 
 
 def check_length_norm(length_norm) -> str:

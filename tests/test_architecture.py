@@ -6,6 +6,7 @@ import importlib
 import inspect
 import json
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -199,29 +200,174 @@ def test_no_submodule_is_shadowed_by_a_name_of_the_package():
         _ = rat_lens.nope
 
 
-OPTION_FIELDS = {f.name: f.default for f in dataclasses.fields(TraceOptions)}
+# The pipeline, bottom up: a module imports only from its own layer or the ones below
+# (function-level imports included). CONTRIBUTING.md and docs/contributing.md draw it.
+LAYERS = [
+    ["rat_lens.errors"],
+    ["rat_lens.options", "rat_lens.text", "rat_lens.files"],
+    ["rat_lens.schema", "rat_lens.result"],
+    ["rat_lens.search"],
+    ["rat_lens.models", "rat_lens.capture"],
+    ["rat_lens.plan", "rat_lens.roles"],
+    ["rat_lens.record"],
+    ["rat_lens.assemble"],
+    ["rat_lens.tracer"],
+    ["rat_lens.summary", "rat_lens.causal"],
+    ["rat_lens.render"],
+    ["rat_lens.corpus", "rat_lens.compat"],
+    ["rat_lens.cli"],
+]
+
+
+def layer_of(module: str) -> int:
+    for i, layer in enumerate(LAYERS):
+        if any(module == top or module.startswith(top + ".") for top in layer):
+            return i
+    raise AssertionError(f"{module} is in no layer of LAYERS: add it where it belongs")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{source} (layer {layer_of(source)}) imports {target} (layer {layer_of(target)})"
+        for source, targets in graph.items()
+        if source != "rat_lens"  # the package's lazy names reach everything, on first use
+        for target in targets
+        if layer_of(target) > layer_of(source)
+    )
+
+
+def test_imports_point_down_the_declared_layers():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_layer_check_finds_an_upward_import_that_makes_no_cycle():
+    graph = import_graph()
+    graph["rat_lens.capture"].add("rat_lens.summary.text")  # no cycle, but upward
+    assert find_cycle(graph) is None
+    assert upward_imports(graph) == [
+        "rat_lens.capture (layer 4) imports rat_lens.summary.text (layer 9)"
+    ]
+
+
+MAX_LINES = 60
+LONG_ALLOWED = {("rat_lens.cli", "_parser")}  # argparse construction: one flag per statement
+
+
+def code_lines(function: ast.AST, lines: list[str]) -> int:
+    """Lines of code in ``function``: its docstring, comments and blank lines aside."""
+    body = function.body
+    docstring = (
+        range(body[0].lineno, body[0].end_lineno + 1)
+        if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+        else range(0)
+    )
+    return sum(
+        1
+        for number in range(function.lineno, function.end_lineno + 1)
+        if number not in docstring and lines[number - 1].strip()[:1] not in ("", "#")
+    )
+
+
+def long_functions() -> list[str]:
+    found = []
+    for name, path in modules().items():
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = code_lines(node, text.splitlines())
+                if n > MAX_LINES and (name, node.name) not in LONG_ALLOWED:
+                    found.append(f"{name}.{node.name}: {n} lines")
+    return found
+
+
+def test_no_function_is_longer_than_a_screen():
+    assert long_functions() == []
+
+
+def test_the_length_rule_counts_code_not_docstrings_or_comments():
+    source = 'def f():\n    """Doc.\n\n    More."""\n    # why\n    x = 1\n\n    return x\n'
+    assert code_lines(ast.parse(source).body[0], source.splitlines()) == 3
+
+
+ENTRIES = {
+    "rat_lens.trace": lambda m, **kw: rat_lens.trace(m, "cat dog red", **kw),
+    "Tracer.trace": lambda m, **kw: rat_lens.Tracer(m).trace("cat dog red", **kw),
+    "Tracer.trace_batch": lambda m, **kw: rat_lens.Tracer(m).trace_batch(["cat dog"], **kw),
+    "trace_attention": lambda m, **kw: rat_lens.trace_attention(m.eye, **kw),
+    "census": lambda m, **kw: rat_lens.census(m, ["cat dog"], m.out, **kw),
+}
+
+
+@pytest.fixture(scope="module")
+def entry_model(tmp_path_factory):
+    import torch
+
+    from rat_lens.models import load
+
+    model = load("induction-2l")
+    model.eye, model.out = torch.eye(3), tmp_path_factory.mktemp("census")
+    return model
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_every_entry_point_takes_options_and_names_an_unknown_keyword(entry_model, entry):
+    call = ENTRIES[entry]
+    with pytest.raises(rat_lens.RatLensError, match=r"'topbeam' \(did you mean 'top_beam'\?\)"):
+        call(entry_model, topbeam=3)
+    got = call(entry_model, options=TraceOptions(top_k=2, top_beam=4), top_beam=1)
+    assert ran_with(got) == (1, 2)  # the keyword goes over options=, the rest stays
+
+
+def ran_with(got) -> tuple:
+    """(top_beam, top_k) a call ran with, read from what it returned."""
+    got = got[0] if isinstance(got, list) and isinstance(got[0], rat_lens.TraceResult) else got
+    if isinstance(got, rat_lens.TraceResult):
+        return got.top_beam, got.top_k
+    if isinstance(got, list):  # trace_attention's beams: top_beam of them at most
+        return len(got), 2
+    return got.options["top_beam"], got.options["top_k"]  # a Census
+
+
+def test_the_fields_are_spelled_in_two_signatures_at_most():
+    """TraceOptions itself and reverse-attention's positional order (its tracer's trace)."""
+    spelled = []
+    for name in modules():
+        module = importlib.import_module(name)
+        for value in vars(module).values():
+            if getattr(value, "__module__", None) != name or dataclasses.is_dataclass(value):
+                continue  # imported names, and dataclasses (their fields are the definition)
+            for function in (value, *vars(value).values()) if inspect.isclass(value) else (value,):
+                if inspect.isfunction(function):
+                    params = inspect.signature(function).parameters
+                    if {"top_k", "agg_heads"} <= set(params):
+                        spelled.append(f"{name}.{function.__qualname__}")
+    assert sorted(set(spelled)) == ["rat_lens.compat.tracer.ReverseAttentionTracer.trace"]
 
 
 @pytest.mark.parametrize(
-    "entry",
+    "given",
     [
-        "rat_lens.trace",
-        "rat_lens.trace_attention",
-        "rat_lens.ReverseAttentionTracer.trace",
-        "rat_lens.ReverseAttentionTracer.trace_batch",
+        {},
+        {"layers": (0, 1), "agg_heads": "none"},
+        {"layers": (0, 1), "agg_heads": "none", "move_threshold": 0.1},
+        {"layer": 1, "length_norm": "sqrt"},
     ],
 )
-def test_entry_points_have_real_signatures_with_the_options_defaults(entry):
-    owner, _, attr = entry.rpartition(".")
-    obj = rat_lens
-    for part in owner.split(".")[1:]:
-        obj = getattr(obj, part)
-    params = inspect.signature(getattr(obj, attr)).parameters
-    assert not any(p.kind is p.VAR_KEYWORD for p in params.values()), entry
-    for name, default in OPTION_FIELDS.items():
-        assert params[name].default == default, (entry, name)
-    if "options" in params:
-        assert params["options"].default is None
+def test_options_read_back_from_a_dict_trace_exactly_as_the_options(entry_model, given):
+    options = TraceOptions(**given)
+    again = TraceOptions(**json.loads(json.dumps(options.to_dict())))
+    assert again == options
+    tokens = entry_model.to_tokens("cat dog red blue cat dog red")
+    _, cache = entry_model.run_with_cache(tokens)
+    for extra in ({}, {"cache": cache}):
+        try:
+            first = rat_lens.trace(entry_model, tokens, options=options, **extra)
+        except rat_lens.RatLensError as err:  # then the copy refuses it just the same
+            with pytest.raises(rat_lens.RatLensError, match=re.escape(str(err))):
+                rat_lens.trace(entry_model, tokens, options=again, **extra)
+            continue
+        second = rat_lens.trace(entry_model, tokens, options=again, **extra)
+        assert second.to_dict() == first.to_dict()
 
 
 def test_options_are_checked_once_at_construction_and_frozen(no_typecheck):

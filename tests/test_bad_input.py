@@ -68,7 +68,7 @@ def api_rows():
         ("predictions -1", lambda m, x, r, o: t(m, TEXT, predictions=-1)),
         ("query_chunk 0", lambda m, x, r, o: t(m, TEXT, query_chunk=0)),
         ("query_chunk str", lambda m, x, r, o: t(m, TEXT, query_chunk="big")),
-        ("options and keyword", lambda m, x, r, o: t(m, TEXT, options=TraceOptions(), top_k=3)),
+        ("unknown keyword", lambda m, x, r, o: t(m, TEXT, options=TraceOptions(), topk=3)),
         ("options wrong type", lambda m, x, r, o: t(m, TEXT, options={"top_k": 3})),
         ("search budget", lambda m, x, r, o: t(m, TEXT, top_beam=10**6)),
         ("empty target list", lambda m, x, r, o: rat_lens.Tracer(m).trace_batch(x, [])),

@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rat_lens
-import rat_lens.tracer
+import rat_lens.assemble
+import rat_lens.record
+import rat_lens.search.store
 from rat_lens import RatLensError, TraceOptions
 from rat_lens.search.beam import beam_search
 from rat_lens.search.store import TopKeys, TopKeysBuilder, stable_top_keys
@@ -184,8 +186,14 @@ def prompts(draw):
     )
     targets = draw(st.lists(st.integers(-2, -1), min_size=1, max_size=2, unique=True))
     chunk = None if batch > 1 else draw(st.sampled_from([None, 3, 16]))
-    row_keys = draw(st.sampled_from([1, 3, 64]))  # HEAD_ROW_KEYS: what the stores keep
+    row_keys = draw(st.sampled_from([1, 3, 64]))  # STORE_KEYS: what the stores keep
     return tokens, mask, options, targets, chunk, row_keys
+
+
+def narrow(patch, row_keys: int) -> None:
+    """Stores that keep max(top_k, row_keys) keys per row, and head rows as wide."""
+    patch.setattr(rat_lens.search.store, "STORE_KEYS", row_keys)
+    patch.setattr(rat_lens.assemble, "HEAD_ROW_KEYS", row_keys)
 
 
 @settings(max_examples=40, deadline=None)
@@ -196,7 +204,7 @@ def test_a_bounded_trace_of_a_random_gpt2_equals_the_dense_one(gpt2_bridge, case
     tracer = rat_lens.ReverseAttentionTracer(gpt2_bridge)
     run = dict(options=options, bos_token_id=0, query_chunk=chunk)
     with pytest.MonkeyPatch.context() as patch:  # few keys kept: most of each row is left out
-        patch.setattr(rat_lens.tracer, "HEAD_ROW_KEYS", row_keys)
+        narrow(patch, row_keys)
         dense = tracer.trace_batch(tokens, targets, mask, store="dense", **run)
         bounded = tracer.trace_batch(tokens, targets, mask, store="bounded", **run)
     same_results(bounded, dense)
@@ -204,7 +212,7 @@ def test_a_bounded_trace_of_a_random_gpt2_equals_the_dense_one(gpt2_bridge, case
 
 @pytest.mark.parametrize("row_keys", [1, 64])
 def test_bounded_traces_of_the_embedded_model_equal_dense_ones(model, row_keys, monkeypatch):
-    monkeypatch.setattr(rat_lens.tracer, "HEAD_ROW_KEYS", row_keys)  # keep: max(top_k, this)
+    narrow(monkeypatch, row_keys)
     texts = ["cat dog red blue green cat dog red", "sun moon star sun moon star sun moon"]
     tracer = rat_lens.Tracer(model)
     for options in (
@@ -238,9 +246,9 @@ def test_auto_goes_bounded_over_the_budget_and_drops_only_the_rollout(gpt2_bridg
     opts = dict(layers=(0, 2), agg_heads="none", edge_weight="attention")
     dense = tracer.trace_batch(tokens, -1, store="dense", **opts)
     calls = []
-    real = rat_lens.tracer.capture_bounded
+    real = rat_lens.record.BoundedCapture
     monkeypatch.setattr(
-        rat_lens.tracer, "capture_bounded", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        rat_lens.record, "BoundedCapture", lambda *a, **kw: calls.append(1) or real(*a, **kw)
     )
     per_layer_mean = 4 * 24 * 24  # bytes of one layer's head-mean
     monkeypatch.setattr(rat_lens.options, "PATTERN_BUDGET", 3 * per_layer_mean)

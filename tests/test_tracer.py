@@ -348,7 +348,7 @@ def test_query_chunks_trace_exactly_as_one_forward(gpt2_bridge):
 def test_head_rows_are_the_traced_heads_attention_rows(model):
     """Every head edge's row is recorded once, with the edge's own key and the row's strongest
     keys, at run_with_cache's values (the page's head heatmap reads them)."""
-    from rat_lens.tracer import HEAD_ROW_KEYS
+    from rat_lens.assemble import HEAD_ROW_KEYS
 
     tokens = repeated_tokens(1, prefix_len=20, repeat_len=10, seed=3)
     result = rat_lens.trace(

@@ -33,7 +33,7 @@ from ..options import TraceOptions
 from ..plan import resolve_targets
 from ..render import render_html
 from ..result import BeamPath, TraceResult, build_sankey
-from ..tracer import PEER_ORDER, Tracer
+from ..tracer import Tracer
 from .attn_extract import extract_attention, get_attention_mask, is_transformer_lens
 from .beam import search
 from .tokenize import format_path_text, get_bos_positions, get_token_strings
@@ -41,6 +41,8 @@ from .tokenize import format_path_text, get_bos_positions, get_token_strings
 __all__ = ["ReverseAttentionTracer"]
 
 _DEFAULT = TraceOptions()  # Tracer.trace's defaults, so passing them on changes nothing
+# reverse-attention's positional order after (input_ids, target_pos, attention_mask)
+PEER_ORDER = ("layer", "top_beam", "top_k", "min_attn", "agg_heads", "length_norm", "stop_at_bos")
 
 
 class ReverseAttentionTracer(Tracer):

@@ -58,42 +58,30 @@ from jaxtyping import Float, Shaped
 from torch import Tensor
 
 from ..errors import RatLensError, resolve_index
-from ..options import TraceOptions, length_norm_denominator
+from ..options import TraceOptions, length_norm_denominator, merge_keywords
 from ..result import Beam
 from .pattern import aggregate_heads, check_pattern_values
 
 __all__ = ["beam_search", "trace_attention"]
-
-_DEFAULT = TraceOptions()
 
 
 def trace_attention(
     attn: Float[Tensor, "*layer_head query key"],
     target_pos: int = -1,
     *,
-    layer: int = _DEFAULT.layer,
-    layers: Optional[tuple[int, int]] = _DEFAULT.layers,
-    top_beam: int = _DEFAULT.top_beam,
-    top_k: int = _DEFAULT.top_k,
-    min_attn: float = _DEFAULT.min_attn,
-    agg_heads: str = _DEFAULT.agg_heads,
-    length_norm: Optional[str] = None,
-    stop_at_bos: bool = _DEFAULT.stop_at_bos,
-    residual: Optional[str] = _DEFAULT.residual,
-    exclude_bos: bool = _DEFAULT.exclude_bos,
-    edge_weight: Optional[str] = None,
-    move_threshold: float = _DEFAULT.move_threshold,
-    depth_discount: float = _DEFAULT.depth_discount,
+    options: Optional[TraceOptions] = None,
     bos_positions: Sequence[int] = (),
     attention_mask: Optional[Shaped[Tensor, " seq"]] = None,
+    **keywords,
 ) -> list[Beam]:
     """Trace backward from ``target_pos`` through any attention tensor; best beam first.
 
     ``attn`` is ``[query, key]`` (one matrix), ``[layer, query, key]`` (heads already
     aggregated) or ``[layer, head, query, key]``. Without ``layers`` the trace is a chain in
     ``layer``; with ``layers=(lo, hi)`` it descends one layer per edge from ``hi`` to ``lo``.
-    The search options are :class:`~rat_lens.options.TraceOptions`'s, but ``edge_weight``
-    defaults to ``"attention"`` here, whatever the mode: ``attn`` holds the weights. Pass
+    The search options are :class:`~rat_lens.options.TraceOptions`'s (``options=`` and/or its
+    fields as keywords), but ``edge_weight`` defaults to ``"attention"`` here, whatever the
+    mode: ``attn`` holds the weights. Pass
     ``"contribution"`` / ``"value_norm"`` when it holds shares whose last head channel is the
     residual stream (:func:`rat_lens.search.contrib.edge_shares`).
 
@@ -107,21 +95,8 @@ def trace_attention(
         >>> best.positions, best.layers
         ([2, 2, 1], [1, 0])
     """
-    options = TraceOptions(
-        layer=layer,
-        layers=layers,
-        top_beam=top_beam,
-        top_k=top_k,
-        min_attn=min_attn,
-        agg_heads=agg_heads,
-        length_norm=length_norm,
-        stop_at_bos=stop_at_bos,
-        residual=residual,
-        exclude_bos=exclude_bos,
-        edge_weight="attention" if edge_weight is None else edge_weight,  # attn is what it is
-        move_threshold=move_threshold,
-        depth_discount=depth_discount,
-    )
+    options = merge_keywords(options, keywords, "trace_attention", inputs=False)
+    options = options.resolve("attn holds the weights")  # attention unless told otherwise
     if not isinstance(attn, Tensor):
         raise RatLensError(f"attn must be a torch.Tensor, got {type(attn).__name__}")
     if attn.ndim not in (2, 3, 4) or attn.shape[-1] != attn.shape[-2]:
@@ -131,7 +106,7 @@ def trace_attention(
         )
     check_pattern_values(attn, "trace_attention")
     stack = attn.reshape(-1, 1, *attn.shape[-2:]) if attn.ndim < 4 else attn
-    stack = aggregate_heads(stack, agg_heads)
+    stack = aggregate_heads(stack, options.agg_heads)
     layer_ids = options.layer_ids(stack.shape[0])
     if attention_mask is not None and attention_mask.shape != stack.shape[-1:]:
         raise RatLensError(

@@ -37,6 +37,7 @@ from ..errors import RatLensError
 from .pattern import at_least_float32
 
 __all__ = [
+    "STORE_KEYS",
     "TopKeys",
     "TopKeysBuilder",
     "LayerMeanRows",
@@ -44,6 +45,10 @@ __all__ = [
     "layer_mean",
     "head_mean",
 ]
+
+# Keys per (head, query) row the bounded store keeps when top_k is smaller: enough for the
+# page's heatmap of each traced row (rat_lens.assemble.HEAD_ROW_KEYS, which must not exceed it).
+STORE_KEYS = 64
 
 
 def stable_top_keys(values: Float[Tensor, "row key"], k: int) -> Int[Tensor, "row kept"]:
