@@ -2,11 +2,12 @@
 
 Traces ``induction-2l`` per head across both layers (the example of docs/render.md), writes the
 page, opens it from ``file://`` in Debian's Chromium (headless, through Playwright; every other
-request aborted) at 1280 x 900, and saves what each interaction shows under ``docs/img/``:
+request aborted) at 1280 x 800, and saves what each interaction shows under ``docs/img/``:
 
-- ``render-overview.png``: the first view (diagram, key, heads grid, beams, trace, strip);
-- ``render-link.png``: a link clicked: its head's links lit, the link's info, the head heatmap;
-- ``render-tooltip.png``: the tooltip of a link, every head of its key → query pair by weight;
+- ``render-overview.png``: the first view (route map, key, beams with their moves, heads grid);
+- ``render-link.png``: a move clicked: its head's links lit, the selection, the head heatmap;
+- ``render-sankey.png``: the same trace in the Sankey view;
+- ``render-tooltip.png``: the tooltip of a Sankey link, every head of its key → query pair;
 - ``render-strip.png``: a token of the strip hovered: its nodes lit, the diagram's edges and the
   averaged attention in the readout;
 - ``render-export.png``: the PNG export (title and key included);
@@ -54,7 +55,7 @@ def open_page(browser, html: str, folder: Path, name: str):
     path = folder / f"{name}.html"
     path.write_text(html, encoding="utf-8")
     context = browser.new_context(
-        viewport={"width": 1280, "height": 900}, accept_downloads=True, device_scale_factor=1
+        viewport={"width": 1280, "height": 800}, accept_downloads=True, device_scale_factor=1
     )
     context.route("**/*", lambda r: r.continue_() if r.request.url == path.as_uri() else r.abort())
     page = context.new_page()
@@ -93,14 +94,15 @@ def main() -> None:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = open_page(browser, to_html(result), folder, "induction")
         widget = page.locator(".ratlens").first
-        widget.screenshot(path=str(out / "render-overview.png"))
+        page.screenshot(path=str(out / "render-overview.png"))
 
-        band = page.locator(".ratlens-linklabel", has_text="L1.H0").first.bounding_box()
-        page.mouse.click(band["x"] + band["width"] / 2, band["y"] + band["height"] / 2)
-        widget.screenshot(path=str(out / "render-link.png"))
+        page.locator(".ratlens-move.is-top[data-layer=\"1\"]").dispatch_event("click")
+        page.screenshot(path=str(out / "render-link.png"))
 
         page.locator(".ratlens-clear").click()
-        band = page.locator(".ratlens-linklabel", has_text="L0.H1").first.bounding_box()
+        page.locator(".ratlens-view-sankey").click()
+        page.screenshot(path=str(out / "render-sankey.png"))
+        band = page.locator(".ratlens-sankey .ratlens-linklabel", has_text="L0.H1").first.bounding_box()
         page.mouse.move(band["x"] + band["width"] / 2, band["y"] + band["height"] / 2 + 8)
         page.locator(".ratlens-tooltip").wait_for(state="visible")
         page.locator(".ratlens-main").screenshot(path=str(out / "render-tooltip.png"))
