@@ -384,3 +384,27 @@ def test_an_unusable_barrier_timeout_is_refused(monkeypatch):
     monkeypatch.setenv("RAT_LENS_BARRIER_TIMEOUT", "soon")
     with pytest.raises(RatLensError, match="RAT_LENS_BARRIER_TIMEOUT='soon' must be a positive"):
         _barrier_timeout()
+
+
+def test_head_roles_of_a_disk_offloaded_model_equal_the_in_memory_models(tmp_path):
+    """Its first parameter is a meta placeholder: tokens go to the embedding's device instead."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_size=32,
+        intermediate_size=64,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    load_induction_tokenizer().save_pretrained(tmp_path / "llama")
+    offloaded = load(str(tmp_path / "llama"), device_map="disk", offload_folder=tmp_path / "off")
+    assert next(offloaded.parameters()).device.type == "meta"
+    roles = [head_roles(m, TOKENS[:3]).scores for m in (offloaded, load(str(tmp_path / "llama")))]
+    assert roles[0].keys() == roles[1].keys()
+    for name in roles[0]:
+        torch.testing.assert_close(torch.tensor(roles[0][name]), torch.tensor(roles[1][name]))
