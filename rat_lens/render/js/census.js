@@ -245,7 +245,7 @@ function mountCensus(uid) {
       .on("change", function (event, d) { show(d); });
     buttons.append("span").text(function (d) { return d.label; });
     root.append("div").attr("class", "ratlens-note").text(Object.keys(o)
-      .filter(function (k) { return k !== "agg_heads"; })
+      .filter(function (k) { return k !== "agg_heads" && o[k] !== null; })
       .map(function (k) { return k + " " + o[k]; }).join(", "));
     const main = root.append("div").attr("class", "ratlens-census-main");
     const gridBox = main.append("div").attr("class", "ratlens-box ratlens-census-grid");

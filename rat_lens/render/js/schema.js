@@ -170,8 +170,9 @@
  * @property {number[]} layers  the heatmap's rows: every traced layer, the top layer first
  * @property {Array<?number>} heads  its columns: head numbers, or [null] when heads were
  *     aggregated
- * @property {Object<string, (string|number|boolean)>} options  the trace options shown
- *     (agg_heads, top_beam, top_k, length_norm, edge_weight, residual)
+ * @property {Object<string, ?(string|number|boolean)>} options  the trace options shown
+ *     (agg_heads, top_beam, top_k, length_norm, edge_weight, residual); null: left to the
+ *     tracer's default for the trace's mode (not shown)
  * @property {string} traced_layers  the traced layers in words
  */
 
