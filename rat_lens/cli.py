@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import RatLensError, check_int, resolve_index
+from .files import CENSUS_FORMATS
 from .models._catalogue import DTYPES
 from .options import STORES, TraceOptions
 from .result import TraceResult, dump_traces, load_traces
@@ -507,7 +508,7 @@ def _parser() -> argparse.ArgumentParser:
     census.add_argument("--batch-size", type=int, default=8, help="prompts per write (default 8)")
     census.add_argument(
         "--format",
-        choices=("jsonl", "parquet"),
+        choices=CENSUS_FORMATS,
         default="jsonl",
         help="traces as JSON lines (default) or Parquet",
     )

@@ -24,7 +24,10 @@ from typing import Union
 
 from .errors import RatLensError
 
-__all__ = ["write_files"]
+# How a census writes its traces (rat_lens.corpus; the CLI's --format choices).
+CENSUS_FORMATS = ("jsonl", "parquet")
+
+__all__ = ["write_files", "CENSUS_FORMATS"]
 
 
 def write_files(out_dir: Union[str, Path], files: Mapping[str, str]) -> list[Path]:

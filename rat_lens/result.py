@@ -19,6 +19,15 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
 
 from .errors import RatLensError
+from .sankey import (
+    SankeyData,
+    SankeyLink,
+    SankeyNode,
+    beam_weights,
+    build_sankey,
+    node_id,
+    node_layers,
+)
 from .schema import (
     FORMAT_VERSION,
     PEER_METADATA,
@@ -26,7 +35,7 @@ from .schema import (
     from_reverse_attention,
     is_reverse_attention_trace,
 )
-from .text import head_label, num, path_text
+from .text import head_label, num, path_text, verification_text
 
 __all__ = [
     "TraceResult",
@@ -226,30 +235,6 @@ class BeamPath(Beam):
 
 
 @dataclass
-class SankeyNode:
-    id: str
-    name: str
-    position: int
-    layer: int = 0
-
-
-@dataclass
-class SankeyLink:
-    source: str
-    target: str
-    value: float
-    beam_indices: list[int] = field(default_factory=list)
-    layer: int = 0
-    heads: list[Optional[int]] = field(default_factory=list)
-
-
-@dataclass
-class SankeyData:
-    nodes: list[SankeyNode]
-    links: list[SankeyLink]
-
-
-@dataclass
 class Prediction:
     """The model's top next tokens at a traced position."""
 
@@ -364,11 +349,11 @@ class Verification(JsonRoundTrip):
 
     def to_text(self) -> str:
         """Plain text, every line under 100 columns."""
-        return "\n".join(_lines(self, markdown=False))
+        return verification_text(self, markdown=False)
 
     def to_markdown(self) -> str:
         """The same as GitHub-flavoured markdown tables."""
-        return "\n".join(_lines(self, markdown=True))
+        return verification_text(self, markdown=True)
 
     def __str__(self) -> str:
         return self.to_text()
@@ -396,76 +381,6 @@ class Verification(JsonRoundTrip):
         if data.get("token_importance") is not None:
             data["token_importance"] = TokenImportance(**data["token_importance"])
         return cls(**data)
-
-
-def _ratio(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.1f}x"
-
-
-def _lines(v: Verification, markdown: bool) -> list[str]:
-    head = (
-        f"Causal check: target {v.target_token!r}@{v.target_pos} predicts "
-        f"{v.prediction!r} (log p {v.prediction_logp:.3f})"
-    )
-    if v.token is not None:
-        head += f"; token {v.token!r} (log p {num(v.token_logp)})"
-    lines = [
-        ("### " if markdown else "") + head,
-        "",
-        f"Effect: drop in log p when a beam's edges are ablated ({v.ablation!r});",
-        f"random: {v.n_random} random paths of the same shape per beam.",
-        "",
-    ]
-    if v.beams:
-        cols = ["beam", "effect", "random mean", "random sd", "ratio", "p"]
-        if v.token is not None:
-            cols += ["token effect", "token ratio"]
-        rows = []
-        for b in v.beams:
-            e = b.effect
-            row = [
-                str(b.rank),
-                num(e.effect),
-                num(e.baseline_mean),
-                num(e.baseline_std),
-                _ratio(e.ratio),
-                num(e.p_value, 2),
-            ]
-            if v.token is not None:
-                t = b.token_effect
-                row += [num(t.effect if t else None), _ratio(t.ratio if t else None)]
-            rows.append(row)
-        lines += _table(cols, rows, markdown) + [""]
-    f = v.faithfulness
-    if f is not None:
-        cols = ["kept %"] + [f"{p:g}" for p in f.percents] + ["area"]
-        rows = [
-            ["edges"] + [str(n) for n in f.kept_edges] + [""],
-            ["faithfulness"] + [num(x, 2) for x in f.faithfulness] + [num(f.area)],
-        ]
-        lines.append(
-            f"Faithfulness ({f.total_edges} traced edges, {f.rows} rows ablated; "
-            f"log p full {f.full:.3f}, all ablated {f.empty:.3f})"
-        )
-        lines += _table(cols, rows, markdown) + [""]
-    t = v.token_importance
-    if t is not None:
-        corr = ", ".join(f"{name} {num(value)}" for name, value in t.spearman.items())
-        lines.append(f"Blank-out importance (blank={t.blank!r}): Spearman with {corr or '-'}")
-    while lines and not lines[-1]:
-        lines.pop()
-    return lines
-
-
-def _table(cols: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
-    if markdown:
-        esc = [[c.replace("|", "\\|") for c in r] for r in [cols] + rows]
-        rule = "|" + "---|" * len(cols)
-        return ["| " + " | ".join(esc[0]) + " |", rule] + [
-            "| " + " | ".join(r) + " |" for r in esc[1:]
-        ]
-    widths = [max(len(r[i]) for r in [cols] + rows) for i in range(len(cols))]
-    return ["  ".join(c.rjust(w) for c, w in zip(r, widths)).rstrip() for r in [cols] + rows]
 
 
 @dataclass
@@ -653,48 +568,3 @@ def load_traces(text, where: str = "trace.json") -> list["TraceResult"]:
             label = f"{where}[{i}]" if isinstance(data, list) else where
             raise RatLensError(f"{label}: {err}") from None
     return results
-
-
-def node_id(layer: int, position: int) -> str:
-    """The id of a Sankey node, the one place it is made: ``node_id(1, 7) == "L1_P7"``."""
-    return f"L{layer}_P{position}"
-
-
-def node_layers(beam: Beam, mode: str, layer: int) -> list[int]:
-    """The layer of each node: in chain mode all sit in ``layer``; in layers mode the target sits
-    in ``layer`` and an edge through layer ``l`` lands on the residual stream below, ``l - 1``."""
-    if mode == "chain" or not beam.layers:
-        return [layer] * len(beam.positions)
-    return beam.layers + [beam.layers[-1] - 1]
-
-
-def beam_weights(beams: list[Beam]) -> list[float]:
-    """softmax(score_norm) over beams: how much each beam counts in the Sankey link weights."""
-    if not beams:
-        return []
-    top = max(b.score_norm for b in beams)
-    exp = [math.exp(b.score_norm - top) for b in beams]
-    return [e / sum(exp) for e in exp]
-
-
-def build_sankey(beams: list[Beam], tokens: list[str], mode: str, layer: int) -> SankeyData:
-    """Nodes are (layer, position); a link runs forward (key → query) and weighs
-    Σ over the beams using it of softmax(score_norm) × edge attention (reverse-attention's rule)."""
-    nodes: dict[str, SankeyNode] = {}
-    links: dict[tuple[str, str], SankeyLink] = {}
-    for b, (beam, weight) in enumerate(zip(beams, beam_weights(beams))):
-        ids = []
-        for pos, lay in zip(beam.positions, node_layers(beam, mode, layer)):
-            ids.append(node_id(lay, pos))
-            nodes.setdefault(ids[-1], SankeyNode(ids[-1], tokens[pos], pos, lay))
-        for i, attn in enumerate(beam.edge_attns):
-            link = links.setdefault(
-                (ids[i + 1], ids[i]), SankeyLink(ids[i + 1], ids[i], 0.0, layer=beam.layers[i])
-            )
-            link.value += weight * attn
-            if b not in link.beam_indices:
-                link.beam_indices.append(b)
-            if beam.heads[i] not in link.heads:
-                link.heads.append(beam.heads[i])
-    ordered = sorted(nodes.values(), key=lambda n: (-n.layer, n.position))
-    return SankeyData(nodes=ordered, links=list(links.values()))

@@ -11,7 +11,7 @@ rat_lens: the result types use it, so it sits below them (``path_text`` reads a 
 import unicodedata
 from typing import Optional
 
-__all__ = ["cells", "token_label", "head_label", "num", "path_text"]
+__all__ = ["cells", "token_label", "head_label", "num", "path_text", "verification_text"]
 
 MAX_TOKEN_CELLS = 18
 
@@ -88,3 +88,79 @@ def path_text(beam, score: bool = True) -> str:
             span = f"L{step.top}" + ("" if step.bottom == step.top else f"-L{step.bottom}")
             text += f" stays {span}"
     return f"{text} (score: {beam.score_norm:.4f})" if score else text
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}x"
+
+
+def verification_text(v, markdown: bool = False) -> str:
+    """A :class:`rat_lens.result.Verification` as plain text (every line under 100 columns)
+    or markdown tables: what ``print(check)`` shows."""
+    return "\n".join(_verification_lines(v, markdown))
+
+
+def _verification_lines(v, markdown: bool) -> list[str]:
+    head = (
+        f"Causal check: target {v.target_token!r}@{v.target_pos} predicts "
+        f"{v.prediction!r} (log p {v.prediction_logp:.3f})"
+    )
+    if v.token is not None:
+        head += f"; token {v.token!r} (log p {num(v.token_logp)})"
+    lines = [
+        ("### " if markdown else "") + head,
+        "",
+        f"Effect: drop in log p when a beam's edges are ablated ({v.ablation!r});",
+        f"random: {v.n_random} random paths of the same shape per beam.",
+        "",
+    ]
+    if v.beams:
+        cols = ["beam", "effect", "random mean", "random sd", "ratio", "p"]
+        if v.token is not None:
+            cols += ["token effect", "token ratio"]
+        rows = []
+        for b in v.beams:
+            e = b.effect
+            row = [
+                str(b.rank),
+                num(e.effect),
+                num(e.baseline_mean),
+                num(e.baseline_std),
+                _ratio(e.ratio),
+                num(e.p_value, 2),
+            ]
+            if v.token is not None:
+                t = b.token_effect
+                row += [num(t.effect if t else None), _ratio(t.ratio if t else None)]
+            rows.append(row)
+        lines += _table(cols, rows, markdown) + [""]
+    f = v.faithfulness
+    if f is not None:
+        cols = ["kept %"] + [f"{p:g}" for p in f.percents] + ["area"]
+        rows = [
+            ["edges"] + [str(n) for n in f.kept_edges] + [""],
+            ["faithfulness"] + [num(x, 2) for x in f.faithfulness] + [num(f.area)],
+        ]
+        lines.append(
+            f"Faithfulness ({f.total_edges} traced edges, {f.rows} rows ablated; "
+            f"log p full {f.full:.3f}, all ablated {f.empty:.3f})"
+        )
+        lines += _table(cols, rows, markdown) + [""]
+    t = v.token_importance
+    if t is not None:
+        corr = ", ".join(f"{name} {num(value)}" for name, value in t.spearman.items())
+        lines.append(f"Blank-out importance (blank={t.blank!r}): Spearman with {corr or '-'}")
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def _table(cols: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        esc = [[c.replace("|", "\\|") for c in r] for r in [cols] + rows]
+        rule = "|" + "---|" * len(cols)
+        return ["| " + " | ".join(esc[0]) + " |", rule] + [
+            "| " + " | ".join(r) + " |" for r in esc[1:]
+        ]
+    widths = [max(len(r[i]) for r in [cols] + rows) for i in range(len(cols))]
+    return ["  ".join(c.rjust(w) for c, w in zip(r, widths)).rstrip() for r in [cols] + rows]

@@ -15,7 +15,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from .assemble import assemble
-from .capture import check_tokens, model_session, pattern_layers
+from .capture import check_tokens, input_device, model_session, pattern_layers
 from .errors import RatLensError, check_int
 from .options import TraceOptions, merge_keywords
 from .plan import Targets, TracePlan, is_position, make_plan
@@ -227,11 +227,12 @@ def generate(model, tokens: Int[Tensor, "batch seq"], n_new: int) -> Int[Tensor,
             f"model's context of {n_ctx}"
         )
     check_tokens(model, tokens)
+    given, tokens = tokens.device, tokens.to(input_device(model))
     with model_session(model), torch.no_grad():
         for _ in range(n_new):
             next_token = model(tokens)[:, -1].argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, next_token.to(tokens.device)], dim=1)
-    return tokens
+    return tokens.to(given)  # where the caller keeps them
 
 
 def _as_batch(input_ids) -> Int[Tensor, "batch seq"]:

@@ -118,6 +118,7 @@ BOTTOM = [
     "rat_lens.schema",
     "rat_lens.result",
     "rat_lens.text",
+    "rat_lens.sankey",
     "rat_lens.files",
 ]
 
@@ -204,7 +205,7 @@ def test_no_submodule_is_shadowed_by_a_name_of_the_package():
 # (function-level imports included). CONTRIBUTING.md and docs/contributing.md draw it.
 LAYERS = [
     ["rat_lens.errors"],
-    ["rat_lens.options", "rat_lens.text", "rat_lens.files"],
+    ["rat_lens.options", "rat_lens.text", "rat_lens.sankey", "rat_lens.files"],
     ["rat_lens.schema", "rat_lens.result"],
     ["rat_lens.search"],
     ["rat_lens.models", "rat_lens.capture"],

@@ -288,9 +288,69 @@ def beam_search(
     equal scores follow the tie rules of the module docstring (the peer's, for a chain in one
     matrix).
     """
-    chain, top_beam, length_norm = options.chain, options.top_beam, options.length_norm
-    n = patterns[0].shape[-1]
-    device = patterns[0].device
+    n, device = patterns[0].shape[-1], patterns[0].device
+    find, stops = _candidate_rules(n, device, options, bos_positions, attention_mask)
+    table = _chain_table(patterns[0], target_pos, **find) if options.chain else None
+    n_steps = 0 if target_pos == 0 else target_pos + 1 if options.chain else len(patterns)
+    rules = _Rules(
+        options,
+        stops,
+        np.array([length_norm_denominator(options.length_norm, e) for e in range(n_steps + 1)]),
+        stay_channel=patterns[0].shape[0] - 1 if options.stays else -1,
+        n=n,
+        last_step=n_steps - 1,
+    )
+    # Step s holds, for every beam it created, its key, parent (index into step s-1), head,
+    # weight and BOS mass; a live beam is an index into the latest step.
+    steps = [dict(key=np.array([target_pos]), parent=np.array([-1]))]
+    live = _Live(np.array([0]), np.zeros(1), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=bool))
+    ended: list[tuple] = []  # (step, beam ids, raw scores, moves, moved)
+    if target_pos == 0:  # nothing earlier to trace to
+        ended.append((0, live.ids, live.score, live.moves, live.moved | (not options.stays)))
+    for t in range(n_steps):
+        if live.ids.size == 0:
+            break
+        live_pos = steps[t]["key"][live.ids]
+        rows = torch.as_tensor(live_pos, device=device)
+        cand = table[live_pos] if table is not None else _top_candidates(
+            patterns[t][:, rows], rows, chain=False, **find
+        )  # fmt: skip
+        live = _step(rules, t, cand, live, live_pos, steps, ended)
+    if options.stays:  # a route must reach an earlier token
+        ended = [(s, ids[m], raw[m], mv[m], m[m]) for s, ids, raw, mv, m in ended if m.any()]
+    return _best_beams(ended, steps, rules.denominators, layer_ids, options, options.top_beam)
+
+
+@dataclass
+class _Live:
+    """The live beams: indices into the latest step, raw scores, moves made so far, and
+    whether each has left the target at all (a beam that never did is no route)."""
+
+    ids: np.ndarray
+    score: np.ndarray
+    moves: np.ndarray
+    moved: np.ndarray
+
+    def where(self, mask: np.ndarray) -> tuple:
+        return self.ids[mask], self.score[mask], self.moves[mask], self.moved[mask]
+
+
+@dataclass
+class _Rules:
+    """What every step of one search reads: the options, which keys end a beam, the length
+    norm's denominators by number of moves, the stay channel (-1: none) and sizes."""
+
+    options: TraceOptions
+    stops: np.ndarray
+    denominators: np.ndarray
+    stay_channel: int
+    n: int
+    last_step: int
+
+
+def _candidate_rules(n, device, options: TraceOptions, bos_positions, attention_mask):
+    """The keys a step may pick and the sinks (``_top_candidates``' keywords), and the keys
+    that end a beam."""
     is_sink = torch.zeros(n, dtype=torch.bool, device=device)
     is_sink[[0, *bos_positions]] = True
     key_ok = torch.ones(n, dtype=torch.bool, device=device)
@@ -298,7 +358,7 @@ def beam_search(
         key_ok &= attention_mask.to(device) != 0
     if options.exclude_bos:
         key_ok &= ~is_sink
-    stops = (is_sink if options.stop_at_bos else torch.arange(n, device=device) == 0).cpu().numpy()
+    stops = is_sink if options.stop_at_bos else torch.arange(n, device=device) == 0
     find = dict(
         key_ok=key_ok,
         is_sink=is_sink,
@@ -307,81 +367,54 @@ def beam_search(
         rollout=options.residual == "rollout",
         stays=options.stays,
     )
-    table = _chain_table(patterns[0], target_pos, **find) if chain else None
-    n_steps = target_pos + 1 if chain else len(patterns)
-    denominators = np.array([length_norm_denominator(length_norm, e) for e in range(n_steps + 1)])
+    return find, stops.cpu().numpy()
 
-    # Step s holds, for every beam it created, its key, parent (index into step s-1), head,
-    # weight and BOS mass; a live beam is an index into the latest step. With residual stays
-    # (contribution weights: the last channel is the residual stream) a stay is free in the
-    # score and the length norm counts moves only; ``moved`` says whether a beam has left the
-    # target at all (a beam that never did is no route to an earlier token).
-    stay_channel = patterns[0].shape[0] - 1 if options.stays else -1
-    log_bar, depth_discount = math.log(options.move_threshold), options.depth_discount
-    steps = [dict(key=np.array([target_pos]), parent=np.array([-1]))]
-    ended: list[tuple] = []  # (step, beam ids, raw scores, moves, moved)
-    live, live_score = np.array([0]), np.zeros(1)
-    live_moves, live_moved = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=bool)
-    if target_pos == 0:  # nothing earlier to trace to
-        n_steps = 0
-        ended.append((0, live, live_score, live_moves, live_moved | (not options.stays)))
 
-    for t in range(n_steps):
-        if live.size == 0:
-            break
-        live_pos = steps[t]["key"][live]
-        cand = (
-            table[live_pos]
-            if chain
-            else _top_candidates(
-                patterns[t][:, torch.as_tensor(live_pos, device=device)],
-                torch.as_tensor(live_pos, device=device),
-                chain=False,
-                **find,
-            )
+def _step(rules: _Rules, t: int, cand, live: _Live, live_pos, steps: list, ended: list) -> _Live:
+    """One step: every live beam expands by its candidates (beams with none end first, in beam
+    order, as the peer does), beams reaching a stop or the last layer end, the rest are cut to
+    ``top_beam`` by normalised score. With stays (contribution weights: the last channel is
+    the residual stream) a stay is free and the ``i``-th move adds
+    ``depth_discount**(i-1) · log(share / move_threshold)``; the length norm counts moves."""
+    options = rules.options
+    ok = cand.weights > 0
+    dead = ~ok.any(1)
+    if dead.any():
+        ended.append((t, *live.where(dead)))
+    parent, j = np.nonzero(ok)  # beam-major, best candidate first
+    head, key = np.divmod(cand.flat[parent, j], rules.n)
+    stay = head == rules.stay_channel
+    if options.stays:
+        gain = options.depth_discount ** live.moves[parent] * (
+            cand.log_weights[parent, j] - math.log(options.move_threshold)
         )
-        ok = cand.weights > 0
-        dead = ~ok.any(1)  # end before the new beams, in beam order (as the peer does)
-        if dead.any():
-            ended.append((t, live[dead], live_score[dead], live_moves[dead], live_moved[dead]))
-        parent, j = np.nonzero(ok)  # beam-major, best candidate first
-        head, key = np.divmod(cand.flat[parent, j], n)
-        weight = cand.weights[parent, j]
-        stay = head == stay_channel
-        if options.stays:  # the i-th move adds discount**(i-1) · log(share / threshold)
-            gain = depth_discount ** live_moves[parent] * (cand.log_weights[parent, j] - log_bar)
-            score = live_score[parent] + np.where(stay, 0.0, gain)
-        else:
-            score = live_score[parent] + cand.log_weights[parent, j]
-        moves = live_moves[parent] + ~stay
-        moved = live_moved[parent] | (key != live_pos[parent])
-        steps.append(
-            dict(
-                key=key,
-                parent=live[parent],
-                head=head,
-                weight=weight,
-                bos_mass=cand.bos_mass[parent, head],
-                stay=stay,
-            )
+        score = live.score[parent] + np.where(stay, 0.0, gain)
+    else:
+        score = live.score[parent] + cand.log_weights[parent, j]
+    moves = live.moves[parent] + ~stay
+    moved = live.moved[parent] | (key != live_pos[parent])
+    steps.append(
+        dict(
+            key=key,
+            parent=live.ids[parent],
+            head=head,
+            weight=cand.weights[parent, j],
+            bos_mass=cand.bos_mass[parent, head],
+            stay=stay,
         )
-
-        ends = stops[key] | (not chain and t == n_steps - 1)
-        if ends.any():
-            ended.append((t + 1, np.nonzero(ends)[0], score[ends], moves[ends], moved[ends]))
-        live = np.nonzero(~ends)[0]
-        if live.size > top_beam:
-            norm = score[live] / denominators[moves[live]]
-            keep = np.argsort(-norm, kind="stable")[:top_beam]
-            if options.stays:  # the beam still at the target may yet make the best first move
-                waiting = np.flatnonzero(~moved[live])[:1]
-                keep = np.concatenate([keep, np.setdiff1d(waiting, keep)])
-            live = live[keep]
-        live_score, live_moves, live_moved = score[live], moves[live], moved[live]
-
-    if options.stays:  # a route must reach an earlier token
-        ended = [(s, ids[m], raw[m], mv[m], m[m]) for s, ids, raw, mv, m in ended if m.any()]
-    return _best_beams(ended, steps, denominators, layer_ids, options, top_beam)
+    )
+    ends = rules.stops[key] | (not options.chain and t == rules.last_step)
+    if ends.any():
+        ended.append((t + 1, np.nonzero(ends)[0], score[ends], moves[ends], moved[ends]))
+    survivors = np.nonzero(~ends)[0]
+    if survivors.size > options.top_beam:
+        norm = score[survivors] / rules.denominators[moves[survivors]]
+        keep = np.argsort(-norm, kind="stable")[: options.top_beam]
+        if options.stays:  # the beam still at the target may yet make the best first move
+            waiting = np.flatnonzero(~moved[survivors])[:1]
+            keep = np.concatenate([keep, np.setdiff1d(waiting, keep)])
+        survivors = survivors[keep]
+    return _Live(survivors, score[survivors], moves[survivors], moved[survivors])
 
 
 def _best_beams(ended, steps, denominators, layer_ids, options, top_beam) -> list[Beam]:

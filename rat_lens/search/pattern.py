@@ -18,9 +18,8 @@ from torch import Tensor
 from ..errors import RatLensError, check_choice
 from ..options import AGG_HEADS
 
-__all__ = ["Pattern", "aggregate_heads", "at_least_float32", "check_pattern_values"]
+__all__ = ["aggregate_heads", "at_least_float32", "check_pattern_values"]
 
-Pattern = Float[Tensor, "batch head query key"]
 
 
 def at_least_float32(x: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]:

@@ -202,9 +202,9 @@ def summarize(
         verification: :func:`rat_lens.verify.verify` of this result; adds each beam's causal
             effect and the faithfulness curve.
 
-    Fields the tracer records (``head_roles``, ``attention_stats``, ``predictions``,
-    ``rollout``, and ``verification`` kept from :func:`rat_lens.verify`) are used when present
-    and not given here. Only ``patterns`` and ``logits`` need torch (imported for them alone).
+    Fields the tracer records (``predictions``, ``rollout``, and ``verification`` kept from
+    :func:`rat_lens.verify`) are used when present and not given here. Only ``patterns`` and
+    ``logits`` need torch (imported for them alone).
 
     Examples:
         >>> from rat_lens import trace
@@ -220,8 +220,7 @@ def summarize(
         True
     """
     # Explicit arguments win; then what the tracer recorded; then what the tensors give.
-    roles = _table(roles if roles is not None else getattr(result, "head_roles", None))
-    stats = _table(stats if stats is not None else getattr(result, "attention_stats", None))
+    roles, stats = _table(roles), _table(stats)
     rollout = getattr(result, "rollout", None) or None
     if patterns is not None:
         layer_ids = list(
