@@ -260,6 +260,8 @@ def _trace(args: argparse.Namespace) -> int:
         )
 
     if args.generate:  # the continuation, as text: each target below produced its next token
+        for result in results:
+            result.prompt_len = tokens.shape[1] - args.generate
         decode = getattr(tracer.tokenizer, "decode", None)
         new = tokens[0, -args.generate :].tolist()
         text_new = decode(new) if decode else "".join(results[0].tokens[-args.generate :])

@@ -149,7 +149,7 @@ def test_models_lists_what_loads_offline(capsys):
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (["trace", TEXT, "--layers", "1-3"], 2, "--layers '1-3' is not LO:HI"),
+        (["trace", TEXT, "--layers", "1-3"], 2, "--layers: layers '1-3' is not LO:HI"),
         (["trace", TEXT, "--layer", "0", "--layers", "0:1"], 2, "not allowed with argument"),
         (["trace", TEXT, "--format", "pdf"], 2, "'pdf' not in {html, json, md}"),
         (["trace", TEXT, "--agg-heads", "sum"], 2, "invalid choice: 'sum'"),
