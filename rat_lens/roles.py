@@ -127,45 +127,21 @@ def head_roles(
     """
     _check_names(names)
     check_choice("error_measure", error_measure, ERROR_MEASURES)
-    n_layers = pattern_layers(model)
-    layer_ids = (
-        list(range(n_layers))
-        if layers is None
-        else sorted({_resolve_layer(layer, n_layers) for layer in layers})
+    layer_ids = _layer_ids(model, layers)
+    # TL's detector settings, the same for every prompt and layer.
+    detector = dict(
+        names=names,
+        exclude_bos=exclude_bos,
+        exclude_current_token=exclude_current_token,
+        error_measure=error_measure,
     )
     if isinstance(inputs, (list, tuple)) and all(isinstance(t, str) for t in inputs) and inputs:
         if cache is not None:
             raise RatLensError(
                 "one cache holds one batch of tokens: pass token ids with it, or texts without it"
             )
-        tables = [
-            head_roles(
-                model,
-                t,
-                layers=layer_ids,
-                names=names,
-                exclude_bos=exclude_bos,
-                exclude_current_token=exclude_current_token,
-                error_measure=error_measure,
-            )
-            for t in inputs
-        ]
-        return HeadTable.from_tensors(
-            layer_ids,
-            {
-                name: torch.stack(
-                    [torch.tensor(t.scores[name], dtype=torch.float64) for t in tables]
-                ).mean(0)
-                for name in names
-            },
-        )
-    tokens = model.to_tokens(inputs) if isinstance(inputs, str) else inputs
-    if not isinstance(tokens, Tensor) or tokens.dtype.is_floating_point:
-        raise RatLensError(
-            f"inputs must be text, a list of texts or a tensor of token ids, got "
-            f"{type(inputs).__name__}"
-        )
-    tokens = (tokens.unsqueeze(0) if tokens.ndim == 1 else tokens).cpu()
+        return _mean_over_texts(model, inputs, layer_ids, detector)
+    tokens = _token_batch(model, inputs)
     if cache is None:
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
         cache = capture_patterns(
@@ -174,18 +150,46 @@ def head_roles(
     scores = {name: [] for name in names}
     for layer in layer_ids:
         pattern = _cached_pattern(cache, layer)
-        per_prompt = role_scores(
-            pattern,
-            tokens,
-            attention_mask=attention_mask,
-            names=names,
-            exclude_bos=exclude_bos,
-            exclude_current_token=exclude_current_token,
-            error_measure=error_measure,
-        )
+        per_prompt = role_scores(pattern, tokens, attention_mask=attention_mask, **detector)
         for name in names:
             scores[name].append(per_prompt[name].mean(0))
     return HeadTable.from_tensors(layer_ids, {n: torch.stack(s) for n, s in scores.items()})
+
+
+def _layer_ids(model, layers: Optional[Sequence[int]]) -> list[int]:
+    """``layers`` as sorted distinct non-negative ids (negative ones count from the top);
+    None: every layer."""
+    n_layers = pattern_layers(model)
+    if layers is None:
+        return list(range(n_layers))
+    return sorted({_resolve_layer(layer, n_layers) for layer in layers})
+
+
+def _mean_over_texts(model, texts: Sequence[str], layer_ids: list[int], detector: dict):
+    """Each text tokenized and scored alone (texts of different lengths need no padding),
+    then the scores averaged, as ``detect_head`` averages a list of prompts."""
+    tables = [head_roles(model, text, layers=layer_ids, **detector) for text in texts]
+    return HeadTable.from_tensors(
+        layer_ids,
+        {
+            name: torch.stack(
+                [torch.tensor(t.scores[name], dtype=torch.float64) for t in tables]
+            ).mean(0)
+            for name in detector["names"]
+        },
+    )
+
+
+def _token_batch(model, inputs) -> Tensor:
+    """``inputs`` (one text, or token ids ``[seq]`` / ``[batch, seq]``) as ids
+    ``[batch, seq]`` on the CPU, where the detection patterns are built."""
+    tokens = model.to_tokens(inputs) if isinstance(inputs, str) else inputs
+    if not isinstance(tokens, Tensor) or tokens.dtype.is_floating_point:
+        raise RatLensError(
+            f"inputs must be text, a list of texts or a tensor of token ids, got "
+            f"{type(inputs).__name__}"
+        )
+    return (tokens.unsqueeze(0) if tokens.ndim == 1 else tokens).cpu()
 
 
 def _cached_pattern(cache, layer: int) -> Tensor:

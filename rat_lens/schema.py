@@ -79,6 +79,24 @@ def is_reverse_attention_trace(data) -> bool:
 
 def check_trace(data: Any, where: str = "trace") -> dict:
     """``data`` if it is a valid ``TraceResult.to_dict()``; else RatLensError naming the field."""
+    # The groups run in the order of the saved fields, so the first bad field is the one named.
+    _check_field_names(data, where)
+    at = _At(where)
+    seq, layer = _check_sizes(at, data)
+    mode = _check_options(at, data, layer)
+    ids = at.items("token_ids", data.get("token_ids", []))
+    if ids:
+        at.need("token_ids", len(ids) == seq, f"must hold {seq} ids, got {len(ids)}")
+        for i, value in enumerate(ids):
+            at.integer(f"token_ids[{i}]", value, 0)
+    _check_beams(at, data, seq, layer, mode)
+    _check_extras(at, data, seq, layer)
+    _check_metadata(at, data)
+    return data
+
+
+def _check_field_names(data, where: str) -> None:
+    """An object with every required field and no field a trace does not have."""
     if not isinstance(data, dict):
         raise RatLensError(f"{where}: expected a JSON object, got {_kind(data)}")
     unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL), key=str)
@@ -89,11 +107,14 @@ def check_trace(data: Any, where: str = "trace") -> dict:
     missing = [name for name in _REQUIRED if name not in data]
     if missing:
         raise RatLensError(f"{where}: missing field(s) {missing}")
-    at = _At(where)
-    version = data.get("format_version", 1)
+
+
+def _check_sizes(at: "_At", data: dict) -> tuple[int, int]:
+    """The format version, the prompt and the top layer; returns (seq_len, layer), the bounds
+    of every position and layer checked after."""
     at.integer(
         "format_version",
-        version,
+        data.get("format_version", 1),
         1,
         FORMAT_VERSION,
         hint=" (saved by a newer rat_lens: upgrade to read it)",
@@ -104,6 +125,12 @@ def check_trace(data: Any, where: str = "trace") -> dict:
     at.integer("top_beam", data["top_beam"], 1)
     at.integer("top_k", data["top_k"], 1)
     at.strings("tokens", data["tokens"], seq)
+    return seq, layer
+
+
+def _check_options(at: "_At", data: dict, layer: int) -> str:
+    """The trace's options, each optional with the default older files were traced with;
+    returns the mode (it decides how beam positions may move)."""
     mode = at.choice("mode", data.get("mode", "chain"), MODES)
     if data.get("layer_lo") is not None:
         at.integer("layer_lo", data["layer_lo"], 0, layer)
@@ -118,11 +145,11 @@ def check_trace(data: Any, where: str = "trace") -> dict:
             value = at.number(name, data[name], 0.0)
             at.need(name, 0 < value <= 1, f"must be in (0, 1], got {value!r}")
     at.integer("batch_index", data.get("batch_index", 0), 0)
-    ids = at.items("token_ids", data.get("token_ids", []))
-    if ids:
-        at.need("token_ids", len(ids) == seq, f"must hold {seq} ids, got {len(ids)}")
-        for i, value in enumerate(ids):
-            at.integer(f"token_ids[{i}]", value, 0)
+    return mode
+
+
+def _check_beams(at: "_At", data: dict, seq: int, layer: int, mode: str) -> None:
+    """Each beam, one text per beam, and the Sankey graph drawn from them."""
     beams = at.items("beams", data["beams"])
     for i, beam in enumerate(beams):
         _check_beam(at.sub(f"beams[{i}]"), beam, data["target_pos"], seq, layer, mode)
@@ -133,6 +160,12 @@ def check_trace(data: Any, where: str = "trace") -> dict:
         f"must hold one text per beam ({len(beams)}), got {len(texts)}",
     )
     _check_sankey(at.sub("sankey"), data["sankey"], seq, len(beams))
+
+
+def _check_extras(at: "_At", data: dict, seq: int, layer: int) -> None:
+    """What the tracer or verify may add: top attention, predictions, rollout, head rows and
+    the verification (here only an object or null: ``TraceResult.from_dict`` reads its fields
+    and names a bad one)."""
     for i, row in enumerate(at.items("top_attention", data.get("top_attention", []))):
         row_at = f"top_attention[{i}]"
         at.need(row_at, isinstance(row, list) and len(row) == 3, "must be [query, key, weight]")
@@ -153,17 +186,20 @@ def check_trace(data: Any, where: str = "trace") -> dict:
         verification is None or isinstance(verification, dict),
         f"must be an object or null, got {_kind(verification)}",
     )
+
+
+def _check_metadata(at: "_At", data: dict) -> None:
+    """reverse-attention's ``metadata`` block, when kept, must agree with the trace's fields."""
     metadata = data.get("metadata")
     if metadata is not None:
         at.need("metadata", isinstance(metadata, dict), "must be an object")
-        for name in ("seq_len", "target_pos", "layer", "top_beam", "top_k"):
+        for name in PEER_METADATA:
             if name in metadata:
                 at.need(
                     f"metadata.{name}",
                     metadata[name] == data[name],
                     f"is {metadata[name]!r} but the trace's {name} is {data[name]!r}",
                 )
-    return data
 
 
 def _check_beam(at: "_At", beam, target: int, seq: int, layer: int, mode: str) -> None:

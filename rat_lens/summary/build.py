@@ -223,31 +223,15 @@ def summarize(
     roles, stats = _table(roles), _table(stats)
     rollout = getattr(result, "rollout", None) or None
     if patterns is not None:
-        layer_ids = list(
-            range(
-                result.layer, (result.layer_lo if result.mode == "layers" else result.layer) - 1, -1
-            )
-        )
-        stacked = [_pattern(patterns, layer, result.batch_index) for layer in layer_ids]
-        stats = stats if stats is not None else _stats_table(layer_ids, stacked, result.agg_heads)
-        rollout = rollout if rollout is not None else _rollout(stacked, result.target_pos)
-    if predictions is None:
-        predictions = getattr(result, "predictions", None) or None
-    if predictions is None and logits is not None:
-        from ..search.stats import predictions_at  # torch, for logits only
-
-        predictions = predictions_at(result, logits, tokenizer, k)
+        stats, rollout = _from_patterns(result, patterns, stats, rollout)
+    predictions = _predictions(result, predictions, logits, tokenizer, k)
     if verification is None:
         verification = getattr(result, "verification", None)
     if isinstance(verification, dict):
         verification = Verification.from_dict(verification)
 
     circuits, heads, edges = _masses(result, roles, role_threshold)
-    total = sum(h.mass for h in heads) or 1.0
-    per_layer: dict[int, float] = {}
-    for hm in heads:
-        hm.share = hm.mass / total
-        per_layer[hm.layer] = per_layer.get(hm.layer, 0.0) + hm.mass
+    layers = _share_by_layer(heads)
     importance = {"beam_mass": _beam_mass(result, edges)}
     if rollout is not None:
         importance["rollout"] = [float(x) for x in rollout]
@@ -264,10 +248,7 @@ def summarize(
         batch_index=result.batch_index,
         beams=circuits,
         heads=sorted(heads, key=lambda h: (-h.mass, -h.layer, h.head or 0)),
-        layers=[
-            LayerMass(layer, mass, mass / total)
-            for layer, mass in sorted(per_layer.items(), key=lambda item: -item[0])
-        ],
+        layers=layers,
         edges=sorted(edges, key=lambda e: -e.mass)[:top_edges],
         tokens=_top_tokens(result.tokens, importance, top_tokens),
         importance=importance,
@@ -279,6 +260,43 @@ def summarize(
         ],
         verification=verification,
     )
+
+
+def _from_patterns(
+    result: TraceResult, patterns, stats: Optional[HeadTable], rollout: Optional[list]
+) -> tuple[HeadTable, list]:
+    """``stats`` and ``rollout``, each computed from the traced layers' patterns where not
+    given (every traced layer's pattern is read either way, so a bad cache always fails)."""
+    low = result.layer_lo if result.mode == "layers" else result.layer
+    layer_ids = list(range(result.layer, low - 1, -1))
+    stacked = [_pattern(patterns, layer, result.batch_index) for layer in layer_ids]
+    stats = stats if stats is not None else _stats_table(layer_ids, stacked, result.agg_heads)
+    rollout = rollout if rollout is not None else _rollout(stacked, result.target_pos)
+    return stats, rollout
+
+
+def _predictions(result: TraceResult, predictions, logits, tokenizer, k: int):
+    """The predictions given, else the tracer's, else the top ``k`` of ``logits``, else None."""
+    if predictions is None:
+        predictions = getattr(result, "predictions", None) or None
+    if predictions is None and logits is not None:
+        from ..search.stats import predictions_at  # torch, for logits only
+
+        predictions = predictions_at(result, logits, tokenizer, k)
+    return predictions
+
+
+def _share_by_layer(heads: list[HeadMass]) -> list[LayerMass]:
+    """Sets each head's share of all traced mass; returns the mass per layer, top layer first."""
+    total = sum(h.mass for h in heads) or 1.0  # no edge traced: shares 0, not a division by 0
+    per_layer: dict[int, float] = {}
+    for hm in heads:
+        hm.share = hm.mass / total
+        per_layer[hm.layer] = per_layer.get(hm.layer, 0.0) + hm.mass
+    return [
+        LayerMass(layer, mass, mass / total)
+        for layer, mass in sorted(per_layer.items(), key=lambda item: -item[0])
+    ]
 
 
 def _masses(

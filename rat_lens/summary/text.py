@@ -77,72 +77,9 @@ def sections(s) -> list[Section]:
     """The summary as titled tables, in reading order; empty parts are left out."""
     out = [_beams_section(s)]
     if s.heads:
-        out.append(
-            Section(
-                "Traced mass by head",
-                ["head", "mass", "share", "edges", "role"],
-                [
-                    [
-                        _head(h.layer, h.head, s.agg_heads),
-                        f"{h.mass:.3f}",
-                        _pct(h.share),
-                        str(h.edges),
-                        _role(h.role, h.role_score),
-                    ]
-                    for h in s.heads
-                ],
-                "lrrrl",
-                note=f"mass = Σ over beams of share × {_weight_name(s)}",
-            )
-        )
-        out.append(
-            Section(
-                "Traced mass by layer",
-                ["layer", "mass", "share"],
-                [[f"L{x.layer}", f"{x.mass:.3f}", _pct(x.share)] for x in s.layers],
-                "lrr",
-            )
-        )
-        out.append(
-            Section(
-                "Top edges",
-                ["edge", "key → query", _weight_column(s), "mass", "sink", "beams", "role"],
-                [
-                    [
-                        _head(e.layer, e.head, s.agg_heads),
-                        f"{_at(e.key_token, e.key)} → {_at(e.query_token, e.query)}",
-                        f"{e.attn:.2f}",
-                        f"{e.mass:.3f}",
-                        f"{e.bos_mass:.2f}",
-                        ",".join(str(b + 1) for b in e.beams),
-                        e.role,
-                    ]
-                    for e in s.edges
-                ],
-                "llrrrll",
-                flex=1,
-                code={1},
-                note=f"{_weight_column(s)}: the {_weight_name(s)}; sink = the row's attention "
-                "on BOS / position 0",
-            )
-        )
+        out += [_heads_section(s), _layers_section(s), _edges_section(s)]
     if s.tokens:
-        roll = "rollout" in s.importance
-        out.append(
-            Section(
-                "Token importance",
-                ["pos", "token", "beam mass"] + ["rollout"] * roll,
-                [
-                    [str(t.position), token_label(t.token), f"{t.beam_mass:.3f}"]
-                    + ([f"{t.rollout:.3f}"] if roll else [])
-                    for t in s.tokens
-                ],
-                "rlr" + "r" * roll,
-                code={1},
-                note="beam mass: traced mass landing on the token; rollout: Abnar & "
-                "Zuidema (2020) over the traced layers",
-            )
-        )
+        out.append(_tokens_section(s))
     if s.roles is not None:
         out.append(_roles_section(s))
     if s.stats is not None:
@@ -150,24 +87,95 @@ def sections(s) -> list[Section]:
     if s.verification is not None:
         out += _verification_sections(s.verification)
     if s.predictions:
-        out.append(
-            Section(
-                "Predictions at traced positions",
-                ["pos", "token", "top next tokens"],
-                [
-                    [
-                        str(p.position),
-                        token_label(p.token),
-                        ", ".join(f"{token_label(t)} {q:.2f}" for t, q in zip(p.tokens, p.probs)),
-                    ]
-                    for p in s.predictions
-                ],
-                "rll",
-                flex=2,
-                code={1, 2},
-            )
-        )
+        out.append(_predictions_section(s))
     return out
+
+
+def _heads_section(s) -> Section:
+    return Section(
+        "Traced mass by head",
+        ["head", "mass", "share", "edges", "role"],
+        [
+            [
+                _head(h.layer, h.head, s.agg_heads),
+                f"{h.mass:.3f}",
+                _pct(h.share),
+                str(h.edges),
+                _role(h.role, h.role_score),
+            ]
+            for h in s.heads
+        ],
+        "lrrrl",
+        note=f"mass = Σ over beams of share × {_weight_name(s)}",
+    )
+
+
+def _layers_section(s) -> Section:
+    return Section(
+        "Traced mass by layer",
+        ["layer", "mass", "share"],
+        [[f"L{x.layer}", f"{x.mass:.3f}", _pct(x.share)] for x in s.layers],
+        "lrr",
+    )
+
+
+def _edges_section(s) -> Section:
+    return Section(
+        "Top edges",
+        ["edge", "key → query", _weight_column(s), "mass", "sink", "beams", "role"],
+        [
+            [
+                _head(e.layer, e.head, s.agg_heads),
+                f"{_at(e.key_token, e.key)} → {_at(e.query_token, e.query)}",
+                f"{e.attn:.2f}",
+                f"{e.mass:.3f}",
+                f"{e.bos_mass:.2f}",
+                ",".join(str(b + 1) for b in e.beams),
+                e.role,
+            ]
+            for e in s.edges
+        ],
+        "llrrrll",
+        flex=1,
+        code={1},
+        note=f"{_weight_column(s)}: the {_weight_name(s)}; sink = the row's attention "
+        "on BOS / position 0",
+    )
+
+
+def _tokens_section(s) -> Section:
+    roll = "rollout" in s.importance  # the rollout column only when patterns gave one
+    return Section(
+        "Token importance",
+        ["pos", "token", "beam mass"] + ["rollout"] * roll,
+        [
+            [str(t.position), token_label(t.token), f"{t.beam_mass:.3f}"]
+            + ([f"{t.rollout:.3f}"] if roll else [])
+            for t in s.tokens
+        ],
+        "rlr" + "r" * roll,
+        code={1},
+        note="beam mass: traced mass landing on the token; rollout: Abnar & "
+        "Zuidema (2020) over the traced layers",
+    )
+
+
+def _predictions_section(s) -> Section:
+    return Section(
+        "Predictions at traced positions",
+        ["pos", "token", "top next tokens"],
+        [
+            [
+                str(p.position),
+                token_label(p.token),
+                ", ".join(f"{token_label(t)} {q:.2f}" for t, q in zip(p.tokens, p.probs)),
+            ]
+            for p in s.predictions
+        ],
+        "rll",
+        flex=2,
+        code={1, 2},
+    )
 
 
 def _beams_section(s) -> Section:
