@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..capture import pattern_layers
-from ..errors import RatLensError, check_choice, check_int
+from ..errors import RatLensError, check_choice, check_int, checked_call
 from ..result import (
     BeamEffect,
     Faithfulness,
@@ -53,6 +53,7 @@ BLANKS = ("mean", "token")
 PERCENTS = (1, 2, 5, 10, 20, 50, 100)
 
 
+@checked_call
 def verify(
     model,
     result: TraceResult,
@@ -120,40 +121,23 @@ def verify(
 
     # Every ablated copy is one variant, in this order: beams, their random paths, the
     # faithfulness curve (kept shares, then all ablated), the blanked positions.
-    variants = _beam_variants(result, n_heads, n_random, seed)
     traced = _traced_edges(result)
     curve = percents if traced else []
-    kept_counts = [math.ceil(p / 100 * len(traced)) for p in curve]
-    layer_rows: dict[int, list[int]] = {}
-    for layer, _, query, _ in traced:
-        layer_rows.setdefault(layer, []).append(query)
-    for n_keep in kept_counts + ([0] if curve else []):
-        keep = expand_heads(traced[:n_keep], n_heads)
-        variants.append(Variant(row_entries(layer_rows, n_heads, keep)))
     positions = list(range(target + 1)) if token_importance else []
-    variants += [
-        Variant(token_swap=(p, neutral)) if blank == "token" else Variant(blank_embed=p)
-        for p in positions
-    ]
+    variants = (
+        _beam_variants(result, n_heads, n_random, seed)
+        + _curve_variants(traced, curve, n_heads)
+        + _blank_variants(positions, neutral)
+    )
 
     logp = run_variants(model, tokens, variants, ablation, batch_size)
     drops = {"top": clean[top_id] - logp[:, top_id]}
     if token_id is not None:
         drops["token"] = clean[token_id] - logp[:, token_id]
-    beams = _beam_effects(result, drops, n_random)
-    at = len(result.beams) * (1 + n_random)
-    faithfulness = None
-    if curve:
-        m = logp[at : at + len(curve) + 1, top_id].tolist()
-        faithfulness = _faithfulness(
-            curve, kept_counts, traced, layer_rows, m[:-1], float(clean[top_id]), m[-1]
-        )
-        at += len(curve) + 1
-    importance = (
-        _token_importance(result, positions, blank, drops["top"][at:].tolist())
-        if token_importance
-        else None
-    )
+    start = len(result.beams) * (1 + n_random)
+    at = start + (len(curve) + 1 if curve else 0)  # the blanked positions' copies from here
+    m_curve = logp[start:at, top_id].tolist()
+    importance = _token_importance(result, positions, blank, drops["top"][at:].tolist())
     return Verification(
         target_pos=target,
         target_token=result.tokens[target],
@@ -163,8 +147,8 @@ def verify(
         ablation=ablation,
         n_random=n_random,
         seed=seed,
-        beams=beams,
-        faithfulness=faithfulness,
+        beams=_beam_effects(result, drops, n_random),
+        faithfulness=_faithfulness(curve, traced, m_curve, float(clean[top_id])) if curve else None,
         token_importance=importance,
         token_id=token_id,
         token=None if token_id is None else _decode(model, token_id),
@@ -237,6 +221,15 @@ def _beam_variants(result: TraceResult, n_heads: int, n_random: int, seed: int) 
     return variants
 
 
+def _blank_variants(positions: list[int], neutral: Optional[int]) -> list[Variant]:
+    """Each position blanked out: the token ``neutral`` swapped in, or (None) its embedding
+    replaced by the prompt's mean token embedding."""
+    return [
+        Variant(blank_embed=p) if neutral is None else Variant(token_swap=(p, neutral))
+        for p in positions
+    ]
+
+
 def _stay_where_the_beam_stays(beam, path, generator, exclude_bos: bool) -> list[int]:
     """A random path of the beam's shape where the beam stays in the residual stream."""
     out = [path[0]]
@@ -296,14 +289,40 @@ def _traced_edges(result: TraceResult) -> list[tuple]:
     return sorted(mass, key=lambda e: (-mass[e], -e[0], e[2], e[3], -1 if e[1] is None else e[1]))
 
 
-def _faithfulness(curve, kept_counts, traced, layer_rows, m_kept, m_full, m_empty) -> Faithfulness:
+def _layer_rows(traced: list[tuple]) -> dict[int, list[int]]:
+    """The query rows the traced edges leave from, per layer."""
+    rows: dict[int, list[int]] = {}
+    for layer, _, query, _ in traced:
+        rows.setdefault(layer, []).append(query)
+    return rows
+
+
+def _kept_counts(curve: list[float], traced: list[tuple]) -> list[int]:
+    return [math.ceil(p / 100 * len(traced)) for p in curve]
+
+
+def _curve_variants(traced: list[tuple], curve: list[float], n_heads: int) -> list[Variant]:
+    """The faithfulness curve's copies: the traced edges' rows ablated but the heaviest edges
+    kept, for each kept share, then with nothing kept."""
+    if not curve:
+        return []
+    rows = _layer_rows(traced)
+    return [
+        Variant(row_entries(rows, n_heads, expand_heads(traced[:n_keep], n_heads)))
+        for n_keep in _kept_counts(curve, traced) + [0]
+    ]
+
+
+def _faithfulness(curve, traced, m_curve: list[float], m_full: float) -> Faithfulness:
+    """The curve from the metric of each kept share's copy, the last all ablated."""
+    m_kept, m_empty = m_curve[:-1], m_curve[-1]
     span = m_full - m_empty
     values = [None if abs(span) < 1e-9 else (m - m_empty) / span for m in m_kept]
     return Faithfulness(
         percents=list(curve),
-        kept_edges=kept_counts,
+        kept_edges=_kept_counts(curve, traced),
         total_edges=len(traced),
-        rows=sum(len(set(q)) for q in layer_rows.values()),
+        rows=sum(len(set(q)) for q in _layer_rows(traced).values()),
         metric=m_kept,
         full=m_full,
         empty=m_empty,
@@ -314,7 +333,9 @@ def _faithfulness(curve, kept_counts, traced, layer_rows, m_kept, m_full, m_empt
 
 def _token_importance(
     result: TraceResult, positions: list[int], blank: str, blank_effect: list[float]
-) -> TokenImportance:
+) -> Optional[TokenImportance]:
+    if not positions:  # not asked for
+        return None
     keys, mass = [], []
     for beam, share in zip(result.beams, beam_weights(result.beams)):
         keys += beam.positions[1:]
@@ -325,9 +346,9 @@ def _token_importance(
         result.seq_len,
     )[: len(positions)]
     effect = torch.tensor(blank_effect, dtype=torch.float64)
-    corr = {"beam_mass": spearman(effect, beam_mass) if positions else None}
+    corr = {"beam_mass": spearman(effect, beam_mass)}
     rollout = [float(x) for x in (result.rollout or [])][: len(positions)]
-    if len(rollout) == len(positions) and positions:
+    if len(rollout) == len(positions):
         corr["rollout"] = spearman(effect, torch.tensor(rollout, dtype=torch.float64))
     return TokenImportance(
         positions,
