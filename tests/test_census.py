@@ -330,18 +330,19 @@ def test_a_census_never_adds_up_two_kinds_of_edge_weight(model, tmp_path, monkey
 
 
 class CtrlC:
-    """The user's Ctrl-C when the model is first run on prompt ``at`` (prompts are traced in
-    order, each in its own forwards): a torch hook, untouched by TransformerLens's hooks."""
+    """The user's Ctrl-C in the first forward that runs ``text`` (alone or in a batch, padded on
+    the right): a torch hook, untouched by TransformerLens's hooks."""
 
-    def __init__(self, model, at: int):
-        self.model, self.at, self.seen = model, at, set()
+    def __init__(self, model, texts: list[str], at: int):
+        tokens, mask = rat_lens.Tracer(model).tokenize(texts)
+        ids = [row[m.bool()].tolist() for row, m in zip(tokens, mask)]
+        assert not any(other[: len(ids[at])] == ids[at] for other in ids[:at])  # only prompt at
+        self.model, self.ids = model, ids[at]
 
     def __enter__(self):
         def pre(module, args):
-            tokens = tuple(args[0].flatten().tolist())
-            if tokens not in self.seen and len(self.seen) == self.at:
+            if any(row[: len(self.ids)] == self.ids for row in args[0].tolist()):
                 raise KeyboardInterrupt
-            self.seen.add(tokens)
 
         self.handle = self.model.embed.register_forward_pre_hook(pre)
         return self
@@ -352,9 +353,8 @@ class CtrlC:
 
 def test_ctrl_c_in_a_census_keeps_finished_batches_and_says_how_far_it_got(model, tmp_path):
     texts = prompts(10, seed=3)
-    assert len(set(texts)) == len(texts)
-    full = census(model, texts, tmp_path / "full", progress=False, **OPTIONS)
-    with CtrlC(model, at=7), pytest.raises(census_module.CensusInterrupted) as stop:
+    full = census(model, texts, tmp_path / "full", batch_size=3, progress=False, **OPTIONS)
+    with CtrlC(model, texts, at=7), pytest.raises(census_module.CensusInterrupted) as stop:
         census(model, texts, tmp_path / "cut", batch_size=3, progress=False, **OPTIONS)
     assert isinstance(stop.value, KeyboardInterrupt)  # what a Ctrl-C handler catches
     assert (stop.value.done, stop.value.total) == (6, 10)  # prompt 7's batch was under way
@@ -371,12 +371,12 @@ def test_ctrl_c_in_the_cli_census_is_one_line_and_exit_130(model, tmp_path, caps
     data.write_text("\n".join(texts) + "\n")
     command = ["census", str(data), "-o", str(out), "--batch-size", "2", "--layers", "0:1"]
     monkeypatch.setattr(rat_lens.models, "load", lambda *args, **kwargs: model)
-    with CtrlC(model, at=3):
+    with CtrlC(model, texts, at=3):
         assert main(command) == 130
     assert capsys.readouterr().err.splitlines() == [
         "rat-lens census: interrupted after 2 of 5 prompts; run the same command to resume"
     ]
-    with CtrlC(model, at=1):
+    with CtrlC(model, texts, at=1):
         assert main([*command, "--no-resume"]) == 130
     assert capsys.readouterr().err.splitlines() == [
         "rat-lens census: interrupted after 0 of 5 prompts; run it again without --no-resume "
