@@ -332,6 +332,12 @@ class TraceInputs:
             diagonal and the BOS columns (memory ∝ seq·heads; same beams); ``"auto"``: bounded
             when the dense patterns would exceed ``PATTERN_BUDGET``.
         bos_token_id: marks BOS positions (default: the tokenizer's).
+        target_token: the token each target is explained as (text that is one token, or an
+            id; default: the model's top prediction there): lens ranks and writes' ``dla``.
+        foil_token: explain ``target_token`` against this one: writes' ``dla_diff`` and the
+            first move's score read ``logit(target) - logit(foil)`` (``rat_lens.lens``).
+        explain: the logit lens at visited nodes and head moves' writes (one more forward,
+            ``rat_lens.lens``); ``None``: on where the model has the hooks and no ``cache=``.
     """
 
     cache: Any = None
@@ -339,6 +345,9 @@ class TraceInputs:
     query_chunk: QueryChunk = "auto"
     store: str = "auto"
     bos_token_id: Optional[int] = None
+    target_token: Union[str, int, None] = None
+    foil_token: Union[str, int, None] = None
+    explain: Optional[bool] = None
 
     def __post_init__(self):
         if self.predictions:
@@ -363,6 +372,29 @@ class TraceInputs:
             raise RatLensError(
                 "query_chunk splits the forward, and a trace from cache= runs "
                 "none: give one or the other"
+            )
+        self._check_explain()
+
+    def _check_explain(self) -> None:
+        for name in ("target_token", "foil_token"):
+            value = getattr(self, name)
+            is_id = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            if value is not None and not isinstance(value, str) and not is_id:
+                raise RatLensError(
+                    f"{name} must be text that is one token or a token id >= 0, got {value!r}"
+                )
+        if self.explain is not None:
+            check_bool("explain", self.explain)
+        tokens = self.target_token is not None or self.foil_token is not None
+        if tokens and self.explain is False:
+            raise RatLensError(
+                "target_token / foil_token are explained by the lens and the writes: "
+                "drop explain=False"
+            )
+        if (tokens or self.explain) and self.cache is not None:
+            raise RatLensError(
+                "explain (and target_token / foil_token) runs one forward, and a trace from "
+                "cache= runs none: give one or the other"
             )
 
 

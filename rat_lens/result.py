@@ -47,6 +47,8 @@ __all__ = [
     "SankeyNode",
     "SankeyLink",
     "Prediction",
+    "LensRecord",
+    "HeadWrite",
     "Verification",
     "BeamEffect",
     "PathEffect",
@@ -243,6 +245,44 @@ class Prediction:
     token_ids: list[int]
     tokens: list[str]
     probs: list[float]
+
+
+@dataclass
+class LensRecord:
+    """The logit lens at one node a beam visits: the residual stream at ``position`` after
+    ``layer`` (``-1``: the embeddings) through the model's final norm and unembedding. ``tokens``
+    / ``token_ids`` / ``probs`` are its top tokens; ``target_rank`` (0 = top) and
+    ``target_prob`` are the trace's target token's there."""
+
+    layer: int
+    position: int
+    tokens: list[str]
+    token_ids: list[int]
+    probs: list[float]
+    target_rank: int
+    target_prob: float
+
+
+@dataclass
+class HeadWrite:
+    """What a head move wrote: head ``head`` of ``layer`` at the query ``position`` (reading
+    ``key``), its output ``z · W_O`` through the final norm at that position (its scale held
+    fixed) onto the unembedding: the direct logits. ``promoted`` / ``suppressed`` are the tokens
+    with the largest and the most negative ones (``*_ids``, ``*_logits`` beside them); ``dla``
+    is the direct logit of the target token, ``dla_diff`` of target minus foil (None: no foil)."""
+
+    layer: int
+    head: int
+    position: int
+    key: int
+    promoted: list[str]
+    promoted_ids: list[int]
+    promoted_logits: list[float]
+    suppressed: list[str]
+    suppressed_ids: list[int]
+    suppressed_logits: list[float]
+    dla: float
+    dla_diff: Optional[float] = None
 
 
 @dataclass
@@ -488,6 +528,15 @@ class TraceResult(JsonRoundTrip):
     move_threshold: Optional[float] = None
     depth_discount: Optional[float] = None
     verification: Optional[Verification] = None  # result.verification = rat_lens.verify(...)
+    # What the route carried (rat_lens.lens): the token explained (the model's top prediction
+    # at the target unless given), the foil it is explained against, the logit lens at every
+    # node a beam visits and every head move's write.
+    target_token: Optional[str] = None
+    target_id: Optional[int] = None
+    foil_token: Optional[str] = None
+    foil_id: Optional[int] = None
+    lens: list[LensRecord] = field(default_factory=list)
+    writes: list[HeadWrite] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     def __repr__(self) -> str:
@@ -529,6 +578,8 @@ class TraceResult(JsonRoundTrip):
             )
         )
         data["predictions"] = [Prediction(**p) for p in data.get("predictions", [])]
+        data["lens"] = [LensRecord(**r) for r in data.get("lens", [])]
+        data["writes"] = [HeadWrite(**w) for w in data.get("writes", [])]
         if data.get("verification") is not None:
             try:
                 data["verification"] = Verification.from_dict(data["verification"])

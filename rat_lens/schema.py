@@ -62,6 +62,12 @@ _OPTIONAL = (
     "move_threshold",
     "depth_discount",
     "verification",
+    "target_token",
+    "target_id",
+    "foil_token",
+    "foil_id",
+    "lens",
+    "writes",
     "format_version",
     "metadata",
 )
@@ -91,6 +97,7 @@ def check_trace(data: Any, where: str = "trace") -> dict:
             at.integer(f"token_ids[{i}]", value, 0)
     _check_beams(at, data, seq, layer, mode)
     _check_extras(at, data, seq, layer)
+    check_explained(at, data, seq, layer)
     _check_metadata(at, data)
     return data
 
@@ -304,6 +311,65 @@ def _check_sankey(at: "_At", sankey, seq: int, n_beams: int) -> None:
         for j, head in enumerate(link_at.items("heads", link.get("heads", []))):
             if head is not None:
                 link_at.integer(f"heads[{j}]", head, 0)
+
+
+_LENS_FIELDS = ("layer", "position", "tokens", "token_ids", "probs", "target_rank", "target_prob")
+_WRITE_FIELDS = ("layer", "head", "position", "key", "dla", "dla_diff") + tuple(
+    f"{side}{part}" for side in ("promoted", "suppressed") for part in ("", "_ids", "_logits")
+)
+
+
+def check_explained(at: "_At", data: dict, seq: int, layer: int) -> None:
+    """What the route carried (``rat_lens.lens``): the target and foil tokens, the lens
+    records and the head writes."""
+    for name in ("target", "foil"):
+        if data.get(f"{name}_token") is not None:
+            at.text(f"{name}_token", data[f"{name}_token"])
+        if data.get(f"{name}_id") is not None:
+            at.integer(f"{name}_id", data[f"{name}_id"], 0)
+    for i, record in enumerate(at.items("lens", data.get("lens", []))):
+        rec = at.sub(f"lens[{i}]")
+        _check_record(rec, record, _LENS_FIELDS)
+        rec.integer("layer", record["layer"], -1, layer)
+        rec.integer("position", record["position"], 0, seq - 1)
+        _check_top(rec, record, "", "probs")
+        for p in record["probs"] + [record["target_prob"]]:
+            rec.need("probs", rec.number("probs", p, 0.0) <= 1.0, f"must be <= 1, got {p}")
+        rec.integer("target_rank", record["target_rank"], 0)
+    for i, write in enumerate(at.items("writes", data.get("writes", []))):
+        rec = at.sub(f"writes[{i}]")
+        _check_record(rec, write, _WRITE_FIELDS)
+        rec.integer("layer", write["layer"], 0, layer)
+        rec.integer("head", write["head"], 0)
+        query = rec.integer("position", write["position"], 0, seq - 1)
+        rec.integer("key", write["key"], 0, query)
+        for side in ("promoted", "suppressed"):
+            _check_top(rec, write, side, "_logits")
+        rec.number("dla", write["dla"])
+        if write["dla_diff"] is not None:
+            rec.number("dla_diff", write["dla_diff"])
+
+
+def _check_record(at: "_At", record, names: tuple) -> None:
+    at.need(
+        "",
+        isinstance(record, dict) and set(record) == set(names),
+        f"must be an object with fields {sorted(names)}",
+    )
+
+
+def _check_top(at: "_At", record: dict, side: str, values: str) -> None:
+    """A top-k list: ``{side}`` (or ``tokens``) strings, ``{side}_ids`` and ``{side}{values}``
+    numbers, one each per token."""
+    tokens = at.strings(side or "tokens", record[side or "tokens"])
+    for name in (f"{side}_ids" if side else "token_ids", f"{side}{values}"):
+        items = at.items(name, record[name])
+        at.need(name, len(items) == len(tokens), f"must hold {len(tokens)} items")
+        for j, value in enumerate(items):
+            if name.endswith("ids"):
+                at.integer(f"{name}[{j}]", value, 0)
+            else:
+                at.number(f"{name}[{j}]", value)
 
 
 def _check_head_row(at: "_At", row, seq: int, layer: int) -> None:

@@ -17,6 +17,7 @@ from torch import Tensor
 from .assemble import assemble
 from .capture import check_tokens, input_device, model_session, pattern_layers
 from .errors import RatLensError, check_int
+from .lens import explain_forward
 from .options import TraceOptions, merge_keywords
 from .plan import Targets, TracePlan, is_position, make_plan
 from .record import Record, capture_record
@@ -126,11 +127,13 @@ class Tracer:
         bos_id = getattr(self.tokenizer, "bos_token_id", None)
         plan = make_plan(self.model, tokens, mask, target_pos, options, inputs, bos_id, keep)
         record = capture_record(self.model, tokens, plan)
+        explained = explain_forward(self.model, tokens, plan, self.tokenizer, self.token_strings)
         results = []
         for b, row in enumerate(tokens.tolist()):
-            beams = [search(plan, record, b, target) for target in plan.targets[b]]
+            beams = [search(plan, record, b, target, explained) for target in plan.targets[b]]
             prompt = (self.token_strings(row), row)
-            results += assemble(plan, record, b, beams, prompt, self.tokenizer)
+            found = assemble(plan, record, b, beams, prompt, self.tokenizer)
+            results += found if explained is None else explained.attach(found, beams, b)
         return results
 
     def _texts(self, texts: list[str], attention_mask) -> tuple[Tensor, Tensor]:
@@ -172,10 +175,14 @@ class Tracer:
         return self.tokenizer.batch_decode([[i] for i in ids])
 
 
-def search(plan: TracePlan, record: Record, b: int, target: int) -> list:
-    """The beam search on prompt ``b`` of the record, from ``target``."""
+def search(plan: TracePlan, record: Record, b: int, target: int, explained=None) -> list:
+    """The beam search on prompt ``b`` of the record, from ``target`` (with a foil, its first
+    move scored against it: ``rat_lens.lens``)."""
+    weights = [weights[b] for weights in record.weights]
+    if explained is not None:
+        weights = explained.contrast(weights, [a[b] for a in record.attention], b, target)
     return beam_search(
-        [weights[b] for weights in record.weights],
+        weights,
         plan.layer_ids,
         target,
         plan.options,

@@ -208,7 +208,7 @@ LAYERS = [
     ["rat_lens.options", "rat_lens.text", "rat_lens.sankey", "rat_lens.files"],
     ["rat_lens.schema", "rat_lens.result"],
     ["rat_lens.search"],
-    ["rat_lens.models", "rat_lens.capture"],
+    ["rat_lens.models", "rat_lens.capture", "rat_lens.lens"],
     ["rat_lens.plan", "rat_lens.roles"],
     ["rat_lens.record"],
     ["rat_lens.assemble"],

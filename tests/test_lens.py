@@ -1,0 +1,235 @@
+"""What a route carried (rat_lens.lens): the logit lens at visited nodes and head moves' writes,
+checked against the model's own cache; contrastive targets; the saved form."""
+
+import pytest
+import torch
+
+import rat_lens
+from rat_lens import RatLensError, TraceResult
+from rat_lens.lens import LENS_TOP, head_direct_logits
+from rat_lens.models import repeated_tokens
+from rat_lens.sankey import node_layers
+
+TEXT = "cat dog red blue cat dog red"
+
+
+def final_norm_by_hand(model, x, scale):
+    """The final norm with the scale given, from the norm module's own parameters (not
+    rat_lens's reading of them): LayerNorm centres, RMSNorm does not."""
+    ln = getattr(model.ln_final, "original_component", model.ln_final)
+    weight = getattr(ln, "weight", getattr(ln, "w", None))
+    centred = model.cfg.normalization_type.startswith("LN")
+    x = x - x.mean(-1, keepdim=True) if centred else x
+    return x / scale * (1 if weight is None else weight.detach())
+
+
+def resid_at(cache, layer, pos):
+    name = "blocks.0.hook_resid_pre" if layer < 0 else f"blocks.{layer}.hook_resid_post"
+    return cache[name][0, pos]
+
+
+@pytest.fixture
+def traced(model):
+    tokens = model.to_tokens(TEXT)
+    result = rat_lens.trace(model, tokens, layers=(0, 1), agg_heads="none", top_beam=4)
+    logits, cache = model.run_with_cache(tokens)
+    return model, result, logits.detach(), cache
+
+
+def test_the_lens_at_the_target_on_the_last_layer_is_the_models_own_prediction(traced):
+    model, result, logits, _ = traced
+    top = next(r for r in result.lens if (r.layer, r.position) == (1, result.target_pos))
+    probs = logits[0, result.target_pos].softmax(-1)
+    assert top.token_ids[0] == int(probs.argmax()) == result.target_id
+    assert top.token_ids == probs.topk(LENS_TOP).indices.tolist()
+    assert top.probs == pytest.approx(probs.topk(LENS_TOP).values.tolist(), abs=1e-5)
+    assert (top.target_rank, result.target_token) == (0, model.to_string([result.target_id]))
+
+
+def test_every_visited_node_has_its_lens_from_the_residual_stream_through_the_final_norm(traced):
+    model, result, _, cache = traced
+    visited = {
+        (lay, pos)
+        for beam in result.beams
+        for pos, lay in zip(beam.positions, node_layers(beam, "layers", 1))
+    }
+    assert {(r.layer, r.position) for r in result.lens} == visited
+    ln = getattr(model.ln_final, "original_component", model.ln_final)
+    for record in result.lens:
+        x = resid_at(cache, record.layer, record.position).detach()
+        normed = torch.nn.functional.layer_norm(x, x.shape, ln.weight, ln.bias, ln.eps)
+        probs = (normed @ model.W_U + model.b_U).softmax(-1).detach()
+        assert record.token_ids == probs.topk(LENS_TOP).indices.tolist()
+        rank = int((probs > probs[result.target_id]).sum())
+        assert (record.target_rank, record.target_prob) == (
+            rank,
+            pytest.approx(float(probs[result.target_id]), abs=1e-5),
+        )
+
+
+def test_head_writes_are_z_times_W_O_through_the_final_norm_scale_onto_W_U(traced):
+    model, result, _, cache = traced
+    moves = {(m.layer, m.head, m.query, m.key) for b in result.beams for m in b.moves()}
+    assert {(w.layer, w.head, w.position, w.key) for w in result.writes} == moves
+    for write in result.writes:
+        z = cache[f"blocks.{write.layer}.attn.hook_z"][0, write.position, write.head]
+        out = z @ model.blocks[write.layer].attn.W_O[write.head]
+        scale = cache["ln_final.hook_scale"][0, write.position]
+        direct = (final_norm_by_hand(model, out, scale) @ model.W_U).detach()
+        assert write.promoted_ids == direct.topk(LENS_TOP).indices.tolist()
+        assert write.suppressed_ids == (-direct).topk(LENS_TOP).indices.tolist()
+        assert write.promoted == [model.to_string([i]) for i in write.promoted_ids]
+        assert write.dla == pytest.approx(float(direct[result.target_id]), abs=1e-4)
+        assert write.dla_diff is None
+
+
+def test_direct_logits_of_every_part_add_up_to_the_models_logits(model):
+    """The convention checked against the model itself: embeddings, every head's z·W_O and the
+    biases through the final norm (scale fixed) plus its bias onto W_U, plus b_U, is the
+    model's output at every position (an attention-only model: those are all the parts)."""
+    tokens = model.to_tokens(TEXT)
+    logits, cache = model.run_with_cache(tokens)
+    parts = cache["blocks.0.hook_resid_pre"][0]
+    for layer in range(model.cfg.n_layers):
+        z = cache[f"blocks.{layer}.attn.hook_z"][0]
+        W_O = model.blocks[layer].attn.W_O
+        parts = parts + torch.einsum("phd,hdm->pm", z, W_O) + model.blocks[layer].attn.b_O
+    scale = cache["ln_final.hook_scale"][0, :, 0]
+    ln = getattr(model.ln_final, "original_component", model.ln_final)
+    total = head_direct_logits(model, parts.detach(), scale) + ln.bias @ model.W_U + model.b_U
+    torch.testing.assert_close(total.detach(), logits[0].detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_a_foil_adds_target_minus_foil_to_every_write_and_is_saved(model):
+    tokens = model.to_tokens(TEXT)
+    plain = rat_lens.trace(model, tokens, layers=(0, 1), agg_heads="none")
+    foil = rat_lens.trace(model, tokens, layers=(0, 1), agg_heads="none", foil_token=" cat")
+    foil_id = model.to_single_token(" cat")
+    decoded = model.to_string([foil_id])
+    assert (foil.foil_id, foil.foil_token, foil.target_id) == (foil_id, decoded, plain.target_id)
+    _, cache = model.run_with_cache(tokens)
+    for write in foil.writes:
+        z = cache[f"blocks.{write.layer}.attn.hook_z"][0, write.position, write.head]
+        out = z @ model.blocks[write.layer].attn.W_O[write.head]
+        scale = cache["ln_final.hook_scale"][0, write.position]
+        direct = (final_norm_by_hand(model, out, scale) @ model.W_U).detach()
+        want = float(direct[foil.target_id] - direct[foil_id])
+        assert write.dla_diff == pytest.approx(want, abs=1e-4)
+    again = TraceResult.from_json(foil.to_json())
+    assert again == foil and again.writes[0].dla_diff is not None
+
+
+@torch.no_grad()
+def read_contributions(model, cache, target, token, foil):
+    """``[layer][head, key]``: each head's read of each key at the target row as a direct
+    contribution to logit(token) - logit(foil), by loops."""
+    scale = cache["ln_final.hook_scale"][0, target].detach()
+    out = []
+    for layer in range(model.cfg.n_layers):
+        A = cache[f"blocks.{layer}.attn.hook_pattern"][0].detach()
+        v = cache[f"blocks.{layer}.attn.hook_v"][0]
+        W_O = model.blocks[layer].attn.W_O.detach()
+        c = torch.zeros(A.shape[0], target + 1)
+        for h in range(A.shape[0]):
+            for k in range(target):
+                write = final_norm_by_hand(model, A[h, target, k] * v[k, h] @ W_O[h], scale)
+                c[h, k] = float((write @ model.W_U)[token] - (write @ model.W_U)[foil])
+        out.append(c)
+    return out
+
+
+def test_with_a_foil_the_first_move_is_a_read_that_pushes_target_over_foil(model):
+    for trial in range(4):
+        tokens = repeated_tokens(1, prefix_len=10, repeat_len=4, seed=trial)
+        foil = int(tokens[0, 3 + trial])  # an earlier token
+        if foil == int(model(tokens)[0, -1].argmax()):
+            foil = int(tokens[0, 2])
+        result = rat_lens.trace(
+            model, tokens, layers=(0, 1), agg_heads="none", foil_token=foil, top_beam=5
+        )
+        _, cache = model.run_with_cache(tokens)
+        c = read_contributions(model, cache, result.target_pos, result.target_id, foil)
+        top = max(float(x.max()) for x in c)
+        for beam in result.beams:
+            first = beam.moves()[0]
+            assert first.query == result.target_pos
+            assert c[first.layer][first.head, first.key] > 0
+        best = result.beams[0].moves()[0]
+        assert c[best.layer][best.head, best.key] <= top + 1e-6
+
+
+def test_target_token_text_or_id_sets_what_the_lens_ranks(model):
+    tokens = model.to_tokens(TEXT)
+    by_text = rat_lens.trace(model, tokens, layers=(0, 1), agg_heads="none", target_token=" cat")
+    by_id = rat_lens.trace(
+        model, tokens, layers=(0, 1), agg_heads="none", target_token=model.to_single_token(" cat")
+    )
+    assert by_text.target_id == model.to_single_token(" cat")
+    assert by_text.to_dict() == by_id.to_dict()
+    top = next(r for r in by_text.lens if (r.layer, r.position) == (1, by_text.target_pos))
+    assert top.target_rank > 0  # ' cat' is not what the model predicts after ' red'
+
+
+@pytest.mark.parametrize(
+    "keywords, message",
+    [
+        (dict(target_token=" cat dog"), "is 2 tokens"),
+        (dict(foil_token=10**6), "not a token id in 0..63"),
+        (dict(target_token=-1), "token id >= 0"),
+        (dict(foil_token=" cat", explain=False), "drop explain=False"),
+        (dict(foil_token=" blue"), "is the token explained"),
+    ],
+)
+def test_bad_targets_are_refused_by_name(model, keywords, message):
+    with pytest.raises(RatLensError, match=message):
+        rat_lens.trace(model, TEXT, layers=(0, 1), agg_heads="none", **keywords)
+
+
+def test_explain_off_and_from_a_cache_leave_no_lens(model):
+    tokens = model.to_tokens(TEXT)
+    off = rat_lens.trace(model, tokens, layers=(0, 1), explain=False)
+    _, cache = model.run_with_cache(tokens)
+    cached = rat_lens.trace(model, tokens, layers=(0, 1), cache=cache)
+    assert off.lens == off.writes == cached.lens == [] and off.target_id is None
+    with pytest.raises(RatLensError, match="cache= runs none"):
+        rat_lens.trace(model, tokens, layers=(0, 1), cache=cache, foil_token=3)
+
+
+def test_chain_and_aggregated_traces_have_the_lens_and_no_writes(model):
+    result = rat_lens.trace(model, TEXT, layer=1)
+    assert result.lens and result.writes == []
+    assert {r.layer for r in result.lens} == {1}
+
+
+def test_a_padded_batch_explains_each_prompt_as_alone(model):
+    texts = [TEXT, "cat dog red cat"]
+    batch = rat_lens.Tracer(model).trace_batch(texts, layers=(0, 1), agg_heads="none")
+    for text, result in zip(texts, batch):
+        alone = rat_lens.trace(model, text, layers=(0, 1), agg_heads="none")
+        assert [r.token_ids for r in result.lens] == [r.token_ids for r in alone.lens]
+        assert [w.promoted_ids for w in result.writes] == [w.promoted_ids for w in alone.writes]
+
+
+def test_the_hf_backed_bridge_lens_at_the_top_is_its_prediction(gpt2_bridge):
+    tokens = torch.tensor([[0, 5, 9, 12, 5, 9, 3, 7]])
+    result = rat_lens.trace(gpt2_bridge, tokens, layers=(0, 2), agg_heads="none")
+    logits = gpt2_bridge(tokens)[0, -1].detach()
+    top = next(r for r in result.lens if (r.layer, r.position) == (2, result.target_pos))
+    assert top.token_ids == logits.topk(LENS_TOP).indices.tolist()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["lens"][0].update(probs=[2.0] * len(d["lens"][0]["probs"])), "must be <= 1"),
+        (lambda d: d["lens"][0].pop("target_rank"), r"lens\[0\] must be an object"),
+        (lambda d: d["writes"][0].update(key=99), r"writes\[0\].*key must be an int"),
+        (lambda d: d["writes"][0].update(promoted_ids=[1]), "promoted_ids must hold"),
+        (lambda d: d.update(foil_id=-2), "foil_id must be an int >= 0"),
+    ],
+)
+def test_a_bad_saved_lens_or_write_is_named(model, edit, message):
+    data = rat_lens.trace(model, TEXT, layers=(0, 1), agg_heads="none").to_dict()
+    edit(data)
+    with pytest.raises(RatLensError, match=message):
+        TraceResult.from_dict(data)
