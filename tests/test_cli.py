@@ -27,7 +27,7 @@ def test_the_readme_main_job_runs_offline_as_a_real_command(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert "target 8 'red', layer 1, 5 beams:" in done.stdout
+    assert "target 8 'red', layers 0..1, 5 beams:" in done.stdout
     assert "  'red'@8 ←L1(" in done.stdout and "(score: " in done.stdout
     page = tmp_path / "rat_lens_out" / "index.html"
     assert page.exists() and f"wrote {page.relative_to(tmp_path)}" in done.stdout
@@ -104,7 +104,7 @@ def test_every_trace_flag_reaches_the_tracer(tmp_path, capsys):
     assert not (out / "index.html").exists()
     markdown = (out / "trace.md").read_text()
     assert markdown.count("'red'@8") >= 1 and "| " in markdown
-    assert "-[L1.H" in stdout
+    assert "←L1.H" in stdout
     assert "Traced mass by head" in stdout and "Predictions at traced positions" in stdout
     assert len(results[0].predictions[0].token_ids) == 2
 
@@ -127,7 +127,7 @@ def test_generate_traces_each_generated_token(tmp_path, capsys):
     results = saved(tmp_path)
     assert [r.target_pos for r in results] == [6, 7]  # the positions that produced them
     assert results[0].tokens[-2:] == ["red", "blue"]  # the induction model continues the copy
-    assert stdout.count(", layer 1, 5 beams:") == 2
+    assert stdout.count(", layers 0..1, 5 beams:") == 2  # the default: per head, full depth
 
 
 def test_render_round_trips_a_trace_written_by_trace(tmp_path, capsys):
@@ -162,7 +162,7 @@ def test_models_lists_what_loads_offline(capsys):
         (["trace", TEXT, "--target-pos", "9"], 1, "target_pos=9 out of range"),
         (["trace", TEXT, "--top-k", "0"], 2, "top_k must be >= 1, got 0"),
         (["trace", TEXT, "--length-norm", "avg"], 2, "length_norm='avg' not in"),
-        (["trace", TEXT, "--residual", "rollout"], 2, "needs layers mode"),
+        (["trace", TEXT, "--layer", "1", "--residual", "rollout"], 2, "needs layers mode"),
         (["trace", TEXT, "--generate", "90"], 1, "exceeds the model's context of 64"),
         (["trace", "cat zebra"], 1, "zebra"),
         (["trace", TEXT, "--query-chunk", "0"], 1, "query_chunk must be >= 1, got 0"),

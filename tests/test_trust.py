@@ -141,7 +141,7 @@ def test_the_search_budget_is_refused_before_any_forward(induction):
     tokens = model.to_tokens(TEXT)
     before = logits_of(model, tokens)
     with pytest.raises(RatLensError, match="over the search budget.*SEARCH_BUDGET"):
-        rat_lens.trace(model, TEXT, top_beam=10**6)
+        rat_lens.trace(model, TEXT, layer=-1, top_beam=10**6)  # a chain: one step per token
     assert hook_count(model) == 0
     assert torch.equal(logits_of(model, tokens), before)
 

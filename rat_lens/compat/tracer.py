@@ -121,6 +121,8 @@ class ReverseAttentionTracer(Tracer):
             )
         args = (layer, top_beam, top_k, min_attn, agg_heads, length_norm, stop_at_bos)
         peer = {name: value for name, value in zip(PEER_ORDER, args) if value is not None}
+        keywords = _peer_mode(options, {**peer, **keywords})
+        peer = {name: keywords.pop(name) for name in PEER_ORDER if name in keywords}
         stops = (options or _DEFAULT).stop_at_bos if stop_at_bos is None else stop_at_bos
         if stops is True and isinstance(input_ids, Tensor):
             _warn_no_bos(input_ids, self.tokenizer, bos_token_id)
@@ -164,6 +166,12 @@ class ReverseAttentionTracer(Tracer):
             len(ids), target, layer, options.top_beam, options.top_k, strings, paths, sankey, [],
             agg_heads=options.agg_heads, length_norm=options.length_norm, token_ids=ids,
         )  # fmt: skip
+
+    def trace_batch(self, inputs, target_pos=-1, attention_mask=None, *, options=None, **keywords):
+        """:meth:`rat_lens.tracer.Tracer.trace_batch` with reverse-attention's default mode (a
+        chain in the last layer) unless ``options=``, ``layer`` or ``layers`` say otherwise."""
+        keywords = _peer_mode(options, keywords)
+        return super().trace_batch(inputs, target_pos, attention_mask, options=options, **keywords)
 
     def trace_text(self, text: str, target_pos: Optional[int] = None, **kwargs) -> TraceResult:
         """reverse-attention's ``trace_text``: a TransformerLens model tokenizes as it does
@@ -243,3 +251,12 @@ def _warn_pad_mask(input_ids, tokenizer) -> bool:
             stacklevel=3,
         )
     return bool(positions)
+
+
+def _peer_mode(options: Optional[TraceOptions], keywords: dict) -> dict:
+    """``keywords`` with reverse-attention's default mode, a chain in the last layer, where
+    neither ``options=`` nor ``layer`` / ``layers`` chose one (rat_lens's own default is a
+    per-head trace at full depth)."""
+    if options is None and "layer" not in keywords and "layers" not in keywords:
+        return {**keywords, "layer": -1}
+    return keywords
