@@ -70,6 +70,11 @@ def _write(results: list[TraceResult], out: str, formats) -> list[Path]:
 FORMATS = ("html", "json", "md")
 
 
+def _token(text: str):
+    """A token flag's value: digits are a token id, anything else its text."""
+    return int(text) if text.isdigit() else text
+
+
 def _query_chunk(text: str):
     """``N`` → N, ``auto`` → "auto", ``off`` → None (one forward)."""
     if text in ("auto", "off"):
@@ -257,6 +262,8 @@ def _trace(args: argparse.Namespace) -> int:
             predictions=args.predictions,
             query_chunk=args.query_chunk,
             store=args.store,
+            target_token=args.target_token,
+            foil_token=args.foil_token,
         )
 
     if args.generate:  # the continuation, as text: each target below produced its next token
@@ -439,6 +446,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="POS",
         help="position(s) to trace from; negative counts from the end (default -1)",
     )
+    for flag, what in (
+        ("--target-token", "the token to explain (default: the model's top prediction)"),
+        ("--foil", "explain the target against this token"),
+    ):
+        trace.add_argument(
+            flag,
+            dest=f"{flag.strip('-').split('-')[0]}_token",
+            type=_token,
+            metavar="TOKEN",
+            help=f"{what}: text that is one token (e.g. ' Mary') or a token id",
+        )
     trace.add_argument(
         "--predictions",
         type=int,

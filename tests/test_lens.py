@@ -233,3 +233,21 @@ def test_a_bad_saved_lens_or_write_is_named(model, edit, message):
     edit(data)
     with pytest.raises(RatLensError, match=message):
         TraceResult.from_dict(data)
+
+
+def test_the_cli_target_and_foil_flags_reach_the_saved_trace_and_the_page(tmp_path, capsys):
+    from test_cli import run, saved
+
+    from rat_lens.models import load
+    from rat_lens.render._payload import payload
+
+    model = load("induction-2l")
+    blue, cat = model.to_single_token(" blue"), model.to_single_token(" cat")
+    flags = ["--layers", "0:1", "--agg-heads", "none", "--out", str(tmp_path), "--format", "json"]
+    code, _, _ = run(capsys, "trace", TEXT, *flags, "--target-token", str(blue), "--foil", " cat")
+    assert code == 0
+    (result,) = saved(tmp_path)
+    assert (result.target_id, result.foil_id) == (blue, cat)
+    assert all(w.dla_diff is not None for w in result.writes) and result.writes
+    meta = payload(result)["meta"]
+    assert (meta["target_token"], meta["foil_token"]) == (result.target_token, result.foil_token)

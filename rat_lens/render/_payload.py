@@ -73,6 +73,9 @@ def payload(result: TraceResult) -> dict:
             "batch_index": result.batch_index,
             # A --generate page: the tokens from here on were generated (None: not known).
             "prompt_len": getattr(result, "prompt_len", None),
+            # What the route explains (rat_lens.lens): "why target_token and not foil_token".
+            "target_token": result.target_token,
+            "foil_token": result.foil_token,
         },
         "tokens": list(result.tokens),
         "token_ids": list(result.token_ids),
