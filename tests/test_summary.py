@@ -432,3 +432,19 @@ def test_the_summary_names_the_induction_circuit_on_many_prompts():
     ]
     hits, _ = circuit_hits(model, prompts)
     assert hits >= 18, f"{hits}/20 prompts: top beam is not induction → previous-token"
+
+
+def test_a_chain_ending_on_the_sink_says_so(model):
+    """A chain's best beam that ends on position 0 shows the attention sink, not a circuit:
+    the summary says so; a per-head layers trace (the default) does not need the note."""
+    text = "cat dog red blue cat dog red"
+    for layer in (0, 1):
+        chain = rat_lens.trace(model, text, layer=layer)
+        summary = rat_lens.summarize(chain)
+        assert summary.ends_on_sink == (chain.beams[0].positions[-1] == 0)
+        assert ("attention sink" in summary.to_text()) == summary.ends_on_sink
+    assert any(
+        rat_lens.summarize(rat_lens.trace(model, text, layer=layer)).ends_on_sink
+        for layer in (0, 1)
+    ), "neither chain ends on the sink: the note is untested"
+    assert not rat_lens.summarize(rat_lens.trace(model, text)).ends_on_sink

@@ -16,8 +16,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from ..errors import RatLensError
-from ..result import HeadTable, JsonRoundTrip, Prediction, TraceResult, Verification, beam_weights
+from ..errors import RatLensError, checked_call
+from ..result import (
+    HeadTable,
+    JsonRoundTrip,
+    Prediction,
+    TraceResult,
+    Verification,
+    beam_weights,
+    check_result,
+)
 from ..text import path_text
 from .text import summary_html, summary_markdown, summary_rich, summary_text
 
@@ -124,6 +132,8 @@ class Summary(JsonRoundTrip):
     predictions: list[Prediction] = field(default_factory=list)
     verification: Optional[Verification] = None
     edge_weight: str = "attention"  # what the edge weights (and so the masses) are
+    # A chain whose best beam ends on position 0: the attention sink, not a circuit.
+    ends_on_sink: bool = False
 
     def to_markdown(self) -> str:
         """GitHub-flavoured markdown: a heading, then one table per section."""
@@ -170,6 +180,7 @@ class Summary(JsonRoundTrip):
         return cls(**data)
 
 
+@checked_call
 def summarize(
     result: TraceResult,
     *,
@@ -219,6 +230,7 @@ def summarize(
         >>> Summary.from_json(summary.to_json()) == summary
         True
     """
+    check_result(result, "summarize")
     # Explicit arguments win; then what the tracer recorded; then what the tensors give.
     roles, stats = _table(roles), _table(stats)
     rollout = getattr(result, "rollout", None) or None
@@ -259,7 +271,15 @@ def summarize(
             p if isinstance(p, Prediction) else Prediction(**p) for p in predictions or []
         ],
         verification=verification,
+        ends_on_sink=_ends_on_sink(result),
     )
+
+
+def _ends_on_sink(result) -> bool:
+    """Whether a chain's best beam ends on position 0, where trained models park attention
+    (BOS or not): then the beams show the sink, and layers mode or ``exclude_bos`` show more."""
+    best = result.beams[0] if result.beams else None
+    return result.mode == "chain" and best is not None and best.positions[-1] == 0
 
 
 def _from_patterns(

@@ -65,6 +65,11 @@ def _title(s) -> tuple[str, str]:
     if s.edge_weight != "attention":
         heads += f" weighted by {s.edge_weight} (shares of the block output)"
     extra = ", BOS/position 0 excluded" if s.exclude_bos else ""
+    if s.ends_on_sink:
+        extra += (
+            "; the best beam ends on position 0, an attention sink: see past it per head "
+            "across layers (the default), or with exclude_bos=True"
+        )
     return (
         f"Trace summary: target {_at(s.target_token, s.target_pos)}"
         + (f" (prompt {s.batch_index})" if s.batch_index else ""),
