@@ -27,7 +27,9 @@ layer's whole ``[head, seq, seq]`` pattern outlives its query chunk.
 
 import inspect
 import re
+import sys
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -42,7 +44,7 @@ from transformer_lens import ActivationCache
 
 from .errors import RatLensError, check_choice, check_int
 from .options import AGG_HEADS, EDGE_WEIGHTS
-from .search.contrib import edge_shares
+from .search.contrib import ShareRows, edge_shares, key_norms, value_norm_shares
 from .search.pattern import aggregate_heads, check_pattern_values
 from .search.stats import top_attention
 from .search.store import LayerMeanRows, TopKeys, TopKeysBuilder, head_mean
@@ -64,11 +66,13 @@ __all__ = [
     "check_tokens",
     "capture_contributions",
     "ContributionCapture",
+    "ValueNormCapture",
     "Forward",
     "run_forward",
     "check_layers",
     "input_device",
     "offloaded_weights_loaded",
+    "ProgressBar",
 ]
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
@@ -157,23 +161,26 @@ class PatternCapture:
         if self.device is not None:
             self.device = torch.device(self.device)
 
+    def add(self, name: str, pattern: Float[Tensor, "batch head query key"]) -> None:
+        """Keep a block of query rows of the layer hooked at ``name`` (the hooks call it)."""
+        rows = aggregate_heads(pattern.detach(), self.agg_heads)
+        rows = rows if self.device is None else rows.to(self.device)
+        queries, keys = rows.shape[-2:]
+        blocks = self.store.setdefault(name, [])
+        if keys == queries:  # a forward from position 0: starts afresh
+            blocks.clear()
+        seen = sum(block.shape[-2] for block in blocks)
+        if seen + queries != keys:
+            raise RatLensError(
+                f"{name} gave {queries} query rows over {keys} keys after {seen} rows "
+                f"captured: the model did not continue its KV cache (past_key_values)"
+            )
+        blocks.append(rows)
+
     @property
     def fwd_hooks(self) -> list:
         def keep(pattern: Tensor, hook):
-            rows = aggregate_heads(pattern.detach(), self.agg_heads)
-            rows = rows if self.device is None else rows.to(self.device)
-            queries, keys = rows.shape[-2:]
-            blocks = self.store.setdefault(hook.name, [])
-            if keys == queries:  # a forward from position 0: starts afresh
-                blocks.clear()
-            seen = sum(block.shape[-2] for block in blocks)
-            if seen + queries != keys:
-                raise RatLensError(
-                    f"{hook.name} gave {queries} query rows over {keys} keys after {seen} rows "
-                    f"captured: the model did not continue its KV cache (past_key_values)"
-                )
-            blocks.append(rows)
-            return None  # the model's own pattern flows on unchanged
+            self.add(hook.name, pattern)  # returns None: the model's own pattern flows on
 
         return [(hook_name(layer), keep) for layer in sorted(set(self.layers))]
 
@@ -208,7 +215,8 @@ class BoundedCapture:
       needs all of it).
 
     ``add(name, pattern)`` takes a ``[batch, head, query, key]`` block of the layer hooked at
-    ``name`` (the hooks call it; so can a caller holding patterns).
+    ``name`` (the hooks call it; so can a caller holding patterns). Without ``overview`` only
+    the stores are kept (no strip, no head-means): a store of edge shares.
     """
 
     layers: Sequence[int]
@@ -217,6 +225,7 @@ class BoundedCapture:
     keep: int
     query_mask: Tensor  # [batch, seq]
     head_means: bool = False
+    overview: bool = True
 
     def __post_init__(self):
         batch, seq = self.key_ok.shape
@@ -231,6 +240,8 @@ class BoundedCapture:
     def add(self, name: str, pattern: Float[Tensor, "batch head query key"]) -> None:
         check_pattern_values(pattern, name)
         self.builders[name].add(pattern)
+        if not self.overview:
+            return
         mean = head_mean(pattern.detach().float()).cpu()
         if self.head_means:
             self.means[name].append(mean)
@@ -277,6 +288,7 @@ class Forward:
     attention_mask: Optional[Tensor] = None
     query_chunk: Union[int, str, None] = "auto"
     logits: bool = False
+    progress: bool = False  # a ProgressBar of the capture's layers (per query chunk)
 
 
 def run_forward(
@@ -300,12 +312,7 @@ def run_forward(
         >>> capture.to_cache(model)["pattern", 0].shape
         torch.Size([1, 1, 3, 3])
     """
-    n_layers = pattern_layers(model)
-    bad = [layer for layer in capture.layers if not 0 <= layer < n_layers]
-    if bad or not capture.layers:
-        raise RatLensError(
-            f"layers {list(capture.layers)} must be non-empty and within 0..{n_layers - 1}"
-        )
+    n_layers = _check_layer_range(model, capture.layers)
     check_tokens(model, tokens)
     tokens = tokens.to(input_device(model))
     mask = forward.attention_mask
@@ -315,11 +322,14 @@ def run_forward(
         chunk = _chunk_size(model, tokens, capture.layers, mask, forward.query_chunk)
         kwargs = _chunk_kwargs(model, tokens) if chunk < seq else lambda _: {"attention_mask": mask}
         last = n_layers - 1 if forward.logits else max(capture.layers)
+        layers = sorted(set(capture.layers))
+        bar = ProgressBar(len(layers) * -(-seq // chunk), "layers", forward.progress)
         hooks = capture.fwd_hooks + _release_hooks(model, last)
+        hooks += [(hook_name(layer), lambda _, hook: bar.advance()) for layer in layers]
         if not forward.logits:
             hooks.append((hook_name(last), _stop))  # after the capture's own hook there
         logits = []
-        with torch.no_grad(), kv_cache_reaches_attention(model), model.hooks(fwd_hooks=hooks):
+        with bar, torch.no_grad(), kv_cache_reaches_attention(model), model.hooks(fwd_hooks=hooks):
             for start in range(0, seq, chunk):
                 piece = tokens[:, start : start + chunk]
                 try:
@@ -334,6 +344,81 @@ def run_forward(
             f"not available for this model; trace without it"
         )
     return torch.cat(logits, dim=1) if logits else None
+
+
+def _check_layer_range(model, layers: Sequence[int]) -> int:
+    """The model's number of layers, if ``layers`` are some of them."""
+    n_layers = pattern_layers(model)
+    if not layers or any(not 0 <= layer < n_layers for layer in layers):
+        raise RatLensError(f"layers {list(layers)} must be non-empty and within 0..{n_layers - 1}")
+    return n_layers
+
+
+class ProgressBar:
+    """Work done of ``total`` (in ``unit``) as a rich progress bar with rate and ETA on stderr,
+    shown only once the work has run ``SHOW_AFTER`` seconds and only on a terminal (short runs,
+    pipes and ``show=False`` print nothing). A context manager; ``advance(n)`` counts.
+
+    Examples:
+        >>> with ProgressBar(3, "layers", show=False) as bar:
+        ...     bar.advance(2)
+        >>> bar.done
+        2
+    """
+
+    SHOW_AFTER = 2.0  # seconds
+
+    def __init__(self, total: int, unit: str, show: bool = True, done: int = 0):
+        self.total, self.unit, self.done = total, unit, done
+        self.show = show and sys.stderr.isatty()
+        self.started, self.bar, self.task = time.monotonic(), None, None
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if not self.show:
+            return
+        if self.bar is None and time.monotonic() - self.started >= self.SHOW_AFTER:
+            self._start()
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
+
+    def _start(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+        from rich.text import Text
+
+        unit = self.unit
+
+        class Rate(ProgressColumn):
+            def render(self, task):
+                return Text(f"{task.speed:.2f} {unit}/s" if task.speed else f"… {unit}/s")
+
+        self.bar = Progress(
+            TextColumn(unit),
+            BarColumn(),
+            MofNCompleteColumn(),
+            Rate(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(unit, total=self.total, completed=self.done)
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.bar is not None:
+            self.bar.stop()
+        return False
 
 
 def _stop(activation: Tensor, hook):
@@ -726,19 +811,127 @@ class ContributionCapture:
         """Layer ``layer``'s shares ``[batch, head + 1, query, key]`` (the last channel the
         residual stream), computed where its activations are (a dispatched model's layers sit
         on several devices)."""
-        pattern = self.pattern(layer)
-        with offloaded_weights_loaded(model.blocks[layer].attn) as attn:
-            W_O = attn.W_O.detach().to(pattern.device)
-            b_O = getattr(attn, "b_O", None)
-            b_O = None if b_O is None else b_O.detach().to(pattern.device)
-        values = self.kept[f"blocks.{layer}.attn.hook_v"]
-        resid = self.kept[f"blocks.{layer}.hook_resid_pre"]
+        pattern, values, W_O, resid, b_O = self._parts(model, layer)
         return torch.stack(
             [
                 edge_shares(pattern[b], values[b], W_O, resid[b], b_O, weight)
                 for b in range(pattern.shape[0])
             ]
         )
+
+    def rows(self, model, layer: int) -> list[ShareRows]:
+        """Layer ``layer``'s proximity shares, one :class:`~rat_lens.search.contrib.ShareRows`
+        per prompt: computed only for the rows a search reads."""
+        pattern, values, W_O, resid, b_O = self._parts(model, layer)
+        return [
+            ShareRows(pattern[b], values[b], W_O, resid[b], b_O) for b in range(pattern.shape[0])
+        ]
+
+    def _parts(self, model, layer: int) -> tuple:
+        """The layer's pattern, values, ``W_O``, residual stream and ``b_O`` (or None), the
+        weights on the pattern's device."""
+        pattern = self.pattern(layer)
+        with offloaded_weights_loaded(model.blocks[layer].attn) as attn:
+            W_O = attn.W_O.detach().to(pattern.device)
+            b_O = getattr(attn, "b_O", None)
+            b_O = None if b_O is None else b_O.detach().to(pattern.device)
+        values = self.kept[f"blocks.{layer}.attn.hook_v"]
+        return pattern, values, W_O, self.kept[f"blocks.{layer}.hook_resid_pre"], b_O
+
+
+@dataclass
+class ValueNormCapture:
+    """Forward hooks that stream value-norm edge shares of ``layers`` as the forward runs, at
+    the cost of keeping the attention: per layer, ``hook_resid_pre`` gives each row's ``‖x_q‖``
+    and ``hook_v`` each key's ``‖v_k W_O[h]‖`` (with the layer's ``W_O``), and each block of
+    ``hook_pattern`` rows becomes its shares (:func:`rat_lens.search.contrib.value_norm_shares`)
+    at once, over a KV cache too. The patterns go to ``attention``, the shares
+    ``[batch, head + 1, query, key]`` to ``shares`` (each a :class:`PatternCapture` with
+    ``agg_heads="none"``, or a :class:`BoundedCapture`), under the pattern's hook name.
+
+    Examples:
+        >>> from rat_lens.models import load
+        >>> model = load("induction-2l")
+        >>> vn = ValueNormCapture.of(model, [1], PatternCapture([1], "none"),
+        ...                          PatternCapture([1], "none"))
+        >>> _ = run_forward(model, model.to_tokens("cat dog red cat"), vn)
+        >>> vn.shares.to_cache(model)["pattern", 1].shape   # 4 heads + the residual stream
+        torch.Size([1, 5, 5, 5])
+    """
+
+    layers: Sequence[int]
+    W_O: dict  # layer -> [head, d_head, d_model]
+    attention: Union[PatternCapture, BoundedCapture]
+    shares: Union[PatternCapture, BoundedCapture]
+
+    PARTS = ("hook_resid_pre", "attn.hook_v", "attn.hook_pattern")  # in a forward's order
+
+    def __post_init__(self):
+        self.layers = check_layers(self.layers)
+        self.norms: dict[int, Tensor] = {}  # layer -> [batch, head, keys so far]
+        self.resid: dict[int, Tensor] = {}  # layer -> ‖x_q‖ [batch, query] of the rows in flight
+
+    @classmethod
+    def of(cls, model, layers: Sequence[int], attention, shares) -> "ValueNormCapture":
+        """The capture for ``model``, its ``W_O`` read once (loaded where offloaded)."""
+        _check_layer_range(model, layers)
+        check_contribution_hooks(model, layers)
+        W_O = {}
+        for layer in set(layers):
+            with offloaded_weights_loaded(model.blocks[layer].attn) as attn:
+                W_O[layer] = attn.W_O.detach()
+        return cls(layers, W_O, attention, shares)
+
+    def add(self, layer: int, part: str, activation: Tensor) -> None:
+        """Take one of ``PARTS`` of ``layer`` (the hooks call it; so can a caller holding a
+        cache, in a forward's order)."""
+        activation = activation.detach()
+        if part == "hook_resid_pre":
+            self.resid[layer] = activation.float().norm(dim=-1)
+            return
+        if part == "attn.hook_v":
+            norms = key_norms(activation, self.W_O[layer].to(activation.device))
+            earlier = self.norms.get(layer)
+            self.norms[layer] = norms if earlier is None else torch.cat([earlier, norms], -1)
+            return
+        queries, keys = activation.shape[-2:]
+        if keys == queries:  # a forward from position 0: only its own values count
+            self.norms[layer] = self.norms[layer][..., -keys:]
+        if self.norms[layer].shape[-1] != keys:
+            raise RatLensError(
+                f"{hook_name(layer)} gave {queries} query rows over {keys} keys after values "
+                f"of {self.norms[layer].shape[-1]} keys: the model did not continue its KV cache"
+            )
+        self.attention.add(hook_name(layer), activation)
+        shares = value_norm_shares(activation, self.norms[layer], self.resid.pop(layer))
+        self.shares.add(hook_name(layer), shares)
+
+    @property
+    def fwd_hooks(self) -> list:
+        def keeper(layer: int, part: str):  # by the name asked for: the bridge fires aliases
+            return lambda activation, hook: self.add(layer, part, activation)
+
+        layers = sorted(set(self.layers))
+        return [(f"blocks.{layer}.{p}", keeper(layer, p)) for layer in layers for p in self.PARTS]
+
+    def rows_captured(self) -> dict[str, int]:
+        return self.attention.rows_captured()
+
+    def add_cache(self, cache, batch_seq: tuple[int, int]) -> None:
+        """Feed a ``run_with_cache`` cache of the prompts (``batch_seq``: their shape)."""
+        patterns = patterns_from_cache(cache, self.layers, "none", batch_seq)
+        for layer in sorted(set(self.layers)):
+            for part in self.PARTS[:2]:
+                try:
+                    self.add(layer, part, cache[f"blocks.{layer}.{part}"])
+                except KeyError:
+                    raise RatLensError(
+                        f"value_norm edges from cache= read blocks.{layer}.{part}, which the "
+                        "cache lacks: cache hook_pattern, hook_v and hook_resid_pre (names_filter="
+                        "lambda n: n.endswith(('hook_pattern', 'hook_v', 'hook_resid_pre'))), "
+                        "or pass edge_weight='attention'"
+                    ) from None
+            self.add(layer, self.PARTS[2], patterns[hook_name(layer)])
 
 
 def check_contribution_hooks(model, layers: Sequence[int]) -> None:
@@ -775,8 +968,8 @@ def capture_contributions(
         (torch.Size([1, 5, 5, 5]), 1.0)
     """
     check_choice("weight", weight, EDGE_WEIGHTS[1:])
-    pattern_layers(model)
     capture = ContributionCapture(layers)
+    _check_layer_range(model, capture.layers)
     check_contribution_hooks(model, capture.layers)
     logits = run_forward(model, tokens, capture, Forward(None, None, logits=with_patterns))
     device = input_device(model)

@@ -30,12 +30,13 @@ import inspect
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
+from .capture import ProgressBar
 from .causal import verify as verify_trace
 from .errors import RatLensError, check_bool, check_choice, check_int
 from .files import write_files
@@ -163,8 +164,9 @@ def census(
             rank, are skipped.
         targets: ``"last"`` (each prompt's last token), a position for all (negative counts
             from the end), or one position per prompt.
-        batch_size: prompts traced between two writes to disk. Each prompt runs in its own
-            forward, so a trace never depends on the batching or on the number of ranks.
+        batch_size: prompts traced in one padded, masked forward (per distinct target), and
+            written to disk together. Each prompt's trace is the one it gets alone (its real
+            tokens attend to nothing else), whatever the batching or the number of ranks.
         format: ``"jsonl"`` or ``"parquet"`` (pyarrow; one row per prompt, the trace as JSON).
         resume: skip prompts already in ``out_dir``; False starts over.
         progress: a progress bar with rate and ETA on stderr (terminals only).
@@ -199,31 +201,36 @@ def census(
     with _Bar(len(mine), len(mine) - len(todo), progress and rank == 0) as advance:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            rows = [
-                (i, _record(tracer, prompts[i], wanted[i], options, roles, checks)) for i in batch
-            ]
+            traced = _trace_batch(
+                tracer, [prompts[i] for i in batch], [wanted[i] for i in batch], options
+            )
+            rows = [(i, _record(tracer, r, roles, checks)) for i, r in zip(batch, traced)]
             _append(out, format, rank, rows)
             advance(len(batch))
     _barrier(world)
-    path = out / f"traces.{format}"
-    found = Census(len(prompts), str(path), options.to_dict())
+    found = Census(len(prompts), str(out / f"traces.{format}"), options.to_dict())
     if rank == 0:
-        rows = _load(out, format, len(prompts))
-        results = [TraceResult.from_dict(row["trace"]) for row in rows]
-        found.heads = aggregate(results)
-        if roles:
-            found.roles = _mean_roles(rows, out)
-        _merge(out, format, rows)
-        write_files(
-            out,
-            {
-                "census.json": found.to_json(indent=1),
-                "census.csv": _csv(found),
-                "census.html": census_html(found, results),
-            },
-        )
+        _finish(found, out, format, roles)
     _barrier(world)
     return found
+
+
+def _finish(found: Census, out: Path, format: str, roles: bool) -> None:
+    """Rank 0's end of a census: every rank's records merged, aggregated and written."""
+    rows = _load(out, format, found.n_prompts)
+    results = [TraceResult.from_dict(row["trace"]) for row in rows]
+    found.heads = aggregate(results)
+    if roles:
+        found.roles = _mean_roles(rows, out)
+    _merge(out, format, rows)
+    write_files(
+        out,
+        {
+            "census.json": found.to_json(indent=1),
+            "census.csv": _csv(found),
+            "census.html": census_html(found, results),
+        },
+    )
 
 
 def aggregate(results: Sequence[TraceResult]) -> list[HeadCount]:
@@ -320,9 +327,8 @@ def _verify_keywords(verify) -> Optional[dict]:
     return dict(verify)
 
 
-def _record(tracer: Tracer, prompt, target: int, options: TraceOptions, roles: bool, checks):
+def _record(tracer: Tracer, result: TraceResult, roles: bool, checks) -> dict:
     """One prompt's record: its trace (with its causal check when asked) and role scores."""
-    result = _trace_one(tracer, prompt, target, options)
     if checks is not None:
         result.verification = verify_trace(tracer.model, result, **checks)
     row = {"trace": result.to_dict()}
@@ -355,19 +361,41 @@ def _mean_roles(rows: list[dict], out: Path) -> HeadTable:
     return HeadTable(list(first.layers), scores)
 
 
-def _trace_one(tracer: Tracer, prompt, target: int, options: TraceOptions) -> TraceResult:
-    if isinstance(prompt, str):
-        tokens, mask = tracer.tokenize([prompt])
-        result = tracer.trace_batch(tokens, target, mask, options=options)[0]
-    else:
-        result = tracer.trace(prompt, target, options=options)
-    if result.edge_weight != options.resolve().edge_weight:  # a census adds up: one weight
-        raise RatLensError(
-            f"a prompt of {result.seq_len} tokens fell back to edge_weight="
-            f"{result.edge_weight!r} (its {options.resolve().edge_weight} shares are over "
-            "rat_lens.options.PATTERN_BUDGET): give edge_weight= explicitly, or raise the budget"
+def _trace_batch(tracer: Tracer, prompts: list, targets: list, options: TraceOptions) -> list:
+    """The prompts' traces, one padded masked forward per distinct target (usually one)."""
+    rows = [
+        tracer.tokenize([p])[0][0] if isinstance(p, str) else torch.as_tensor(p).flatten()
+        for p in prompts
+    ]
+    pad = getattr(tracer.tokenizer, "pad_token_id", None) or 0
+    found = [None] * len(prompts)
+    for target in dict.fromkeys(targets):
+        which = [i for i, t in enumerate(targets) if t == target]
+        tokens = torch.nn.utils.rnn.pad_sequence(
+            [rows[i] for i in which], batch_first=True, padding_value=pad
         )
-    return result
+        mask = torch.zeros_like(tokens)
+        for j, i in enumerate(which):
+            mask[j, : len(rows[i])] = 1
+        traced = tracer.trace_batch(tokens, target, mask, options=options, progress=False)
+        for i, result in zip(which, traced):
+            found[i] = _alone(result, len(rows[i]))
+    return found
+
+
+def _alone(result: TraceResult, n: int) -> TraceResult:
+    """A right-padded prompt's result as its trace alone: its ``n`` real tokens (every
+    position a result names is one of them; the padding attends to nothing and is never
+    attended to), batch index 0."""
+    rollout = None if result.rollout is None else result.rollout[:n]
+    return replace(
+        result,
+        tokens=result.tokens[:n],
+        token_ids=result.token_ids[:n],
+        seq_len=n,
+        batch_index=0,
+        rollout=rollout,
+    )
 
 
 SHARDS = ".shards"  # each rank's batches, as they finish; merged into traces.* at the end
@@ -579,53 +607,18 @@ class CensusInterrupted(KeyboardInterrupt):
 
 
 class _Bar:
-    """Counts the prompts done, shown as a rich progress bar (done/total, prompts per second,
-    ETA) on stderr or not at all; Ctrl-C inside becomes :class:`CensusInterrupted` with the
-    count."""
+    """Counts the prompts done, shown as a :class:`~rat_lens.capture.ProgressBar` (done/total,
+    prompts per second, ETA) on stderr or not at all; Ctrl-C inside becomes
+    :class:`CensusInterrupted` with the count."""
 
     def __init__(self, total: int, done: int, show: bool):
-        self.total, self.done, self.show, self.progress = total, done, show, None
-        self.shown = lambda n: None
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        self.shown(n)
+        self.bar = ProgressBar(total, "prompts", show, done)
 
     def __enter__(self):
-        import sys
-
-        if not (self.show and sys.stderr.isatty()):
-            return self.advance
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            ProgressColumn,
-            TimeRemainingColumn,
-        )
-        from rich.text import Text
-
-        class Rate(ProgressColumn):
-            def render(self, task):
-                return Text(f"{task.speed:.2f} prompts/s" if task.speed else "… prompts/s")
-
-        self.progress = Progress(
-            BarColumn(),
-            MofNCompleteColumn(),
-            Rate(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        self.progress.start()
-        task = self.progress.add_task("census", total=self.total, completed=self.done)
-        self.shown = lambda n: self.progress.advance(task, n)
-        return self.advance
+        return self.bar.advance
 
     def __exit__(self, kind, error, traceback):
-        if self.progress is not None:
-            self.progress.stop()
+        self.bar.__exit__(kind, error, traceback)
         if kind is not None and issubclass(kind, KeyboardInterrupt):
-            raise CensusInterrupted(self.done, self.total) from None
+            raise CensusInterrupted(self.bar.done, self.bar.total) from None
         return False

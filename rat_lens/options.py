@@ -338,6 +338,8 @@ class TraceInputs:
             first move's score read ``logit(target) - logit(foil)`` (``rat_lens.lens``).
         explain: the logit lens at visited nodes and head moves' writes (one more forward,
             ``rat_lens.lens``); ``None``: on where the model has the hooks and no ``cache=``.
+        progress: a forward that runs more than a few seconds shows its layers done, rate and
+            ETA on stderr (rich; terminals only); False: never.
     """
 
     cache: Any = None
@@ -348,6 +350,7 @@ class TraceInputs:
     target_token: Union[str, int, None] = None
     foil_token: Union[str, int, None] = None
     explain: Optional[bool] = None
+    progress: bool = True
 
     def __post_init__(self):
         if self.predictions:
@@ -363,6 +366,7 @@ class TraceInputs:
             check_int("query_chunk", self.query_chunk)
         if self.bos_token_id is not None:
             check_int("bos_token_id", self.bos_token_id, minimum=0)
+        check_bool("progress", self.progress)
         if self.predictions and self.cache is not None:
             raise RatLensError(
                 "predictions need the model's logits, which a cache does not "

@@ -76,7 +76,7 @@ def make_plan(
     options.check_budget(deepest if options.chain else len(layer_ids))
     if inputs.cache is None:
         check_tokens(model, tokens)
-    resolved = options.resolve(_attention_only(model, tokens, layer_ids, options, inputs))
+    resolved = options.resolve()
     bos_id = inputs.bos_token_id if inputs.bos_token_id is not None else bos_token_id
     bos = [
         [p for p, t in enumerate(row.tolist()) if t == bos_id and mask[b, p]]
@@ -86,55 +86,52 @@ def make_plan(
     return TracePlan(resolved, inputs, layer_ids, targets, bos, mask, source, keep)
 
 
-def _attention_only(model, tokens, layer_ids, options, inputs) -> Optional[str]:
-    """Why a per-head layers trace left to its default cannot run contribution edges here
-    (None: it can). They need their own whole forward (no ``cache=``, no query chunks) and
-    dense shares within ``PATTERN_BUDGET``; the result's ``edge_weight`` says what ran."""
-    n_heads = getattr(getattr(model, "cfg", None), "n_heads", 1)
-    shares = dense_bytes(tokens, layer_ids, n_heads + 1)  # heads and the residual stream
-    if inputs.cache is not None:
-        why = "a trace from cache= runs no forward"
-    elif isinstance(inputs.query_chunk, int):
-        why = "query chunks split the forward"
-    elif shares > budgets.PATTERN_BUDGET:
-        why = (
-            f"their shares would take {shares / 2**30:.1f} GiB, over "
-            "rat_lens.options.PATTERN_BUDGET"
-        )
-    else:
-        return None
-    if options.edge_weight not in (None, "attention"):
-        raise RatLensError(
-            f"edge_weight={options.edge_weight!r} runs its own whole forward and keeps dense "
-            f"shares, but {why} (pass edge_weight='attention' to trace from a cache, in chunks "
-            "or at this length)"
-        )
-    return why
-
-
 def _source(model, tokens, layer_ids, options: TraceOptions, inputs: TraceInputs) -> str:
-    """Which capture source serves these options (``inputs.store``, see TraceInputs)."""
-    if options.stays:
-        why = f"edge_weight={options.edge_weight!r} reads every head's whole rows"
+    """Which capture source serves these options (``inputs.store``, see TraceInputs). Attention
+    and value-norm edges stream into the bounded store at any length; contribution edges keep
+    every head's patterns (each visited row's shares need its whole row), so they are refused,
+    never swapped for another weight, where those cannot be kept."""
+    n_heads = getattr(getattr(model, "cfg", None), "n_heads", None) or 1
+    if options.edge_weight == "contribution":
+        why = "edge_weight='contribution' reads every head's whole rows"
     elif not options.per_head:
         why = f"agg_heads={options.agg_heads!r} keeps one matrix per layer"
-    elif options.chain and getattr(getattr(model, "cfg", None), "n_heads", None) == 1:
+    elif options.chain and n_heads == 1:
         why = "a chain through one head takes reverse-attention's order, from whole rows"
     else:
         why = None
     if inputs.store == "bounded" and why:
         raise RatLensError(
-            f"store='bounded' is for per-head traces (agg_heads='none', attention weights), "
-            f"but {why}: use store='auto' or 'dense'"
+            f"store='bounded' is for per-head traces (agg_heads='none', attention or "
+            f"value_norm weights), but {why}: use store='auto' or 'dense'"
         )
-    if options.stays:
+    if options.edge_weight == "contribution":
+        _check_contribution(tokens, layer_ids, n_heads, inputs)
         return "contribution"
-    if inputs.store != "auto" or why or inputs.cache is not None:  # a cache holds it all
+    if inputs.store != "auto" or why:
         return "bounded" if inputs.store == "bounded" else "dense"
-    n_heads = getattr(getattr(model, "cfg", None), "n_heads", None) or 1
-    return (
-        "bounded" if dense_bytes(tokens, layer_ids, n_heads) > budgets.PATTERN_BUDGET else "dense"
-    )
+    if inputs.cache is not None and options.edge_weight == "attention":
+        return "dense"  # the cache holds it all already
+    channels = n_heads if options.edge_weight == "attention" else 2 * n_heads + 1  # + shares
+    dense = dense_bytes(tokens, layer_ids, channels)
+    return "bounded" if dense > budgets.PATTERN_BUDGET else "dense"
+
+
+def _check_contribution(tokens, layer_ids, n_heads, inputs: TraceInputs) -> None:
+    """Contribution edges run their own whole forward and keep every head's pattern."""
+    if inputs.cache is not None or isinstance(inputs.query_chunk, int):
+        given = "cache=" if inputs.cache is not None else f"query_chunk={inputs.query_chunk}"
+        raise RatLensError(
+            f"edge_weight='contribution' runs its own whole forward, so {given} cannot serve "
+            "it: trace without it, or with edge_weight='value_norm' (the per-head default)"
+        )
+    patterns = dense_bytes(tokens, layer_ids, n_heads)
+    if patterns > budgets.PATTERN_BUDGET:
+        raise RatLensError(
+            f"edge_weight='contribution' keeps every traced head's pattern ({patterns / 2**30:.1f}"
+            " GiB here), over rat_lens.options.PATTERN_BUDGET: raise that, trace fewer layers, "
+            "or use edge_weight='value_norm' (the per-head default, bounded at any length)"
+        )
 
 
 def dense_bytes(tokens: Tensor, layer_ids: list[int], channels: int) -> int:

@@ -27,6 +27,7 @@ from .capture import (
     ContributionCapture,
     Forward,
     PatternCapture,
+    ValueNormCapture,
     check_contribution_hooks,
     hook_name,
     input_device,
@@ -34,6 +35,7 @@ from .capture import (
     run_forward,
 )
 from .plan import TracePlan, dense_bytes
+from .search.contrib import ShareRows
 from .search.pattern import check_pattern_values
 from .search.stats import top_attention
 from .search.store import head_mean, layer_mean
@@ -71,14 +73,26 @@ def capture_record(model, tokens, plan: TracePlan) -> Record:
 
 
 def _forward(plan: TracePlan) -> Forward:
-    return Forward(plan.forward_mask, plan.inputs.query_chunk, bool(plan.inputs.predictions))
+    inputs = plan.inputs
+    return Forward(plan.forward_mask, inputs.query_chunk, bool(inputs.predictions), inputs.progress)
 
 
 def _dense(model, tokens, plan: TracePlan) -> Record:
-    """Each traced layer's reduced pattern, from one forward or the user's cache."""
+    """Each traced layer's reduced pattern (and value-norm shares), from one forward or the
+    user's cache."""
     layers, agg = plan.layer_ids, plan.options.agg_heads
     logits = None
-    if plan.inputs.cache is not None:
+    if plan.options.edge_weight == "value_norm":
+        device = input_device(model)
+        capture = ValueNormCapture.of(
+            model,
+            layers,
+            PatternCapture(layers, "none", device=device),
+            PatternCapture(layers, "none", device=device),
+        )
+        logits = _run(model, tokens, capture, plan)
+        kept, shares = capture.attention.to_cache(model), capture.shares.to_cache(model)
+    elif plan.inputs.cache is not None:
         kept = patterns_from_cache(plan.inputs.cache, layers, agg, tuple(tokens.shape))
     else:
         capture = PatternCapture(layers, agg, device=input_device(model))
@@ -87,7 +101,18 @@ def _dense(model, tokens, plan: TracePlan) -> Record:
     stacked = [kept[hook_name(layer)].float().cpu() for layer in layers]
     for layer, pattern in zip(layers, stacked):
         check_pattern_values(pattern, hook_name(layer))
-    return _with_overview(stacked, stacked, logits, plan)
+    weights = stacked
+    if plan.options.edge_weight == "value_norm":
+        weights = [shares[hook_name(layer)].cpu() for layer in layers]
+    return _with_overview(weights, stacked, logits, plan)
+
+
+def _run(model, tokens, capture, plan: TracePlan):
+    """The forward of ``capture``, or the user's cache fed to it (no logits then)."""
+    if plan.inputs.cache is None:
+        return run_forward(model, tokens, capture, _forward(plan))
+    capture.add_cache(plan.inputs.cache, tuple(tokens.shape))
+    return None
 
 
 def _with_overview(weights: list, attention: list, logits, plan: TracePlan) -> Record:
@@ -100,26 +125,37 @@ def _with_overview(weights: list, attention: list, logits, plan: TracePlan) -> R
 
 
 def _bounded(model, tokens, plan: TracePlan) -> Record:
-    """Per layer one ``TopKeys`` per prompt, filled as the forward runs (or from the cache)."""
-    capture = _bounded_capture(plan)
-    logits = None
-    if plan.inputs.cache is not None:
+    """Per layer one ``TopKeys`` per prompt, filled as the forward runs (or from the cache): of
+    the attention, and of the value-norm shares when those are the edges."""
+    capture = attention = _bounded_capture(plan)
+    if plan.options.edge_weight == "value_norm":
+        shares = _bounded_capture(plan, overview=False)
+        capture = ValueNormCapture.of(model, plan.layer_ids, attention, shares)
+        logits = _run(model, tokens, capture, plan)
+    elif plan.inputs.cache is not None:
         batch_seq = tuple(tokens.shape)
         patterns = patterns_from_cache(plan.inputs.cache, plan.layer_ids, "none", batch_seq)
         for layer in sorted(plan.layer_ids):  # in a forward's order
-            capture.add(hook_name(layer), patterns[hook_name(layer)])
+            attention.add(hook_name(layer), patterns[hook_name(layer)])
+        logits = None
     else:
-        logits = run_forward(model, tokens, capture, _forward(plan))
-    stores = capture.stores()
+        logits = run_forward(model, tokens, attention, _forward(plan))
+    stores = attention.stores()
     stacked = [stores[layer] for layer in plan.layer_ids]
-    return Record(stacked, stacked, capture.head_mean_stack(plan.layer_ids), capture.strips, logits)
+    weights = stacked
+    if capture is not attention:
+        share_stores = capture.shares.stores()
+        weights = [share_stores[layer] for layer in plan.layer_ids]
+    means = attention.head_mean_stack(plan.layer_ids)
+    return Record(weights, stacked, means, attention.strips, logits)
 
 
-def _bounded_capture(plan: TracePlan) -> BoundedCapture:
+def _bounded_capture(plan: TracePlan, overview: bool = True) -> BoundedCapture:
     """The bounded store's hooks: candidates are unmasked keys, sinks unless excluded; the
-    head-means kept only where they fit ``PATTERN_BUDGET`` (the rollout reads all of them)."""
+    head-means kept only where they fit ``PATTERN_BUDGET`` (the rollout reads all of them).
+    Without ``overview``: a store only (of edge shares)."""
     means = dense_bytes(plan.mask, plan.layer_ids, 1)
-    if means > budgets.PATTERN_BUDGET:
+    if overview and means > budgets.PATTERN_BUDGET:
         warnings.warn(
             f"no rollout: it reads every traced layer's whole head-mean ({means / 2**30:.1f} "
             f"GB here), over rat_lens.options.PATTERN_BUDGET; raise that to have it",
@@ -137,46 +173,73 @@ def _bounded_capture(plan: TracePlan) -> BoundedCapture:
         sink_keys=sorted({p for positions in plan.bos for p in positions}),
         keep=plan.keep,
         query_mask=plan.mask,
-        head_means=means <= budgets.PATTERN_BUDGET,
+        head_means=overview and means <= budgets.PATTERN_BUDGET,
+        overview=overview,
     )
 
 
 def _contribution(model, tokens, plan: TracePlan) -> Record:
-    """Per layer the parts' shares ``[batch, head + 1, query, key]`` and the patterns."""
+    """Per layer and prompt the parts' shares, computed only for the rows the search reads
+    (:class:`~rat_lens.search.contrib.ShareRows`), and the patterns. Unpadded prompts run in
+    one forward; a padded prompt runs alone on its real tokens, its parts placed back at their
+    positions (zero at the padding, so no share lands there)."""
     check_contribution_hooks(model, plan.layer_ids)
     if plan.forward_mask is None:
-        shares, patterns, logits = _shares(model, tokens, plan)
+        runs = [_contribution_run(model, tokens, plan, None)]
     else:
-        shares, patterns, logits = _padded_shares(model, tokens, plan)
-    weights = [shares[layer].float().cpu() for layer in plan.layer_ids]
-    for layer, share in zip(plan.layer_ids, weights):
-        check_pattern_values(share, f"edge shares of layer {layer}")
-    attention = [patterns[layer].float().cpu() for layer in plan.layer_ids]
+        runs = [
+            _contribution_run(model, tokens[b : b + 1], plan, plan.mask[b].nonzero().flatten())
+            for b in range(len(tokens))
+        ]
+    weights = [[rows for run in runs for rows in run[0][t]] for t in range(len(plan.layer_ids))]
+    attention = [torch.cat([run[1][t] for run in runs]) for t in range(len(plan.layer_ids))]
+    logits = None if runs[0][2] is None else torch.cat([run[2] for run in runs])
     return _with_overview(weights, attention, logits, plan)
 
 
-def _shares(model, tokens, plan: TracePlan) -> tuple[dict, dict, Optional[Tensor]]:
-    """One whole forward of unpadded ``tokens`` (the shares read every row's values)."""
+def _contribution_run(model, tokens, plan: TracePlan, real: Optional[Tensor]) -> tuple:
+    """One forward for contribution edges, of ``tokens`` or of their ``real`` positions only:
+    per layer its ``ShareRows`` per prompt and ``[batch, head, seq, seq]`` patterns (float32,
+    CPU), and the logits; parts of a run on ``real`` positions are placed back at them."""
+    seq = tokens.shape[1]
+    if real is not None:
+        tokens = tokens[:, real.to(tokens.device)]
     capture = ContributionCapture(plan.layer_ids)
-    forward = Forward(None, None, logits=bool(plan.inputs.predictions))
+    forward = Forward(None, None, bool(plan.inputs.predictions), plan.inputs.progress)
     logits = run_forward(model, tokens, capture, forward)
-    weight = plan.options.edge_weight
-    shares = {layer: capture.shares(model, layer, weight) for layer in plan.layer_ids}
-    return shares, {layer: capture.pattern(layer) for layer in plan.layer_ids}, logits
+    weights, patterns = [], []
+    for layer in plan.layer_ids:
+        check_pattern_values(capture.pattern(layer), hook_name(layer))
+        rows = capture.rows(model, layer)
+        if real is not None:
+            rows = [
+                ShareRows(
+                    _square(r.pattern, real, seq),
+                    _placed(r.v, real, seq),
+                    r.W_O,
+                    _placed(r.x, real, seq),
+                    r.b_O,
+                )
+                for r in rows
+            ]
+        weights.append(rows)
+        pattern = capture.pattern(layer).float().cpu()
+        patterns.append(pattern if real is None else _square(pattern, real, seq))
+    if logits is not None and real is not None:
+        logits = _placed(logits[0], real, seq)[None]
+    return weights, patterns, logits
 
 
-def _padded_shares(model, tokens, plan: TracePlan) -> tuple[dict, dict, Optional[Tensor]]:
-    """Each padded prompt alone, on its real tokens; zero rows and columns at the padding."""
-    batch, seq = tokens.shape
-    shares, patterns, logits = {}, {}, None
-    for b in range(batch):
-        real = plan.mask[b].nonzero().flatten()
-        one = _shares(model, tokens[b : b + 1, real.to(tokens.device)], plan)
-        for out, got in zip((shares, patterns), one[:2]):
-            for layer, value in got.items():  # [1, channel, real, real]
-                out.setdefault(layer, value.new_zeros(batch, value.shape[1], seq, seq))
-                out[layer][b][:, real[:, None], real[None, :]] = value[0]
-        if one[2] is not None:  # [1, real, vocab]
-            logits = one[2].new_zeros(batch, seq, one[2].shape[-1]) if logits is None else logits
-            logits[b, real] = one[2][0]
-    return shares, patterns, logits
+def _square(values: Tensor, real: Tensor, seq: int) -> Tensor:
+    """``[..., real, real]`` placed at the ``real`` rows and columns of ``[..., seq, seq]``."""
+    out = values.new_zeros(*values.shape[:-2], seq, seq)
+    real = real.to(values.device)
+    out[..., real[:, None], real[None, :]] = values
+    return out
+
+
+def _placed(values: Tensor, real: Tensor, seq: int) -> Tensor:
+    """``[real, ...]`` placed at the ``real`` rows of ``[seq, ...]``."""
+    out = values.new_zeros(seq, *values.shape[1:])
+    out[real.to(values.device)] = values
+    return out

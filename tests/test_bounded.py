@@ -174,7 +174,7 @@ def prompts(draw):
     chain = draw(st.booleans())
     layers = None if chain else draw(st.sampled_from([(0, 2), (1, 2), (0, 0)]))
     options = dict(
-        layer=draw(st.integers(0, 2)) if chain else -1,
+        layer=draw(st.integers(0, 2)) if chain else None,
         layers=layers,
         top_beam=draw(st.integers(1, 8)),
         top_k=draw(st.integers(1, 6)),
@@ -257,7 +257,7 @@ def test_auto_goes_bounded_over_the_budget_and_drops_only_the_rollout(gpt2_bridg
     with pytest.warns(RuntimeWarning, match="no rollout"):
         same_results(tracer.trace_batch(tokens, -1, **opts), dense, rollout=False)
     assert len(calls) == 2
-    tracer.trace_batch(tokens, -1, layers=(0, 2))  # head-means: no per-head store
+    tracer.trace_batch(tokens, -1, layers=(0, 2), agg_heads="mean")  # no per-head store
     assert len(calls) == 2
 
 
@@ -265,11 +265,11 @@ def test_auto_goes_bounded_over_the_budget_and_drops_only_the_rollout(gpt2_bridg
     "options, message",
     [
         (dict(store="big"), "store='big' not in"),
-        (dict(store="bounded"), "store='bounded' is for per-head traces"),
+        (dict(store="bounded", layer=-1), "store='bounded' is for per-head traces"),
         (dict(store="bounded", layers=(0, 1), agg_heads="max"), "agg_heads='max'"),
         (
-            dict(store="bounded", layers=(0, 1), agg_heads="none", edge_weight="value_norm"),
-            "edge_weight='value_norm' reads every head's whole rows",
+            dict(store="bounded", layers=(0, 1), agg_heads="none", edge_weight="contribution"),
+            "edge_weight='contribution' reads every head's whole rows",
         ),
     ],
 )

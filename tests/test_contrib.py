@@ -253,9 +253,9 @@ def test_length_norm_follows_the_edge_weight_unless_given():
     from rat_lens.options import TraceOptions
 
     contrib = dict(layers=(0, 1), agg_heads="none", edge_weight="contribution")
-    assert TraceOptions().length_norm == "avg_logprob"
-    assert TraceOptions(**contrib).length_norm == "none"
-    assert TraceOptions(length_norm="sqrt", **contrib).length_norm == "sqrt"
+    assert TraceOptions(layer=-1).resolve().length_norm == "avg_logprob"
+    assert TraceOptions(**contrib).resolve().length_norm == "none"
+    assert TraceOptions(length_norm="sqrt", **contrib).resolve().length_norm == "sqrt"
 
 
 def test_a_contribution_trace_round_trips_summarises_and_verifies(model):

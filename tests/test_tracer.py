@@ -14,7 +14,8 @@ from rat_lens import RatLensError, ReverseAttentionTracer, TraceResult, trace_at
 from rat_lens.models import load, repeated_tokens
 from rat_lens.summary import summarize
 
-NAMES = lambda name: name.endswith("hook_pattern")  # noqa: E731
+# What a trace from cache= reads: patterns, and for value_norm edges the values and stream.
+NAMES = lambda name: name.endswith(("hook_pattern", "hook_v", "hook_resid_pre"))  # noqa: E731
 
 
 def beams_key(beams):
@@ -114,29 +115,6 @@ def test_padded_prompts_with_contribution_edges_equal_each_prompt_alone(model):
         assert_same_beams(r.beams, alone.beams)
         assert [b.kinds for b in r.beams] == [b.kinds for b in alone.beams]
         assert [p.token_ids for p in r.predictions] == [p.token_ids for p in alone.predictions]
-
-
-@pytest.mark.parametrize("extra", ["cache", "query_chunk"])
-def test_the_default_falls_back_to_attention_where_contributions_cannot_run(gpt2_bridge, extra):
-    """value_norm needs its own whole forward: from a cache, or in query chunks, a per-head
-    layers trace left at the default weighs edges by attention and says so; asked for
-    explicitly, value_norm there is an error."""
-    tokens = repeated_tokens(1, prefix_len=15, repeat_len=7, seed=3)
-    tracer = ReverseAttentionTracer(gpt2_bridge)
-    per_head = dict(layers=(0, 2), agg_heads="none")
-    attention = tracer.trace(tokens, **per_head, edge_weight="attention")
-    if extra == "cache":
-        extra = dict(cache=gpt2_bridge.run_with_cache(tokens, names_filter=NAMES)[1])
-    else:
-        extra = dict(query_chunk=8)
-    got = tracer.trace(tokens, **per_head, **extra)
-    assert got.edge_weight == "attention" and got.length_norm == "avg_logprob"
-    assert_same_beams(got.beams, attention.beams)
-    with pytest.raises(RatLensError, match="pass edge_weight='attention'"):
-        tracer.trace(tokens, **per_head, edge_weight="value_norm", **extra)
-    with pytest.raises(RatLensError, match="cannot run contribution edges"):  # never dropped
-        tracer.trace(tokens, **per_head, move_threshold=0.2, **extra)
-    assert tracer.trace(tokens, **per_head).edge_weight == "value_norm"
 
 
 def test_reusing_a_cache_gives_the_same_result_without_a_forward(model):

@@ -43,12 +43,22 @@ Examples:
 
 import torch
 from einops import einsum, rearrange
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..errors import check_choice
+from ..errors import RatLensError, check_choice
 
-__all__ = ["EDGE_WEIGHTS", "ROW_BLOCK_BYTES", "edge_shares", "row_block", "value_outputs"]
+__all__ = [
+    "EDGE_WEIGHTS",
+    "ROW_BLOCK_BYTES",
+    "edge_shares",
+    "key_norms",
+    "value_norm_shares",
+    "proximity_rows",
+    "ShareRows",
+    "row_block",
+    "value_outputs",
+]
 
 EDGE_WEIGHTS = ("attention", "value_norm", "contribution")
 ROW_BLOCK_BYTES = 2**30  # working memory of one block of proximity rows (1 GiB)
@@ -78,6 +88,49 @@ def row_block(n_heads: int, n_keys: int, d_model: int, budget: int = ROW_BLOCK_B
     return max(1, budget // max(1, _TERM_COPIES * 4 * n_heads * n_keys * d_model))
 
 
+def key_norms(
+    v: Float[Tensor, "batch key kv_head d_head"], W_O: Float[Tensor, "head d_head d_model"]
+) -> Float[Tensor, "batch head key"]:
+    """``‖v_k[kv(h)] · W_O[h]‖`` per prompt, head and key, in float32: all a value-norm share
+    needs of the values (``‖A · v W_O‖ = A · ‖v W_O‖``). Computed a block of keys at a time, so
+    the ``[head, key, d_model]`` outputs never exist for a whole long prompt at once."""
+    n_heads, _, d_model = W_O.shape
+    v, W_O = v.float(), W_O.float()
+    out = v.new_zeros(v.shape[0], n_heads, v.shape[1])
+    keys = row_block(n_heads, 1, d_model, 2**26)  # keys per block: 64 MiB of outputs
+    for b in range(v.shape[0]):
+        for start in range(0, v.shape[1], keys):
+            block = slice(start, start + keys)
+            out[b, :, block] = value_outputs(v[b, block], W_O).norm(dim=-1)
+    return out
+
+
+def value_norm_shares(
+    pattern: Float[Tensor, "batch head query key"],
+    norms: Float[Tensor, "batch head known"],
+    resid_norms: Float[Tensor, "batch query"],
+) -> Float[Tensor, "batch part query key"]:
+    """Value-norm shares of a block of query rows (the last ``query`` rows over the keys so
+    far, as a forward over a KV cache delivers them): each head's ``A · ‖v W_O‖`` and the
+    residual stream's ``‖x_q‖`` (on the diagonal) over their row's sum, ``[batch, head + 1,
+    query, key]`` in float32. ``norms``: :func:`key_norms` of at least the block's keys;
+    ``resid_norms``: ``‖x_q‖`` of the block's rows.
+
+    Examples:
+        >>> A = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])       # [batch, head, query, key]
+        >>> w = value_norm_shares(A, torch.tensor([[[1.0, 3.0]]]), torch.tensor([[1.0, 2.0]]))
+        >>> [round(t, 3) for t in w[0, :, 1].flatten().tolist()]  # row 1: k=0, k=1; residual
+        [0.125, 0.375, 0.0, 0.5]
+    """
+    queries, keys = pattern.shape[-2:]
+    parts = pattern.float() * norms[:, :, None, :keys]
+    total = parts.sum(dim=(1, 3)) + resid_norms
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    stay = parts.new_zeros(parts.shape[0], 1, queries, keys)
+    stay.diagonal(offset=keys - queries, dim1=-2, dim2=-1)[:, 0] = resid_norms / total
+    return torch.cat([parts / total[:, None, :, None], stay], dim=1)
+
+
 def edge_shares(
     pattern: Float[Tensor, "head query key"],
     v: Float[Tensor, "key kv_head d_head"],
@@ -91,17 +144,32 @@ def edge_shares(
     channel is the residual stream, on the diagonal), in float32. ``b_O`` may be None;
     ``budget``: bytes of working memory for one block of proximity rows (:func:`row_block`)."""
     check_choice("weight", weight, EDGE_WEIGHTS[1:])
+    if weight == "value_norm":
+        norms = key_norms(v[None], W_O)
+        return value_norm_shares(pattern[None], norms, x.float().norm(dim=-1)[None])[0]
+    rows = torch.arange(pattern.shape[1], device=pattern.device)
+    return proximity_rows(pattern, rows, v, W_O, x, b_O, budget)
+
+
+def proximity_rows(
+    pattern: Float[Tensor, "head row key"],
+    rows: Int[Tensor, " row"],
+    v: Float[Tensor, "key kv_head d_head"],
+    W_O: Float[Tensor, "head d_head d_model"],
+    x: Float[Tensor, "row d_model"],
+    b_O,
+    budget: int = ROW_BLOCK_BYTES,
+) -> Float[Tensor, "part row key"]:
+    """Proximity shares of some query rows only, ``[head + 1, row, key]``: ``pattern`` and
+    ``x`` hold those rows, ``rows`` their positions (where each one's residual stream sits),
+    ``v`` every key's values. Rows are computed ``budget`` bytes at a time."""
     n_heads, n_q, n_k = pattern.shape
     vo = value_outputs(v.float(), W_O.float())  # [head, key, d_model]
     pattern, x = pattern.float(), x.float()
     out = pattern.new_zeros(n_heads + 1, n_q, n_k)
-    if weight == "value_norm":
-        parts = pattern * vo.norm(dim=-1)[:, None, :]  # [head, query, key]
-        _normalise(out, parts, x.norm(dim=-1), slice(0, n_q))
-        return out
-    rows = row_block(n_heads, n_k, vo.shape[-1], budget)
-    for start in range(0, n_q, rows):
-        block = slice(start, min(start + rows, n_q))
+    step = row_block(n_heads, n_k, vo.shape[-1], budget)
+    for start in range(0, n_q, step):
+        block = slice(start, min(start + step, n_q))
         terms = einsum(pattern[:, block], vo, "head q key, head key d -> q head key d")
         resid = x[block]
         y = resid + terms.sum(dim=(1, 2))
@@ -112,8 +180,57 @@ def edge_shares(
         del terms
         parts = (size[:, None, None] - apart).clamp_min(0)
         stay = (size - (y - resid).abs().sum(-1)).clamp_min(0)
-        _normalise(out, rearrange(parts, "q head key -> head q key"), stay, block)
+        parts = rearrange(parts, "q head key -> head q key")
+        _normalise(out, parts, stay, block, rows[block])
     return out
+
+
+class ShareRows(Tensor):
+    """One layer's proximity shares of one prompt, computed only for the rows read: reads as
+    the dense ``[head + 1, query, key]`` tensor of :func:`edge_shares` by rows only
+    (``weights[:, rows]``), as the search reads a :class:`~rat_lens.search.store.TopKeys`. It
+    holds the layer's attention, values and residual stream, never a ``[query, key, d_model]``
+    term tensor; the search walks down one layer at a time and asks each for its live rows.
+
+    Examples:
+        >>> A = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])
+        >>> v, W_O = torch.tensor([[[1.0]], [[3.0]]]), torch.tensor([[[1.0, 0.0]]])
+        >>> x = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
+        >>> rows = ShareRows(A, v, W_O, x, None)
+        >>> torch.equal(rows[:, [1]], edge_shares(A, v, W_O, x, None)[:, [1]])
+        True
+    """
+
+    pattern: Float[Tensor, "head query key"]
+    v: Float[Tensor, "key kv_head d_head"]
+    W_O: Float[Tensor, "head d_head d_model"]
+    x: Float[Tensor, "query d_model"]
+
+    @staticmethod
+    def __new__(cls, pattern, v, W_O, x, b_O):
+        head, query, key = pattern.shape
+        rows = Tensor._make_wrapper_subclass(
+            cls, (head + 1, query, key), dtype=torch.float32, device=pattern.device
+        )
+        rows.pattern, rows.v, rows.W_O, rows.x, rows.b_O = pattern, v, W_O, x, b_O
+        return rows
+
+    def __repr__(self) -> str:
+        return f"ShareRows(part={self.shape[0]}, query={self.shape[1]})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RatLensError(
+            f"shares are computed by rows only (weights[:, rows]), not by {func}: they are "
+            "never held for the whole pattern"
+        )
+
+    def __getitem__(self, index) -> Float[Tensor, "part row key"]:
+        if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)):
+            raise RatLensError(f"shares are read by rows only (weights[:, rows]), got {index!r}")
+        rows = torch.arange(self.shape[1], device=self.pattern.device)[index[1]].reshape(-1)
+        pattern, x = self.pattern[:, rows], self.x[rows]
+        return proximity_rows(pattern, rows, self.v, self.W_O, x, self.b_O)
 
 
 def _normalise(
@@ -121,12 +238,13 @@ def _normalise(
     parts: Float[Tensor, "head row key"],
     stay: Float[Tensor, " row"],
     block: slice,
+    positions: Int[Tensor, " row"],
 ) -> None:
-    """Write rows ``block`` of ``out``: each head's parts and the stay over the row's total (a
-    row with nothing in it stays 0)."""
+    """Write rows ``block`` of ``out``: each head's parts and the stay (at each row's own
+    position, ``positions``) over the row's total (a row with nothing in it stays 0)."""
     n_heads = parts.shape[0]
     total = parts.sum(dim=(0, 2)) + stay
     total = torch.where(total > 0, total, torch.ones_like(total))
     out[:n_heads, block] = parts / total[None, :, None]
     q = torch.arange(block.start, block.stop, device=out.device)
-    out[n_heads, q, q] = stay / total
+    out[n_heads, q, positions.to(out.device)] = stay / total
