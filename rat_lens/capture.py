@@ -32,7 +32,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -42,7 +42,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
-from .errors import RatLensError, check_choice, check_int
+from .errors import RatLensError, check_choice, check_int, checked_call
+from .models import check_device
 from .options import AGG_HEADS, EDGE_WEIGHTS
 from .search.contrib import ShareRows, edge_shares, key_norms, value_norm_shares
 from .search.pattern import aggregate_heads, check_pattern_values
@@ -128,6 +129,7 @@ class _StopForward(Exception):
     """Raised from the last needed hook: everything after it would be thrown away."""
 
 
+@checked_call
 @dataclass
 class PatternCapture:
     """Forward hooks that keep ``hook_pattern`` of ``layers``, reduced over heads by ``agg_heads``.
@@ -159,7 +161,7 @@ class PatternCapture:
         self.layers = check_layers(self.layers)
         check_choice("agg_heads", self.agg_heads, AGG_HEADS)
         if self.device is not None:
-            self.device = torch.device(self.device)
+            self.device = torch.device(check_device(self.device))
 
     def add(self, name: str, pattern: Float[Tensor, "batch head query key"]) -> None:
         """Keep a block of query rows of the layer hooked at ``name`` (the hooks call it)."""
@@ -182,7 +184,7 @@ class PatternCapture:
         def keep(pattern: Tensor, hook):
             self.add(hook.name, pattern)  # returns None: the model's own pattern flows on
 
-        return [(hook_name(layer), keep) for layer in sorted(set(self.layers))]
+        return _by_filter(self.layers, keep)  # a layer the model lacks: our error
 
     def rows_captured(self) -> dict[str, int]:
         return {
@@ -192,6 +194,8 @@ class PatternCapture:
     def to_cache(self, model) -> ActivationCache:
         names = [hook_name(layer) for layer in self.layers]
         missing = [name for name in names if not self.store.get(name)]
+        if missing and set(missing) - set(model.hook_dict):
+            raise RatLensError(_not_layers_of(self.layers, model.hook_dict))
         if missing:
             raise RatLensError(
                 f"no pattern was captured for {missing}: run the model with these hooks first"
@@ -199,6 +203,36 @@ class PatternCapture:
         return ActivationCache(
             {name: _stack_rows(blocks) for name, blocks in self.store.items()}, model
         )
+
+
+def _by_filter(layers: Sequence[int], keep: Callable) -> list:
+    """``[(filter, hook)]`` for ``run_with_hooks`` / ``hooks()``: a name filter, not the hook
+    names. TransformerLens shows the filter every hook name before the forward, so a layer the
+    model lacks is one RatLensError naming the model's layers (raised by the first pattern
+    kept, or by ``to_cache`` when none was), not TransformerLens's KeyError."""
+    wanted = {hook_name(layer) for layer in layers}
+    offered: set[str] = set()
+
+    def pick(name: str) -> bool:
+        offered.add(name)
+        return name in wanted
+
+    def checked_keep(pattern: Tensor, hook):
+        if wanted - offered:
+            raise RatLensError(_not_layers_of(layers, offered))
+        return keep(pattern, hook)
+
+    return [(pick, checked_keep)]
+
+
+def _not_layers_of(layers: Sequence[int], hook_names) -> str:
+    """The message for capture layers that a model (with these hook names) does not have."""
+    lacking = sorted({layer for layer in layers if hook_name(layer) not in hook_names})
+    n_layers = sum(hook_name(layer) in hook_names for layer in range(len(hook_names)))
+    return (
+        f"PatternCapture layers {lacking} are not layers of this model (its layers: "
+        f"0..{n_layers - 1})"
+    )
 
 
 @dataclass
@@ -451,6 +485,7 @@ def capture_bounded(
     return run_forward(model, tokens, capture, Forward(attention_mask, query_chunk, logits))
 
 
+@checked_call
 def capture_patterns(
     model,
     tokens: Int[Tensor, "batch seq"],
@@ -480,6 +515,7 @@ def capture_patterns(
     return capture.to_cache(model)
 
 
+@checked_call
 def run_with_patterns(
     model,
     tokens: Int[Tensor, "batch seq"],
@@ -745,6 +781,42 @@ def _release_hooks(model, last: int) -> list:
     return hooks
 
 
+def check_cache(model, cache, tokens: Int[Tensor, "batch seq"]) -> None:
+    """A ``cache=`` must be an ``ActivationCache`` (or a dict of hook name -> tensor) of these
+    ``tokens``; else one RatLensError, before anything is read from it.
+
+    The cache holds no token ids of its own, so they are checked where it keeps a trace of them:
+    ``embed.hook_in`` (the ids, on a TransformerBridge), else ``hook_embed`` (each position's
+    embedding against ``W_E`` of the token: same direction). A cache filtered to the patterns
+    alone keeps neither: only its (batch, seq) shape is checked then (``patterns_from_cache``).
+    """
+    if not isinstance(cache, (ActivationCache, Mapping)):
+        raise RatLensError(
+            f"cache must be the ActivationCache of run_with_cache on these tokens (or a dict of "
+            f"hook name -> tensor), got {type(cache).__name__}"
+        )
+    found = {name: cache[name] for name in ("embed.hook_in", "hook_embed") if name in cache}
+    ids, embedded = found.get("embed.hook_in"), found.get("hook_embed")  # no .get on a cache
+    if isinstance(ids, Tensor) and not ids.is_floating_point():
+        same = ids.shape == tokens.shape and torch.equal(ids.cpu(), tokens.cpu())
+    elif isinstance(embedded, Tensor) and isinstance(getattr(model, "W_E", None), Tensor):
+        same = embedded.shape[:2] == tokens.shape and bool(
+            (_cosine(embedded, model.W_E[tokens.to(model.W_E.device)]) > 0.99).all()
+        )
+    else:
+        return
+    if not same:
+        raise RatLensError(
+            f"cache was captured on other tokens than these {tuple(tokens.shape)} (its "
+            f"{'embed.hook_in' if ids is not None else 'hook_embed'} differs): run_with_cache "
+            f"on the prompt you trace"
+        )
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    return torch.nn.functional.cosine_similarity(a.float().cpu(), b.float().cpu(), dim=-1)
+
+
 def patterns_from_cache(
     cache,
     layers: Sequence[int],
@@ -944,6 +1016,7 @@ def check_contribution_hooks(model, layers: Sequence[int]) -> None:
         )
 
 
+@checked_call
 def capture_contributions(
     model,
     tokens: Int[Tensor, "batch seq"],

@@ -227,10 +227,20 @@ def _run_census(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_problem(text: Optional[str], text_option: Optional[str]) -> Optional[str]:
+    """What is wrong with the text given to ``rat-lens trace`` (positionally or ``--text``)."""
+    if text is not None and text_option is not None:
+        return "give the text once, as TEXT or --text, not both"
+    given = text if text is not None else text_option
+    if given is None:
+        return "give the text to trace"
+    return None if given.strip() else "the text to trace is empty"
+
+
 def _trace(args: argparse.Namespace) -> int:
     text = args.text if args.text is not None else args.text_option
-    if text is None or not text.strip():
-        what = "give the text to trace" if text is None else "the text to trace is empty"
+    what = _text_problem(args.text, args.text_option)
+    if what:
         print(f'rat-lens trace: error: {what} (rat-lens trace "some text")', file=sys.stderr)
         return 2
     options = _search_options(args)

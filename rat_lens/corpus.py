@@ -38,7 +38,7 @@ import torch
 
 from .capture import ProgressBar
 from .causal import verify as verify_trace
-from .errors import RatLensError, check_bool, check_choice, check_int
+from .errors import RatLensError, check_bool, check_choice, check_int, checked_call
 from .files import write_files
 from .options import TraceOptions, merge_keywords
 from .render import census_fragment, census_html
@@ -138,6 +138,7 @@ class Census(JsonRoundTrip):
         return census_fragment(self)
 
 
+@checked_call
 def census(
     model,
     prompts: Sequence,

@@ -2,8 +2,9 @@
 
 Every bad value or bad type given to a rat_lens function raises :class:`RatLensError` (a
 ``ValueError``) with a message that names the argument, the value given and what is accepted.
-``TypeError`` comes only from Python itself (an unknown keyword, a missing argument).
-This module imports nothing (no torch), so every other module may use it.
+A call the public functions cannot bind (an unknown keyword, a missing argument) is one
+RatLensError too, with the closest parameter name (:func:`checked_call`); ``TypeError`` comes
+only from Python itself elsewhere. This module imports no torch, so every other module may use it.
 
 Examples:
     >>> check_int("top_beam", "5")
@@ -16,6 +17,9 @@ Examples:
     rat_lens.errors.RatLensError: agg_heads='sum' not in {'mean', 'max', 'none'}
 """
 
+import difflib
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -26,6 +30,8 @@ __all__ = [
     "check_number",
     "check_bool",
     "resolve_index",
+    "checked_call",
+    "check_tokenizer",
 ]
 
 
@@ -77,3 +83,89 @@ def resolve_index(name: str, index, size: int, what: str) -> int:
             f"{name}={index} out of range for {what} {size} (valid: {-size}..{size - 1})"
         )
     return resolved
+
+
+def checked_call(function):
+    """Decorator: a call Python cannot bind to ``function`` (an unknown keyword, a missing or
+    surplus argument) raises one RatLensError naming the closest parameter and every one it
+    takes, before the body runs; on a class, its ``__init__`` is wrapped. The signature stays
+    the real one (``functools.wraps``: ``help``, ``inspect.signature`` and the docs see it), and
+    a TypeError raised inside the body is left as it is.
+
+    Examples:
+        >>> @checked_call
+        ... def scale(x, *, by=2):
+        ...     return x * by
+        >>> try:
+        ...     scale(3, bye=4)
+        ... except RatLensError as err:
+        ...     print(err)
+        scale() got an unknown keyword 'bye' (did you mean 'by'?); it takes (x, *, by)
+        >>> str(inspect.signature(scale))
+        '(x, *, by=2)'
+    """
+    if isinstance(function, type):
+        function.__init__ = _checked(function.__init__, function.__name__, skip_self=True)
+        return function
+    return _checked(function, function.__qualname__, skip_self=False)
+
+
+def _checked(function, name: str, skip_self: bool):
+    signature = inspect.signature(function)
+    shown = list(signature.parameters.values())[1 if skip_self else 0 :]
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except TypeError as err:
+            try:  # binding failed only if the body never ran: Python binds before it
+                signature.bind(*args, **kwargs)
+            except TypeError:
+                raise RatLensError(_binding_message(name, shown, kwargs, err)) from None
+            raise
+
+    return call
+
+
+def _binding_message(name: str, parameters: list, kwargs: dict, err: TypeError) -> str:
+    takes = f"it takes ({_parameter_names(parameters)})"
+    names = [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    unknown = [k for k in kwargs if k not in names]
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters):
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        close = close or [n for n in names if n.startswith(unknown[0])][:1]  # 'agg': agg_heads
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{name}() got an unknown keyword {unknown[0]!r}{hint}; {takes}"
+    reason = str(err).split("() ", 1)[-1]  # Python's own words, after its "name() "
+    return f"{name}() {reason}; {takes}"
+
+
+def _parameter_names(parameters: list) -> str:
+    """``model, result, *, token, ablation``: the names alone (annotations would fill lines)."""
+    shown = []
+    for p in parameters:
+        if p.kind == p.KEYWORD_ONLY and not any(s.startswith("*") for s in shown):
+            shown.append("*")
+        stars = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "")
+        shown.append(stars + p.name)
+    return ", ".join(shown)
+
+
+def check_tokenizer(tokenizer):
+    """``tokenizer`` if it looks like a Hugging Face tokenizer (callable on text, with
+    ``decode`` or ``batch_decode``) or is None; else RatLensError. Its ``bos_token_id`` must be
+    an int or None: it marks the BOS positions of every trace."""
+    if tokenizer is None:
+        return None
+    if not callable(tokenizer) or not (
+        hasattr(tokenizer, "decode") or hasattr(tokenizer, "batch_decode")
+    ):
+        raise RatLensError(
+            f"tokenizer must be a Hugging Face tokenizer (callable on text, with decode), or "
+            f"None for the model's own, got {type(tokenizer).__name__}"
+        )
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        check_int("tokenizer.bos_token_id", bos, minimum=0)
+    return tokenizer

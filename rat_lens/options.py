@@ -22,7 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional, Union
 
-from .errors import RatLensError, check_bool, check_choice, check_int, check_number, resolve_index
+from .errors import (
+    RatLensError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    checked_call,
+    resolve_index,
+)
 
 __all__ = [
     "TraceOptions",
@@ -82,6 +90,7 @@ def _option(default, help: str, **cli):
     return field(default=default, metadata={"help": help, **cli})
 
 
+@checked_call
 @dataclass(frozen=True)
 class TraceOptions:
     """The beam search's options, checked once when built; ``None`` = decided by the mode

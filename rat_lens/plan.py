@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import options as budgets
-from .capture import check_tokens, pattern_layers
+from .capture import check_cache, check_tokens, pattern_layers
 from .errors import RatLensError
 from .options import TraceInputs, TraceOptions
 
@@ -76,6 +76,8 @@ def make_plan(
     options.check_budget(deepest if options.chain else len(layer_ids))
     if inputs.cache is None:
         check_tokens(model, tokens)
+    else:
+        check_cache(model, inputs.cache, tokens)
     resolved = options.resolve()
     bos_id = inputs.bos_token_id if inputs.bos_token_id is not None else bos_token_id
     bos = [

@@ -63,9 +63,18 @@ __all__ = [
     "path_text",
     "head_label",
     "NOISE",
+    "check_result",
+    "SAVED_CHARS_BUDGET",
+    "SAVED_BEAM_BUDGET",
 ]
 
 NOISE = 1e-5  # nats: causal effects below this are float noise, not effects
+# Saved JSON is refused past these sizes before any object is built (a million beams, 410 MB,
+# took 59 s to load): the text's length is checked before parsing, the beams' count before
+# building. A 20,000-beam trace (8 MB) loads in about 3 s. Raise them with
+# ``rat_lens.result.SAVED_CHARS_BUDGET = n`` / ``SAVED_BEAM_BUDGET = n`` if you mean it.
+SAVED_CHARS_BUDGET = 64 * 2**20
+SAVED_BEAM_BUDGET = 20_000
 
 
 class JsonRoundTrip:
@@ -88,6 +97,11 @@ def parse_json(text, what: str = "JSON"):
         text = text.decode("utf-8", errors="replace")
     if not isinstance(text, str):
         raise RatLensError(f"{what}: expected JSON text, got {type(text).__name__}")
+    if len(text) > SAVED_CHARS_BUDGET:
+        raise RatLensError(
+            f"{what}: {len(text):,} characters, over the budget of {SAVED_CHARS_BUDGET:,}: "
+            f"raise rat_lens.result.SAVED_CHARS_BUDGET if you mean it"
+        )
 
     def no_constant(name):
         raise RatLensError(f"{what}: {name} is not a JSON number")
@@ -563,6 +577,7 @@ class TraceResult(JsonRoundTrip):
         """A result from ``to_dict()`` output, or from reverse-attention 0.1.0's ``trace.json``;
         every field is checked first (:func:`rat_lens.schema.check_trace`): a bad one is named
         in one RatLensError."""
+        _check_beam_count([data], "trace")
         peer = is_reverse_attention_trace(data)
         data = dict(check_trace(from_reverse_attention(data) if peer else data))
         data.pop("metadata", None)
@@ -611,6 +626,7 @@ def load_traces(text, where: str = "trace.json") -> list["TraceResult"]:
     items = data if isinstance(data, list) else [data]
     if not items:
         raise RatLensError(f"{where}: an empty list holds no trace")
+    _check_beam_count(items, where)
     results = []
     for i, item in enumerate(items):
         try:
@@ -619,3 +635,35 @@ def load_traces(text, where: str = "trace.json") -> list["TraceResult"]:
             label = f"{where}[{i}]" if isinstance(data, list) else where
             raise RatLensError(f"{label}: {err}") from None
     return results
+
+
+def _check_beam_count(items: list, where: str) -> None:
+    """Refuse saved traces holding more than ``SAVED_BEAM_BUDGET`` beams, before building any."""
+    beams = sum(
+        len(item["beams"])
+        for item in items
+        if isinstance(item, dict) and isinstance(item.get("beams"), list)
+    )
+    if beams > SAVED_BEAM_BUDGET:
+        raise RatLensError(
+            f"{where}: {beams:,} beams, over the budget of {SAVED_BEAM_BUDGET:,}: raise "
+            f"rat_lens.result.SAVED_BEAM_BUDGET if you mean it"
+        )
+
+
+def check_result(result, where: str) -> TraceResult:
+    """``result`` if it is a :class:`TraceResult` whose fields pass the saved-trace checks
+    (:func:`rat_lens.schema.check_trace`: a hand-edited position, layer, head, score or token
+    list is named as it would be in a ``trace.json``); else one RatLensError. Every reader of
+    a result (``verify``, ``summarize``, ``render_html``) calls it before using one."""
+    if not isinstance(result, TraceResult):
+        kind = f"{type(result).__module__}.{type(result).__name__}"
+        hint = (
+            ": read reverse-attention's results from its trace.json (load_traces), or trace "
+            "with rat_lens.compat.ReverseAttentionTracer"
+            if kind.startswith("reverse_attention")
+            else ""
+        )
+        raise RatLensError(f"{where}: result must be a rat_lens TraceResult, got {kind}{hint}")
+    check_trace(result.to_dict(), f"{where}: result")
+    return result

@@ -17,7 +17,7 @@ from torch import Tensor
 from transformer_lens import head_detector
 
 from .capture import capture_patterns, hook_name, input_device, pattern_layers
-from .errors import RatLensError, check_choice
+from .errors import RatLensError, check_choice, checked_call
 from .result import HeadTable
 
 __all__ = ["ROLE_NAMES", "ERROR_MEASURES", "detection_patterns", "role_scores", "head_roles"]
@@ -99,6 +99,7 @@ def role_scores(
     return out
 
 
+@checked_call
 def head_roles(
     model,
     inputs: Union[str, Sequence[str], Tensor],

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .assemble import assemble
 from .capture import check_tokens, input_device, model_session, pattern_layers
-from .errors import RatLensError, check_int
+from .errors import RatLensError, check_int, check_tokenizer, checked_call
 from .lens import explain_forward
 from .options import TraceOptions, merge_keywords
 from .plan import Targets, TracePlan, is_position, make_plan
@@ -28,6 +28,7 @@ from .search.beam import beam_search
 __all__ = ["Tracer", "trace", "generate"]
 
 
+@checked_call
 class Tracer:
     """Trace which earlier tokens, through which layers and heads, fed a target token.
 
@@ -42,8 +43,11 @@ class Tracer:
     def __init__(self, model, tokenizer=None):
         pattern_layers(model)  # fail now, not at the first trace, on a model without hooks
         self.model = model
-        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        self.tokenizer = check_tokenizer(
+            tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        )
 
+    @checked_call
     def trace(
         self,
         inputs,
@@ -83,6 +87,7 @@ class Tracer:
     def _before_trace(self, input_ids, attention_mask) -> None:
         """A subclass's say on the prompt before it is traced (``compat`` warns there)."""
 
+    @checked_call
     def trace_text(
         self, text: str, target_pos: Optional[SupportsIndex] = -1, **keywords
     ) -> TraceResult:
@@ -92,6 +97,7 @@ class Tracer:
             raise RatLensError(f"text must be a string, got {type(text).__name__}")
         return self.trace(text, target_pos, **keywords)
 
+    @checked_call
     def trace_batch(
         self,
         inputs,
@@ -191,6 +197,7 @@ def search(plan: TracePlan, record: Record, b: int, target: int, explained=None)
     )
 
 
+@checked_call
 def trace(
     model,
     inputs,
@@ -216,6 +223,7 @@ def trace(
     return tracer.trace(inputs, target_pos, attention_mask, options=options, **keywords)
 
 
+@checked_call
 def generate(model, tokens: Int[Tensor, "batch seq"], n_new: int) -> Int[Tensor, "batch seq_out"]:
     """Append ``n_new`` greedily chosen tokens (argmax of the last logits), one forward each.
 

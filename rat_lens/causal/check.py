@@ -35,6 +35,7 @@ from ..result import (
     TraceResult,
     Verification,
     beam_weights,
+    check_result,
 )
 from ..search.stats import beam_mass_importance
 from .ablation import (
@@ -170,8 +171,7 @@ def _checked(
 ):
     """Every option checked before any forward (a typo costs nothing); returns the prompt, the
     layers to probe, the token ids, the percents and the batch size, resolved."""
-    if not isinstance(result, TraceResult):
-        raise RatLensError(f"result must be a TraceResult, got {type(result).__name__}")
+    check_result(result, "verify")
     n_layers = pattern_layers(model)
     check_choice("ablation", ablation, ABLATIONS)
     check_choice("blank", blank, BLANKS)
@@ -191,6 +191,10 @@ def _checked(
     layers = sorted({lay for beam in result.beams for lay in beam.layers} | {result.layer})
     if max(layers) >= n_layers:
         raise RatLensError(f"result traces layer {max(layers)}, but the model has {n_layers}")
+    heads = [h for beam in result.beams for h in beam.heads if h is not None]
+    n_heads = getattr(getattr(model, "cfg", None), "n_heads", None)
+    if heads and n_heads is not None and max(heads) >= n_heads:
+        raise RatLensError(f"result traces head {max(heads)}, but the model has {n_heads}")
     if batch_size is None:  # keep a chunk's logits [batch, seq, vocab] under ~256 MB
         batch_size = max(1, min(64, 2**26 // (len(tokens) * (vocab or 50_000))))
     check_int("batch_size", batch_size)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import RatLensError, check_choice
+from ..errors import RatLensError, check_choice, checked_call
 from . import _hf
 from ._catalogue import DTYPES, INDUCTION_DIR
 from ._convert import SOURCES, available_sources, to_bridge, to_hooked
@@ -50,6 +50,7 @@ _LOADERS: dict[str, Callable[[str, str | torch.device | None, dict, torch.dtype]
 }
 
 
+@checked_call
 def load(
     name: str = "induction-2l",
     *,

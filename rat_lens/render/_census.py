@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
 
-from ..errors import RatLensError, check_int
+from ..errors import RatLensError, check_int, checked_call
 from ..files import write_files
 from ..result import TraceResult
 from ._html import VENDOR, _asset, _document, _new_id, _script
@@ -113,6 +113,7 @@ def census_html(
     return _document(f"rat_lens census: {found.n_prompts:,} prompts", body)
 
 
+@checked_call
 def render_census(
     found,
     out_dir: Union[str, Path],

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Union
 
 from .. import options
-from ..errors import RatLensError
+from ..errors import RatLensError, checked_call
 from ..files import write_files
-from ..result import TraceResult, dump_traces
+from ..result import TraceResult, check_result, dump_traces
 from ..summary import summarize
 from ._payload import inline_json, payload
 
@@ -59,19 +59,17 @@ def _new_id() -> str:
 
 
 def _as_list(results: Results) -> list[TraceResult]:
-    items = [results] if isinstance(results, TraceResult) else list(results)
-    if not items or not all(isinstance(r, TraceResult) for r in items):
-        raise RatLensError(
-            f"expected a TraceResult or a non-empty list of them, got {type(results).__name__}"
-        )
-    beams = sum(len(r.beams) for r in items)
+    items = list(results) if isinstance(results, (list, tuple)) else [results]
+    if not items:
+        raise RatLensError("expected a TraceResult or a non-empty list of them, got an empty list")
+    beams = sum(len(getattr(r, "beams", ())) for r in items)
     if beams > options.PAGE_BEAM_BUDGET:
         raise RatLensError(
             f"the page would draw {beams:,} beams, over the page budget of "
             f"{options.PAGE_BEAM_BUDGET:,}: show fewer results or beams, or raise "
             f"rat_lens.options.PAGE_BEAM_BUDGET if you mean it"
         )
-    return items
+    return [check_result(r, "render_html") for r in items]  # hand-edited ones named here
 
 
 def html_fragment(results: Results) -> str:
@@ -162,6 +160,7 @@ def page_files(results: Results) -> dict[str, str]:
     return {"index.html": to_html(items), "trace.json": dump_traces(one_or_all)}
 
 
+@checked_call
 def render_html(result: Results, out_dir: Union[str, Path], open_browser: bool = False) -> str:
     """Write ``index.html`` (self-contained) and ``trace.json`` to ``out_dir``; return the path of
     ``index.html``, as reverse-attention's ``render_html`` does.

@@ -57,14 +57,15 @@ from einops import rearrange
 from jaxtyping import Float, Shaped
 from torch import Tensor
 
-from ..errors import RatLensError, resolve_index
+from ..errors import checked_call, resolve_index
 from ..options import TraceOptions, length_norm_denominator, merge_keywords
 from ..result import Beam
-from .pattern import aggregate_heads, check_pattern_values
+from .pattern import aggregate_heads, check_attention, check_keys
 
 __all__ = ["beam_search", "trace_attention"]
 
 
+@checked_call
 def trace_attention(
     attn: Float[Tensor, "*layer_head query key"],
     target_pos: int = -1,
@@ -85,6 +86,11 @@ def trace_attention(
     ``"contribution"`` / ``"value_norm"`` when it holds shares whose last head channel is the
     residual stream (:func:`rat_lens.search.contrib.edge_shares`).
 
+    Every input is checked first (:func:`~rat_lens.search.pattern.check_attention`,
+    :func:`~rat_lens.search.pattern.check_keys`): an empty, negative or unnormalised ``attn``
+    is an error, not an empty trace; one that requires grad is traced detached; a mask on
+    another device is moved to ``attn``'s.
+
     Examples:
         >>> A = torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.1, 0.6, 0.3]])
         >>> beams = trace_attention(A, top_beam=2)
@@ -97,22 +103,11 @@ def trace_attention(
     """
     options = merge_keywords(options, keywords, "trace_attention", inputs=False)
     options = options.resolve("attn holds the weights")  # attention unless told otherwise
-    if not isinstance(attn, Tensor):
-        raise RatLensError(f"attn must be a torch.Tensor, got {type(attn).__name__}")
-    if attn.ndim not in (2, 3, 4) or attn.shape[-1] != attn.shape[-2]:
-        raise RatLensError(
-            f"attn must be [query, key], [layer, query, key] or [layer, head, query, key] with "
-            f"query == key, got shape {tuple(attn.shape)}"
-        )
-    check_pattern_values(attn, "trace_attention")
+    attn = check_attention(attn, shares=options.edge_weight != "attention")
+    mask, bos = check_keys(attention_mask, bos_positions, attn.shape[-1], attn.device)
     stack = attn.reshape(-1, 1, *attn.shape[-2:]) if attn.ndim < 4 else attn
     stack = aggregate_heads(stack, options.agg_heads)
     layer_ids = options.layer_ids(stack.shape[0])
-    if attention_mask is not None and attention_mask.shape != stack.shape[-1:]:
-        raise RatLensError(
-            f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
-            f"({stack.shape[-1]},) to match the attention's key axis"
-        )
     target = resolve_index("target_pos", target_pos, stack.shape[-1], "sequence length")
     options.check_budget(target + 1 if options.chain else len(layer_ids))
     return beam_search(
@@ -120,8 +115,8 @@ def trace_attention(
         layer_ids,
         target,
         options,
-        bos_positions=bos_positions,
-        attention_mask=attention_mask,
+        bos_positions=bos,
+        attention_mask=mask,
     )
 
 

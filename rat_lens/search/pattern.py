@@ -10,6 +10,10 @@ every reduction, share and sum over them, and the search itself, runs in float32
 rows that float32 tells apart, and a float16 sum overflows to inf past 65,504.
 """
 
+import operator
+from collections.abc import Sequence
+from typing import Optional
+
 import torch
 from einops import reduce
 from jaxtyping import Float
@@ -18,8 +22,13 @@ from torch import Tensor
 from ..errors import RatLensError, check_choice
 from ..options import AGG_HEADS
 
-__all__ = ["aggregate_heads", "at_least_float32", "check_pattern_values"]
-
+__all__ = [
+    "aggregate_heads",
+    "at_least_float32",
+    "check_pattern_values",
+    "check_attention",
+    "check_keys",
+]
 
 
 def at_least_float32(x: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]:
@@ -75,3 +84,104 @@ def check_pattern_values(pattern: Tensor, where: str) -> None:
             raise RatLensError(
                 f"{where}: attention contains NaN or inf (first at index {bad[0].tolist()})"
             )
+
+
+def check_attention(attn, shares: bool = False) -> Float[Tensor, "*layer_head query key"]:
+    """``attn`` as :func:`~rat_lens.search.beam.trace_attention` reads it, or one RatLensError.
+
+    ``[query, key]``, ``[layer, query, key]`` or ``[layer, head, query, key]``, non-empty,
+    floating, finite, holding numbers (not on ``meta``), with no negative weight and no row
+    summing to more than 1 (a softmax row; with ``shares``, one row over every part and key),
+    not all zero. Pre-softmax scores (``hook_attn_scores``) fail here rather than giving a
+    trace. A tensor that requires grad is accepted and detached: the search reads numbers and
+    never differentiates, and TransformerLens patterns of a forward with grad enabled are such.
+
+    Examples:
+        >>> check_attention(torch.tensor([[1.0, 0.0], [0.5, 0.6]]))
+        Traceback (most recent call last):
+        ...
+        rat_lens.errors.RatLensError: trace_attention: attention rows must sum to at most 1 ...
+    """
+    if not isinstance(attn, Tensor):
+        raise RatLensError(f"attn must be a torch.Tensor, got {type(attn).__name__}")
+    if attn.ndim not in (2, 3, 4) or attn.shape[-1] != attn.shape[-2] or attn.numel() == 0:
+        raise RatLensError(
+            f"attn must be [query, key], [layer, query, key] or [layer, head, query, key] with "
+            f"query == key > 0, got shape {tuple(attn.shape)}"
+        )
+    if attn.is_meta:
+        raise RatLensError("attn is on the meta device, which holds no numbers: load it first")
+    attn = attn.detach()
+    check_pattern_values(attn, "trace_attention")
+    if bool((attn < 0).any()):
+        raise RatLensError(
+            f"trace_attention: attention must be >= 0 (softmax weights, hook_pattern, not "
+            f"hook_attn_scores), got {float(attn.min()):.4g} at {(attn < 0).nonzero()[0].tolist()}"
+        )
+    rows = attn.sum(-1, dtype=torch.float32)
+    if shares and attn.ndim == 4:  # one row is every part's share of every key
+        rows = rows.sum(-2)
+    slack = 1e-3 if attn.element_size() >= 4 else 1e-2  # half precision rounds each weight
+    if bool((rows > 1 + slack).any()):
+        row = (rows > 1 + slack).nonzero()[0]
+        raise RatLensError(
+            f"trace_attention: attention rows must sum to at most 1 (softmax weights), but row "
+            f"{row.tolist()} sums to {float(rows[tuple(row)]):.4g}"
+        )
+    if not bool(rows.any()):
+        raise RatLensError("trace_attention: attention is all zero: there is nothing to trace")
+    return attn
+
+
+def check_keys(
+    attention_mask, bos_positions, n: int, device: torch.device
+) -> tuple[Optional[Tensor], list[int]]:
+    """``trace_attention``'s key inputs checked against ``n`` keys: the mask as a ``[n]`` long
+    tensor of 0 and 1 on ``device`` (a list is accepted; a tensor on another device is
+    moved), and BOS positions as ints in ``0..n-1``; else one RatLensError.
+
+    Examples:
+        >>> check_keys([1, 0, 1], (0,), 3, torch.device("cpu"))
+        (tensor([1, 0, 1]), [0])
+        >>> check_keys(None, [1.5], 3, torch.device("cpu"))
+        Traceback (most recent call last):
+        ...
+        rat_lens.errors.RatLensError: bos_positions must be a list of positions (ints in 0..2), ...
+    """
+    mask = None
+    if attention_mask is not None:
+        if not isinstance(attention_mask, (Tensor, list, tuple)):
+            raise RatLensError(
+                f"attention_mask must be a tensor (or list) of 0 and 1, got "
+                f"{type(attention_mask).__name__}"
+            )
+        if isinstance(attention_mask, Tensor) and attention_mask.is_meta:
+            raise RatLensError("attention_mask is on the meta device, which holds no numbers")
+        mask = torch.as_tensor(attention_mask).detach()
+        if mask.shape != (n,) or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise RatLensError(
+                f"attention_mask must be [{n}] (the key axis) holding only 0 and 1, got shape "
+                f"{tuple(mask.shape)} dtype {mask.dtype}"
+            )
+        mask = mask.long().to(device)
+    return mask, _bos_list(bos_positions, n)
+
+
+def _bos_list(bos_positions, n: int) -> list[int]:
+    bad = RatLensError(
+        f"bos_positions must be a list of positions (ints in 0..{n - 1}), got {bos_positions!r}"
+    )
+    if isinstance(bos_positions, Tensor):
+        bos_positions = bos_positions.tolist() if bos_positions.ndim == 1 else None
+    if not isinstance(bos_positions, Sequence) or isinstance(bos_positions, str):
+        raise bad
+    positions = []
+    for p in bos_positions:
+        try:
+            position = operator.index(p)
+        except TypeError:
+            raise bad from None
+        if isinstance(p, bool) or not 0 <= position < n:
+            raise bad
+        positions.append(position)
+    return positions
