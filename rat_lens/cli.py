@@ -227,19 +227,19 @@ def _run_census(args: argparse.Namespace) -> int:
     return 0
 
 
-def _text_problem(text: Optional[str], text_option: Optional[str]) -> Optional[str]:
-    """What is wrong with the text given to ``rat-lens trace`` (positionally or ``--text``)."""
-    if text is not None and text_option is not None:
-        return "give the text once, as TEXT or --text, not both"
-    given = text if text is not None else text_option
-    if given is None:
-        return "give the text to trace"
-    return None if given.strip() else "the text to trace is empty"
+def _given_text(args: argparse.Namespace) -> tuple[Optional[str], Optional[str]]:
+    """The text given to ``rat-lens trace`` (positionally or ``--text``), and what is wrong with
+    it, if anything."""
+    if args.text is not None and args.text_option is not None:
+        return None, "give the text once, as TEXT or --text, not both"
+    text = args.text if args.text is not None else args.text_option
+    if text is None:
+        return None, "give the text to trace"
+    return text, None if text.strip() else "the text to trace is empty"
 
 
 def _trace(args: argparse.Namespace) -> int:
-    text = args.text if args.text is not None else args.text_option
-    what = _text_problem(args.text, args.text_option)
+    text, what = _given_text(args)
     if what:
         print(f'rat-lens trace: error: {what} (rat-lens trace "some text")', file=sys.stderr)
         return 2
