@@ -13,6 +13,18 @@ from rat_lens import RatLensError, TraceResult
 from rat_lens.causal import ablate_pattern
 from rat_lens.models import load
 from rat_lens.result import Beam
+from rat_lens.sankey import build_sankey
+
+
+def with_beams(result: TraceResult, beams: list) -> TraceResult:
+    """A copy of ``result`` holding ``beams``, its texts and graph rebuilt to match (verify
+    checks a result before it runs)."""
+    edited = copy.deepcopy(result)
+    edited.beams = beams
+    edited.paths_text = [f"beam {i}" for i in range(len(beams))]
+    edited.sankey = build_sankey(beams, edited.tokens, edited.mode, edited.layer)
+    return edited
+
 
 PROMPT = "cat dog red blue cat dog red"
 
@@ -61,8 +73,7 @@ def test_the_faithfulness_curve_credits_each_head_edge_its_own_weight_not_a_stay
     t = per_head.target_pos
     after_stay = (0, 1, t, 3)  # (layer, head, query, key): read after a stay at layer 1
     before_stay = (1, 0, t, 4)  # read at layer 1, then a stay at layer 0
-    result = copy.deepcopy(per_head)
-    result.beams = [
+    beams = [
         Beam(
             [t, t, 3],
             [0.9, 0.1],
@@ -84,6 +95,7 @@ def test_the_faithfulness_curve_credits_each_head_edge_its_own_weight_not_a_stay
             kinds=["head", "residual"],
         ),
     ]  # equal scores: each beam counts 1/2, so the edges weigh 0.05 and 0.25
+    result = with_beams(per_head, beams)
     check = rat_lens.verify(
         induction, result, n_random=0, percents=[50, 100], token_importance=False
     )
@@ -155,8 +167,7 @@ def test_random_paths_of_a_per_head_beam_ablate_one_head_per_edge_like_the_beam(
             )
             owner.append(b)
     assert any(h is not None for beam in per_head.beams for h in beam.heads)
-    every = copy.deepcopy(per_head)
-    every.beams = candidates
+    every = with_beams(per_head, candidates)
     options = dict(percents=[], token_importance=False)
     drops = rat_lens.verify(induction, every, n_random=0, **options)
     possible = [[e.effect.effect for e, o in zip(drops.beams, owner) if o == b] for b in range(5)]

@@ -122,7 +122,7 @@ def test_exhaustive_beam_search_equals_path_enumeration(seed):
     beams = trace_attention(
         stack,
         n - 1,
-        layer=1 if chain else -1,
+        layer=1 if chain else None,
         layers=None if chain else (0, 1),
         agg_heads="none" if per_head else "mean",
         top_beam=10_000,
@@ -320,7 +320,7 @@ def test_tie_order_matches_the_reference_on_tied_attention(seed):
     beams = trace_attention(
         stack,
         target,
-        layer=1 if chain else -1,
+        layer=1 if chain else None,
         layers=None if chain else (0, 2),
         agg_heads="none" if per_head else "mean",
         bos_positions=bos,

@@ -26,7 +26,7 @@ def traces(draw):
     layer = draw(st.integers(0, n_layers - 1))
     options = dict(
         target_pos=draw(st.integers(0, n - 1)),
-        layer=layer if chain else -1,  # layer and layers together are refused
+        layer=layer if chain else None,  # layer and layers together are refused
         layers=None if chain else (lo, draw(st.integers(lo, n_layers - 1))),
         top_beam=draw(st.integers(1, 6)),
         top_k=draw(st.integers(1, 6)),

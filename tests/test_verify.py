@@ -187,7 +187,7 @@ def test_exact_effect_with_heads_aggregated_and_in_chain_mode(tiny):
     source, model = tiny
     if EDITS_IGNORED[source]:
         pytest.skip("pattern edits are ignored by this model class")
-    for kwargs in ({"layers": (0, 0)}, {"layer": 0}):
+    for kwargs in ({"layers": (0, 0), "agg_heads": "mean"}, {"layer": 0}):
         result = trace(model, PROMPT, **kwargs)  # head mean: 4 -> 1 weighs (.6 + .2) / 2
         top = verify(model, result, n_random=4, percents=(), token_importance=False).beams[0]
         assert top.edges[0] == [0, None, 4, 1]
