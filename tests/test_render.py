@@ -314,6 +314,7 @@ def test_predictions_and_head_rows_reach_the_payload(small):
     assert payload(small)["head_rows"] == [
         {"layer": 0, "head": 3, "query": 2, "keys": [1], "weights": [0.25]}
     ]
+    small.head_rows = [row]  # the page also summarises the result: saved-trace fields only
     assert list(embedded(to_html(small)).values())[0]["predictions"] == data["predictions"]
 
 
@@ -496,10 +497,8 @@ def test_the_page_carries_the_circuit_summary_escaped():
 
 
 def test_a_page_of_several_targets_links_to_each(small):
-    import copy
-
-    other = copy.deepcopy(small)
-    other.target_pos = 1
+    A = torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.1, 0.6, 0.3]])
+    other = make_result(A, small.tokens, 1, top_beam=2)  # the same prompt from position 1
     page = html_fragment([small, other])
     nav = page[page.index('<nav class="ratlens-targets">') : page.index("</nav>")]
     ids = re.findall(r'href="#(ratlens-[0-9a-f]+)"', nav)

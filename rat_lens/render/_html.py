@@ -60,8 +60,10 @@ def _new_id() -> str:
 
 def _as_list(results: Results) -> list[TraceResult]:
     items = list(results) if isinstance(results, (list, tuple)) else [results]
-    if not items:
-        raise RatLensError("expected a TraceResult or a non-empty list of them, got an empty list")
+    if not items or not all(isinstance(r, TraceResult) for r in items):
+        raise RatLensError(
+            f"expected a TraceResult or a non-empty list of them, got {type(results).__name__}"
+        )
     beams = sum(len(getattr(r, "beams", ())) for r in items)
     if beams > options.PAGE_BEAM_BUDGET:
         raise RatLensError(
@@ -69,7 +71,7 @@ def _as_list(results: Results) -> list[TraceResult]:
             f"{options.PAGE_BEAM_BUDGET:,}: show fewer results or beams, or raise "
             f"rat_lens.options.PAGE_BEAM_BUDGET if you mean it"
         )
-    return [check_result(r, "render_html") for r in items]  # hand-edited ones named here
+    return items
 
 
 def html_fragment(results: Results) -> str:
@@ -168,8 +170,12 @@ def render_html(result: Results, out_dir: Union[str, Path], open_browser: bool =
     ``trace.json`` is ``result.to_json()`` (a list of them for several results), which
     ``rat-lens render trace.json -o out/`` turns back into the same page without a model. Both
     files are written or neither (:func:`rat_lens.files.write_files`): a failure never leaves a
-    new page beside an old trace, nor an empty folder.
+    new page beside an old trace, nor an empty folder. Each result is checked as a saved one
+    first (:func:`rat_lens.result.check_result`): a hand-edited or foreign one is named, and
+    nothing is written.
     """
+    for item in result if isinstance(result, (list, tuple)) else [result]:
+        check_result(item, "render_html")
     index = write_files(out_dir, page_files(result))[0]
     if open_browser:
         webbrowser.open(index.resolve().as_uri())

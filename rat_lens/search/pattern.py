@@ -160,8 +160,8 @@ def check_keys(
         mask = torch.as_tensor(attention_mask).detach()
         if mask.shape != (n,) or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
             raise RatLensError(
-                f"attention_mask must be [{n}] (the key axis) holding only 0 and 1, got shape "
-                f"{tuple(mask.shape)} dtype {mask.dtype}"
+                f"attention_mask has shape {tuple(mask.shape)} and dtype {mask.dtype}: it must "
+                f"be [{n}] (the attention's key axis) holding only 0 and 1"
             )
         mask = mask.long().to(device)
     return mask, _bos_list(bos_positions, n)
