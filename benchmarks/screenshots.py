@@ -96,13 +96,15 @@ def main() -> None:
         widget = page.locator(".ratlens").first
         page.screenshot(path=str(out / "render-overview.png"))
 
-        page.locator(".ratlens-move.is-top[data-layer=\"1\"]").dispatch_event("click")
+        page.locator('.ratlens-move.is-top[data-layer="1"]').dispatch_event("click")
         page.screenshot(path=str(out / "render-link.png"))
 
         page.locator(".ratlens-clear").click()
         page.locator(".ratlens-view-sankey").click()
         page.screenshot(path=str(out / "render-sankey.png"))
-        band = page.locator(".ratlens-sankey .ratlens-linklabel", has_text="L0.H1").first.bounding_box()
+        band = page.locator(
+            ".ratlens-sankey .ratlens-linklabel", has_text="L0.H1"
+        ).first.bounding_box()
         page.mouse.move(band["x"] + band["width"] / 2, band["y"] + band["height"] / 2 + 8)
         page.locator(".ratlens-tooltip").wait_for(state="visible")
         page.locator(".ratlens-main").screenshot(path=str(out / "render-tooltip.png"))

@@ -589,6 +589,13 @@ def input_device(model) -> torch.device:
         >>> input_device(load("induction-2l"))
         device(type='cpu')
     """
+    embed = getattr(model, "embed", None)
+    dispatched = getattr(getattr(model, "original_model", None), "hf_device_map", None)
+    if isinstance(embed, torch.nn.Module) and not dispatched:
+        # the weights themselves: a bridge built around a CPU model may record another device
+        real = next((p.device for p in embed.parameters() if p.device.type != "meta"), None)
+        if real is not None:
+            return real
     device = getattr(getattr(model, "cfg", None), "device", None)
     if device is not None and torch.device(device).type != "meta":
         return torch.device(device)

@@ -249,7 +249,6 @@ def _trace(args: argparse.Namespace) -> int:
 
     from .compat import ReverseAttentionTracer
     from .models import load
-    from .summary import indent_wrapped, summarize
     from .tracer import generate
 
     with progress(f"loading {args.model}"):
@@ -283,9 +282,21 @@ def _trace(args: argparse.Namespace) -> int:
         new = tokens[0, -args.generate :].tolist()
         text_new = decode(new) if decode else "".join(results[0].tokens[-args.generate :])
         print(f"generated {args.generate} token{'s' * (args.generate > 1)}: {text_new!r}\n")
+    _print_results(results, args.generate)
+    written = _write(results, args.out, args.format)
+    if args.open_browser and "html" in args.format:
+        webbrowser.open(written[0].resolve().as_uri())
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def _print_results(results: list[TraceResult], generated: int) -> None:
+    """Each target's paths (wrapped at 100 columns) and its summary."""
+    from .summary import indent_wrapped, summarize
+
     for result in results:
         where = f"{result.target_pos} {result.tokens[result.target_pos]!r}"
-        if args.generate and result.target_pos + 1 < len(result.tokens):
+        if generated and result.target_pos + 1 < len(result.tokens):
             where += f" -> {result.tokens[result.target_pos + 1]!r} (generated)"
         span = (
             f"layer {result.layer}"
@@ -297,11 +308,6 @@ def _trace(args: argparse.Namespace) -> int:
             print(indent_wrapped(line))
         print()
         print(summarize(result).to_text())
-    written = _write(results, args.out, args.format)
-    if args.open_browser and "html" in args.format:
-        webbrowser.open(written[0].resolve().as_uri())
-    print("wrote " + ", ".join(map(str, written)))
-    return 0
 
 
 def _fits_config(args: argparse.Namespace, options: TraceOptions) -> bool:
@@ -470,9 +476,9 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument(
         "--predictions",
         type=int,
-        default=0,
+        default=None,
         metavar="K",
-        help="also show the model's top-K next tokens at traced positions (runs the whole forward)",
+        help="the model's top-K next tokens at traced positions (default 3; 0: none)",
     )
     trace.add_argument(
         "--query-chunk",

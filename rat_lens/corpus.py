@@ -39,7 +39,7 @@ import torch
 from .capture import ProgressBar
 from .causal import verify as verify_trace
 from .errors import RatLensError, check_bool, check_choice, check_int, checked_call
-from .files import write_files
+from .files import CENSUS_FORMATS, write_files
 from .options import TraceOptions, merge_keywords
 from .render import census_fragment, census_html
 from .result import HeadTable, JsonRoundTrip, TraceResult, beam_weights, parse_json
@@ -57,7 +57,7 @@ __all__ = [
     "FORMATS",
 ]
 
-FORMATS = ("jsonl", "parquet")
+FORMATS = CENSUS_FORMATS
 Target = Union[str, int, Sequence[int]]
 
 

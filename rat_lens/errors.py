@@ -153,17 +153,17 @@ def _parameter_names(parameters: list) -> str:
 
 
 def check_tokenizer(tokenizer):
-    """``tokenizer`` if it looks like a Hugging Face tokenizer (callable on text, with
-    ``decode`` or ``batch_decode``) or is None; else RatLensError. Its ``bos_token_id`` must be
-    an int or None: it marks the BOS positions of every trace."""
+    """``tokenizer`` if it can at least decode (``decode`` or ``batch_decode``: a trace of
+    token ids needs nothing more; text needs it callable, checked when text comes) or is None;
+    else RatLensError. Its ``bos_token_id`` must be an int or None: it marks the BOS
+    positions of every trace."""
     if tokenizer is None:
         return None
-    if not callable(tokenizer) or not (
-        hasattr(tokenizer, "decode") or hasattr(tokenizer, "batch_decode")
-    ):
+    if not (hasattr(tokenizer, "decode") or hasattr(tokenizer, "batch_decode")):
         raise RatLensError(
-            f"tokenizer must be a Hugging Face tokenizer (callable on text, with decode), or "
-            f"None for the model's own, got {type(tokenizer).__name__}"
+            f"tokenizer must be a Hugging Face tokenizer (with decode or batch_decode; "
+            f"callable on text to trace text), or None for the model's own, got "
+            f"{type(tokenizer).__name__}"
         )
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None:

@@ -34,7 +34,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .capture import Forward, offloaded_weights_loaded, run_forward
+from .capture import Forward, model_session, offloaded_weights_loaded, run_forward
 from .errors import RatLensError
 from .result import Beam, HeadWrite, LensRecord
 from .sankey import node_layers
@@ -104,7 +104,8 @@ def final_norm(model) -> tuple[Optional[Tensor], bool]:
     for holder in (ln, getattr(ln, "original_component", None)):
         for name in ("w", "weight"):
             value = getattr(holder, name, None) if holder is not None else None
-            if isinstance(value, Tensor) and weight is None:
+            # an offloaded model's bridge-side alias stays a meta placeholder: take real values
+            if isinstance(value, Tensor) and weight is None and value.device.type != "meta":
                 weight = value.detach()
     kind = getattr(model.cfg, "normalization_type", None)
     if kind not in ("LN", "LNPre", "RMS", "RMSPre"):
@@ -122,16 +123,17 @@ def head_direct_logits(
 ) -> Float[Tensor, "row vocab"]:
     """Direct logits of residual-stream writes ``out`` at rows whose final-norm scale is
     ``scale``: centred (LayerNorm), ÷ scale, × the norm's weight, ``@ W_U`` (no bias)."""
+    # Offloaded weights hold their values only inside this block: every read stays in it.
     with offloaded_weights_loaded(model.ln_final), offloaded_weights_loaded(model.unembed):
         weight, centre = final_norm(model)
         W_U = model.W_U.detach()
-    out = out.to(W_U.device, W_U.dtype)
-    if centre:
-        out = out - out.mean(-1, keepdim=True)
-    out = out / scale.to(out.device, out.dtype)[:, None]
-    if weight is not None:
-        out = out * weight.to(out.device, out.dtype)
-    return out @ W_U
+        out = out.to(W_U.device, W_U.dtype)
+        if centre:
+            out = out - out.mean(-1, keepdim=True)
+        out = out / scale.to(out.device, out.dtype)[:, None]
+        if weight is not None:
+            out = out * weight.to(out.device, out.dtype)
+        return out @ W_U
 
 
 def resolve_token(value, decode: Callable, tokenizer, vocab: int, name: str) -> tuple[int, str]:
@@ -156,8 +158,8 @@ def explain_forward(model, tokens, plan, tokenizer, decode: Callable) -> Optiona
     forward, or a model without ``ln_final.hook_scale``)."""
     inputs = plan.inputs
     wanted = inputs.explain
-    if wanted is None:
-        wanted = inputs.cache is None and "ln_final.hook_scale" in getattr(model, "hook_dict", {})
+    if wanted is None:  # asked for by naming a target or a foil; else one forward is enough
+        wanted = inputs.target_token is not None or inputs.foil_token is not None
     if not wanted:
         return None
     nodes = plan.layer_ids if plan.options.chain else [*plan.layer_ids, plan.layer_ids[-1] - 1]
@@ -340,11 +342,17 @@ def _write(move: tuple, direct: Tensor, token: int, foil, decode: Callable) -> H
 
 def _unembed(model, rows: Float[Tensor, "row d_model"]) -> Float[Tensor, "row vocab"]:
     """``ln_final(rows) @ W_U + b_U``: each row's own final norm, as the model decodes."""
-    with offloaded_weights_loaded(model.ln_final), offloaded_weights_loaded(model.unembed):
+    # ln_final's hook points fire on this call: under the model's lock, so no other thread's
+    # forward (and its hooks on ln_final.hook_scale) runs meanwhile.
+    with (
+        model_session(model),
+        offloaded_weights_loaded(model.ln_final),
+        offloaded_weights_loaded(model.unembed),
+    ):
         normed = model.ln_final(rows[None])[0]
         W_U, b_U = model.W_U.detach(), getattr(model, "b_U", None)
         logits = normed.to(W_U.device, W_U.dtype) @ W_U
-    return logits if b_U is None else logits + b_U.detach().to(logits.device)
+        return logits if b_U is None else logits + b_U.detach().to(logits.device)
 
 
 def _row(pattern, head: int, query: int) -> Tensor:

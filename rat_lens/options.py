@@ -8,8 +8,8 @@ Fields left ``None`` stay ``None`` (so ``TraceOptions(**o.to_dict())`` is ``o``)
 :meth:`TraceOptions.resolve` fills them for one trace. Nothing here imports torch.
 
 Examples:
-    >>> TraceOptions(layers=(0, 11), agg_heads="none").chain
-    False
+    >>> TraceOptions().chain, TraceOptions(layer=3).chain   # full depth per head, or a chain
+    (False, True)
     >>> TraceOptions(top_k=0)
     Traceback (most recent call last):
     ...
@@ -68,6 +68,9 @@ STORES = ("auto", "dense", "bounded")
 # What per-head layers traces weigh edges by unless told: the winner of the comparison in
 # docs/concepts.md (SmolLM2 at full depth: induction circuits and verify against random paths).
 AUTO_EDGE_WEIGHT = "value_norm"
+# The model's top next tokens a trace records at its traced positions unless told (the page
+# shows them on the target node).
+DEFAULT_PREDICTIONS = 3
 
 
 def parse_layers(text: str) -> tuple[int, int]:
@@ -99,11 +102,14 @@ class TraceOptions:
     Attributes:
         layer: chain mode: the one layer whose attention every step reads (``-1``: last).
         layers: ``(lo, hi)``: layers mode, one edge per layer from ``hi`` down to ``lo``
-            (Python-style indices). Give ``layer`` or ``layers``, not both.
+            (Python-style indices). Give ``layer`` or ``layers``, not both; with neither (the
+            default) a trace runs layers mode at full depth, ``(0, -1)``.
         top_beam: beams kept after every step (and returned).
         top_k: candidates (head, key) each beam expands to per step.
         min_attn: candidates below this weight are dropped.
         agg_heads: ``"mean"`` / ``"max"`` over heads, or ``"none"``: per-head edges.
+            ``None`` (the default): per-head edges in layers mode, the mean in chain mode
+            (reverse-attention's).
         length_norm: how a path's score is normalised: ``"none"``, ``"avg_logprob"``
             (÷ edges), ``"sqrt"`` (÷ √edges) or ``"pow:α"`` (÷ edges^α). ``None`` (the
             default): ``"avg_logprob"`` for attention edges (reverse-attention's), ``"none"``
@@ -127,7 +133,9 @@ class TraceOptions:
             moves reach the target only through the ones before them.
     """
 
-    layer: int = _option(-1, "chain mode in this layer", group="mode")
+    layer: Optional[int] = _option(
+        None, "chain mode in this layer (-1: the last)", group="mode", parse=int
+    )
     layers: Optional[Sequence[int]] = _option(
         None, "layers mode: one edge per layer from HI down to LO", group="mode",
         parse=parse_layers, metavar="LO:HI",
@@ -135,7 +143,10 @@ class TraceOptions:
     top_beam: int = _option(5, "beams kept")
     top_k: int = _option(5, "candidates per step")
     min_attn: float = _option(0.0, "minimum edge weight")
-    agg_heads: str = _option("mean", "how heads combine; none = per-head edges", choices=AGG_HEADS)
+    agg_heads: Optional[str] = _option(
+        None, "how heads combine; none = per-head edges (default: none in layers mode, mean "
+        "in chain mode)", choices=AGG_HEADS,
+    )  # fmt: skip
     length_norm: Optional[str] = _option(
         None, "none, avg_logprob, sqrt or pow:ALPHA (default: avg_logprob for attention edges, "
         "none for contribution edges)",
@@ -171,7 +182,8 @@ class TraceOptions:
             or self.min_attn != self.min_attn
         ):
             raise RatLensError(f"min_attn must be a number, got {self.min_attn!r}")
-        check_choice("agg_heads", self.agg_heads, AGG_HEADS)
+        if self.agg_heads is not None:
+            check_choice("agg_heads", self.agg_heads, AGG_HEADS)
         check_bool("stop_at_bos", self.stop_at_bos)
         check_bool("exclude_bos", self.exclude_bos)
         residual = "none" if self.residual is None else self.residual
@@ -193,7 +205,9 @@ class TraceOptions:
         self.resolve()  # what the mode decides must make sense with what was given
 
     def _check_mode(self) -> None:
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+        if self.layer is not None and (
+            isinstance(self.layer, bool) or not isinstance(self.layer, int)
+        ):
             raise RatLensError(f"layer must be an int, got {self.layer!r}")
         if self.layers is None:
             return
@@ -205,7 +219,7 @@ class TraceOptions:
             raise RatLensError(
                 f"layers={self.layers!r} must be a pair (lo, hi) of layer indices, e.g. (0, 11)"
             )
-        if self.layer != -1:
+        if self.layer is not None:
             raise RatLensError(
                 f"give either layer={self.layer} (chain mode) or "
                 f"layers={tuple(self.layers)} (layers mode), not both"
@@ -214,12 +228,13 @@ class TraceOptions:
 
     @property
     def chain(self) -> bool:
-        """Chain mode (one layer, reverse-attention's semantics) rather than layers mode."""
-        return self.layers is None
+        """Chain mode (one layer, reverse-attention's semantics): ``layer`` given."""
+        return self.layer is not None
 
     @property
     def per_head(self) -> bool:
-        return self.agg_heads == "none"
+        """Per-head edges, ``agg_heads`` as resolved."""
+        return (self.agg_heads or ("mean" if self.chain else "none")) == "none"
 
     @property
     def stays(self) -> bool:
@@ -232,46 +247,44 @@ class TraceOptions:
         """Whether ``edge_weight`` is left to the mode (not given)."""
         return self.edge_weight is None
 
-    def resolve(self, attention_only: Optional[str] = None) -> "TraceOptions":
-        """These options with every ``None`` decided, as one trace runs them: ``edge_weight``
-        by the mode (``AUTO_EDGE_WEIGHT`` for per-head layers traces, else attention; attention
-        too where ``attention_only`` says why contribution edges cannot run, and it was not
-        given), then ``length_norm`` by the edge weight.
+    def resolve(self) -> "TraceOptions":
+        """These options with every ``None`` decided, as one trace runs them: ``agg_heads`` by
+        the mode (per head in layers mode, the mean in a chain); ``edge_weight`` by the mode
+        (``AUTO_EDGE_WEIGHT`` for per-head layers traces, else attention), then
+        ``length_norm`` by the edge weight.
 
         Examples:
-            >>> auto = TraceOptions(layers=(0, 1), agg_heads="none")
-            >>> auto.edge_weight, auto.resolve().edge_weight, auto.resolve("no forward").edge_weight
-            (None, 'value_norm', 'attention')
-            >>> auto.resolve().length_norm, auto.resolve("no forward").length_norm
-            ('none', 'avg_logprob')
+            >>> auto = TraceOptions()
+            >>> auto.resolve().agg_heads, auto.resolve().edge_weight, auto.resolve().length_norm
+            ('none', 'value_norm', 'none')
+            >>> chain = TraceOptions(layer=-1).resolve()
+            >>> chain.agg_heads, chain.edge_weight, chain.length_norm
+            ('mean', 'attention', 'avg_logprob')
         """
+        agg_heads = self.agg_heads or ("mean" if self.chain else "none")
         edge_weight = self.edge_weight
         if edge_weight is None:
             by_mode = not self.chain and self.per_head and self.residual == "none"
-            edge_weight = AUTO_EDGE_WEIGHT if by_mode and not attention_only else "attention"
+            edge_weight = AUTO_EDGE_WEIGHT if by_mode else "attention"
         length_norm = self.length_norm
         if length_norm is None:
             length_norm = "avg_logprob" if edge_weight == "attention" else "none"
-        self._check_edge_weight(edge_weight, attention_only)
-        if (edge_weight, length_norm) == (self.edge_weight, self.length_norm):
+        self._check_edge_weight(edge_weight)
+        resolved = dict(edge_weight=edge_weight, length_norm=length_norm, agg_heads=agg_heads)
+        if all(getattr(self, name) == value for name, value in resolved.items()):
             return self
-        return replace(self, edge_weight=edge_weight, length_norm=length_norm)
+        return replace(self, **resolved)
 
-    def _check_edge_weight(self, edge_weight: str, attention_only: Optional[str]) -> None:
+    def _check_edge_weight(self, edge_weight: str) -> None:
         defaults = (_DEFAULTS["move_threshold"], _DEFAULTS["depth_discount"])
         if edge_weight == "attention" and (self.move_threshold, self.depth_discount) != defaults:
-            got = (
-                f"this trace cannot run contribution edges ({attention_only})"
-                if attention_only and self.edge_weight is None
-                else "got edge_weight='attention'"
-            )
             raise RatLensError(
                 f"move_threshold={self.move_threshold!r} and depth_discount="
                 f"{self.depth_discount!r} score contribution routes: they need "
-                f"edge_weight='contribution' or 'value_norm', {got}"
+                f"edge_weight='contribution' or 'value_norm', got edge_weight='attention'"
             )
         if edge_weight != "attention" and (
-            self.chain or self.agg_heads != "none" or self.residual != "none"
+            self.chain or not self.per_head or self.residual != "none"
         ):
             raise RatLensError(
                 f"edge_weight={edge_weight!r} needs layers mode (layers=(lo, hi)), "
@@ -289,8 +302,9 @@ class TraceOptions:
         """
         if self.chain:
             return [resolve_index("layer", self.layer, n_layers, "n_layers")]
-        lo = resolve_index("layers[0]", self.layers[0], n_layers, "n_layers")
-        hi = resolve_index("layers[1]", self.layers[1], n_layers, "n_layers")
+        lo, hi = self.layers or (0, -1)
+        lo = resolve_index("layers[0]", lo, n_layers, "n_layers")
+        hi = resolve_index("layers[1]", hi, n_layers, "n_layers")
         if lo > hi:
             raise RatLensError(f"layers={self.layers} is empty: lo={lo} > hi={hi}")
         return list(range(hi, lo - 1, -1))
@@ -332,7 +346,8 @@ class TraceInputs:
         cache: a ``run_with_cache`` cache of these tokens: the trace reads its patterns and
             runs no forward.
         predictions: record the model's top-k next tokens at every traced position (runs the
-            whole forward).
+            whole forward); ``None`` (the default): ``DEFAULT_PREDICTIONS`` where a forward
+            runs, none from a ``cache=`` (which holds no logits); ``0``: none.
         query_chunk: ``N`` runs the forward N positions at a time over the model's KV cache
             (long contexts; unpadded prompts; same patterns); ``"auto"`` does so for unpadded
             prompts over 512 tokens where a probe shows it exact; ``None``: one forward.
@@ -346,13 +361,14 @@ class TraceInputs:
         foil_token: explain ``target_token`` against this one: writes' ``dla_diff`` and the
             first move's score read ``logit(target) - logit(foil)`` (``rat_lens.lens``).
         explain: the logit lens at visited nodes and head moves' writes (one more forward,
-            ``rat_lens.lens``); ``None``: on where the model has the hooks and no ``cache=``.
+            ``rat_lens.lens``); ``None``: on when ``target_token`` or ``foil_token`` is given,
+            else off (the default trace stays one forward).
         progress: a forward that runs more than a few seconds shows its layers done, rate and
             ETA on stderr (rich; terminals only); False: never.
     """
 
     cache: Any = None
-    predictions: int = 0
+    predictions: Optional[int] = None
     query_chunk: QueryChunk = "auto"
     store: str = "auto"
     bos_token_id: Optional[int] = None
@@ -362,8 +378,8 @@ class TraceInputs:
     progress: bool = True
 
     def __post_init__(self):
-        if self.predictions:
-            check_int("predictions", self.predictions)
+        if self.predictions is not None:
+            check_int("predictions", self.predictions, minimum=0)
         check_choice("store", self.store, STORES)
         if isinstance(self.query_chunk, str) and self.query_chunk != "auto":
             raise RatLensError(
@@ -424,7 +440,7 @@ def merge_keywords(
 
     Examples:
         >>> merge_keywords(TraceOptions(top_k=3), {"top_beam": 2}, "trace", inputs=False)
-        TraceOptions(layer=-1, layers=None, top_beam=2, top_k=3, ...)
+        TraceOptions(layer=None, layers=None, top_beam=2, top_k=3, ...)
         >>> merge_keywords(None, {"topbeam": 3}, "trace")
         Traceback (most recent call last):
         ...
@@ -443,7 +459,7 @@ def merge_keywords(
         raise RatLensError(f"options must be a TraceOptions, got {type(options).__name__}")
     given = {k: v for k, v in keywords.items() if k in OPTION_NAMES}
     if "layers" in given and "layer" not in given:  # a mode given replaces the other one
-        given["layer"] = _DEFAULTS["layer"]
+        given["layer"] = None
     elif "layer" in given and "layers" not in given:
         given["layers"] = None
     merged = replace(options, **given) if options is not None else TraceOptions(**given)

@@ -8,7 +8,7 @@ here, before the forward: a typo costs nothing.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, SupportsIndex, Union
 
 import torch
@@ -17,7 +17,7 @@ from torch import Tensor
 from . import options as budgets
 from .capture import check_cache, check_tokens, pattern_layers
 from .errors import RatLensError
-from .options import TraceInputs, TraceOptions
+from .options import DEFAULT_PREDICTIONS, TraceInputs, TraceOptions
 
 __all__ = ["TracePlan", "make_plan", "resolve_targets", "is_position", "SOURCES"]
 
@@ -84,6 +84,8 @@ def make_plan(
         [p for p, t in enumerate(row.tolist()) if t == bos_id and mask[b, p]]
         for b, row in enumerate(tokens)
     ]
+    if inputs.predictions is None:  # the forward runs to the logits anyway at full depth
+        inputs = replace(inputs, predictions=0 if inputs.cache is not None else DEFAULT_PREDICTIONS)
     source = _source(model, tokens, layer_ids, resolved, inputs)
     return TracePlan(resolved, inputs, layer_ids, targets, bos, mask, source, keep)
 

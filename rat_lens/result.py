@@ -542,6 +542,8 @@ class TraceResult(JsonRoundTrip):
     move_threshold: Optional[float] = None
     depth_discount: Optional[float] = None
     verification: Optional[Verification] = None  # result.verification = rat_lens.verify(...)
+    # After generate(): how many tokens were the prompt (the page marks the generated ones).
+    prompt_len: Optional[int] = None
     # What the route carried (rat_lens.lens): the token explained (the model's top prediction
     # at the target unless given), the foil it is explained against, the logit lens at every
     # node a beam visits and every head move's write.

@@ -62,6 +62,7 @@ _OPTIONAL = (
     "move_threshold",
     "depth_discount",
     "verification",
+    "prompt_len",
     "target_token",
     "target_id",
     "foil_token",
@@ -152,6 +153,8 @@ def _check_options(at: "_At", data: dict, layer: int) -> str:
             value = at.number(name, data[name], 0.0)
             at.need(name, 0 < value <= 1, f"must be in (0, 1], got {value!r}")
     at.integer("batch_index", data.get("batch_index", 0), 0)
+    if data.get("prompt_len") is not None:  # a generated continuation follows the prompt
+        at.integer("prompt_len", data["prompt_len"], 1, data["seq_len"])
     return mode
 
 

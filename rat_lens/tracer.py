@@ -155,10 +155,10 @@ class Tracer:
         """Token ids and attention mask for ``texts``, each tokenized alone, right-padded."""
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
             raise RatLensError(f"texts must be non-empty strings, got {texts!r}")
-        if self.tokenizer is None:
+        if self.tokenizer is None or not callable(self.tokenizer):
             raise RatLensError(
-                "this model has no tokenizer: pass token ids, or a tokenizer to "
-                "the tracer (ReverseAttentionTracer(model, tokenizer))"
+                "this model has no tokenizer that reads text: pass token ids, or a tokenizer "
+                "to the tracer (Tracer(model, tokenizer))"
             )
         if self.tokenizer is getattr(self.model, "tokenizer", None) and hasattr(
             self.model, "to_tokens"

@@ -78,6 +78,7 @@ def attention_cases(draw):
     top_k = draw(st.integers(1, 5))
     # TraceOptions is built in the test: its runtime type checks draw on the random module.
     options = dict(
+        layer=-1 if chain else None,
         layers=None if chain else (lo, draw(st.integers(lo, n_layers - 1))),
         top_beam=draw(st.integers(1, 6)),
         top_k=top_k,

@@ -254,7 +254,7 @@ def test_prompts_from_jsonl_csv_and_text(tmp_path):
         (dict(batch_size=0), "batch_size must be >= 1"),
         (dict(format="csv"), "format='csv' not in"),
         (dict(top_k=0), "top_k must be >= 1"),
-        (dict(options=rat_lens.TraceOptions(), top_k=2), "not both"),
+        (dict(options=rat_lens.TraceOptions(), topk=2), "did you mean 'top_k'"),
         (dict(roles="yes"), "roles must be True or False"),
         (dict(verify={"n_rand": 3}), "verify=.*rat_lens.verify's keywords"),
     ],
@@ -401,7 +401,7 @@ def test_ctrl_c_in_the_cli_census_is_one_line_and_exit_130(model, tmp_path, caps
     ]
     assert main(command) == 0
     capsys.readouterr()
-    expected = census(model, texts, tmp_path / "api", layers=(0, 1), progress=False)
+    expected = census(model, texts, tmp_path / "api", batch_size=2, layers=(0, 1), progress=False)
     assert lines(out / "traces.jsonl") == lines(tmp_path / "api" / "traces.jsonl")
     assert expected.n_prompts == 5
 

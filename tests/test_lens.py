@@ -31,7 +31,9 @@ def resid_at(cache, layer, pos):
 @pytest.fixture
 def traced(model):
     tokens = model.to_tokens(TEXT)
-    result = rat_lens.trace(model, tokens, layers=(0, 1), agg_heads="none", top_beam=4)
+    result = rat_lens.trace(
+        model, tokens, layers=(0, 1), agg_heads="none", top_beam=4, explain=True
+    )
     logits, cache = model.run_with_cache(tokens)
     return model, result, logits.detach(), cache
 
@@ -102,7 +104,7 @@ def test_direct_logits_of_every_part_add_up_to_the_models_logits(model):
 
 def test_a_foil_adds_target_minus_foil_to_every_write_and_is_saved(model):
     tokens = model.to_tokens(TEXT)
-    plain = rat_lens.trace(model, tokens, layers=(0, 1), agg_heads="none")
+    plain = rat_lens.trace(model, tokens, layers=(0, 1), agg_heads="none", explain=True)
     foil = rat_lens.trace(model, tokens, layers=(0, 1), agg_heads="none", foil_token=" cat")
     foil_id = model.to_single_token(" cat")
     decoded = model.to_string([foil_id])
@@ -185,9 +187,10 @@ def test_bad_targets_are_refused_by_name(model, keywords, message):
         rat_lens.trace(model, TEXT, layers=(0, 1), agg_heads="none", **keywords)
 
 
-def test_explain_off_and_from_a_cache_leave_no_lens(model):
+def test_explain_off_by_default_and_from_a_cache_leave_no_lens(model):
     tokens = model.to_tokens(TEXT)
     off = rat_lens.trace(model, tokens, layers=(0, 1), explain=False)
+    assert rat_lens.trace(model, tokens).lens == []  # the default runs one forward only
     _, cache = model.run_with_cache(tokens)
     cached = rat_lens.trace(model, tokens, layers=(0, 1), cache=cache)
     assert off.lens == off.writes == cached.lens == [] and off.target_id is None
@@ -196,23 +199,23 @@ def test_explain_off_and_from_a_cache_leave_no_lens(model):
 
 
 def test_chain_and_aggregated_traces_have_the_lens_and_no_writes(model):
-    result = rat_lens.trace(model, TEXT, layer=1)
+    result = rat_lens.trace(model, TEXT, layer=1, explain=True)
     assert result.lens and result.writes == []
     assert {r.layer for r in result.lens} == {1}
 
 
 def test_a_padded_batch_explains_each_prompt_as_alone(model):
     texts = [TEXT, "cat dog red cat"]
-    batch = rat_lens.Tracer(model).trace_batch(texts, layers=(0, 1), agg_heads="none")
+    batch = rat_lens.Tracer(model).trace_batch(texts, layers=(0, 1), agg_heads="none", explain=True)
     for text, result in zip(texts, batch):
-        alone = rat_lens.trace(model, text, layers=(0, 1), agg_heads="none")
+        alone = rat_lens.trace(model, text, layers=(0, 1), agg_heads="none", explain=True)
         assert [r.token_ids for r in result.lens] == [r.token_ids for r in alone.lens]
         assert [w.promoted_ids for w in result.writes] == [w.promoted_ids for w in alone.writes]
 
 
 def test_the_hf_backed_bridge_lens_at_the_top_is_its_prediction(gpt2_bridge):
     tokens = torch.tensor([[0, 5, 9, 12, 5, 9, 3, 7]])
-    result = rat_lens.trace(gpt2_bridge, tokens, layers=(0, 2), agg_heads="none")
+    result = rat_lens.trace(gpt2_bridge, tokens, layers=(0, 2), agg_heads="none", explain=True)
     logits = gpt2_bridge(tokens)[0, -1].detach()
     top = next(r for r in result.lens if (r.layer, r.position) == (2, result.target_pos))
     assert top.token_ids == logits.topk(LENS_TOP).indices.tolist()
@@ -229,7 +232,7 @@ def test_the_hf_backed_bridge_lens_at_the_top_is_its_prediction(gpt2_bridge):
     ],
 )
 def test_a_bad_saved_lens_or_write_is_named(model, edit, message):
-    data = rat_lens.trace(model, TEXT, layers=(0, 1), agg_heads="none").to_dict()
+    data = rat_lens.trace(model, TEXT, layers=(0, 1), agg_heads="none", explain=True).to_dict()
     edit(data)
     with pytest.raises(RatLensError, match=message):
         TraceResult.from_dict(data)

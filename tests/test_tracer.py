@@ -35,9 +35,9 @@ def assert_same_beams(got, expected):
     [
         dict(layer=1),
         dict(layer=0, agg_heads="max", length_norm="sqrt"),
-        dict(layers=(0, 1)),
+        dict(layers=(0, 1), agg_heads="mean"),
         dict(layers=(0, 1), agg_heads="none", top_k=8, edge_weight="attention"),
-        dict(layers=(0, 1), residual="rollout", exclude_bos=True),
+        dict(layers=(0, 1), agg_heads="mean", residual="rollout", exclude_bos=True),
         dict(layer=-1, agg_heads="none"),
     ],
 )
@@ -307,7 +307,7 @@ def test_query_chunks_trace_exactly_as_one_forward(gpt2_bridge):
     tokens = repeated_tokens(2, prefix_len=30, repeat_len=15, seed=5)
     tracer = ReverseAttentionTracer(gpt2_bridge)
     per_head = {"layers": (0, 2), "agg_heads": "none", "edge_weight": "attention"}
-    for opts in ({"layer": 2}, per_head, {"predictions": 3}):
+    for opts in ({"layer": 2, "predictions": 0}, {**per_head, "predictions": 0}, {}):
         whole = tracer.trace_batch(tokens, [-1, -6], **opts)
         chunked = tracer.trace_batch(tokens, [-1, -6], query_chunk=8, **opts)
         for a, b in zip(chunked, whole, strict=True):
@@ -319,7 +319,7 @@ def test_query_chunks_trace_exactly_as_one_forward(gpt2_bridge):
                 [w for p in b.beams for w in p.edge_attns], abs=1e-6
             )
             top = [[p.token_ids for p in r.predictions] for r in (a, b)]
-            assert top[0] == top[1] and bool(top[0]) == ("predictions" in opts)
+            assert top[0] == top[1] and bool(top[0]) == ("predictions" not in opts)
             assert a.rollout == pytest.approx(b.rollout, abs=1e-6)
 
 

@@ -123,8 +123,9 @@ def beam_search_backward(
 
 
 def _options(**given) -> TraceOptions:
-    """The search options of one ``[query, key]`` matrix (heads already aggregated)."""
-    return TraceOptions(**given, edge_weight="attention").resolve()
+    """The search options of one ``[query, key]`` matrix (heads already aggregated): a chain,
+    as the peer's functions search."""
+    return TraceOptions(**{"layer": -1, **given}, edge_weight="attention").resolve()
 
 
 def search(

@@ -48,7 +48,7 @@ enough to split a tie the peer keeps (or the reverse).
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -81,8 +81,9 @@ def trace_attention(
     aggregated) or ``[layer, head, query, key]``. Without ``layers`` the trace is a chain in
     ``layer``; with ``layers=(lo, hi)`` it descends one layer per edge from ``hi`` to ``lo``.
     The search options are :class:`~rat_lens.options.TraceOptions`'s (``options=`` and/or its
-    fields as keywords), but ``edge_weight`` defaults to ``"attention"`` here, whatever the
-    mode: ``attn`` holds the weights. Pass
+    fields as keywords), but with neither ``layer`` nor ``layers`` the trace is a chain in the
+    last layer (reverse-attention's), and ``edge_weight`` defaults to ``"attention"``, whatever
+    the mode: ``attn`` holds the weights. Pass
     ``"contribution"`` / ``"value_norm"`` when it holds shares whose last head channel is the
     residual stream (:func:`rat_lens.search.contrib.edge_shares`).
 
@@ -102,7 +103,13 @@ def trace_attention(
         ([2, 2, 1], [1, 0])
     """
     options = merge_keywords(options, keywords, "trace_attention", inputs=False)
-    options = options.resolve("attn holds the weights")  # attention unless told otherwise
+    if options.layer is None and options.layers is None:  # a tensor: the peer's chain, last layer
+        options = replace(options, layer=-1)
+    if options.agg_heads is None:  # whatever the tensor holds, averaged as the peer does
+        options = replace(options, agg_heads="mean")
+    if options.edge_weight is None:  # attn holds the weights, unless told it holds shares
+        options = replace(options, edge_weight="attention")
+    options = options.resolve()
     attn = check_attention(attn, shares=options.edge_weight != "attention")
     mask, bos = check_keys(attention_mask, bos_positions, attn.shape[-1], attn.device)
     stack = attn.reshape(-1, 1, *attn.shape[-2:]) if attn.ndim < 4 else attn

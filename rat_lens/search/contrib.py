@@ -47,6 +47,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import RatLensError, check_choice
+from ..options import EDGE_WEIGHTS
 
 __all__ = [
     "EDGE_WEIGHTS",
@@ -60,7 +61,6 @@ __all__ = [
     "value_outputs",
 ]
 
-EDGE_WEIGHTS = ("attention", "value_norm", "contribution")
 ROW_BLOCK_BYTES = 2**30  # working memory of one block of proximity rows (1 GiB)
 _TERM_COPIES = 2  # a block's float32 [rows, head, key, d_model] terms, and y - terms beside them
 

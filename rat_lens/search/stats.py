@@ -317,6 +317,16 @@ def top_predictions(
     return top.values, top.indices
 
 
+def decode_each(tokenizer, ids: list[int]) -> list[str]:
+    """Each id decoded alone: ``batch_decode`` where the tokenizer has it, else ``decode`` one
+    by one (reverse-attention's tokenizers may have only that), else the ids themselves."""
+    if tokenizer is None:
+        return [str(i) for i in ids]
+    if hasattr(tokenizer, "batch_decode"):
+        return tokenizer.batch_decode([[i] for i in ids])
+    return [tokenizer.decode([i]) for i in ids]
+
+
 def predictions_at(
     result: TraceResult, logits: Float[Tensor, "*batch seq vocab"], tokenizer, k: int
 ) -> list[Prediction]:
@@ -337,10 +347,7 @@ def predictions_at(
     probs, ids = top_predictions(logits.detach(), positions, k)
     out = []
     for p, row_probs, row_ids in zip(positions, probs.cpu().tolist(), ids.cpu().tolist()):
-        words = (
-            tokenizer.batch_decode([[i] for i in row_ids])
-            if tokenizer is not None
-            else [str(i) for i in row_ids]
+        out.append(
+            Prediction(p, result.tokens[p], row_ids, decode_each(tokenizer, row_ids), row_probs)
         )
-        out.append(Prediction(p, result.tokens[p], row_ids, words, row_probs))
     return out
