@@ -1029,16 +1029,14 @@ def capture_contributions(
     tokens: Int[Tensor, "batch seq"],
     layers: Sequence[int],
     weight: str = "contribution",
-    with_patterns: bool = False,
-):
+) -> dict[int, Float[Tensor, "batch part query key"]]:
     """Per layer, each part's share of every row's attention-block output (heads' edges and the
-    residual stream, :func:`rat_lens.search.contrib.edge_shares`), from one forward
-    (:class:`ContributionCapture`).
+    residual stream, :func:`rat_lens.search.contrib.edge_shares`), from one forward stopped
+    after the highest layer (:class:`ContributionCapture`; run it with :func:`run_forward`
+    yourself for its patterns and the logits too).
 
     ``W_O`` and ``b_O`` are read from ``blocks[l].attn``. Unpadded prompts only. Returns
-    ``{layer: [batch, head + 1, query, key]}``; with ``with_patterns``, ``(shares, attention
-    patterns {layer: [batch, head, query, key]}, the forward's logits)`` (the forward then
-    runs to the end).
+    ``{layer: [batch, head + 1, query, key]}``.
 
     Examples:
         >>> from rat_lens.models import load
@@ -1051,10 +1049,6 @@ def capture_contributions(
     capture = ContributionCapture(layers)
     _check_layer_range(model, capture.layers)
     check_contribution_hooks(model, capture.layers)
-    logits = run_forward(model, tokens, capture, Forward(None, None, logits=with_patterns))
+    run_forward(model, tokens, capture, Forward(None, None))
     device = input_device(model)
-    out = {layer: capture.shares(model, layer, weight).to(device) for layer in capture.layers}
-    if with_patterns:
-        patterns = {layer: capture.pattern(layer).to(device) for layer in capture.layers}
-        return out, patterns, logits
-    return out
+    return {layer: capture.shares(model, layer, weight).to(device) for layer in capture.layers}

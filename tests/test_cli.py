@@ -28,7 +28,7 @@ def test_the_readme_main_job_runs_offline_as_a_real_command(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "target 8 'red', layers 0..1, 5 beams:" in done.stdout
-    assert "  'red'@8 ←L1(" in done.stdout and "(score: " in done.stdout
+    assert "  'red'@8 ←L1.H" in done.stdout and "(score: " in done.stdout  # per head
     page = tmp_path / "rat_lens_out" / "index.html"
     assert page.exists() and f"wrote {page.relative_to(tmp_path)}" in done.stdout
     saved = TraceResult.from_json((tmp_path / "rat_lens_out" / "trace.json").read_text())
@@ -221,8 +221,7 @@ def test_store_flag_keeps_the_beams_and_refuses_what_it_cannot_bound(tmp_path, c
         assert code == 0
     dense, bounded = saved(tmp_path / "dense"), saved(tmp_path / "bounded")
     assert dense[0].beams == bounded[0].beams and dense[0].head_rows == bounded[0].head_rows
-    # value_norm (the per-head default) reads whole rows: no bounded store for it
-    code, _, err = run(
-        capsys, "trace", TEXT, "--layers", "0:1", "--agg-heads", "none", "--store", "bounded"
-    )
-    assert code == 1 and "store='bounded' is for per-head traces" in err
+    # contribution edges read whole rows, and one head-mean matrix has no per-head rows
+    for refused in (["--edge-weight", "contribution"], ["--agg-heads", "mean"]):
+        code, _, err = run(capsys, "trace", TEXT, "--layers", "0:1", *refused, "--store", "bounded")
+        assert code == 1 and "store='bounded' is for per-head traces" in err

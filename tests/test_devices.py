@@ -211,7 +211,14 @@ def test_predictions_padded_batches_verify_roles_and_generate_in_half_precision(
     texts = [TEXT, "sun fox cat dog sun fox"]
     batch = Tracer(half).trace_batch(texts, layers=(0, 1), agg_heads="none")
     alone = [trace(half, t, layers=(0, 1), agg_heads="none") for t in texts]
-    assert [r.beams for r in batch] == [r.beams for r in alone]
+    # The same routes; the weights to the half model's own rounding, which differs between a
+    # padded batch and one prompt alone (other matrix shapes).
+    route = [[(p.positions, p.layers, p.heads) for p in r.beams] for r in batch]
+    assert route == [[(p.positions, p.layers, p.heads) for p in r.beams] for r in alone]
+    weights = [w for r in batch for p in r.beams for w in p.edge_attns]
+    assert weights == pytest.approx(
+        [w for r in alone for p in r.beams for w in p.edge_attns], rel=0.02
+    )
     roles = [head_roles(m, tokens).scores["induction_head"] for m in (half, full)]
     torch.testing.assert_close(torch.tensor(roles[0]), torch.tensor(roles[1]), atol=0.02, rtol=0)
 

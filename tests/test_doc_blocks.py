@@ -145,12 +145,14 @@ def _has_cuda() -> bool:
 
 
 def matches(shown: str, printed: str) -> bool:
-    """Line by line, trailing spaces ignored; a ``...`` line matches any run of lines."""
+    """Line by line, trailing spaces and trailing blank lines ignored; a ``...`` line matches
+    any run of lines."""
     pattern = "".join(
         r"(?:.*\n)*?" if line.strip() == "..." else re.escape(line.rstrip()) + r"\n"
-        for line in shown.splitlines()
+        for line in shown.rstrip().splitlines()
     )
-    return re.fullmatch(pattern, "".join(line.rstrip() + "\n" for line in printed.splitlines()))
+    printed = "".join(line.rstrip() + "\n" for line in printed.rstrip().splitlines())
+    return re.fullmatch(pattern, printed)
 
 
 def run_page(page: Path, blocks: list[Block], cwd: Path) -> list[dict]:

@@ -21,7 +21,8 @@ from rat_lens import SankeyData, TraceOptions, TraceResult
 from rat_lens.render import census_html, html_fragment, to_html
 from rat_lens.render._payload import payload
 from rat_lens.result import node_id
-from rat_lens.text import head_label
+from rat_lens.sankey import build_sankey
+from rat_lens.text import head_label, path_text
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -533,7 +534,18 @@ def two_heads(induction) -> TraceResult:
         heads=[other if j == i else h for j, h in enumerate(top.heads)],
         edge_attns=[w / 2 if j == i else w for j, w in enumerate(top.edge_attns)],
     )
-    return dataclasses.replace(induction, beams=[*induction.beams, twin])
+    return with_beams(induction, [*induction.beams, twin])
+
+
+def with_beams(result: TraceResult, beams: list) -> TraceResult:
+    """``result`` holding ``beams``, its texts and graph rebuilt to match (a page checks the
+    result it draws)."""
+    return dataclasses.replace(
+        result,
+        beams=beams,
+        paths_text=[path_text(beam) for beam in beams],
+        sankey=build_sankey(beams, result.tokens, result.mode, result.layer),
+    )
 
 
 def test_a_links_tooltip_lists_every_head_of_its_pair_by_weight(open_page, two_heads):
@@ -1163,7 +1175,7 @@ def test_each_head_has_one_colour_everywhere_and_beams_never_take_a_head_colour(
     )
     assert all(colours[k] == {c} for k, c in chips if k in colours)
     # The same head on the page of another trace has the same colour: it depends on the head.
-    other = small_screen(to_html(dataclasses.replace(result, beams=result.beams[1:2])))
+    other = small_screen(to_html(with_beams(result, result.beams[1:2])))
     assert all(colours[k] == {c} for k, c in other.each(".ratlens-move", strokes))
     # Beams are told apart by colours no head has.
     beams = set(
