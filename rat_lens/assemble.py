@@ -46,7 +46,7 @@ def assemble(
             **shared,
         )
         result.head_rows = _head_rows(found, [a[b] for a in record.attention], plan.layer_ids)
-        if record.logits is not None:
+        if record.logits is not None and plan.inputs.predictions:
             result.predictions = predictions_at(
                 result, record.logits[b], tokenizer, plan.inputs.predictions
             )

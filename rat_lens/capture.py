@@ -69,6 +69,7 @@ __all__ = [
     "ContributionCapture",
     "ValueNormCapture",
     "Forward",
+    "Joined",
     "run_forward",
     "check_layers",
     "input_device",
@@ -306,6 +307,25 @@ class BoundedCapture:
         if not self.head_means:
             return None
         return torch.stack([_stack_rows(self.means[hook_name(layer)]) for layer in layers])
+
+
+@dataclass(frozen=True)
+class Joined:
+    """Several captures run by one forward: their hooks together (in the order given), their
+    layers and captured rows joined, so a trace and its explanation share the forward."""
+
+    parts: Sequence
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for part in self.parts for layer in part.layers})
+
+    @property
+    def fwd_hooks(self) -> list:
+        return [hook for part in self.parts for hook in part.fwd_hooks]
+
+    def rows_captured(self) -> dict[str, int]:
+        return {name: n for part in self.parts for name, n in part.rows_captured().items()}
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
 """What a route carried: the logit lens at the nodes a beam visits and each head move's write.
 
-The beams are known only after the search, which needs the capture's forward first, so the
-activations these read cannot be picked in that forward. :func:`explain_forward` therefore runs
-one more forward (through :func:`rat_lens.capture.run_forward`, query chunks included) that
-keeps, for the traced layers only, what any node or move could need: the residual stream at
+The beams are known only after the search, so the trace's own forward keeps, beside its
+capture (:func:`explain_capture`, joined to it by :class:`rat_lens.capture.Joined`), what any
+node or move could need, for the traced layers only: the residual stream at
 each node layer (``hook_resid_post``; ``blocks.0.hook_resid_pre`` for the embeddings, node layer
 ``-1``), each head's ``hook_z``, the final norm's ``ln_final.hook_scale`` and, with a foil, the
 values (``hook_v``). That is ``[batch, seq, d_model]``-sized per layer, never ``seq²``; the
-decoding runs afterwards on the visited rows only.
+decoding runs afterwards on the visited rows only (:func:`explain`). Only a source that runs
+several forwards (padded prompts with contribution edges) leaves it to one forward of its own.
 
 The maths is TransformerLens's: the lens at (layer, position) is ``ln_final(resid) @ W_U +
 b_U`` (at the top layer: the model's own logits). A head's write at query ``q`` is
@@ -46,7 +46,8 @@ __all__ = [
     "LENS_TOP",
     "ExplainCapture",
     "Explained",
-    "explain_forward",
+    "explain_capture",
+    "explain",
     "final_norm",
     "head_direct_logits",
     "resolve_token",
@@ -152,13 +153,13 @@ def resolve_token(value, decode: Callable, tokenizer, vocab: int, name: str) -> 
     return int(value), decode([int(value)])[0]
 
 
-def explain_forward(model, tokens, plan, tokenizer, decode: Callable) -> Optional["Explained"]:
-    """The extra forward of a trace that explains its routes, or None where the plan's inputs
-    turn it off (``explain=False``; or left ``None`` with ``cache=``, which promises no
-    forward, or a model without ``ln_final.hook_scale``)."""
+def explain_capture(model, plan) -> Optional[ExplainCapture]:
+    """The hooks that explain a trace's routes, to run in the trace's own forward
+    (:func:`rat_lens.record.capture_record`'s ``also``), or None where the plan's inputs turn
+    it off (``explain=False``; or left ``None`` without a target or foil named)."""
     inputs = plan.inputs
     wanted = inputs.explain
-    if wanted is None:  # asked for by naming a target or a foil; else one forward is enough
+    if wanted is None:  # asked for by naming a target or a foil
         wanted = inputs.target_token is not None or inputs.foil_token is not None
     if not wanted:
         return None
@@ -170,8 +171,19 @@ def explain_forward(model, tokens, plan, tokenizer, decode: Callable) -> Optiona
             f"explain reads the hook points {missing[:3]}, which {type(model).__name__} lacks: "
             "trace with explain=False"
         )
-    forward = Forward(plan.forward_mask, inputs.query_chunk, logits=True)
-    logits = run_forward(model, tokens, capture, forward)
+    return capture
+
+
+def explain(
+    model, tokens, plan, capture: ExplainCapture, logits, tokenizer, decode: Callable
+) -> "Explained":
+    """What ``capture`` kept in the trace's forward (with its ``logits``), explained; where
+    that source ran several forwards and left it empty, one forward of its own fills it."""
+    if not capture.kept or logits is None:
+        capture.kept.clear()
+        forward = Forward(plan.forward_mask, plan.inputs.query_chunk, logits=True)
+        logits = run_forward(model, tokens, capture, forward)
+    inputs = plan.inputs
     vocab = logits.shape[-1]
     foil = inputs.foil_token
     foil = None if foil is None else resolve_token(foil, decode, tokenizer, vocab, "foil_token")

@@ -360,9 +360,10 @@ class TraceInputs:
             id; default: the model's top prediction there): lens ranks and writes' ``dla``.
         foil_token: explain ``target_token`` against this one: writes' ``dla_diff`` and the
             first move's score read ``logit(target) - logit(foil)`` (``rat_lens.lens``).
-        explain: the logit lens at visited nodes and head moves' writes (one more forward,
-            ``rat_lens.lens``); ``None``: on when ``target_token`` or ``foil_token`` is given,
-            else off (the default trace stays one forward).
+        explain: the logit lens at visited nodes and head moves' writes, kept in the trace's
+            own forward (``rat_lens.lens``; it then runs to the logits and holds
+            ``[batch, seq, d_model]`` per traced layer); ``None``: on when ``target_token`` or
+            ``foil_token`` is given.
         progress: a forward that runs more than a few seconds shows its layers done, rate and
             ETA on stderr (rich; terminals only); False: never.
     """

@@ -26,6 +26,7 @@ from .capture import (
     BoundedCapture,
     ContributionCapture,
     Forward,
+    Joined,
     PatternCapture,
     ValueNormCapture,
     check_contribution_hooks,
@@ -66,18 +67,28 @@ class Record:
     logits: Optional[Tensor] = None
 
 
-def capture_record(model, tokens, plan: TracePlan) -> Record:
-    """Run the plan's capture source on ``tokens`` (``[batch, seq]``)."""
+def capture_record(model, tokens, plan: TracePlan, also=None) -> Record:
+    """Run the plan's capture source on ``tokens`` (``[batch, seq]``). ``also``: another
+    capture (the explanation's, :mod:`rat_lens.lens`) filled by the same forward, which then
+    runs to the logits; a source that runs several forwards (padded contribution edges)
+    leaves it empty."""
     source = {"dense": _dense, "bounded": _bounded, "contribution": _contribution}
-    return source[plan.source](model, tokens, plan)
+    return source[plan.source](model, tokens, plan, also)
 
 
-def _forward(plan: TracePlan) -> Forward:
+def _forward(plan: TracePlan, also=None) -> Forward:
     inputs = plan.inputs
-    return Forward(plan.forward_mask, inputs.query_chunk, bool(inputs.predictions), inputs.progress)
+    logits = bool(inputs.predictions) or also is not None
+    return Forward(plan.forward_mask, inputs.query_chunk, logits, inputs.progress)
 
 
-def _dense(model, tokens, plan: TracePlan) -> Record:
+def _forward_with(model, tokens, capture, plan: TracePlan, also):
+    """The one forward of a source, ``also`` hooked in beside its capture."""
+    joined = capture if also is None else Joined([capture, also])
+    return run_forward(model, tokens, joined, _forward(plan, also))
+
+
+def _dense(model, tokens, plan: TracePlan, also=None) -> Record:
     """Each traced layer's reduced pattern (and value-norm shares), from one forward or the
     user's cache."""
     layers, agg = plan.layer_ids, plan.options.agg_heads
@@ -90,13 +101,13 @@ def _dense(model, tokens, plan: TracePlan) -> Record:
             PatternCapture(layers, "none", device=device),
             PatternCapture(layers, "none", device=device),
         )
-        logits = _run(model, tokens, capture, plan)
+        logits = _run(model, tokens, capture, plan, also)
         kept, shares = capture.attention.to_cache(model), capture.shares.to_cache(model)
     elif plan.inputs.cache is not None:
         kept = patterns_from_cache(plan.inputs.cache, layers, agg, tuple(tokens.shape))
     else:
         capture = PatternCapture(layers, agg, device=input_device(model))
-        logits = run_forward(model, tokens, capture, _forward(plan))
+        logits = _forward_with(model, tokens, capture, plan, also)
         kept = capture.to_cache(model)
     stacked = [kept[hook_name(layer)].float().cpu() for layer in layers]
     for layer, pattern in zip(layers, stacked):
@@ -107,10 +118,10 @@ def _dense(model, tokens, plan: TracePlan) -> Record:
     return _with_overview(weights, stacked, logits, plan)
 
 
-def _run(model, tokens, capture, plan: TracePlan):
+def _run(model, tokens, capture, plan: TracePlan, also=None):
     """The forward of ``capture``, or the user's cache fed to it (no logits then)."""
     if plan.inputs.cache is None:
-        return run_forward(model, tokens, capture, _forward(plan))
+        return _forward_with(model, tokens, capture, plan, also)
     capture.add_cache(plan.inputs.cache, tuple(tokens.shape))
     return None
 
@@ -124,14 +135,14 @@ def _with_overview(weights: list, attention: list, logits, plan: TracePlan) -> R
     return Record(weights, attention, head_means, strips, logits)
 
 
-def _bounded(model, tokens, plan: TracePlan) -> Record:
+def _bounded(model, tokens, plan: TracePlan, also=None) -> Record:
     """Per layer one ``TopKeys`` per prompt, filled as the forward runs (or from the cache): of
     the attention, and of the value-norm shares when those are the edges."""
     capture = attention = _bounded_capture(plan)
     if plan.options.edge_weight == "value_norm":
         shares = _bounded_capture(plan, overview=False)
         capture = ValueNormCapture.of(model, plan.layer_ids, attention, shares)
-        logits = _run(model, tokens, capture, plan)
+        logits = _run(model, tokens, capture, plan, also)
     elif plan.inputs.cache is not None:
         batch_seq = tuple(tokens.shape)
         patterns = patterns_from_cache(plan.inputs.cache, plan.layer_ids, "none", batch_seq)
@@ -139,7 +150,7 @@ def _bounded(model, tokens, plan: TracePlan) -> Record:
             attention.add(hook_name(layer), patterns[hook_name(layer)])
         logits = None
     else:
-        logits = run_forward(model, tokens, attention, _forward(plan))
+        logits = _forward_with(model, tokens, attention, plan, also)
     stores = attention.stores()
     stacked = [stores[layer] for layer in plan.layer_ids]
     weights = stacked
@@ -178,14 +189,14 @@ def _bounded_capture(plan: TracePlan, overview: bool = True) -> BoundedCapture:
     )
 
 
-def _contribution(model, tokens, plan: TracePlan) -> Record:
+def _contribution(model, tokens, plan: TracePlan, also=None) -> Record:
     """Per layer and prompt the parts' shares, computed only for the rows the search reads
     (:class:`~rat_lens.search.contrib.ShareRows`), and the patterns. Unpadded prompts run in
     one forward; a padded prompt runs alone on its real tokens, its parts placed back at their
     positions (zero at the padding, so no share lands there)."""
     check_contribution_hooks(model, plan.layer_ids)
     if plan.forward_mask is None:
-        runs = [_contribution_run(model, tokens, plan, None)]
+        runs = [_contribution_run(model, tokens, plan, None, also)]
     else:
         runs = [
             _contribution_run(model, tokens[b : b + 1], plan, plan.mask[b].nonzero().flatten())
@@ -197,7 +208,7 @@ def _contribution(model, tokens, plan: TracePlan) -> Record:
     return _with_overview(weights, attention, logits, plan)
 
 
-def _contribution_run(model, tokens, plan: TracePlan, real: Optional[Tensor]) -> tuple:
+def _contribution_run(model, tokens, plan: TracePlan, real: Optional[Tensor], also=None) -> tuple:
     """One forward for contribution edges, of ``tokens`` or of their ``real`` positions only:
     per layer its ``ShareRows`` per prompt and ``[batch, head, seq, seq]`` patterns (float32,
     CPU), and the logits; parts of a run on ``real`` positions are placed back at them."""
@@ -205,8 +216,10 @@ def _contribution_run(model, tokens, plan: TracePlan, real: Optional[Tensor]) ->
     if real is not None:
         tokens = tokens[:, real.to(tokens.device)]
     capture = ContributionCapture(plan.layer_ids)
-    forward = Forward(None, None, bool(plan.inputs.predictions), plan.inputs.progress)
-    logits = run_forward(model, tokens, capture, forward)
+    wants_logits = bool(plan.inputs.predictions) or also is not None
+    joined = capture if also is None else Joined([capture, also])
+    forward = Forward(None, None, wants_logits, plan.inputs.progress)
+    logits = run_forward(model, tokens, joined, forward)
     weights, patterns = [], []
     for layer in plan.layer_ids:
         check_pattern_values(capture.pattern(layer), hook_name(layer))

@@ -17,7 +17,7 @@ from torch import Tensor
 from .assemble import assemble
 from .capture import check_tokens, input_device, model_session, pattern_layers
 from .errors import RatLensError, check_int, check_tokenizer, checked_call
-from .lens import explain_forward
+from .lens import explain, explain_capture
 from .options import TraceOptions, merge_keywords
 from .plan import Targets, TracePlan, is_position, make_plan
 from .record import Record, capture_record
@@ -132,8 +132,14 @@ class Tracer:
         keep = max(options.top_k, store.STORE_KEYS)  # read now: tests narrow it
         bos_id = getattr(self.tokenizer, "bos_token_id", None)
         plan = make_plan(self.model, tokens, mask, target_pos, options, inputs, bos_id, keep)
-        record = capture_record(self.model, tokens, plan)
-        explained = explain_forward(self.model, tokens, plan, self.tokenizer, self.token_strings)
+        also = explain_capture(self.model, plan)  # its hooks ride the trace's own forward
+        record = capture_record(self.model, tokens, plan, also)
+        explained = None
+        if also is not None:
+            decode = self.token_strings
+            explained = explain(
+                self.model, tokens, plan, also, record.logits, self.tokenizer, decode
+            )
         results = []
         for b, row in enumerate(tokens.tolist()):
             beams = [search(plan, record, b, target, explained) for target in plan.targets[b]]

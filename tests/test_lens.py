@@ -254,3 +254,15 @@ def test_the_cli_target_and_foil_flags_reach_the_saved_trace_and_the_page(tmp_pa
     assert all(w.dla_diff is not None for w in result.writes) and result.writes
     meta = payload(result)["meta"]
     assert (meta["target_token"], meta["foil_token"]) == (result.target_token, result.foil_token)
+
+
+def test_the_explanation_rides_the_traces_own_forward(model):
+    """The lens and the writes come from the one forward the trace runs, not a second one."""
+    forwards = []
+    handle = model.embed.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        result = rat_lens.trace(model, TEXT, layers=(0, 1), agg_heads="none", explain=True)
+    finally:
+        handle.remove()
+    assert result.lens and result.writes
+    assert len(forwards) == 1
