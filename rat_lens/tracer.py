@@ -24,6 +24,7 @@ from .record import Record, capture_record
 from .result import TraceResult
 from .search import store
 from .search.beam import beam_search
+from .search.stats import decode_each
 
 __all__ = ["Tracer", "trace", "generate"]
 
@@ -182,9 +183,7 @@ class Tracer:
 
     def token_strings(self, ids: list[int]) -> list[str]:
         """Each token decoded alone (as reverse-attention shows them); ids when no tokenizer."""
-        if self.tokenizer is None:
-            return [str(i) for i in ids]
-        return self.tokenizer.batch_decode([[i] for i in ids])
+        return decode_each(self.tokenizer, ids)
 
 
 def search(plan: TracePlan, record: Record, b: int, target: int, explained=None) -> list:
