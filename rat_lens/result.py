@@ -305,7 +305,8 @@ class PathEffect:
 
     ``ratio`` = effect / mean |random effect| (None when that mean is below :data:`NOISE`,
     i.e. the random paths had no measurable effect: float32 log-probabilities carry ~1e-6);
-    ``p_value`` = (1 + #random paths with effect >= this one) / (1 + #random paths).
+    ``p_value`` = (1 + #random paths with effect >= this one) / (1 + #random paths), so it is
+    never below 1 / (1 + #random paths): 19 random paths can reach 0.05, 99 reach 0.01.
     """
 
     effect: float
@@ -335,7 +336,7 @@ class BeamEffect:
 
     rank: int
     edges: list[list[Optional[int]]]
-    effect: PathEffect  # on log p of the model's top prediction
+    effect: PathEffect  # on the check's metric (Verification.metric)
     token_effect: Optional[PathEffect] = None  # on log p of the token asked for
 
 
@@ -343,7 +344,7 @@ class BeamEffect:
 class Faithfulness:
     """Keep the top ``percents`` of traced edges (by traced mass), ablate every other entry of
     the rows they leave from, in every head: ``faithfulness[i]`` = (m(kept) − m(empty)) /
-    (m(full) − m(empty)), m = log p of the top prediction (Hanna, Pezzelle & Belinkov 2024).
+    (m(full) − m(empty)), m = the check's metric (Hanna, Pezzelle & Belinkov 2024).
     ``area`` is under the curve over the kept fraction, from (0, 0) to (1, f(100%))."""
 
     percents: list[float]
@@ -374,7 +375,15 @@ class TokenImportance:
 @dataclass
 class Verification(JsonRoundTrip):
     """Causal checks of one trace (see :func:`rat_lens.verify`); ``to_json()`` /
-    ``from_json()`` come from :class:`JsonRoundTrip`."""
+    ``from_json()`` come from :class:`JsonRoundTrip`.
+
+    ``metric`` is what every effect, baseline, the faithfulness curve and the blank-out
+    importance measure: ``"logp"``, log p of the top prediction (``prediction_id``), or
+    ``"logit_diff"``, logit(``token_id``) − logit(``foil_id``), whose clean value is
+    ``logit_diff``. ``token_*`` is the token asked for (with a foil: the difference's token),
+    whose log p each ``BeamEffect.token_effect`` measures; ``alpha`` the significance level
+    asked for (``n_random`` can reach it). A check saved before these fields loads as
+    ``"logp"``."""
 
     target_pos: int
     target_token: str
@@ -390,6 +399,13 @@ class Verification(JsonRoundTrip):
     token_id: Optional[int] = None
     token: Optional[str] = None
     token_logp: Optional[float] = None
+    metric: str = "logp"
+    foil_id: Optional[int] = None
+    foil: Optional[str] = None
+    logit_diff: Optional[float] = None
+    alpha: Optional[float] = None
+
+    METRICS = ("logp", "logit_diff")
 
     def __repr__(self) -> str:
         best = f"{self.beams[0].effect.effect:.3f}" if self.beams else "-"
@@ -420,7 +436,10 @@ class Verification(JsonRoundTrip):
 
     @classmethod
     def from_dict(cls, data: dict) -> "Verification":
+        """A check from ``to_dict()`` output (new fields missing: a check saved before them);
+        fields that are unknown, missing, or say no metric consistently raise RatLensError."""
         data = dict(data)
+        cls._check_fields(data)
         data["beams"] = [
             BeamEffect(
                 b["rank"],
@@ -435,6 +454,29 @@ class Verification(JsonRoundTrip):
         if data.get("token_importance") is not None:
             data["token_importance"] = TokenImportance(**data["token_importance"])
         return cls(**data)
+
+    @classmethod
+    def _check_fields(cls, data: dict) -> None:
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(names))
+        missing = [n for n, f in names.items() if f.default is dataclasses.MISSING]
+        missing = [n for n in missing if n not in data]
+        if unknown or missing:
+            raise RatLensError(
+                f"Verification: unknown fields {unknown}, missing fields {missing} "
+                f"(fields: {', '.join(names)})"
+            )
+        metric = data.get("metric", "logp")
+        if metric not in cls.METRICS:
+            raise RatLensError(f"Verification: metric={metric!r} not in {cls.METRICS}")
+        given = {n: data.get(n) for n in ("token_id", "foil_id", "logit_diff")}
+        known = {n for n, value in given.items() if value is not None}
+        # a logit difference names its two tokens and its value; log p names neither foil nor value
+        if (known != set(given)) if metric == "logit_diff" else (known - {"token_id"}):
+            raise RatLensError(
+                f"Verification: metric={metric!r} with {given}: 'logit_diff' needs all three, "
+                "'logp' neither foil_id nor logit_diff"
+            )
 
 
 @dataclass

@@ -11,7 +11,15 @@ rat_lens: the result types use it, so it sits below them (``path_text`` reads a 
 import unicodedata
 from typing import Optional
 
-__all__ = ["cells", "token_label", "head_label", "num", "path_text", "verification_text"]
+__all__ = [
+    "cells",
+    "token_label",
+    "head_label",
+    "num",
+    "path_text",
+    "verification_text",
+    "verification_metric",
+]
 
 MAX_TOKEN_CELLS = 18
 
@@ -100,6 +108,14 @@ def verification_text(v, markdown: bool = False) -> str:
     return "\n".join(_verification_lines(v, markdown))
 
 
+def verification_metric(v) -> str:
+    """What a :class:`rat_lens.result.Verification` measured, in words: ``log p of 'blue'``
+    or ``logit('blue') − logit('cat')``."""
+    if v.metric == "logit_diff":
+        return f"logit({token_label(v.token)}) − logit({token_label(v.foil)})"
+    return f"log p of {token_label(v.prediction)}"
+
+
 def _verification_lines(v, markdown: bool) -> list[str]:
     head = (
         f"Causal check: target {v.target_token!r}@{v.target_pos} predicts "
@@ -107,33 +123,25 @@ def _verification_lines(v, markdown: bool) -> list[str]:
     )
     if v.token is not None:
         head += f"; token {v.token!r} (log p {num(v.token_logp)})"
-    lines = [
-        ("### " if markdown else "") + head,
-        "",
-        f"Effect: drop in log p when a beam's edges are ablated ({v.ablation!r});",
-        f"random: {v.n_random} random paths of the same shape per beam.",
+    floor = f"1/{v.n_random + 1} = {num(1 / (v.n_random + 1))}"
+    lines = [("### " if markdown else "") + head, ""]
+    if v.metric == "logit_diff":
+        lines += [f"Against the foil: {verification_metric(v)} = {num(v.logit_diff)}.", ""]
+    lines += [
+        f"Effect: drop in {verification_metric(v)} when a beam's edges are ablated "
+        f"({v.ablation!r});",
+        f"random: {v.n_random} random paths of the same shape per beam"
+        + (f" (smallest possible p: {floor})." if v.n_random else "."),
         "",
     ]
     if v.beams:
         cols = ["beam", "effect", "random mean", "random sd", "ratio", "p"]
         if v.token is not None:
             cols += ["token effect", "token ratio"]
-        rows = []
-        for b in v.beams:
-            e = b.effect
-            row = [
-                str(b.rank),
-                num(e.effect),
-                num(e.baseline_mean),
-                num(e.baseline_std),
-                _ratio(e.ratio),
-                num(e.p_value, 2),
-            ]
-            if v.token is not None:
-                t = b.token_effect
-                row += [num(t.effect if t else None), _ratio(t.ratio if t else None)]
-            rows.append(row)
-        lines += _table(cols, rows, markdown) + [""]
+        lines += _table(cols, [_beam_row(v, b) for b in v.beams], markdown) + [""]
+        if v.alpha is not None:
+            below = [str(b.rank) for b in v.beams if (b.effect.p_value or 1) <= v.alpha]
+            lines += [f"p <= alpha = {v.alpha:g}: beams {', '.join(below) or 'none'}", ""]
     f = v.faithfulness
     if f is not None:
         cols = ["kept %"] + [f"{p:g}" for p in f.percents] + ["area"]
@@ -141,9 +149,10 @@ def _verification_lines(v, markdown: bool) -> list[str]:
             ["edges"] + [str(n) for n in f.kept_edges] + [""],
             ["faithfulness"] + [num(x, 2) for x in f.faithfulness] + [num(f.area)],
         ]
+        unit = "logit diff" if v.metric == "logit_diff" else "log p"
         lines.append(
             f"Faithfulness ({f.total_edges} traced edges, {f.rows} rows ablated; "
-            f"log p full {f.full:.3f}, all ablated {f.empty:.3f})"
+            f"{unit} full {f.full:.3f}, all ablated {f.empty:.3f})"
         )
         lines += _table(cols, rows, markdown) + [""]
     t = v.token_importance
@@ -153,6 +162,23 @@ def _verification_lines(v, markdown: bool) -> list[str]:
     while lines and not lines[-1]:
         lines.pop()
     return lines
+
+
+def _beam_row(v, b) -> list[str]:
+    """One beam's row of the check's table: its effect against the random paths, and the token's."""
+    e = b.effect
+    row = [
+        str(b.rank),
+        num(e.effect),
+        num(e.baseline_mean),
+        num(e.baseline_std),
+        _ratio(e.ratio),
+        num(e.p_value, 2),
+    ]
+    if v.token is not None:
+        t = b.token_effect
+        row += [num(t.effect if t else None), _ratio(t.ratio if t else None)]
+    return row
 
 
 def _table(cols: list[str], rows: list[list[str]], markdown: bool) -> list[str]:

@@ -352,6 +352,10 @@ def test_result_round_trips_and_renders(induction):
         ({"blank": "zero"}, "blank='zero' not in"),
         ({"blank": "token", "neutral_token": -3}, "neutral_token=-3"),
         ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"foil": "blue red"}, "foil='blue red' is 2 tokens"),
+        ({"foil": 64}, "foil=64 out of range"),
+        ({"alpha": 0.01}, r"alpha=0.01 is out of reach of n_random=20: .* n_random >= 99"),
+        ({"alpha": 1.5}, r"alpha=1.5 must lie in \(0, 1\)"),
     ],
 )
 def test_bad_input_names_the_value(induction, kwargs, match):
@@ -365,6 +369,10 @@ def test_unchecked_bad_types_get_clear_errors(induction, no_typecheck):
     model, result = induction
     with pytest.raises(RatLensError, match="percents="):
         verify(model, result, percents=["a"])
+    with pytest.raises(RatLensError, match="foil must be an int id or a str, got 1.5"):
+        verify(model, result, foil=1.5)
+    with pytest.raises(RatLensError, match="alpha must be a finite number, got '0.01'"):
+        verify(model, result, alpha="0.01")
     with pytest.raises(RatLensError, match="entries must be"):
         ablate_pattern(torch.ones(1, 1, 2, 2), torch.tensor([[0, 1, 2]]), "zero")
     bare = dict(result.to_dict(), token_ids=[])
@@ -440,3 +448,259 @@ def test_verification_shows_in_the_summary_and_the_page(induction):
         [b.effect.effect for b in check.beams], abs=1e-3
     )
     assert "beamEffect" in to_html(result) and "faithfulness area" in to_html(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against a foil: every part of the check on logit(T) − logit(F).
+
+FOIL = 2  # token 2 sits at position 2 of PROMPT, weight .1 in head 0's last row
+
+
+def diff_after(ablation: str, key: int) -> float:
+    """logit(5) − logit(2) of the hand-built model after ablating head 0's edge 4 -> key: the
+    logits are 10 · Σ_k A0[4, k] · onehot(PROMPT[k]), so the difference is 10 · (A[1] − A[2])."""
+    row = [0.1, 0.6, 0.1, 0.1, 0.1]
+    if ablation == "mean":
+        row[key] = 1 / 5  # the row's mean over the 5 keys it may see
+    else:
+        kept = 1 - row[key] if ablation == "renorm" else 1.0
+        row[key] = 0.0
+        row = [w / kept for w in row]
+    return ALPHA * (row[1] - row[2])
+
+
+@pytest.mark.parametrize("ablation", ["renorm", "zero", "mean"])
+def test_exact_logit_difference_effects_of_the_beam_and_of_every_random_path(tiny, ablation):
+    source, model = tiny
+    if EDITS_IGNORED[source]:
+        pytest.skip("pattern edits are ignored by this model class")
+    result = trace(model, PROMPT, layers=(0, 0), agg_heads="none", edge_weight="attention")
+    check = verify(
+        model,
+        result,
+        token=5,
+        foil=FOIL,
+        ablation=ablation,
+        n_random=30,
+        percents=(),
+        token_importance=False,
+    )
+    clean = ALPHA * (0.6 - 0.1)
+    assert (check.metric, check.token_id, check.foil_id) == ("logit_diff", 5, FOIL)
+    assert check.logit_diff == pytest.approx(clean, abs=1e-5)
+    top = check.beams[0]
+    assert top.edges == [[0, 0, 4, 1]]
+    assert top.effect.effect == pytest.approx(clean - diff_after(ablation, 1), abs=1e-5)
+    assert top.token_effect.effect == pytest.approx(EXPECTED[ablation], abs=1e-5)  # log p of 5
+    # every random path ablates one key of head 0's last row: its drop is one of five numbers
+    possible = [clean - diff_after(ablation, key) for key in range(5)]
+    for value in top.effect.baseline:
+        assert min(abs(value - p) for p in possible) < 1e-5, (value, possible)
+    assert len({round(v, 4) for v in top.effect.baseline}) >= 3
+    as_much = sum(v >= top.effect.effect - 1e-6 for v in top.effect.baseline)
+    assert top.effect.p_value == pytest.approx((1 + as_much) / 31)
+
+
+def test_exact_faithfulness_and_blank_out_on_the_logit_difference(tiny):
+    source, model = tiny
+    if EDITS_IGNORED[source]:
+        pytest.skip("pattern edits are ignored by this model class")
+    result = trace(
+        model, PROMPT, layers=(0, 0), agg_heads="none", top_beam=1, edge_weight="attention"
+    )
+    check = verify(model, result, foil=FOIL, n_random=2, blank="token", neutral_token=7)
+    assert check.token_id == check.prediction_id == 5  # no token named: the prediction
+    f = check.faithfulness
+    # all of row 4 ablated: every logit 0; head 0 keeping only 4 -> 1 (renormalised to 1): 10 - 0
+    assert f.full == pytest.approx(5.0, abs=1e-5) and f.empty == pytest.approx(0.0, abs=1e-5)
+    assert f.metric == pytest.approx([10.0] * 7, abs=1e-5)
+    assert f.faithfulness == pytest.approx([2.0] * 7, abs=1e-5)
+    # token 7 swapped in: at position 1 the copied 5 is gone (diff 0 - 1), at 2 the foil (6 - 0)
+    assert check.token_importance.blank_effect == pytest.approx([0, 6, -1, 0, 0], abs=1e-5)
+
+
+def logit_diff_by_hand(model, tokens, edges, ablation: str, token: int, foil: int) -> float:
+    """logit(token) − logit(foil) at the last position with the pattern entries ``edges``
+    ``(layer, head, query, key)`` zeroed (``renorm``: each touched row rescaled to its old sum),
+    through TransformerLens's own ``run_with_hooks``."""
+
+    def edit(entries):
+        def hook(pattern, hook):
+            out = pattern.clone()
+            for head, query, key in entries:
+                out[0, head, query, key] = 0.0
+            if ablation == "renorm":
+                for head, query in {(h, q) for h, q, _ in entries}:
+                    out[0, head, query] *= pattern[0, head, query].sum() / out[0, head, query].sum()
+            return out
+
+        return hook
+
+    by_layer: dict[int, list] = {}
+    for layer, head, query, key in edges:
+        by_layer.setdefault(layer, []).append((head, query, key))
+    hooks = [(f"blocks.{layer}.attn.hook_pattern", edit(e)) for layer, e in by_layer.items()]
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0, -1].double()
+    return float(logits[token] - logits[foil])
+
+
+@pytest.mark.parametrize("ablation", ["renorm", "zero"])
+def test_logit_difference_drop_of_each_beam_equals_hooks_by_hand(model, ablation):
+    if EDITS_IGNORED["hooked" if type(model).__name__ == "HookedTransformer" else "bridge"]:
+        pytest.skip("pattern edits are ignored by this model class")
+    for tokens, answer in held_out_prompts(2, offset=93_000):
+        with torch.no_grad():
+            foil = int(model(tokens[None])[0, -1].topk(2).indices[1])  # the runner-up
+        result = trace(model, tokens, layers=(0, 1), agg_heads="none")
+        check = verify(
+            model,
+            result,
+            token=answer,
+            foil=foil,
+            ablation=ablation,
+            n_random=2,
+            percents=(),
+            token_importance=False,
+        )
+        clean = logit_diff_by_hand(model, tokens, [], ablation, answer, foil)
+        assert check.logit_diff == pytest.approx(clean, abs=1e-4)
+        for beam, effect in zip(result.beams, check.beams):
+            edges = [(m.layer, m.head, m.query, m.key) for m in beam.moves()]
+            assert [tuple(e) for e in effect.edges] == edges
+            ablated = logit_diff_by_hand(model, tokens, edges, ablation, answer, foil)
+            assert effect.effect.effect == pytest.approx(clean - ablated, abs=1e-4)
+
+
+def test_token_and_foil_default_to_the_traced_ones(induction):
+    model, _ = induction
+    prompt = "cat dog red blue cat dog red"
+    quick = {"n_random": 3, "percents": (), "token_importance": False}
+    result = trace(model, prompt, layers=(0, 1), agg_heads="none", foil_token="dog")
+    assert (result.target_token, result.foil_token) == ("blue", "dog")
+    check = verify(model, result, **quick)
+    assert (check.metric, check.token_id, check.foil_id) == (
+        "logit_diff",
+        result.target_id,
+        result.foil_id,
+    )
+    with torch.no_grad():
+        logits = model(model.to_tokens(prompt))[0, -1]
+    by_hand = float(logits[result.target_id] - logits[result.foil_id])
+    assert check.logit_diff == pytest.approx(by_hand, abs=1e-4)
+    # named ones win; foil=False measures log p even where the trace has a foil
+    red = model.tokenizer.encode("red", add_special_tokens=False)[0]
+    named = verify(model, result, token="red", foil="cat", **quick)
+    assert (named.token, named.foil) == ("red", "cat")
+    plain = verify(model, result, foil=False, **quick)
+    assert (plain.metric, plain.token_id, plain.foil_id) == ("logp", result.target_id, None)
+    assert named.token_id == red and plain.beams[0].effect != check.beams[0].effect
+    # a target without a foil: log p, with the target's log p measured beside it
+    targeted = trace(model, prompt, layers=(0, 1), agg_heads="none", target_token="red")
+    check = verify(model, targeted, **quick)
+    assert (check.metric, check.token, check.foil_id) == ("logp", "red", None)
+
+
+def test_a_foil_without_a_token_measures_against_the_prediction(induction):
+    model, result = induction  # traced with no target named: result.target_id is None
+    assert result.target_id is None and result.foil_id is None
+    check = verify(model, result, foil="cat", n_random=3, percents=(), token_importance=False)
+    assert (check.metric, check.prediction, check.token, check.foil) == (
+        "logit_diff",
+        "blue",
+        "blue",
+        "cat",
+    )
+    with torch.no_grad():
+        logits = model(model.to_tokens("cat dog red blue cat dog red"))[0, -1]
+    cat = model.tokenizer.encode("cat", add_special_tokens=False)[0]
+    assert check.logit_diff == pytest.approx(float(logits[check.prediction_id] - logits[cat]), 1e-4)
+
+
+def test_a_foil_equal_to_the_token_is_refused(induction, monkeypatch):
+    model, result = induction
+    blue = model.tokenizer.encode("blue", add_special_tokens=False)[0]
+    targeted = rat_lens.TraceResult.from_dict(dict(result.to_dict(), target_id=blue))
+
+    def no_forward(*args):
+        raise AssertionError("a forward ran before the foil was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("rat_lens.causal.check.clean_run", no_forward)
+        with pytest.raises(RatLensError, match=r"foil='blue' is 'blue' \(id \d+\).*token='blue'"):
+            verify(model, result, token="blue", foil="blue")
+        with pytest.raises(RatLensError, match=f"foil={blue} is 'blue'.*target_token"):
+            verify(model, targeted, foil=blue)
+    # the prediction is known only after the clean forward: refused before any ablated copy
+    with pytest.raises(RatLensError, match="foil='blue' is 'blue'.*the model's prediction"):
+        verify(model, result, foil="blue")
+    assert hook_count(model) == 0
+
+
+def test_the_p_value_reaches_0_01_on_the_induction_route_with_enough_random_paths(model):
+    if EDITS_IGNORED["hooked" if type(model).__name__ == "HookedTransformer" else "bridge"]:
+        pytest.skip("pattern edits are ignored by this model class")
+    # A random path hits the induction key with chance 1 / (target + 1) (same head, uniform
+    # key): 51-token prompts leave room for p <= 0.01 once n_random >= 99.
+    p_values = []
+    for i in range(3):
+        tokens = repeated_tokens(1, 30, 20, seed=94_000 + i)[0]
+        with torch.no_grad():
+            foil = int(model(tokens[None])[0, -1].topk(2).indices[1])
+        result = trace(model, tokens, layers=(0, 1), agg_heads="none", top_beam=1, foil_token=foil)
+        moves = [(m.layer, m.query, m.key) for m in result.beams[0].moves()]
+        assert moves == [(1, 50, 21), (0, 21, 20)]  # x_j <- x_{j+1} <- x_j: induction
+        with pytest.raises(RatLensError, match="alpha=0.01 is out of reach of n_random=98"):
+            verify(model, result, n_random=98, alpha=0.01)
+        check = verify(model, result, n_random=199, alpha=0.01, seed=i, **NO_EXTRAS)
+        assert check.metric == "logit_diff" and check.alpha == 0.01
+        effect = check.beams[0].effect
+        assert len(effect.baseline) == 199 and effect.p_value >= 1 / 200
+        p_values.append(effect.p_value)
+        if i == 0:
+            text = check.to_text()
+            assert "smallest possible p: 1/200 = 0.005" in text and "p <= alpha = 0.01" in text
+    assert statistics.median(p_values) <= 0.01, p_values
+    # the floor, from the other side: 19 random paths can reach 0.05, 18 cannot
+    assert verify(model, result, n_random=19, alpha=0.05, **NO_EXTRAS).alpha == 0.05
+    with pytest.raises(RatLensError, match=r"1 / \(n_random \+ 1\) = 0.0526; pass n_random >= 19"):
+        verify(model, result, n_random=18, alpha=0.05)
+
+
+NO_EXTRAS = {"percents": (), "token_importance": False}
+
+
+def test_foil_check_round_trips_and_checks_saved_before_foils_load(induction):
+    model, result = induction
+    check = verify(model, result, foil="cat", n_random=19, alpha=0.05)
+    assert Verification.from_json(check.to_json()) == check
+    text = check.to_text()
+    assert (
+        "drop in logit('blue') − logit('cat')" in text
+        and "Against the foil: logit('blue') − logit('cat') = " in text
+    )
+    assert "logit diff full" in text and max(len(line) for line in text.splitlines()) <= 100
+    assert "logit('blue') − logit('cat')" in check.to_markdown()
+    # a check saved before foils existed: no metric, foil or alpha fields
+    old = verify(model, result, token="blue", n_random=3, **NO_EXTRAS).to_dict()
+    for name in ("metric", "foil_id", "foil", "logit_diff", "alpha"):
+        del old[name]
+    loaded = Verification.from_dict(old)
+    assert (loaded.metric, loaded.foil_id, loaded.token) == ("logp", None, "blue")
+    assert loaded.to_dict() == dict(
+        old, metric="logp", foil_id=None, foil=None, logit_diff=None, alpha=None
+    )
+    saved = dict(result.to_dict(), verification=old)
+    assert rat_lens.TraceResult.from_dict(saved).verification == loaded
+    # fields that do not say one metric are named
+    good = check.to_dict()
+    for bad, match in [
+        ({"metric": "kl"}, "metric='kl' not in"),
+        ({"foil_id": None}, "'logit_diff' needs all three"),
+        ({"metric": "logp"}, "'logp' neither foil_id nor logit_diff"),
+        ({"p_floor": 0.05}, r"unknown fields \['p_floor'\]"),
+    ]:
+        with pytest.raises(RatLensError, match=match):
+            Verification.from_dict(dict(good, **bad))
+    with pytest.raises(RatLensError, match="verification is not a saved Verification"):
+        rat_lens.TraceResult.from_dict(dict(result.to_dict(), verification=dict(good, metric="kl")))

@@ -1,12 +1,14 @@
 """Does the traced path matter? Causal checks of a trace by ablation through TransformerLens hooks.
 
 Attention weights are not explanations by themselves (Jain & Wallace 2019). :func:`verify`
-intervenes on ``blocks.{l}.attn.hook_pattern`` and measures what changes at the target:
+intervenes on ``blocks.{l}.attn.hook_pattern`` and measures what changes at the target, on one
+metric: log p of the model's top prediction, or, with a foil ``F``, the logit difference
+logit(T) − logit(F) (``T`` the token asked for, else the trace's target, else the prediction):
 
 - **per beam**: ablate exactly the beam's edges (that head's entry, or every head's when heads
-  were aggregated) and measure the drop in log p of the model's top prediction (and of a token
-  you name), against random paths of the same shape: same layers and heads, same number of
-  edges, each key drawn from the row the path reads;
+  were aggregated) and measure the drop in the metric (and in log p of a token you name),
+  against random paths of the same shape: same layers and heads, same number of edges, each
+  key drawn from the row the path reads; the p-value's floor is 1 / (n_random + 1);
 - **faithfulness curve**: keep the top p% of traced edges, ablate the rest of the rows they
   leave from, and report (m(kept) − m(all ablated)) / (m(full) − m(all ablated)) with its area
   (Hanna, Pezzelle & Belinkov 2024);
@@ -20,13 +22,14 @@ Definitions and sources: ``docs/verify.md``.
 
 import math
 from collections.abc import Sequence
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
 from ..capture import pattern_layers
-from ..errors import RatLensError, check_choice, check_int, checked_call
+from ..errors import RatLensError, check_choice, check_int, check_number, checked_call
 from ..result import (
     BeamEffect,
     Faithfulness,
@@ -60,8 +63,10 @@ def verify(
     result: TraceResult,
     *,
     token: Union[int, str, None] = None,
+    foil: Union[int, str, bool, None] = None,
     ablation: str = "renorm",
     n_random: int = 20,
+    alpha: Optional[float] = None,
     seed: int = 0,
     percents: Sequence[Union[int, float]] = PERCENTS,
     token_importance: bool = True,
@@ -71,16 +76,27 @@ def verify(
 ) -> Verification:
     """Ablate each beam of ``result`` in ``model`` and compare with random same-shape paths.
 
-    The prompt rerun is ``result.token_ids[:target_pos + 1]`` (causal: later tokens cannot
-    change the target's prediction), without attention mask.
+    Every part of the check is measured on one metric (``Verification.metric``): log p of the
+    model's top prediction (``"logp"``) or, with a foil, the logit difference logit(token) −
+    logit(foil) (``"logit_diff"``); an effect is its drop (clean − ablated). The prompt rerun
+    is ``result.token_ids[:target_pos + 1]`` (causal: later tokens cannot change the target's
+    prediction), without attention mask.
 
     Args:
         model: the TransformerLens model the trace came from (unchanged afterwards).
         result: a :class:`~rat_lens.TraceResult` of that model.
-        token: also measure log p of this token (id, or a string the tokenizer makes one token).
+        token: also measure log p of this token (id, or a string the tokenizer makes one
+            token); with a foil, the token of the logit difference. Default: the token the
+            trace explained (``result.target_id``: traced with ``target_token`` or
+            ``foil_token``), else none (with a foil: the model's top prediction).
+        foil: measure logit(token) − logit(foil) (id, or text that is one token). Default:
+            the trace's foil (``result.foil_id``), else none; ``False``: none even so.
         ablation: ``"renorm"`` (zero the edges, rescale the rest of the row to its old sum),
-            ``"zero"``, or ``"mean"`` (the row's mean weight over the keys it may see).
-        n_random: random paths per beam.
+            ``"zero"``, or ``"mean"`` (the row's mean weight over the keys its query may see).
+        n_random: random paths per beam. A p-value is (1 + #random paths doing as much) /
+            (1 + n_random): never below 1 / (n_random + 1), so 20 can reach 0.05 and 99 0.01.
+        alpha: the significance level you read the p-values at: refused before any forward
+            when ``n_random`` cannot reach it; the text then lists the beams with p ≤ alpha.
         seed: the seed the random paths are drawn with.
         percents: the faithfulness curve's kept shares of traced edges (empty: no curve).
         token_importance: also measure blank-out importance of each prompt token.
@@ -97,63 +113,149 @@ def verify(
         >>> from rat_lens import trace
         >>> from rat_lens.models import load
         >>> model = load("induction-2l")
-        >>> result = trace(model, "cat dog red blue cat dog red", layers=(0, 1), agg_heads="none")
+        >>> prompt = "cat dog red blue cat dog red"
+        >>> result = trace(model, prompt, layers=(0, 1), agg_heads="none")
         >>> check = verify(model, result, token="blue", n_random=8)
         >>> effect = check.beams[0].effect
-        >>> check.prediction, effect.effect > 10 * effect.baseline_mean
-        ('blue', True)
+        >>> check.metric, check.prediction, effect.effect > 10 * effect.baseline_mean
+        ('logp', 'blue', True)
         >>> Verification.from_json(check.to_json()) == check
         True
+
+        Against a foil (here the trace's own), on the logit difference:
+
+        >>> result = trace(model, prompt, layers=(0, 1), agg_heads="none", foil_token="cat")
+        >>> check = verify(model, result, n_random=8, token_importance=False)
+        >>> check.metric, check.token, check.foil, round(check.logit_diff, 1)
+        ('logit_diff', 'blue', 'cat', 16.0)
+        >>> effect = check.beams[0].effect
+        >>> effect.effect > 5 * effect.baseline_mean
+        True
+
+        A p-value is never below 1 / (n_random + 1): asking for more is refused.
+
+        >>> verify(model, result, n_random=8, alpha=0.01)
+        Traceback (most recent call last):
+        ...
+        rat_lens.errors.RatLensError: alpha=0.01 is out of reach of n_random=8: ...
     """
-    tokens, layers, token_id, neutral, percents, batch_size = _checked(
+    setup = _checked(
         model,
         result,
         token,
+        foil,
         ablation,
         n_random,
+        alpha,
         percents,
         token_importance,
         blank,
         neutral_token,
         batch_size,
     )
-    clean, n_heads = clean_run(model, tokens, layers)
-    top_id, target = int(clean.argmax()), result.target_pos
+    clean, n_heads = clean_run(model, setup.tokens, setup.layers)
+    metric, target = _metric(model, setup, int(clean.argmax()), foil), result.target_pos
 
     # Every ablated copy is one variant, in this order: beams, their random paths, the
     # faithfulness curve (kept shares, then all ablated), the blanked positions.
     traced = _traced_edges(result)
-    curve = percents if traced else []
+    curve = setup.percents if traced else []
     positions = list(range(target + 1)) if token_importance else []
     variants = (
         _beam_variants(result, n_heads, n_random, seed)
         + _curve_variants(traced, curve, n_heads)
-        + _blank_variants(positions, neutral)
+        + _blank_variants(positions, setup.neutral)
     )
 
-    logp = run_variants(model, tokens, variants, ablation, batch_size)
-    drops = {"top": clean[top_id] - logp[:, top_id]}
-    if token_id is not None:
-        drops["token"] = clean[token_id] - logp[:, token_id]
+    logp = run_variants(model, setup.tokens, variants, ablation, setup.batch_size)
+    m_clean, m, drops = metric.drops(clean, logp)
     start = len(result.beams) * (1 + n_random)
     at = start + (len(curve) + 1 if curve else 0)  # the blanked positions' copies from here
-    m_curve = logp[start:at, top_id].tolist()
-    importance = _token_importance(result, positions, blank, drops["top"][at:].tolist())
+    importance = _token_importance(result, positions, blank, drops["metric"][at:].tolist())
     return Verification(
         target_pos=target,
         target_token=result.tokens[target],
-        prediction_id=top_id,
-        prediction=_decode(model, top_id),
-        prediction_logp=float(clean[top_id]),
         ablation=ablation,
         n_random=n_random,
         seed=seed,
         beams=_beam_effects(result, drops, n_random),
-        faithfulness=_faithfulness(curve, traced, m_curve, float(clean[top_id])) if curve else None,
+        faithfulness=_faithfulness(curve, traced, m[start:at].tolist(), m_clean) if curve else None,
         token_importance=importance,
-        token_id=token_id,
-        token=None if token_id is None else _decode(model, token_id),
-        token_logp=None if token_id is None else float(clean[token_id]),
+        alpha=setup.alpha,
+        **metric.fields(model, clean),
+    )
+
+
+class _Setup(NamedTuple):
+    """The options of one check, resolved and checked."""
+
+    tokens: Tensor  # the prompt up to the target
+    layers: list[int]  # the layers to probe
+    token_id: Optional[int]
+    foil_id: Optional[int]
+    neutral: Optional[int]
+    percents: list[float]
+    batch_size: int
+    alpha: Optional[float]
+
+
+@dataclass(frozen=True)
+class _Metric:
+    """What each copy is measured on: log p of ``main`` or, with a ``foil``, logit(main) −
+    logit(foil), read off log-probabilities (the log-softmax's normaliser cancels); ``token``
+    is the token whose log p is reported beside it (None: none asked); ``prediction`` the
+    model's top token in the clean run."""
+
+    prediction: int
+    main: int
+    token: Optional[int] = None
+    foil: Optional[int] = None
+
+    def __call__(self, logp: Tensor) -> Tensor:
+        value = logp[..., self.main]
+        return value if self.foil is None else value - logp[..., self.foil]
+
+    def drops(self, clean: Tensor, logp: Tensor) -> tuple[float, Tensor, dict[str, Tensor]]:
+        """The clean metric, each copy's, and each copy's drops: in the metric, and in log p
+        of the token asked for."""
+        m_clean, m = float(self(clean)), self(logp)
+        drops = {"metric": m_clean - m}
+        if self.token is not None:
+            drops["token"] = clean[self.token] - logp[:, self.token]
+        return m_clean, m, drops
+
+    def fields(self, model, clean: Tensor) -> dict:
+        """The :class:`Verification` fields that say what was measured."""
+        token, foil, top = self.token, self.foil, self.prediction
+        return {
+            "prediction_id": top,
+            "prediction": _decode(model, top),
+            "prediction_logp": float(clean[top]),
+            "token_id": token,
+            "token": None if token is None else _decode(model, token),
+            "token_logp": None if token is None else float(clean[token]),
+            "metric": "logp" if foil is None else "logit_diff",
+            "foil_id": foil,
+            "foil": None if foil is None else _decode(model, foil),
+            "logit_diff": None if foil is None else float(self(clean)),
+        }
+
+
+def _metric(model, setup: _Setup, top_id: int, foil) -> _Metric:
+    """The metric, once the prediction is known (with a foil, the token defaults to it)."""
+    if setup.foil_id is None:
+        return _Metric(top_id, top_id, setup.token_id)
+    token_id = top_id if setup.token_id is None else setup.token_id
+    if token_id == setup.foil_id:  # only a prediction gets here: a named token was checked
+        raise RatLensError(_same_foil(model, foil, token_id, "the model's prediction"))
+    return _Metric(top_id, token_id, token_id, setup.foil_id)
+
+
+def _same_foil(model, foil, foil_id: int, measured: str) -> str:
+    given = "the trace's foil (result.foil_id)" if foil is None else f"foil={foil!r}"
+    return (
+        f"{given} is {_decode(model, foil_id)!r} (id {foil_id}), the token measured "
+        f"({measured}): a foil is another token, e.g. the runner-up"
     )
 
 
@@ -161,25 +263,27 @@ def _checked(
     model,
     result,
     token,
+    foil,
     ablation,
     n_random,
+    alpha,
     percents,
     token_importance,
     blank,
     neutral_token,
     batch_size,
-):
-    """Every option checked before any forward (a typo costs nothing); returns the prompt, the
-    layers to probe, the token ids, the percents and the batch size, resolved."""
+) -> _Setup:
+    """Every option checked before any forward (a typo costs nothing), and resolved."""
     check_result(result, "verify")
     n_layers = pattern_layers(model)
     check_choice("ablation", ablation, ABLATIONS)
     check_choice("blank", blank, BLANKS)
     check_int("n_random", n_random, minimum=0)
+    alpha = _alpha(alpha, n_random)
     percents = _percents(percents)
     vocab = _vocab(model)
     tokens = _prompt(model, result, vocab)
-    token_id = _token_id(model, token, vocab)
+    token_id, foil_id = _token_and_foil(model, result, token, foil, vocab)
     neutral = (
         _neutral(model, neutral_token, vocab) if token_importance and blank == "token" else None
     )
@@ -198,7 +302,44 @@ def _checked(
     if batch_size is None:  # keep a chunk's logits [batch, seq, vocab] under ~256 MB
         batch_size = max(1, min(64, 2**26 // (len(tokens) * (vocab or 50_000))))
     check_int("batch_size", batch_size)
-    return tokens, layers, token_id, neutral, percents, batch_size
+    return _Setup(tokens, layers, token_id, foil_id, neutral, percents, batch_size, alpha)
+
+
+def _token_and_foil(model, result, token, foil, vocab) -> tuple[Optional[int], Optional[int]]:
+    """The token and the foil asked for, else the trace's own (``target_id``, ``foil_id``)."""
+    token_id = (
+        _token_id(model, token, vocab)
+        if token is not None
+        else _token_id(model, result.target_id, vocab, "result.target_id")
+    )
+    if foil is False:  # no foil, whatever the trace had
+        return token_id, None
+    foil_id = (
+        _token_id(model, foil, vocab, "foil")
+        if foil is not None
+        else _token_id(model, result.foil_id, vocab, "result.foil_id")
+    )
+    if foil_id is not None and foil_id == token_id:
+        measured = f"token={token!r}" if token is not None else "the trace's target_token"
+        raise RatLensError(_same_foil(model, foil, foil_id, measured))
+    return token_id, foil_id
+
+
+def _alpha(alpha, n_random: int) -> Optional[float]:
+    """``alpha`` if ``n_random`` random paths can give a p-value that low (the smallest is
+    1 / (n_random + 1)); else RatLensError naming the n_random that can."""
+    if alpha is None:
+        return None
+    alpha = check_number("alpha", alpha)
+    if not 0 < alpha < 1:
+        raise RatLensError(f"alpha={alpha!r} must lie in (0, 1)")
+    if 1 / (n_random + 1) > alpha * (1 + 1e-9):
+        need = math.ceil(1 / alpha - 1e-9) - 1
+        raise RatLensError(
+            f"alpha={alpha:g} is out of reach of n_random={n_random}: the smallest p-value is "
+            f"1 / (n_random + 1) = {1 / (n_random + 1):.3g}; pass n_random >= {need}"
+        )
+    return alpha
 
 
 def _beam_variants(result: TraceResult, n_heads: int, n_random: int, seed: int) -> list[Variant]:
@@ -261,9 +402,8 @@ def _beam_effects(result: TraceResult, drops: dict[str, Tensor], n_random: int) 
             name: PathEffect.against(float(d[b]), d[start : start + n_random].tolist())
             for name, d in drops.items()
         }
-        out.append(
-            BeamEffect(b + 1, [list(e) for e in _edges(beam)], effects["top"], effects.get("token"))
-        )
+        edges = [list(e) for e in _edges(beam)]
+        out.append(BeamEffect(b + 1, edges, effects["metric"], effects.get("token")))
     return out
 
 
@@ -395,23 +535,27 @@ def _vocab(model) -> Optional[int]:
     return out if out > 0 else getattr(cfg, "d_vocab", None)
 
 
-def _token_id(model, token, vocab: Optional[int]) -> Optional[int]:
+def _token_id(model, token, vocab: Optional[int], name: str = "token") -> Optional[int]:
+    """The id of ``token`` (an id, or text the tokenizer makes exactly one token)."""
     if token is None:
         return None
     if isinstance(token, str):
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is None:
             raise RatLensError(
-                f"token={token!r} needs a tokenizer, and the model has none: pass a token id"
+                f"{name}={token!r} needs a tokenizer, and the model has none: pass a token id"
             )
         ids = tokenizer.encode(token, add_special_tokens=False)
         if len(ids) != 1:
-            raise RatLensError(f"token={token!r} is {len(ids)} tokens ({ids}), not one")
+            raise RatLensError(
+                f"{name}={token!r} is {len(ids)} tokens ({ids}), not one: give text that is "
+                "exactly one token (often with its leading space, e.g. ' Mary') or a token id"
+            )
         return int(ids[0])
     if isinstance(token, bool) or not isinstance(token, int):
-        raise RatLensError(f"token must be an int id or a str, got {token!r}")
+        raise RatLensError(f"{name} must be an int id or a str, got {token!r}")
     if token < 0 or (vocab is not None and token >= vocab):
-        raise RatLensError(f"token={token} out of range for a vocabulary of {vocab}")
+        raise RatLensError(f"{name}={token} out of range for a vocabulary of {vocab}")
     return token
 
 
