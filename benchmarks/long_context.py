@@ -45,7 +45,7 @@ def run_one(n: int, store: str) -> dict:
     result = tracer.trace(ids, store=store, **OPTIONS)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     beams = [
-        (b.positions, b.layers, b.heads, b.edge_attns, b.score_raw, b.score_norm)
+        (b.positions, b.layers, b.heads, b.edge_weights, b.score_raw, b.score_norm)
         for b in result.beams
     ]
     return dict(

@@ -1,9 +1,10 @@
 """The last step of a trace: beams and the capture record become :class:`TraceResult` s.
 
 Per prompt: the fields every target shares (tokens, mode, the resolved options, the strip),
-the rollout rows of all its targets in one pass; per target: the beams with their tokens, the
-Sankey graph, the path texts, the traced heads' attention rows (the page's heatmap) and the
-model's predictions when the record holds logits.
+the rollout rows of all its targets in one pass; per target: the beams with their tokens and
+each head edge's attention (whatever weight the search used), the Sankey graph, the path
+texts, the traced heads' attention rows (the page's heatmap) and the model's predictions when
+the record holds logits.
 """
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from .plan import TracePlan
 from .record import Record
 from .result import Beam, BeamPath, TraceResult, build_sankey, path_text
+from .search.beam import with_attention
 from .search.stats import predictions_at, rollout_rows
 from .search.store import TopKeys
 
@@ -35,7 +37,9 @@ def assemble(
     tokens, ids = prompt
     shared = _shared_fields(plan, record, b, tokens, ids)
     results = []
+    attention = [a[b] for a in record.attention]
     for target, found, rollout in zip(plan.targets[b], beams, _rollouts(plan, record, b)):
+        found = with_attention(found, attention, plan.layer_ids)
         paths = [BeamPath.from_beam(beam, tokens, ids) for beam in found]
         result = TraceResult(
             target_pos=target,
@@ -45,7 +49,7 @@ def assemble(
             rollout=rollout,
             **shared,
         )
-        result.head_rows = _head_rows(found, [a[b] for a in record.attention], plan.layer_ids)
+        result.head_rows = _head_rows(found, attention, plan.layer_ids)
         if record.logits is not None and plan.inputs.predictions:
             result.predictions = predictions_at(
                 result, record.logits[b], tokenizer, plan.inputs.predictions

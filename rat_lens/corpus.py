@@ -240,7 +240,7 @@ def aggregate(results: Sequence[TraceResult]) -> list[HeadCount]:
     for result in results:
         for rank, (beam, share) in enumerate(zip(result.beams, beam_weights(result.beams))):
             for i, (layer, head, weight) in enumerate(
-                zip(beam.layers, beam.heads, beam.edge_attns)
+                zip(beam.layers, beam.heads, beam.edge_weights)
             ):
                 if beam.is_residual(i):  # a stay through the residual stream: no head
                     continue

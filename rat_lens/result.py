@@ -119,35 +119,52 @@ class Beam:
     """One path backward from the target: ``positions[0]`` is the target, each edge steps back.
 
     Edge ``i`` goes from query ``positions[i]`` to key ``positions[i + 1]`` through layer
-    ``layers[i]`` (and head ``heads[i]``; ``None`` when heads were aggregated), with attention
-    weight ``edge_attns[i]``. ``bos_mass[i]`` is how much of that edge's attention row sat on
-    BOS / position 0. ``score_raw`` = Σ log(edge_attns); ``score_norm`` is it length-normalised.
-    ``kinds[i]`` is ``"head"`` or ``"residual"`` (a stay through the residual stream, head
-    ``None``, in contribution-weighted traces; free in the score); empty = every edge a head's.
+    ``layers[i]`` (and head ``heads[i]``; ``None`` when heads were aggregated). Two numbers
+    describe it:
+
+    - ``edge_weights[i]``: the weight the search used, the trace's ``edge_weight``: the
+      attention weight itself (``"attention"``; half attention, half identity with
+      ``residual="rollout"``), or the edge's share of what its layer wrote at the query
+      (``"value_norm"`` / ``"contribution"``);
+    - ``edge_attns[i]``: that head's attention weight from the query to the key (the heads'
+      mean or max when they were aggregated), whatever the edge weight; ``None`` for a stay.
+      Empty when not recorded (a beam straight from :func:`~rat_lens.search.beam_search`,
+      before a trace assembles it, or a file saved before format 2 with share weights).
+
+    ``bos_mass[i]`` is how much of that edge's row sat on BOS / position 0. ``kinds[i]`` is
+    ``"head"`` or ``"residual"`` (a stay through the residual stream, head ``None``, in
+    share-weighted layers traces); empty = every edge a head's.
+
+    The score: with attention weights ``score_raw`` = Σ log ``edge_weights`` (each at least
+    1e-12), reverse-attention's; with share weights a stay is free and the ``i``-th move adds
+    ``depth_discount**(i-1) · log(weight / move_threshold)``, so a route of strong moves
+    scores above 0 (:mod:`rat_lens.search.beam`). ``score_norm`` is ``score_raw`` over the
+    trace's ``length_norm`` of the number of moves: beams are ranked by it.
     """
 
     positions: list[int]
-    edge_attns: list[float]
+    edge_weights: list[float]
     layers: list[int]
     heads: list[Optional[int]]
     bos_mass: list[float]
     score_raw: float
     score_norm: float
     kinds: list[str] = field(default_factory=list, kw_only=True)  # keeps BeamPath positional
+    edge_attns: list[Optional[float]] = field(default_factory=list, kw_only=True)
 
     def is_residual(self, i: int) -> bool:
         return bool(self.kinds) and self.kinds[i] == "residual"
 
     @property
     def num_edges(self) -> int:
-        return len(self.edge_attns)
+        return len(self.edge_weights)
 
     def route(self) -> list[Union["Move", "Stay"]]:
         """The path as a researcher reads it, target first: each head :class:`Move` in turn,
         each run of residual stays between them as one :class:`Stay`.
 
         Examples:
-            >>> beam = Beam(positions=[9, 9, 9, 4, 3], edge_attns=[0.7, 0.6, 0.12, 0.3],
+            >>> beam = Beam(positions=[9, 9, 9, 4, 3], edge_weights=[0.7, 0.6, 0.12, 0.3],
             ...             layers=[3, 2, 1, 0], heads=[None, None, 6, 2], bos_mass=[0.0] * 4,
             ...             score_raw=0.0, score_norm=0.0, kinds=["residual"] * 2 + ["head"] * 2)
             >>> beam.route()[0], beam.route()[1].key
@@ -157,8 +174,9 @@ class Beam:
         for i in range(self.num_edges):
             query, layer = self.positions[i], self.layers[i]
             if not self.is_residual(i):
-                key, weight = self.positions[i + 1], self.edge_attns[i]
-                steps.append(Move(i, layer, self.heads[i], query, key, weight))
+                key, weight = self.positions[i + 1], self.edge_weights[i]
+                attention = self.edge_attns[i] if self.edge_attns else None
+                steps.append(Move(i, layer, self.heads[i], query, key, weight, attention))
             elif steps and isinstance(steps[-1], Stay):  # the run goes on one layer lower
                 steps[-1] = Stay(query, steps[-1].top, layer, steps[-1].edges + (i,))
             else:
@@ -172,8 +190,9 @@ class Beam:
 
 class Move(NamedTuple):
     """A head move: at ``layer`` the ``query`` position reads ``key`` through ``head`` (None:
-    heads aggregated), with the edge ``weight`` the search used; ``edge`` indexes the beam's
-    per-edge lists (``bos_mass``, ``kinds``...)."""
+    heads aggregated), with the edge ``weight`` the search used and the head's ``attention``
+    (None where not recorded); ``edge`` indexes the beam's per-edge lists (``bos_mass``,
+    ``kinds``...)."""
 
     edge: int
     layer: int
@@ -181,6 +200,7 @@ class Move(NamedTuple):
     query: int
     key: int
     weight: float
+    attention: Optional[float] = None
 
 
 class Stay(NamedTuple):
@@ -198,15 +218,18 @@ class BeamPath(Beam):
     """A :class:`Beam` with the token text and ids at each of its positions.
 
     Built in reverse-attention 0.1.0's field order, positionally or by name:
-    ``BeamPath(positions, tokens, token_ids, edge_attns, score_raw, score_norm)``; what the
-    peer's beam does not carry comes by keyword (``layers``, ``heads``, ``bos_mass``,
-    ``kinds``) and is an empty list when not given: a beam built from the peer's six fields
-    records no layer, head or BOS mass (``rat_lens.compat`` fills them where it needs them).
+    ``BeamPath(positions, tokens, token_ids, edge_attns, score_raw, score_norm)``. The peer's
+    ``edge_attns`` are attention weights and the weights its search used, so a beam given only
+    them has ``edge_weights`` equal to them; one given only ``edge_weights`` records no
+    attention (``edge_attns`` empty). What the peer's beam does not
+    carry comes by keyword (``edge_weights``, ``layers``, ``heads``, ``bos_mass``, ``kinds``)
+    and is an empty list when not given: a beam built from the peer's six fields records no
+    layer, head or BOS mass (``rat_lens.compat`` fills them where it needs them).
 
     Examples:
         >>> beam = BeamPath([2, 0], ["c", "a"], [7, 5], [0.9], -0.105, -0.105)
-        >>> beam.tokens, beam.edge_attns, beam.layers
-        (['c', 'a'], [0.9], [])
+        >>> beam.tokens, beam.edge_attns, beam.edge_weights, beam.layers
+        (['c', 'a'], [0.9], [0.9], [])
     """
 
     tokens: list[str] = field(default_factory=list)
@@ -217,10 +240,11 @@ class BeamPath(Beam):
         positions: list[int],
         tokens: Optional[list[str]] = None,
         token_ids: Optional[list[int]] = None,
-        edge_attns: Optional[list[float]] = None,
+        edge_attns: Optional[list[Optional[float]]] = None,
         score_raw: Optional[float] = None,
         score_norm: Optional[float] = None,
         *,
+        edge_weights: Optional[list[float]] = None,
         layers: Optional[list[int]] = None,
         heads: Optional[list[Optional[int]]] = None,
         bos_mass: Optional[list[float]] = None,
@@ -228,11 +252,13 @@ class BeamPath(Beam):
     ):
         # tokens and ids may be absent from a saved beam (its dict has no "tokens"); the edges
         # and scores never are, so they are required as Python requires an argument.
-        given = {"edge_attns": edge_attns, "score_raw": score_raw, "score_norm": score_norm}
+        edges = edge_weights if edge_weights is not None else edge_attns
+        given = {"edge_weights": edges, "score_raw": score_raw, "score_norm": score_norm}
         missing = [name for name, value in given.items() if value is None]
         if missing:
             raise TypeError(f"BeamPath() missing required argument(s): {', '.join(missing)}")
-        self.positions, self.edge_attns = positions, edge_attns
+        self.positions, self.edge_weights = positions, edges
+        self.edge_attns = [] if edge_attns is None else edge_attns
         self.score_raw, self.score_norm = score_raw, score_norm
         self.tokens = [] if tokens is None else tokens
         self.token_ids = [] if token_ids is None else token_ids
@@ -579,7 +605,7 @@ class TraceResult(JsonRoundTrip):
     # The traced heads' attention rows, compactly: {layer, head, query, keys, weights} per
     # (layer, head, query) an edge leaves from; the row's strongest keys and the beam's key.
     head_rows: list[dict] = field(default_factory=list)
-    edge_weight: str = "attention"  # what edge_attns are: attention, or contribution shares
+    edge_weight: str = "attention"  # what the beams' edge_weights are: attention, or shares
     # How contribution routes were scored (TraceOptions); None for attention edges.
     move_threshold: Optional[float] = None
     depth_discount: Optional[float] = None

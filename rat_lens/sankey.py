@@ -69,7 +69,8 @@ def beam_weights(beams: list) -> list[float]:
 
 def build_sankey(beams: list, tokens: list[str], mode: str, layer: int) -> SankeyData:
     """Nodes are (layer, position); a link runs forward (key → query) and weighs
-    Σ over the beams using it of softmax(score_norm) × edge attention (reverse-attention's rule)."""
+    Σ over the beams using it of softmax(score_norm) × the edge's weight (reverse-attention's
+    rule, whose weights are attention; a share under share weights)."""
     nodes: dict[str, SankeyNode] = {}
     links: dict[tuple[str, str], SankeyLink] = {}
     for b, (beam, weight) in enumerate(zip(beams, beam_weights(beams))):
@@ -77,11 +78,11 @@ def build_sankey(beams: list, tokens: list[str], mode: str, layer: int) -> Sanke
         for pos, lay in zip(beam.positions, node_layers(beam, mode, layer)):
             ids.append(node_id(lay, pos))
             nodes.setdefault(ids[-1], SankeyNode(ids[-1], tokens[pos], pos, lay))
-        for i, attn in enumerate(beam.edge_attns):
+        for i, edge_weight in enumerate(beam.edge_weights):
             link = links.setdefault(
                 (ids[i + 1], ids[i]), SankeyLink(ids[i + 1], ids[i], 0.0, layer=beam.layers[i])
             )
-            link.value += weight * attn
+            link.value += weight * edge_weight
             if b not in link.beam_indices:
                 link.beam_indices.append(b)
             if beam.heads[i] not in link.heads:

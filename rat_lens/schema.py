@@ -2,7 +2,7 @@
 
 A ``trace.json`` may come from another machine, another version, a hand edit or a hostile
 source. :func:`check_trace` walks the dict field by field and raises one :class:`RatLensError`
-naming the first bad field (``beams[2].edge_attns[0] must be a finite number, got nan``), so
+naming the first bad field (``beams[2].edge_weights[0] must be a finite number, got nan``), so
 ``TraceResult.from_dict`` / ``from_json`` and ``rat-lens render`` never fail later with a raw
 traceback. :func:`from_reverse_attention` reads reverse-attention 0.1.0's ``trace.json`` as ours.
 Pure Python, no torch.
@@ -15,6 +15,7 @@ rat_lens.errors.RatLensError: trace: target_pos must be an int in 0..1, got 5
 """
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -29,7 +30,9 @@ __all__ = [
     "from_reverse_attention",
 ]
 
-FORMAT_VERSION = 1  # bump when a saved field changes meaning; loads accept 1..FORMAT_VERSION
+# Bump when a saved field changes meaning; loads accept 1..FORMAT_VERSION. 2: a beam's
+# edge_weights (what the search used) and edge_attns (the head's attention) are kept apart.
+FORMAT_VERSION = 2
 # The fields reverse-attention 0.1.0 keeps in its ``metadata`` block (to_dict writes them too).
 PEER_METADATA = ("seq_len", "target_pos", "layer", "top_beam", "top_k")
 MODES = ("chain", "layers")
@@ -85,11 +88,13 @@ def is_reverse_attention_trace(data) -> bool:
 
 
 def check_trace(data: Any, where: str = "trace") -> dict:
-    """``data`` if it is a valid ``TraceResult.to_dict()``; else RatLensError naming the field."""
+    """``data`` if it is a valid ``TraceResult.to_dict()`` (one saved in an older format comes
+    back in today's, :func:`upgraded`); else RatLensError naming the field."""
     # The groups run in the order of the saved fields, so the first bad field is the one named.
     _check_field_names(data, where)
     at = _At(where)
     seq, layer = _check_sizes(at, data)
+    data = upgraded(data)
     mode = _check_options(at, data, layer)
     ids = at.items("token_ids", data.get("token_ids", []))
     if ids:
@@ -101,6 +106,47 @@ def check_trace(data: Any, where: str = "trace") -> dict:
     check_explained(at, data, seq, layer)
     _check_metadata(at, data)
     return data
+
+
+def upgraded(data: dict) -> dict:
+    """A format-1 trace in format 2. Format 1 kept one number per edge, ``edge_attns``: the
+    weight the search used. It becomes ``edge_weights``; it was also the head's attention only
+    with attention edges and no rollout, so only there does it stay ``edge_attns`` (elsewhere
+    no attention is recorded, and a warning says so). Beams of the wrong shape are left for
+    the checks to name."""
+    if data.get("format_version", 1) != 1:
+        return data
+    attention = data.get("edge_weight", "attention") == "attention"
+    attention = attention and data.get("residual", "none") == "none"
+    beams = data["beams"] if isinstance(data["beams"], list) else []
+    upgrade = [
+        isinstance(b, dict) and "edge_weights" not in b and isinstance(b.get("edge_attns"), list)
+        for b in beams
+    ]
+    if not any(upgrade):
+        return {**data, "format_version": FORMAT_VERSION}
+    if not attention:
+        warnings.warn(
+            f"a trace saved in format 1 with edge_weight={data.get('edge_weight')!r} and "
+            f"residual={data.get('residual', 'none')!r}: its beams' edge_attns were the "
+            "search's weights, read as edge_weights; it records no attention (edge_attns empty)",
+            UserWarning,
+            stacklevel=4,
+        )
+    return {
+        **data,
+        "format_version": FORMAT_VERSION,
+        "beams": [
+            {
+                **b,
+                "edge_weights": b["edge_attns"],
+                "edge_attns": b["edge_attns"] if attention else [],
+            }
+            if up
+            else b
+            for b, up in zip(beams, upgrade)
+        ],
+    }
 
 
 def _check_field_names(data, where: str) -> None:
@@ -216,13 +262,14 @@ def _check_beam(at: "_At", beam, target: int, seq: int, layer: int, mode: str) -
     at.need("", isinstance(beam, dict), f"must be an object, got {_kind(beam)}")
     names = (
         "positions",
-        "edge_attns",
+        "edge_weights",
         "layers",
         "heads",
         "bos_mass",
         "score_raw",
         "score_norm",
         "kinds",
+        "edge_attns",
         "tokens",
         "token_ids",
     )
@@ -238,13 +285,14 @@ def _check_beam(at: "_At", beam, target: int, seq: int, layer: int, mode: str) -
         "positions[0]", positions[0] == target, f"must be the target {target}, got {positions[0]}"
     )
     edges = len(positions) - 1
-    for name in ("edge_attns", "layers", "heads", "bos_mass"):
+    for name in ("edge_weights", "layers", "heads", "bos_mass"):
         values = at.items(name, beam[name])
         at.need(
             name, len(values) == edges, f"must hold one value per edge ({edges}), got {len(values)}"
         )
+    _check_kinds(at, beam, edges)
     for i in range(edges):
-        at.number(f"edge_attns[{i}]", beam["edge_attns"][i], minimum=0.0)
+        at.number(f"edge_weights[{i}]", beam["edge_weights"][i], minimum=0.0)
         at.number(f"bos_mass[{i}]", beam["bos_mass"][i], minimum=0.0)
         at.integer(f"layers[{i}]", beam["layers"][i], 0, layer)
         if beam["heads"][i] is not None:
@@ -261,10 +309,6 @@ def _check_beam(at: "_At", beam, target: int, seq: int, layer: int, mode: str) -
                 positions[i + 1] <= positions[i],
                 "must not be later than the position before it",
             )
-    kinds = at.items("kinds", beam.get("kinds", []))
-    at.need("kinds", len(kinds) in (0, edges), f"must hold one kind per edge ({edges})")
-    for i, kind in enumerate(kinds):
-        at.choice(f"kinds[{i}]", kind, ("head", "residual"))
     at.number("score_raw", beam["score_raw"])
     at.number("score_norm", beam["score_norm"])
     at.strings("tokens", beam.get("tokens", []), len(positions) if beam.get("tokens") else 0)
@@ -272,6 +316,22 @@ def _check_beam(at: "_At", beam, target: int, seq: int, layer: int, mode: str) -
     at.need("token_ids", len(ids) in (0, len(positions)), "must hold one id per position")
     for i, value in enumerate(ids):
         at.integer(f"token_ids[{i}]", value, 0)
+
+
+def _check_kinds(at: "_At", beam: dict, edges: int) -> None:
+    """Each edge's kind (none: every edge a head's), and its attention: none recorded, or one
+    per edge, a head edge's attention weight and None for a stay."""
+    kinds = at.items("kinds", beam.get("kinds", []))
+    at.need("kinds", len(kinds) in (0, edges), f"must hold one kind per edge ({edges})")
+    for i, kind in enumerate(kinds):
+        at.choice(f"kinds[{i}]", kind, ("head", "residual"))
+    attns = at.items("edge_attns", beam.get("edge_attns", []))
+    at.need("edge_attns", len(attns) in (0, edges), f"must hold 0 or {edges} values")
+    for i, value in enumerate(attns):
+        if kinds and kinds[i] == "residual":
+            at.need(f"edge_attns[{i}]", value is None, f"must be null (a stay), got {_show(value)}")
+        else:
+            at.number(f"edge_attns[{i}]", value, minimum=0.0)
 
 
 def _check_sankey(at: "_At", sankey, seq: int, n_beams: int) -> None:
@@ -541,6 +601,7 @@ def from_reverse_attention(data: dict) -> dict:
         beams.append(
             {
                 "positions": beam["positions"],
+                "edge_weights": beam["edge_attns"],  # the peer's weights are attention
                 "edge_attns": beam["edge_attns"],
                 "layers": [meta.get("layer")] * edges,
                 "heads": [None] * edges,
@@ -559,6 +620,7 @@ def from_reverse_attention(data: dict) -> dict:
         "paths_text": data.get("paths_text"),
         "mode": "chain",
         "length_norm": _length_norm_of(beams),
+        "format_version": FORMAT_VERSION,
     }
     return check_trace(ours, "reverse-attention trace")
 

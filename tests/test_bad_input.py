@@ -337,7 +337,7 @@ def json_rows():
     return [
         ("mode evil", with_(["mode"], "evil")),
         ("nan score", with_(["beams", 0, "score_norm"], math.nan)),
-        ("string weight", with_(["beams", 0, "edge_attns", 0], "0.9")),
+        ("string weight", with_(["beams", 0, "edge_weights", 0], "0.9")),
         ("position past tokens", with_(["beams", 0, "positions", 1], 500)),
         ("tokens not strings", with_(["tokens"], [1, 2, 3, 4, 5, 6, 7, 8, 9])),
         ("version from the future", with_(["format_version"], 2)),

@@ -96,7 +96,7 @@ def test_records_are_each_prompts_own_trace_and_counts_are_a_hand_count(model, t
     for result in [TraceResult.from_dict(r["trace"]) for r in records]:
         for rank, (beam, share) in enumerate(zip(result.beams, beam_weights(result.beams))):
             kinds = beam.kinds or ["head"] * beam.num_edges
-            for layer, head, weight, kind in zip(beam.layers, beam.heads, beam.edge_attns, kinds):
+            for layer, head, weight, kind in zip(beam.layers, beam.heads, beam.edge_weights, kinds):
                 if kind == "residual":
                     continue
                 mass[layer, head] = mass.get((layer, head), 0.0) + share * weight

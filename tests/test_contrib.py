@@ -180,10 +180,12 @@ def test_residual_stays_are_free_and_routes_are_ranked_by_their_moves(seed):
             layer = beam.layers[i]
             if kind == "residual":  # the residual stream and every head's read of pos itself
                 assert beam.heads[i] is None and beam.positions[i + 1] == pos
-                assert beam.edge_attns[i] == pytest.approx(float(shares[layer, :, pos, pos].sum()))
+                assert beam.edge_weights[i] == pytest.approx(
+                    float(shares[layer, :, pos, pos].sum())
+                )
             else:
                 assert beam.positions[i + 1] < pos
-                assert beam.edge_attns[i] == pytest.approx(
+                assert beam.edge_weights[i] == pytest.approx(
                     float(shares[layer, beam.heads[i], pos, beam.positions[i + 1]])
                 )
 

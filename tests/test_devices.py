@@ -182,7 +182,7 @@ def test_the_float32_top_beam_comes_back_except_at_near_ties(models, device, dty
     for i, (a, b) in enumerate(zip(full, half)):  # the weights are the half model's: close
         if i not in differ:
             torch.testing.assert_close(
-                b.beams[0].edge_attns, a.beams[0].edge_attns, atol=0.05, rtol=0
+                b.beams[0].edge_weights, a.beams[0].edge_weights, atol=0.05, rtol=0
             )
 
 
@@ -215,9 +215,9 @@ def test_predictions_padded_batches_verify_roles_and_generate_in_half_precision(
     # padded batch and one prompt alone (other matrix shapes).
     route = [[(p.positions, p.layers, p.heads) for p in r.beams] for r in batch]
     assert route == [[(p.positions, p.layers, p.heads) for p in r.beams] for r in alone]
-    weights = [w for r in batch for p in r.beams for w in p.edge_attns]
+    weights = [w for r in batch for p in r.beams for w in p.edge_weights]
     assert weights == pytest.approx(
-        [w for r in alone for p in r.beams for w in p.edge_attns], rel=0.02
+        [w for r in alone for p in r.beams for w in p.edge_weights], rel=0.02
     )
     roles = [head_roles(m, tokens).scores["induction_head"] for m in (half, full)]
     torch.testing.assert_close(torch.tensor(roles[0]), torch.tensor(roles[1]), atol=0.02, rtol=0)

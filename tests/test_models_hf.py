@@ -40,7 +40,7 @@ def test_a_local_hugging_face_folder_loads_and_traces(gpt2_folder):
     _, cache = model.run_with_cache(repeated_tokens(1, 10, 5, seed=0))
     best = result.beams[0]
     for (q, k), w, layer, head in zip(
-        zip(best.positions, best.positions[1:]), best.edge_attns, best.layers, best.heads
+        zip(best.positions, best.positions[1:]), best.edge_weights, best.layers, best.heads
     ):
         assert w == pytest.approx(float(cache["pattern", layer][0, head, q, k]), abs=1e-6)
 

@@ -68,7 +68,7 @@ def logp_keeping(model, tokens, rows, keep, token):
 def test_the_faithfulness_curve_credits_each_head_edge_its_own_weight_not_a_stays(
     induction, per_head
 ):
-    """Broken copy: verify paired a beam's head edges with ``edge_attns`` by rank, so a head edge
+    """Broken copy: verify paired a beam's head edges with ``edge_weights`` by rank, so a head edge
     after a stay got the stay's weight, and the curve kept the wrong edge first."""
     t = per_head.target_pos
     after_stay = (0, 1, t, 3)  # (layer, head, query, key): read after a stay at layer 1
@@ -191,7 +191,7 @@ def test_contribution_traces_of_a_batch_equal_each_prompt_alone(induction):
     for got, want in zip(batch, alone):  # a batched matmul rounds differently: ~1e-6
         assert [route(b) for b in got.beams] == [route(b) for b in want.beams]
         for b, a in zip(got.beams, want.beams):
-            assert b.edge_attns == pytest.approx(a.edge_attns, abs=1e-5)
+            assert b.edge_weights == pytest.approx(a.edge_weights, abs=1e-5)
             assert b.score_norm == pytest.approx(a.score_norm, rel=1e-3, abs=1e-5)
     assert [route(b) for b in batch[0].beams] != [route(b) for b in batch[1].beams]
 

@@ -117,9 +117,10 @@ def deep_result(n_tokens: int = 40, n_layers: int = 30, prompt_len=None) -> Trac
                 positions,
                 [tokens[p] for p in positions],
                 list(positions),
-                weights,
-                score,
-                score,
+                score_raw=score,
+                score_norm=score,
+                edge_weights=weights,
+                edge_attns=[None if h is None else 0.6 for h in heads],
                 layers=list(range(n_layers - 1, -1, -1)),
                 heads=heads,
                 bos_mass=[0.5] * n_layers,
@@ -225,7 +226,7 @@ def beam_edges(result: TraceResult, data: dict) -> dict[tuple, list[tuple[int, f
     """(key node, query node, layer, head) → [(beam index, attention)] over the beams' edges."""
     edges = {}
     for b, (beam, ids) in enumerate(zip(result.beams, (d["node_ids"] for d in data["beams"]))):
-        for i, w in enumerate(beam.edge_attns):
+        for i, w in enumerate(beam.edge_weights):
             edges.setdefault((ids[i + 1], ids[i], beam.layers[i], beam.heads[i]), []).append((b, w))
     return edges
 
@@ -621,7 +622,7 @@ def fake_head_rows(result: TraceResult) -> list[dict]:
     own edges keep their weights and the rest of the row shares what is left."""
     rows = {}
     for beam in result.beams:
-        for i, w in enumerate(beam.edge_attns):
+        for i, w in enumerate(beam.edge_weights):
             q, k = beam.positions[i], beam.positions[i + 1]
             rows.setdefault((beam.layers[i], beam.heads[i], q), {})[k] = w
     made = []

@@ -222,7 +222,10 @@ def test_the_induction_model_trace_renders(open_page):
     edges = opened.page.locator(".ratlens-readout-edges").text_content()
     mean = opened.page.locator(".ratlens-readout-mean").text_content()
     assert " attends to: " in mean and "(mean of L0\u2013L1, all heads)" in mean
-    assert edges.startswith("On the diagram, ") and "(L1.H0, Sankey " in edges
+    # A share-weighted trace: each edge's share, then the head's own attention beside it.
+    move = next(m for m in result.beams[0].moves() if (m.layer, m.head) == (1, 0))
+    assert edges.startswith("On the diagram, ")
+    assert f"@{move.key} {move.weight:.2f} (L1.H0, attention {move.attention:.2f}, Sankey " in edges
     source = opened.page.locator(".ratlens-strip-source").text_content()
     assert "mean of L0\u2013L1, all heads" in source
     opened.assert_clean()
@@ -284,7 +287,7 @@ def test_the_info_panel_shows_the_clicked_node(open_page):
     position = info.locator(".ratlens-row", has_text="position").locator("span").nth(1)
     assert position.text_content() == str(beam.positions[1])
     text = info.text_content()
-    assert f"{beam.edge_attns[1]:.3f}" in text and f"{beam.score_norm:.3f}" in text
+    assert f"{beam.edge_weights[1]:.3f}" in text and f"{beam.score_norm:.3f}" in text
     opened.assert_clean()
 
 
@@ -481,7 +484,7 @@ def edges_of(data: dict) -> set[tuple]:
     return {
         (b["node_ids"][i + 1], b["node_ids"][i], b["layers"][i], b["heads"][i])
         for b in data["beams"]
-        for i in range(len(b["edge_attns"]))
+        for i in range(len(b["edge_weights"]))
     }
 
 
@@ -532,7 +535,7 @@ def two_heads(induction) -> TraceResult:
     twin = dataclasses.replace(
         top,
         heads=[other if j == i else h for j, h in enumerate(top.heads)],
-        edge_attns=[w / 2 if j == i else w for j, w in enumerate(top.edge_attns)],
+        edge_weights=[w / 2 if j == i else w for j, w in enumerate(top.edge_weights)],
     )
     return with_beams(induction, [*induction.beams, twin])
 
@@ -590,7 +593,7 @@ def test_clicking_a_link_shows_that_heads_attention(open_page, induction):
     opened = open_page(to_html(induction))
     attention = {}  # (layer, head, query node, key node) → the edge's attention weight
     for b in data["beams"]:
-        for i, w in enumerate(b["edge_attns"]):
+        for i, w in enumerate(b["edge_weights"]):
             attention[b["layers"][i], b["heads"][i], b["node_ids"][i], b["node_ids"][i + 1]] = w
     position = {n["id"]: n["position"] for n in data["nodes"]}
     for lk in data["links"]:
@@ -838,10 +841,10 @@ def test_residual_stays_of_a_contribution_weighted_trace_are_named_and_grey(open
     ).dispatch_event("click")
     assert heatmap(opened)["key"] == f"{stay['layer']}:res"
     assert opened.page.locator(".ratlens-heatmap h4").text_content() == (
-        f"L{stay['layer']}.res: edge weight at the traced queries"
+        f"L{stay['layer']}.res: share at the traced queries"
     )
     info = opened.page.locator(".ratlens-info").text_content()
-    assert "a stay in the residual stream" in info and "edge weight" in info
+    assert "a stay in the residual stream" in info and "share" in info
     opened.assert_clean()
 
 

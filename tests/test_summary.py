@@ -61,7 +61,7 @@ def full_depth_beam(seed: int, n_layers: int = 30, seq: int = 300) -> BeamPath:
         positions=positions,
         tokens=[f" w{p}" for p in positions],
         token_ids=positions,
-        edge_attns=weights,
+        edge_weights=weights,
         score_raw=1.0,
         score_norm=1.0,
         layers=list(range(n_layers - 1, -1, -1)),
@@ -74,7 +74,7 @@ def full_depth_beam(seed: int, n_layers: int = 30, seq: int = 300) -> BeamPath:
 def test_route_lists_moves_and_runs_of_stays_target_first():
     beam = Beam(
         positions=[9, 9, 9, 4, 4, 3, 3],
-        edge_attns=[0.7, 0.6, 0.12, 0.8, 0.31, 0.5],
+        edge_weights=[0.7, 0.6, 0.12, 0.8, 0.31, 0.5],
         layers=[5, 4, 3, 2, 1, 0],
         heads=[None, None, 6, None, 2, None],
         bos_mass=[0.0] * 6,
@@ -103,13 +103,13 @@ def test_routes_without_stays_write_every_edge_as_a_move():
     edge, in the edges' order; aggregated heads print as the layer alone."""
     chain = BeamPath(
         positions=[7, 4, 0], tokens=[" B", " C", "<s>"], token_ids=[0, 1, 2],
-        edge_attns=[0.912, 0.38], score_raw=-1.06, score_norm=-0.53,
+        edge_weights=[0.912, 0.38], score_raw=-1.06, score_norm=-0.53,
         layers=[1, 1], heads=[None, None], bos_mass=[0.0, 0.0],
     )  # fmt: skip
     assert chain.moves() == [Move(0, 1, None, 7, 4, 0.912), Move(1, 1, None, 4, 0, 0.38)]
     assert path_text(chain) == "' B'@7 ←L1(0.91)─ ' C'@4 ←L1(0.38)─ '<s>'@0 (score: -0.5300)"
     per_head = BeamPath.from_beam(
-        Beam(positions=[5, 5, 2], edge_attns=[0.4, 0.9], layers=[1, 0], heads=[3, 0],
+        Beam(positions=[5, 5, 2], edge_weights=[0.4, 0.9], layers=[1, 0], heads=[3, 0],
              bos_mass=[0.0, 0.0], score_raw=0.0, score_norm=0.0),
         ["x"] * 6, list(range(6)),
     )  # fmt: skip
@@ -128,7 +128,7 @@ def test_a_route_reads_back_into_its_beam(seed):
                 edges[i] = (layer, None, step.position, step.position, "residual")
         else:
             edges[step.edge] = (step.layer, step.head, step.query, step.key, "head")
-            assert step.weight == beam.edge_attns[step.edge]
+            assert step.weight == beam.edge_weights[step.edge]
     runs = [isinstance(step, Stay) for step in beam.route()]
     assert not any(a and b for a, b in itertools.pairwise(runs))  # stays merged into runs
     assert [edges[i] for i in range(beam.num_edges)] == [

@@ -18,7 +18,7 @@ ln = math.log
 
 
 def summary(beams):
-    return [(b.positions, [round(w, 6) for w in b.edge_attns], b.layers, b.heads) for b in beams]
+    return [(b.positions, [round(w, 6) for w in b.edge_weights], b.layers, b.heads) for b in beams]
 
 
 def test_layers_mode_by_hand():
@@ -51,8 +51,8 @@ def test_rollout_adds_the_residual_stream_as_an_edge():
     # row 2 → [0.05, 0.35, 0.6], row 1 → [0.3, 0.7, 0].
     best = beams[0]
     assert best.positions == [2, 2, 2]
-    assert best.edge_attns == pytest.approx([0.75, 0.6])
-    got = {tuple(b.positions): b.edge_attns for b in beams}
+    assert best.edge_weights == pytest.approx([0.75, 0.6])
+    got = {tuple(b.positions): b.edge_weights for b in beams}
     assert got[(2, 1, 1)] == pytest.approx([0.15, 0.7])
     assert got[(2, 0)] == pytest.approx([0.1])
 
@@ -67,7 +67,7 @@ def test_per_head_edges_record_their_head():
     best = trace_attention(heads, 2, layers=(0, 1), agg_heads="none", top_beam=3, top_k=4)[0]
     # Layer 1 head 1 sends 0.95 from 2 to 1, then layer 0 head 1 keeps 0.9 on 1 itself.
     assert (best.positions, best.heads, best.layers) == ([2, 1, 1], [1, 1], [1, 0])
-    assert best.edge_attns == pytest.approx([0.95, 0.9])
+    assert best.edge_weights == pytest.approx([0.95, 0.9])
     chain = trace_attention(heads, 2, layer=1, agg_heads="none", top_beam=2, top_k=4)
     # Chain mode in layer 1, per head: 2 →(h1 .95) 1 →(h1 .8) 0, scoring (ln .95 + ln .8)/2.
     assert (chain[0].positions, chain[0].heads) == ([2, 1, 0], [1, 1])
@@ -338,7 +338,7 @@ def test_tie_order_matches_the_reference_on_tied_attention(seed):
         rollout=opts["residual"] == "rollout",
         norm=opts["length_norm"],
     )
-    got = [(b.positions, b.edge_attns, b.heads, b.score_raw, b.score_norm) for b in beams]
+    got = [(b.positions, b.edge_weights, b.heads, b.score_raw, b.score_norm) for b in beams]
     assert got == [
         (pos, weights, heads if per_head else [None] * len(heads), raw, norm)
         for pos, weights, heads, raw, norm in expected

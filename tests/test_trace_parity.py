@@ -137,7 +137,8 @@ def assert_same_beams(got, expected, length_norm):
     """Positions, weights and scores identical to the peer's, bit for bit, in the same order."""
     assert [b.positions for b in got] == [e.positions for e in expected]
     for g, e in zip(got, expected):
-        assert g.edge_attns == e.edge_attns
+        assert g.edge_weights == e.edge_attns
+        assert g.edge_attns == e.edge_attns  # the peer's weights are attention
         assert g.score_raw == e.log_score
         assert g.score_norm == normalize_score(e.log_score, e.num_edges, length_norm)
 

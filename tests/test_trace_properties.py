@@ -64,7 +64,7 @@ def test_trace_invariants(case):
             hi = opts["layers"][1]
             assert b.layers == list(range(hi, hi - b.num_edges, -1))  # one layer down per edge
             assert b.layers == [] or b.layers[-1] >= opts["layers"][0]
-        for (q, k), w, layer, head in zip(steps, b.edge_attns, b.layers, b.heads):
+        for (q, k), w, layer, head in zip(steps, b.edge_weights, b.layers, b.heads):
             # Every edge weight is the attention entry it names.
             entry = agg[layer, 0 if head is None else head, q, k]
             if opts["residual"] == "rollout":
@@ -75,7 +75,7 @@ def test_trace_invariants(case):
                 assert k != 0 and k not in opts["bos_positions"]
         assert (opts["agg_heads"] == "none") == all(h is not None for h in b.heads) or not b.heads
         # Scores recompute from the edges.
-        raw = sum(math.log(w) for w in b.edge_attns)
+        raw = sum(math.log(w) for w in b.edge_weights)
         assert math.isclose(b.score_raw, raw, rel_tol=1e-9, abs_tol=1e-9)
         norm = raw / length_norm_denominator(opts["length_norm"], b.num_edges)
         assert math.isclose(b.score_norm, norm, rel_tol=1e-9, abs_tol=1e-9)

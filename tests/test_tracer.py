@@ -26,7 +26,7 @@ def assert_same_beams(got, expected):
     """Same paths in the same order; weights and scores equal up to float rounding."""
     assert beams_key(got) == beams_key(expected)
     for g, e in zip(got, expected):
-        assert g.edge_attns == pytest.approx(e.edge_attns, abs=1e-6)
+        assert g.edge_weights == pytest.approx(e.edge_weights, abs=1e-6)
         assert g.score_norm == pytest.approx(e.score_norm, abs=1e-6)
 
 
@@ -315,8 +315,8 @@ def test_query_chunks_trace_exactly_as_one_forward(gpt2_bridge):
             assert [(p.positions, p.layers, p.heads) for p in a.beams] == [
                 (p.positions, p.layers, p.heads) for p in b.beams
             ]
-            assert [w for p in a.beams for w in p.edge_attns] == pytest.approx(
-                [w for p in b.beams for w in p.edge_attns], abs=1e-6
+            assert [w for p in a.beams for w in p.edge_weights] == pytest.approx(
+                [w for p in b.beams for w in p.edge_weights], abs=1e-6
             )
             top = [[p.token_ids for p in r.predictions] for r in (a, b)]
             assert top[0] == top[1] and bool(top[0]) == ("predictions" not in opts)

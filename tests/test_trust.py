@@ -173,7 +173,7 @@ def test_a_hugging_face_model_handed_to_the_tracer_is_traced_as_the_peer_does(ti
         b = peer.trace(ids, None, mask, layer, 3, 3)
         assert [x.positions for x in a.beams] == [x.positions for x in b.beams]
         for x, y in zip(a.beams, b.beams, strict=True):
-            assert x.edge_attns == pytest.approx(y.edge_attns, abs=1e-5)
+            assert x.edge_weights == pytest.approx(y.edge_attns, abs=1e-5)
     assert ours.device == "cpu" and ours.dtype == torch.float32
     assert hf.training is False
     assert len(hf(ids, output_attentions=True).attentions) == 2  # the model keeps its modules
@@ -225,7 +225,7 @@ def test_render_html_on_the_tracer_and_a_reverse_attention_trace_json(tiny_gpt2,
 def test_our_json_carries_a_version_and_reverse_attentions_metadata(induction):
     _, result = induction
     data = json.loads(result.to_json())
-    assert data["format_version"] == 1
+    assert data["format_version"] == rat_lens.schema.FORMAT_VERSION == 2
     assert data["metadata"] == {
         k: data[k] for k in ("seq_len", "target_pos", "layer", "top_beam", "top_k")
     }
@@ -234,6 +234,58 @@ def test_our_json_carries_a_version_and_reverse_attentions_metadata(induction):
     broken.beams[0].score_norm = math.nan
     with pytest.raises(ValueError):  # strict JSON: NaN is never written
         broken.to_json()
+
+
+@pytest.mark.parametrize("edge_weight", ["value_norm", "attention"])
+def test_each_edge_records_the_heads_attention_beside_the_searchs_weight(induction, edge_weight):
+    """edge_attns is the head's attention, read from the model's own cache; edge_weights what
+    the search ranked (the same numbers only with attention edges); stays have no attention."""
+    model, _ = induction
+    result = rat_lens.trace(model, TEXT, layers=(0, 1), agg_heads="none", edge_weight=edge_weight)
+    _, cache = model.run_with_cache(model.to_tokens(TEXT))
+    moves = stays = 0
+    for beam in result.beams:
+        for i, (layer, head) in enumerate(zip(beam.layers, beam.heads)):
+            if beam.is_residual(i):
+                stays += 1
+                assert beam.edge_attns[i] is None
+                continue
+            moves += 1
+            q, k = beam.positions[i], beam.positions[i + 1]
+            attention = float(cache["pattern", layer][0, head, q, k])
+            assert beam.edge_attns[i] == pytest.approx(attention, abs=1e-6)
+            if edge_weight == "attention":
+                assert beam.edge_weights[i] == beam.edge_attns[i]
+    assert moves and (stays > 0) == (edge_weight == "value_norm")
+    if edge_weight == "value_norm":  # shares are not attention: some edge must show it
+        pairs = [(w, a) for b in result.beams for w, a in zip(b.edge_weights, b.edge_attns)]
+        assert any(a is not None and abs(w - a) > 1e-3 for w, a in pairs)
+
+
+def _format_1(result) -> dict:
+    """``result`` as format 1 saved it: one number per edge, the search's, named edge_attns."""
+    data = json.loads(result.to_json())
+    data["format_version"] = 1
+    for beam in data["beams"]:
+        beam["edge_attns"] = beam.pop("edge_weights")
+    return data
+
+
+def test_a_format_1_trace_loads_its_weights_as_edge_weights_and_says_what_it_lacks(induction):
+    model, shares = induction  # value_norm edges: format 1 kept shares under edge_attns
+    with pytest.warns(UserWarning, match="records no attention"):
+        loaded = TraceResult.from_dict(_format_1(shares))
+    assert [b.edge_weights for b in loaded.beams] == [b.edge_weights for b in shares.beams]
+    assert all(b.edge_attns == [] for b in loaded.beams)
+    assert loaded.format_version == 2 and loaded.beams[0].moves()[0].attention is None
+
+    attention = rat_lens.trace(
+        model, TEXT, layers=(0, 1), agg_heads="none", edge_weight="attention"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # format 1's attention weights were attention: no warning
+        loaded = TraceResult.from_dict(_format_1(attention))
+    assert loaded == attention
 
 
 def mutations():
@@ -251,6 +303,10 @@ def mutations():
     def delete(key):
         return lambda d: d.pop(key)
 
+    def attend_a_stay(d):
+        beam = next(b for b in d["beams"] if "residual" in b["kinds"])
+        beam["edge_attns"][beam["kinds"].index("residual")] = 0.5
+
     return [
         ("mode", put(["mode"], "evil"), "mode must be one of"),
         ("seq_len type", put(["seq_len"], "8"), "seq_len must be an int"),
@@ -259,11 +315,13 @@ def mutations():
         ("tokens short", put(["tokens"], ["a"]), "tokens must hold 9 strings"),
         ("token type", put(["tokens", 2], 5), r"tokens\[2\] must be a string"),
         ("nan score", put(["beams", 0, "score_norm"], math.nan), "score_norm must be a finite"),
-        ("inf weight", put(["beams", 0, "edge_attns", 0], math.inf), r"edge_attns\[0\]"),
-        ("negative weight", put(["beams", 0, "edge_attns", 0], -0.5), r"edge_attns\[0\]"),
+        ("inf weight", put(["beams", 0, "edge_weights", 0], math.inf), r"edge_weights\[0\]"),
+        ("negative weight", put(["beams", 0, "edge_weights", 0], -0.5), r"edge_weights\[0\]"),
         ("position past end", put(["beams", 0, "positions", 1], 40), r"positions\[1\]"),
         ("first position", put(["beams", 0, "positions", 0], 3), r"positions\[0\] must be the"),
-        ("edge count", put(["beams", 0, "edge_attns"], [0.5]), "one value per edge"),
+        ("edge count", put(["beams", 0, "edge_weights"], [0.5]), "one value per edge"),
+        ("attention count", put(["beams", 0, "edge_attns"], [0.5]), r"edge_attns must hold 0 or"),
+        ("stay attention", attend_a_stay, r"must be null \(a stay\)"),
         ("head type", put(["beams", 0, "heads", 0], "H1"), r"heads\[0\] must be an int"),
         ("layer past", put(["beams", 0, "layers", 0], 7), r"layers\[0\] must be an int in"),
         ("beams type", put(["beams"], {"0": 1}), "beams must be a list"),

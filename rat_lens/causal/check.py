@@ -414,11 +414,11 @@ def _edges(beam) -> list[tuple]:
 
 def _weighted_edges(beam) -> list[tuple[tuple, float]]:
     """A beam's head edges, each with its own weight (the stays, left out, have weights too:
-    pairing the head edges with ``edge_attns`` by rank would credit a stay's weight to the
+    pairing the head edges with ``edge_weights`` by rank would credit a stay's weight to the
     head edge after it)."""
     return [
         ((beam.layers[i], beam.heads[i], beam.positions[i], beam.positions[i + 1]), attn)
-        for i, attn in enumerate(beam.edge_attns)
+        for i, attn in enumerate(beam.edge_weights)
         if not beam.is_residual(i)
     ]
 
@@ -483,7 +483,7 @@ def _token_importance(
     keys, mass = [], []
     for beam, share in zip(result.beams, beam_weights(result.beams)):
         keys += beam.positions[1:]
-        mass += [share * a for a in beam.edge_attns]
+        mass += [share * a for a in beam.edge_weights]
     beam_mass = beam_mass_importance(
         torch.tensor(keys, dtype=torch.long),
         torch.tensor(mass, dtype=torch.float64),

@@ -82,7 +82,8 @@ def payload(result: TraceResult) -> dict:
         "beams": [
             {
                 "positions": b.positions,
-                "edge_attns": _rounded(b.edge_attns),
+                "edge_weights": _rounded(b.edge_weights),
+                "edge_attns": [None if a is None else _round(a) for a in b.edge_attns],
                 "layers": b.layers,
                 "heads": b.heads,
                 "bos_mass": _rounded(b.bos_mass),
@@ -159,7 +160,7 @@ def links(result: TraceResult, ids: Callable[[int, int], str]) -> list[dict]:
     for b, (beam, weight) in enumerate(zip(result.beams, beam_weights(result.beams))):
         lays = node_layers(beam, result.mode, result.layer)
         kinds = getattr(beam, "kinds", None) or []
-        for i, attn in enumerate(beam.edge_attns):
+        for i, edge_weight in enumerate(beam.edge_weights):
             key, query = ids(lays[i + 1], beam.positions[i + 1]), ids(lays[i], beam.positions[i])
             stay = bool(kinds) and kinds[i] == "residual"
             link = found.setdefault(
@@ -174,7 +175,7 @@ def links(result: TraceResult, ids: Callable[[int, int], str]) -> list[dict]:
                     **({"residual": True} if stay else {}),
                 },
             )
-            link["value"] += weight * attn
+            link["value"] += weight * edge_weight
             if b not in link["beams"]:
                 link["beams"].append(b)
     return [{**lk, "value": _round(lk["value"])} for lk in found.values()]
@@ -271,7 +272,7 @@ def strip_rows(result: TraceResult) -> list[dict]:
         return [_strip_row(q, k, w, None, None) for q, k, w in result.top_attention]
     rows, seen = [], set()
     for beam in result.beams:
-        for i, weight in enumerate(beam.edge_attns):
+        for i, weight in enumerate(beam.edge_weights):
             edge = (beam.positions[i], beam.positions[i + 1], beam.layers[i], beam.heads[i])
             if edge not in seen:
                 seen.add(edge)

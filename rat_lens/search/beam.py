@@ -62,7 +62,7 @@ from ..options import TraceOptions, length_norm_denominator, merge_keywords
 from ..result import Beam
 from .pattern import aggregate_heads, check_attention, check_keys
 
-__all__ = ["beam_search", "trace_attention"]
+__all__ = ["beam_search", "trace_attention", "with_attention"]
 
 
 @checked_call
@@ -95,7 +95,7 @@ def trace_attention(
     Examples:
         >>> A = torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.1, 0.6, 0.3]])
         >>> beams = trace_attention(A, top_beam=2)
-        >>> [(b.positions, [round(w, 2) for w in b.edge_attns]) for b in beams]
+        >>> [(b.positions, [round(w, 2) for w in b.edge_weights]) for b in beams]
         [([2, 1, 0], [0.6, 0.7]), ([2, 0], [0.1])]
         >>> stack = torch.stack([A, torch.eye(3)])          # layer 0: A, layer 1: attend to self
         >>> best = trace_attention(stack, layers=(0, 1), top_beam=1)[0]
@@ -117,14 +117,41 @@ def trace_attention(
     layer_ids = options.layer_ids(stack.shape[0])
     target = resolve_index("target_pos", target_pos, stack.shape[-1], "sequence length")
     options.check_budget(target + 1 if options.chain else len(layer_ids))
-    return beam_search(
-        [stack[i] for i in layer_ids],
-        layer_ids,
-        target,
-        options,
-        bos_positions=bos,
-        attention_mask=mask,
+    patterns = [stack[i] for i in layer_ids]
+    beams = beam_search(
+        patterns, layer_ids, target, options, bos_positions=bos, attention_mask=mask
     )
+    # Shares say nothing of the attention they came from: their beams record none.
+    return (
+        with_attention(beams, patterns, layer_ids) if options.edge_weight == "attention" else beams
+    )
+
+
+def with_attention(
+    beams: Sequence[Beam], attention: Sequence[Float[Tensor, "channel query key"]], layer_ids
+) -> list[Beam]:
+    """``beams`` with ``edge_attns`` filled: each head edge's attention weight, read from
+    ``attention[t]``, layer ``layer_ids[t]``'s pattern (per head, or one channel of heads
+    aggregated; dense, or a bounded store read by rows); None for a stay.
+
+    Examples:
+        >>> A = torch.tensor([[[1.0, 0.0], [0.4, 0.6]]])          # [head, query, key]
+        >>> beam = Beam([1, 0], [0.9], [3], [0], [0.0], 0.0, 0.0)   # searched on other weights
+        >>> with_attention([beam], [A], [3])[0].edge_attns
+        [0.4000000059604645]
+    """
+    index = {layer: t for t, layer in enumerate(layer_ids)}
+
+    def attention_of(beam: Beam, i: int) -> Optional[float]:
+        if beam.is_residual(i):
+            return None
+        row = attention[index[beam.layers[i]]][:, [beam.positions[i]]]
+        return float(row[beam.heads[i] or 0, 0, beam.positions[i + 1]])
+
+    return [
+        replace(beam, edge_attns=[attention_of(beam, i) for i in range(beam.num_edges)])
+        for beam in beams
+    ]
 
 
 @dataclass
@@ -448,7 +475,7 @@ def _best_beams(ended, steps, denominators, layer_ids, options, top_beam) -> lis
     return [
         Beam(
             positions=positions[i, : e + 1].tolist(),
-            edge_attns=fields["weight"][i, :e].tolist(),
+            edge_weights=fields["weight"][i, :e].tolist(),
             layers=[layer_ids[0] if chain else layer_ids[s] for s in range(e)],
             heads=[
                 None if options.stays and s else h

@@ -82,9 +82,11 @@ class LayerMass:
 
 @dataclass
 class EdgeMass:
-    """One edge (key → query through layer.head) with its weight and its traced mass; ``attn``
-    is the edge weight the search used (attention, or under value_norm / contribution the
-    head's share of the block output: the text heads the column by which)."""
+    """One edge (key → query through layer.head) with its weights and its traced mass:
+    ``weight`` is the edge weight the search used (attention, or under value_norm /
+    contribution the head's share of the block output: the text heads the column by which),
+    ``attention`` the head's attention weight on the edge (None where the trace recorded none).
+    """
 
     layer: int
     head: Optional[int]
@@ -92,11 +94,12 @@ class EdgeMass:
     key: int
     query_token: str
     key_token: str
-    attn: float
+    weight: float
     mass: float
     bos_mass: float
     beams: list[int] = field(default_factory=list)
     role: str = ""
+    attention: Optional[float] = None
 
 
 @dataclass
@@ -163,6 +166,11 @@ class Summary(JsonRoundTrip):
     @classmethod
     def from_dict(cls, data: dict) -> "Summary":
         data = dict(data)
+        # A summary saved before edges kept the search's weight and the attention apart.
+        data["edges"] = [
+            {("weight" if k == "attn" else k): v for k, v in edge.items()}
+            for edge in data.get("edges", [])
+        ]
         for name, kind in (
             ("beams", BeamCircuit),
             ("heads", HeadMass),
@@ -328,7 +336,7 @@ def _masses(
     circuits = []
     for b, (beam, share) in enumerate(zip(result.beams, beam_weights(result.beams))):
         edge_roles = []
-        for i, attn in enumerate(beam.edge_attns):
+        for i, weight in enumerate(beam.edge_weights):
             if beam.is_residual(i):  # a stay: no head carries it
                 edge_roles.append("")
                 continue
@@ -336,7 +344,7 @@ def _masses(
             role, score = _best_role(roles, layer, head, threshold)
             edge_roles.append(role)
             hm = heads.setdefault((layer, head), HeadMass(layer, head, 0.0, 0.0, 0, role, score))
-            hm.mass += share * attn
+            hm.mass += share * weight
             hm.edges += 1
             q, key = beam.positions[i], beam.positions[i + 1]
             em = edges.setdefault(
@@ -348,14 +356,15 @@ def _masses(
                     key,
                     beam.tokens[i],
                     beam.tokens[i + 1],
-                    attn,
+                    weight,
                     0.0,
                     beam.bos_mass[i],
                     [],
                     role,
+                    beam.edge_attns[i] if beam.edge_attns else None,
                 ),
             )
-            em.mass += share * attn
+            em.mass += share * weight
             em.beams.append(b)
         line = path_text(beam, score=False)
         circuits.append(

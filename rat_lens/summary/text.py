@@ -125,14 +125,23 @@ def _layers_section(s) -> Section:
 
 
 def _edges_section(s) -> Section:
+    shares = s.edge_weight != "attention"  # then the head's attention has a column of its own
+    note = f"{_weight_column(s)}: the {_weight_name(s)}; "
+    if shares:
+        note += "attention: the head's attention weight on the edge; "
     return Section(
         "Top edges",
-        ["edge", "key → query", _weight_column(s), "mass", "sink", "beams", "role"],
+        ["edge", "key → query", _weight_column(s)]
+        + ["attention"] * shares
+        + ["mass", "sink", "beams", "role"],
         [
             [
                 _head(e.layer, e.head, s.agg_heads),
                 f"{_at(e.key_token, e.key)} → {_at(e.query_token, e.query)}",
-                f"{e.attn:.2f}",
+                f"{e.weight:.2f}",
+            ]
+            + [num(e.attention, 2)] * shares
+            + [
                 f"{e.mass:.3f}",
                 f"{e.bos_mass:.2f}",
                 ",".join(str(b + 1) for b in e.beams),
@@ -140,11 +149,10 @@ def _edges_section(s) -> Section:
             ]
             for e in s.edges
         ],
-        "llrrrll",
+        "llr" + "r" * shares + "rrll",
         flex=1,
         code={1},
-        note=f"{_weight_column(s)}: the {_weight_name(s)}; sink = the row's attention "
-        "on BOS / position 0",
+        note=note + "sink = the row's attention on BOS / position 0",
     )
 
 

@@ -3,10 +3,10 @@
 // keyboard focus, the off-screen note, and the highlight/filter state painted as classes (for
 // the route map of routemap.js too).
 // Defines: NODE_W, COL_W, LABEL_W, PAD, TOP, MIN_NODE, READABLE, LIST_SHOWN, assignColumns,
-//   edgeAttentions, layout, headTable, sortedList, nodeTip, linkTip, placeLabels, stayRuns,
+//   edgeWeights, layout, headTable, sortedList, nodeTip, linkTip, placeLabels, stayRuns,
 //   drawDiagram, beamsThrough, paint.
 // Uses: util.js: RESIDUAL_COLOR, fmt, headColor, beamColor, layerName, headName, headKey,
-//   isResidual, weightName, isolate, shorten, visible, tokenAt, predictionsAt, predictionText,
+//   isResidual, edgeNumbers, isolate, shorten, visible, tokenAt, predictionsAt, predictionText,
 //   prob.
 
 const NODE_W = 12;      // node bar width
@@ -38,21 +38,24 @@ function assignColumns(nodes, mode) {
   });
 }
 
-// Each link's own weight (`attention`: the edge's attention, or in a contribution-weighted trace
-// its share; the same in every beam using it), read off its first beam: the Sankey weight is not
-// the edge's weight, and the tooltips show both.
-function edgeAttentions(data, links) {
+// Each link's own numbers, read off its first beam (the same in every beam using it): `weight`,
+// what the search used (attention, or in a share-weighted trace the edge's share), and
+// `attention`, the head's attention weight (null for a stay, or where none was recorded). The
+// Sankey weight is neither, and the tooltips show them all.
+function edgeWeights(data, links) {
   const index = data.beams.map(function (b) {
     return new Map(b.node_ids.map(function (id, i) { return [id, i]; }));
   });
   links.forEach(function (l) {
+    l.weight = null;
     l.attention = null;
     l.beams.forEach(function (b) {
       const beam = data.beams[b], i = index[b] ? index[b].get(l.target) : undefined;
-      if (l.attention === null && i !== undefined && i < beam.edge_attns.length &&
+      if (l.weight === null && i !== undefined && i < beam.edge_weights.length &&
           beam.node_ids[i + 1] === l.source && beam.layers[i] === l.lay &&
           isResidual(beam, i) === l.residual && (l.head === null || beam.heads[i] === l.head)) {
-        l.attention = beam.edge_attns[i];
+        l.weight = beam.edge_weights[i];
+        l.attention = i < beam.edge_attns.length ? beam.edge_attns[i] : null;
       }
     });
   });
@@ -74,7 +77,7 @@ function layout(data) {
               name: headName(l.layer, l.head, residual)};
     }),
   };
-  edgeAttentions(data, graph.links);
+  edgeWeights(data, graph.links);
   const sankey = d3.sankey().nodeId(function (d) { return d.id; })
     .nodeWidth(NODE_W).nodePadding(PAD);
   if (!graph.nodes.length) return {graph: graph, width: COL_W, height: 120};
@@ -165,10 +168,10 @@ function nodeTip(data, n) {
 }
 
 function linkTip(data, l) {
-  const word = weightName(data);
+  const numbers = edgeNumbers(data, l);
   const lines = [tokenAt(data, l.source.position) + " \u2192 " + tokenAt(data, l.target.position),
     l.name + (l.residual ? " (a stay in the residual stream)" : "") +
-      (l.attention === null ? "" : " \u00b7 " + word + " " + fmt(l.attention)) +
+      (numbers ? " \u00b7 " + numbers : "") +
       " \u00b7 Sankey weight " + fmt(l.value),
     "beams " + l.beams.map(function (b) { return "#" + (b + 1); }).join(", ")];
   const siblings = l.source.sourceLinks.filter(function (o) { return o.target === l.target; })
@@ -177,7 +180,7 @@ function linkTip(data, l) {
     lines.push("this key \u2192 query, every head (Sankey weight):");
     siblings.slice(0, LIST_SHOWN).forEach(function (o) {
       lines.push("  " + o.name + " " + fmt(o.value) +
-        (o.attention === null ? "" : " (" + word + " " + fmt(o.attention) + ")") +
+        (edgeNumbers(data, o) ? " (" + edgeNumbers(data, o) + ")" : "") +
         (o === l ? "  \u25c0 this" : ""));
     });
     if (siblings.length > LIST_SHOWN) {
@@ -223,7 +226,8 @@ function stayRuns(graph, targetId) {
     const last = links[links.length - 1];
     runs.push({links: links, source: l.source, target: last.target, beams: last.beams,
                key: last.key, lay: last.lay, head: null, residual: true, index: last.index,
-               attention: null, value: d3.min(links, function (s) { return s.value; }),
+               weight: null, attention: null,
+               value: d3.min(links, function (s) { return s.value; }),
                width: d3.min(links, function (s) { return s.width; }), y0: l.y0, y1: last.y1,
                name: "stays " + layerName(l.lay) + "\u2013" + layerName(last.lay)});
   });

@@ -138,13 +138,14 @@ function clearHeatmap(ui) {
       "it was traced at shows here.");
 }
 
-// One head's rows (key: headKey's): {query, kind ("head" | "mean"), cells: Map key -> weight,
-// traced: Set of keys a beam took}. Whole rows (head_rows) where the payload has them, else the
-// beams' edges; then, for comparison, the strip's averaged rows at the same queries (a model
-// trace only).
-function heatmapRows(data, links, key) {
+// One head's rows (key: headKey's; residual: the stream's shares, not attention): {query,
+// kind ("head" | "mean"), cells: Map key -> weight, traced: Set of keys a beam took}. Whole rows
+// (head_rows) where the payload has them, else the beams' edges; then, for comparison, the
+// strip's averaged rows at the same queries (a model trace only).
+function heatmapRows(data, links, key, residual) {
+  const value = function (l) { return residual ? l.weight : l.attention; };
   const traced = d3.group(links.filter(function (l) {
-    return l.key === key && l.attention !== null;
+    return l.key === key && value(l) !== null;
   }), function (l) { return l.target.position; });
   const whole = d3.group((data.head_rows || []).filter(function (r) {
     return headKey(r.layer, r.head) === key;
@@ -160,7 +161,7 @@ function heatmapRows(data, links, key) {
         r.keys.forEach(function (k, i) { cells.set(k, r.weights[i]); });
       });
     } else {
-      (traced.get(q) || []).forEach(function (l) { cells.set(l.source.position, l.attention); });
+      (traced.get(q) || []).forEach(function (l) { cells.set(l.source.position, value(l)); });
     }
     rows.push({query: q, kind: "head", cells: cells, traced: took, whole: whole.has(q)});
     if (data.strip.source === "attention") {
@@ -177,8 +178,9 @@ function heatmapRows(data, links, key) {
 function showHeatmap(ui, data, links, key, link) {
   const parts = key.split(":"), layer = +parts[0], residual = parts[1] === "res";
   const head = parts[1] === "" || residual ? null : +parts[1];
-  const name = headName(layer, head, residual), word = weightName(data);
-  const rows = heatmapRows(data, links, key);
+  // A head's cells are its attention; the residual stream's, its share (it attends nowhere).
+  const name = headName(layer, head, residual), word = residual ? weightName(data) : "attention";
+  const rows = heatmapRows(data, links, key, residual);
   const box = ui.heatmap;
   box.selectAll("*").remove();
   box.attr("data-key", key);

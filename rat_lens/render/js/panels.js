@@ -4,9 +4,9 @@
 // page.
 // Defines: KEY_HEADS, LEGEND_MOVES, titleText, buildSkeleton, keyLines, buildKey, buildFacts,
 //   beamEffect, beamMoves, buildLegend, clearInfo, revealInfo, edgeList, showNode, beamEdgesAt,
-//   showHead, showLink, showTooltip, hideTooltip.
+//   beamEdgeNumbers, showHead, showLink, showTooltip, hideTooltip.
 // Uses: util.js: visible, fmt, prob, headColor, beamColor, layerName, headName,
-//   isResidual, weighted, weightName, scoreMeaning, isolate, tokenAt, nextToken, generatedFrom,
+//   isResidual, weighted, weightName, edgeNumbers, scoreMeaning, isolate, tokenAt, nextToken, generatedFrom,
 //   predictionsAt, predictionText, infoRow; diagram.js: sortedList.
 
 const KEY_HEADS = 16;     // head chips in the key; the grid has them all
@@ -211,13 +211,14 @@ function beamEffect(data, i) {
 }
 
 // A beam's moves (edges through a head; every edge of a chain), target first: {name, layer,
-// head, query, key, weight}. Stays in the residual stream are left out: they change nothing.
+// head, query, key, weight, attention}. Stays in the residual stream are left out: they change nothing.
 function beamMoves(beam) {
   const moves = [];
   beam.layers.forEach(function (layer, i) {
     if (isResidual(beam, i)) return;
     moves.push({name: headName(layer, beam.heads[i]), layer: layer, head: beam.heads[i],
-                query: beam.positions[i], key: beam.positions[i + 1], weight: beam.edge_attns[i]});
+                query: beam.positions[i], key: beam.positions[i + 1], weight: beam.edge_weights[i],
+                attention: i < beam.edge_attns.length ? beam.edge_attns[i] : null});
   });
   return moves;
 }
@@ -330,22 +331,26 @@ function showNode(ui, data, node, through) {
 }
 
 // A beam's edges at one node: the one it takes from there (to an earlier key) and the one that
-// led to it (from a later query), with heads and attention weights; "row on BOS" is how much
+// led to it (from a later query), with heads and edge numbers; "row on BOS" is how much
 // of the query's attention row sat on BOS / position 0 (the sink; left out by exclude_bos).
 function beamEdgesAt(data, beam, id) {
   const i = beam.node_ids.indexOf(id), parts = [];
-  if (i < beam.edge_attns.length) {
+  if (i < beam.edge_weights.length) {
     parts.push("reads " + tokenAt(data, beam.positions[i + 1], 16) + " via " +
-      headName(beam.layers[i], beam.heads[i], isResidual(beam, i)) + " at " +
-      fmt(beam.edge_attns[i]) +
-      " (row on BOS: " + fmt(beam.bos_mass[i], 2) + ")");
+      headName(beam.layers[i], beam.heads[i], isResidual(beam, i)) + ", " +
+      beamEdgeNumbers(data, beam, i) + " (row on BOS: " + fmt(beam.bos_mass[i], 2) + ")");
   }
   if (i > 0) {
     parts.push("read by " + tokenAt(data, beam.positions[i - 1], 16) + " via " +
-      headName(beam.layers[i - 1], beam.heads[i - 1], isResidual(beam, i - 1)) + " at " +
-      fmt(beam.edge_attns[i - 1]));
+      headName(beam.layers[i - 1], beam.heads[i - 1], isResidual(beam, i - 1)) + ", " +
+      beamEdgeNumbers(data, beam, i - 1));
   }
   return parts.length ? parts.join("; ") : "the target, no edge";
+}
+
+function beamEdgeNumbers(data, beam, i) {
+  return edgeNumbers(data, {weight: beam.edge_weights[i],
+                            attention: i < beam.edge_attns.length ? beam.edge_attns[i] : null});
 }
 
 // A head picked in the grid or the key: its traced mass and its links, heaviest first.
@@ -356,13 +361,13 @@ function showHead(ui, data, head) {
   infoRow(box, "head", head.name + (head.residual ? " (stays in the residual stream)" : ""));
   infoRow(box, "traced mass", fmt(head.mass, 4));
   box.append("div").text("its links (key \u2192 query, Sankey weight, " + weightName(data) +
-    "):");
+    (weighted(data) ? ", attention" : "") + "):");
   box.append("ul").attr("class", "ratlens-list").selectAll("li")
     .data(head.links.slice().sort(function (a, b) { return b.value - a.value; })).join("li")
     .text(function (l) {
       return tokenAt(data, l.source.position, 16) + " \u2192 " +
         tokenAt(data, l.target.position, 16) + " " + fmt(l.value) +
-        (l.attention === null ? "" : " (" + fmt(l.attention) + ")");
+        (edgeNumbers(data, l) ? " (" + edgeNumbers(data, l) + ")" : "");
     });
 }
 
@@ -373,7 +378,8 @@ function showLink(ui, data, link) {
   infoRow(box, "key", tokenAt(data, link.source.position, 20), "ratlens-tokentext");
   infoRow(box, "query", tokenAt(data, link.target.position, 20), "ratlens-tokentext");
   infoRow(box, "through", link.name + (link.residual ? " (a stay in the residual stream)" : ""));
-  if (link.attention !== null) infoRow(box, weightName(data), fmt(link.attention, 4));
+  if (link.weight !== null) infoRow(box, weightName(data), fmt(link.weight, 4));
+  if (weighted(data) && link.attention !== null) infoRow(box, "attention", fmt(link.attention, 4));
   infoRow(box, "Sankey weight", fmt(link.value, 4));
   infoRow(box, "beams", link.beams.map(function (b) { return "#" + (b + 1); }).join(", "));
   const siblings = link.source.sourceLinks.filter(function (o) {
@@ -384,8 +390,8 @@ function showLink(ui, data, link) {
     box.append("ul").attr("class", "ratlens-list").selectAll("li").data(siblings).join("li")
       .classed("is-this", function (o) { return o === link; })
       .text(function (o) {
-        return o.name + " " + fmt(o.value) + (o.attention === null ? ""
-          : " (" + weightName(data) + " " + fmt(o.attention) + ")");
+        return o.name + " " + fmt(o.value) +
+          (edgeNumbers(data, o) ? " (" + edgeNumbers(data, o) + ")" : "");
       });
   }
 }

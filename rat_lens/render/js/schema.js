@@ -60,16 +60,19 @@
  * through layers[i] / heads[i]; the arrays of edges are one shorter than those of nodes.
  * @typedef {Object} Beam
  * @property {number[]} positions  node positions, the target first
- * @property {number[]} edge_attns  each edge's attention weight (6 significant digits)
+ * @property {number[]} edge_weights  each edge's weight as the search used it (6 significant
+ *     digits): its attention weight, or in a share-weighted trace (edge_weight "contribution" /
+ *     "value_norm") its share of what its layer wrote
+ * @property {Array<?number>} edge_attns  each edge's attention weight, whatever the edge weight
+ *     (6 significant digits); null for a stay; empty where the trace recorded none
  * @property {number[]} layers  each edge's layer
  * @property {Array<?number>} heads  each edge's head; null where heads were aggregated
  * @property {number[]} bos_mass  how much of each edge's attention row sat on BOS / position 0
- * @property {number} score_raw  the sum of log edge weights
+ * @property {number} score_raw  the sum of log edge weights (share-weighted: stays free, each
+ *     move's log(weight / move_threshold), discounted by depth)
  * @property {number} score_norm  score_raw, length-normalised: the rank of the beam
  * @property {string[]} kinds  each edge's kind, "head" or "residual" (a stay in the residual
- *     stream, head null) in a contribution-weighted trace (edge_weight "contribution" /
- *     "value_norm", whose edge_attns are each edge's share of what its layer wrote); empty in an
- *     attention trace
+ *     stream, head null) in a share-weighted trace; empty in an attention trace
  * @property {string} text  the path as text, earliest token first
  * @property {string[]} node_ids  the Node id of each position (same order as positions)
  */
@@ -91,7 +94,7 @@
  * @property {string} source  the key's Node id
  * @property {string} target  the query's Node id
  * @property {number} value  the Sankey weight: sum over its beams of softmax(score_norm over
- *     beams) x the edge's attention weight
+ *     beams) x the edge's weight (edge_weights)
  * @property {number[]} beams  indices of the beams using it, ascending
  * @property {number} layer  the layer it goes through
  * @property {?number} head  its head; null when heads were aggregated, or for a residual stay

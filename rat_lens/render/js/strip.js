@@ -1,15 +1,16 @@
 // strip.js: the token strip: the whole text, wrapped, each token hoverable, in two views (as
 // att_viz): what the hovered token attends to, or what attends to it. Hovering a token lights its
-// nodes in the diagram. The readout gives the diagram's own edges at the token (head, attention,
-// Sankey weight: the numbers the diagram shows) and, for a model trace, the captured attention
+// nodes in the diagram. The readout gives the diagram's own edges at the token (head, the edge's
+// weight and attention, Sankey weight: the numbers the diagram shows) and, for a model trace, the captured attention
 // averaged over the traced layers and heads (StripRows, schema.js), each named for what it is.
 // Defines: STRIP_SHOWN, buildStrip.
-// Uses: util.js: visible, shorten, fmt, weightName, averagedName, tokenAt, nextToken,
+// Uses: util.js: visible, shorten, fmt, weighted, weightName, averagedName, tokenAt, nextToken,
 //   generatedFrom.
 
 const STRIP_SHOWN = 12;  // entries listed in a readout line; the strip itself shades all of them
 
-// links: the diagram's links (diagram.js layout: attention, value, lay, head, source, target).
+// links: the diagram's links (diagram.js layout: weight, attention, value, lay, head, source,
+// target).
 // on.hover(pos) / on.leave(): light the diagram's nodes at pos, and stop.
 function buildStrip(ui, data, links, on) {
   const head = ui.strip.append("div").attr("class", "ratlens-strip-head");
@@ -91,15 +92,16 @@ function buildStrip(ui, data, links, on) {
     // The diagram's edges at this token, with the diagram's numbers.
     const edges = ((view === "to" ? edgesByQuery : edgesByKey).get(pos) || []).slice()
       .sort(function (a, b) {
-        return (b.attention || 0) - (a.attention || 0) || b.value - a.value;
+        return (b.weight || 0) - (a.weight || 0) || b.value - a.value;
       });
     const end = function (l) { return view === "to" ? l.source.position : l.target.position; };
     edges.forEach(function (l) { spans[end(l)].classed("is-edge", true); });
     const name = tokenAt(data, pos, 24);
     readout.append("div").attr("class", "ratlens-readout-edges").text("On the diagram, " + name +
       (edges.length ? verb + listed(edges, function (l) {
-        return tokenAt(data, end(l), 16) + " " + (l.attention === null ? "?"
-          : fmt(l.attention, 2)) + " (" + l.name + ", Sankey " +
+        return tokenAt(data, end(l), 16) + " " + (l.weight === null ? "?" : fmt(l.weight, 2)) +
+          " (" + l.name + (weighted(data) && l.attention !== null
+            ? ", attention " + fmt(l.attention, 2) : "") + ", Sankey " +
           fmt(l.value, 3) + ")";
       }) : none + " on the traced paths"));
     if (!edgesOnly) {

@@ -1,7 +1,8 @@
 // util.js: helpers shared by the widget's parts (the contract of these headers: schema.js).
 // Token text only ever reaches the page through textContent (d3's .text()), never as markup.
 // Defines: WHITESPACE, RESIDUAL_COLOR, HEAD_COLORS, visible, shorten, fmt, sig2, prob, headColor,
-//   beamColor, layerName, headName, headKey, isResidual, weighted, weightName, averagedName,
+//   beamColor, layerName, headName, headKey, isResidual, weighted, weightName, edgeNumbers,
+//   averagedName,
 //   scoreMeaning, isolate, tokenAt, nextToken, generatedFrom, predictionsAt, predictionText,
 //   infoRow.
 // Uses: nothing.
@@ -86,9 +87,18 @@ function weighted(data) {
   return data.beams.some(function (b) { return b.kinds.length > 0; });
 }
 
-// What an edge's own weight is called on the page.
+// What an edge's own weight (the one the search used) is called on the page.
 function weightName(data) {
-  return weighted(data) ? "edge weight" : "attention";
+  return weighted(data) ? "share" : "attention";
+}
+
+// An edge's numbers as the page writes them: its weight, and in a share-weighted trace the
+// head's attention beside it ("share 0.12 \u00b7 attention 0.70"); "" when it has neither.
+function edgeNumbers(data, l) {
+  const parts = [];
+  if (l.weight !== null) parts.push(weightName(data) + " " + fmt(l.weight));
+  if (weighted(data) && l.attention !== null) parts.push("attention " + fmt(l.attention));
+  return parts.join(" \u00b7 ");
 }
 
 // What the strip's "attention" rows are: the captured patterns averaged over the traced layers
