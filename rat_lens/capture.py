@@ -45,7 +45,16 @@ from transformer_lens import ActivationCache
 from .errors import RatLensError, check_choice, check_int, checked_call
 from .models import check_device
 from .options import AGG_HEADS, EDGE_WEIGHTS
-from .search.contrib import ShareRows, edge_shares, key_norms, value_norm_shares
+from .search.contrib import (
+    ShareRows,
+    ValueNormRows,
+    edge_shares,
+    head_shares,
+    key_norms,
+    key_weighted,
+    norm_factor,
+    row_totals,
+)
 from .search.pattern import aggregate_heads, check_pattern_values
 from .search.stats import top_attention
 from .search.store import LayerMeanRows, TopKeys, TopKeysBuilder, head_mean
@@ -272,11 +281,20 @@ class BoundedCapture:
         self.strips: list[list] = [[] for _ in range(batch)]
         self.means: dict[str, list] = {name: [] for name in names} if self.head_means else {}
 
-    def add(self, name: str, pattern: Float[Tensor, "batch head query key"]) -> None:
-        check_pattern_values(pattern, name)
-        self.builders[name].add(pattern)
+    def add(
+        self,
+        name: str,
+        pattern: Float[Tensor, "batch head query key"],
+        stay: Optional[Tensor] = None,
+        also: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Keep a block of rows; ``stay`` and ``also`` as
+        :meth:`~rat_lens.search.store.TopKeysBuilder.add`, whose kept keys it returns.
+        Shares (no ``overview``) come from checked attention: not checked again."""
         if not self.overview:
-            return
+            return self.builders[name].add(pattern, stay, also)
+        check_pattern_values(pattern, name)
+        kept = self.builders[name].add(pattern, stay, also)
         mean = head_mean(pattern.detach().float()).cpu()
         if self.head_means:
             self.means[name].append(mean)
@@ -285,6 +303,7 @@ class BoundedCapture:
             first, rows = done
             for b, strip in enumerate(self.strips):
                 strip.extend(top_attention(rows[b], self.query_mask[b], first))
+        return kept
 
     @property
     def fwd_hooks(self) -> list:
@@ -942,26 +961,29 @@ class ContributionCapture:
 class ValueNormCapture:
     """Forward hooks that stream value-norm edge shares of ``layers`` as the forward runs, at
     the cost of keeping the attention: per layer, ``hook_resid_pre`` gives each row's ``‖x_q‖``
-    and ``hook_v`` each key's ``‖v_k W_O[h]‖`` (with the layer's ``W_O``), and each block of
-    ``hook_pattern`` rows becomes its shares (:func:`rat_lens.search.contrib.value_norm_shares`)
-    at once, over a KV cache too. The patterns go to ``attention``, the shares
-    ``[batch, head + 1, query, key]`` to ``shares`` (each a :class:`PatternCapture` with
-    ``agg_heads="none"``, or a :class:`BoundedCapture`), under the pattern's hook name.
+    and ``hook_v`` each key's ``‖v_k W_O[h]‖`` (through the layer's ``W_O`` factor,
+    :func:`rat_lens.search.contrib.norm_factor`), over a KV cache too. The patterns go to
+    ``attention`` under their hook name: a :class:`PatternCapture` with ``agg_heads="none"``,
+    whose shares :meth:`rows` then reads lazily (a
+    :class:`~rat_lens.search.contrib.ValueNormRows` per prompt: only the rows the search
+    visits are computed), or a :class:`BoundedCapture`, when ``shares`` is one too: each block
+    of rows becomes its shares at once, ``shares`` keeps each row's strongest (and the stay),
+    and ``attention`` keeps, besides its own strongest keys, those.
 
     Examples:
         >>> from rat_lens.models import load
         >>> model = load("induction-2l")
-        >>> vn = ValueNormCapture.of(model, [1], PatternCapture([1], "none"),
-        ...                          PatternCapture([1], "none"))
+        >>> vn = ValueNormCapture.of(model, [1], PatternCapture([1], "none"))
         >>> _ = run_forward(model, model.to_tokens("cat dog red cat"), vn)
-        >>> vn.shares.to_cache(model)["pattern", 1].shape   # 4 heads + the residual stream
-        torch.Size([1, 5, 5, 5])
+        >>> pattern = vn.attention.to_cache(model)["pattern", 1]
+        >>> vn.rows(1, pattern)[0][:, [4]].shape   # 4 heads + the residual stream, row 4
+        torch.Size([5, 1, 5])
     """
 
     layers: Sequence[int]
-    W_O: dict  # layer -> [head, d_head, d_model]
+    factors: dict  # layer -> norm_factor(W_O): [head, d_head, rank]
     attention: Union[PatternCapture, BoundedCapture]
-    shares: Union[PatternCapture, BoundedCapture]
+    shares: Optional[BoundedCapture] = None
 
     PARTS = ("hook_resid_pre", "attn.hook_v", "attn.hook_pattern")  # in a forward's order
 
@@ -969,17 +991,21 @@ class ValueNormCapture:
         self.layers = check_layers(self.layers)
         self.norms: dict[int, Tensor] = {}  # layer -> [batch, head, keys so far]
         self.resid: dict[int, Tensor] = {}  # layer -> ‖x_q‖ [batch, query] of the rows in flight
+        self.kept: dict[int, list] = {}  # layer -> (row totals, ‖x_q‖) of every block (dense)
 
     @classmethod
-    def of(cls, model, layers: Sequence[int], attention, shares) -> "ValueNormCapture":
-        """The capture for ``model``, its ``W_O`` read once (loaded where offloaded)."""
+    def of(
+        cls, model, layers: Sequence[int], attention, shares=None, n_keys: Optional[int] = None
+    ) -> "ValueNormCapture":
+        """The capture for ``model``, each ``W_O`` read (loaded where offloaded) and factored
+        once where the ``n_keys`` keys of a prompt repay it (``norm_factor``)."""
         _check_layer_range(model, layers)
         check_contribution_hooks(model, layers)
-        W_O = {}
+        factors = {}
         for layer in set(layers):
             with offloaded_weights_loaded(model.blocks[layer].attn) as attn:
-                W_O[layer] = attn.W_O.detach()
-        return cls(layers, W_O, attention, shares)
+                factors[layer] = norm_factor(attn.W_O.detach(), n_keys)
+        return cls(layers, factors, attention, shares)
 
     def add(self, layer: int, part: str, activation: Tensor) -> None:
         """Take one of ``PARTS`` of ``layer`` (the hooks call it; so can a caller holding a
@@ -989,21 +1015,39 @@ class ValueNormCapture:
             self.resid[layer] = activation.float().norm(dim=-1)
             return
         if part == "attn.hook_v":
-            norms = key_norms(activation, self.W_O[layer].to(activation.device))
+            norms = key_norms(activation, self.factors[layer].to(activation.device))
             earlier = self.norms.get(layer)
             self.norms[layer] = norms if earlier is None else torch.cat([earlier, norms], -1)
             return
         queries, keys = activation.shape[-2:]
-        if keys == queries:  # a forward from position 0: only its own values count
-            self.norms[layer] = self.norms[layer][..., -keys:]
+        if keys == queries:  # a forward from position 0: only its own values and rows count
+            self.norms[layer], self.kept[layer] = self.norms[layer][..., -keys:], []
         if self.norms[layer].shape[-1] != keys:
             raise RatLensError(
                 f"{hook_name(layer)} gave {queries} query rows over {keys} keys after values "
                 f"of {self.norms[layer].shape[-1]} keys: the model did not continue its KV cache"
             )
-        self.attention.add(hook_name(layer), activation)
-        shares = value_norm_shares(activation, self.norms[layer], self.resid.pop(layer))
-        self.shares.add(hook_name(layer), shares)
+        resid = self.resid.pop(layer)
+        if self.shares is None:  # the rows read are computed later: keep their totals
+            totals = row_totals(key_weighted(activation, self.norms[layer]), resid)
+            self.attention.add(hook_name(layer), activation)
+            self.kept[layer].append((totals, resid))
+            return
+        shares, totals = head_shares(activation, self.norms[layer], resid)
+        kept = self.shares.add(hook_name(layer), shares, stay=resid / totals)
+        self.attention.add(hook_name(layer), activation, also=kept)
+
+    def rows(
+        self, layer: int, pattern: Float[Tensor, "batch head query key"]
+    ) -> list[ValueNormRows]:
+        """Layer ``layer``'s shares, one :class:`~rat_lens.search.contrib.ValueNormRows` per
+        prompt, after the forward, from the layer's ``pattern`` (what ``attention``, a
+        :class:`PatternCapture`, kept)."""
+        totals, resid = (torch.cat(t, dim=-1) for t in zip(*self.kept[layer]))
+        norms = self.norms[layer]
+        return [
+            ValueNormRows(pattern[b], norms[b], totals[b], resid[b]) for b in range(len(pattern))
+        ]
 
     @property
     def fwd_hooks(self) -> list:

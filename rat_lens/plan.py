@@ -116,8 +116,7 @@ def _source(model, tokens, layer_ids, options: TraceOptions, inputs: TraceInputs
         return "bounded" if inputs.store == "bounded" else "dense"
     if inputs.cache is not None and options.edge_weight == "attention":
         return "dense"  # the cache holds it all already
-    channels = n_heads if options.edge_weight == "attention" else 2 * n_heads + 1  # + shares
-    dense = dense_bytes(tokens, layer_ids, channels)
+    dense = dense_bytes(tokens, layer_ids, n_heads)  # value-norm shares are read by rows
     return "bounded" if dense > budgets.PATTERN_BUDGET else "dense"
 
 

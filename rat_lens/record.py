@@ -89,20 +89,15 @@ def _forward_with(model, tokens, capture, plan: TracePlan, also):
 
 
 def _dense(model, tokens, plan: TracePlan, also=None) -> Record:
-    """Each traced layer's reduced pattern (and value-norm shares), from one forward or the
-    user's cache."""
+    """Each traced layer's reduced pattern (and its value-norm shares, read by rows), from one
+    forward or the user's cache."""
     layers, agg = plan.layer_ids, plan.options.agg_heads
     logits = None
     if plan.options.edge_weight == "value_norm":
-        device = input_device(model)
-        capture = ValueNormCapture.of(
-            model,
-            layers,
-            PatternCapture(layers, "none", device=device),
-            PatternCapture(layers, "none", device=device),
-        )
+        attention = PatternCapture(layers, "none", device=input_device(model))
+        capture = ValueNormCapture.of(model, layers, attention, n_keys=tokens.shape[1])
         logits = _run(model, tokens, capture, plan, also)
-        kept, shares = capture.attention.to_cache(model), capture.shares.to_cache(model)
+        kept = attention.to_cache(model)
     elif plan.inputs.cache is not None:
         kept = patterns_from_cache(plan.inputs.cache, layers, agg, tuple(tokens.shape))
     else:
@@ -113,8 +108,8 @@ def _dense(model, tokens, plan: TracePlan, also=None) -> Record:
     for layer, pattern in zip(layers, stacked):
         check_pattern_values(pattern, hook_name(layer))
     weights = stacked
-    if plan.options.edge_weight == "value_norm":
-        weights = [shares[hook_name(layer)].cpu() for layer in layers]
+    if plan.options.edge_weight == "value_norm":  # computed for the rows the search reads
+        weights = [capture.rows(layer, pattern) for layer, pattern in zip(layers, stacked)]
     return _with_overview(weights, stacked, logits, plan)
 
 
@@ -130,18 +125,22 @@ def _with_overview(weights: list, attention: list, logits, plan: TracePlan) -> R
     """A dense record, with the head-means (the rollout's) and the strips taken from the
     attention: the layers summed bottom up, as a forward delivers them to the bounded strip."""
     head_means = torch.stack([head_mean(p) for p in attention])
-    overview = layer_mean(list(head_means.flip(0)))
+    overview = layer_mean(head_means.unbind(0)[::-1])
     strips = [top_attention(overview[b], plan.mask[b]) for b in range(len(plan.mask))]
     return Record(weights, attention, head_means, strips, logits)
 
 
 def _bounded(model, tokens, plan: TracePlan, also=None) -> Record:
     """Per layer one ``TopKeys`` per prompt, filled as the forward runs (or from the cache): of
-    the attention, and of the value-norm shares when those are the edges."""
+    the attention, and of the value-norm shares when those are the edges. The shares' store
+    keeps what the search reads of a row (``top_k`` keys; the store's width with a foil, whose
+    rescoring of the target row reads further), the attention's the page's head rows and the
+    attention of every key the shares' keeps."""
     capture = attention = _bounded_capture(plan)
     if plan.options.edge_weight == "value_norm":
-        shares = _bounded_capture(plan, overview=False)
-        capture = ValueNormCapture.of(model, plan.layer_ids, attention, shares)
+        foil = plan.inputs.foil_token is not None
+        shares = _bounded_capture(plan, overview=False, keep=plan.keep if foil else None)
+        capture = ValueNormCapture.of(model, plan.layer_ids, attention, shares, tokens.shape[1])
         logits = _run(model, tokens, capture, plan, also)
     elif plan.inputs.cache is not None:
         batch_seq = tuple(tokens.shape)
@@ -161,10 +160,13 @@ def _bounded(model, tokens, plan: TracePlan, also=None) -> Record:
     return Record(weights, stacked, means, attention.strips, logits)
 
 
-def _bounded_capture(plan: TracePlan, overview: bool = True) -> BoundedCapture:
+def _bounded_capture(
+    plan: TracePlan, overview: bool = True, keep: Optional[int] = None
+) -> BoundedCapture:
     """The bounded store's hooks: candidates are unmasked keys, sinks unless excluded; the
     head-means kept only where they fit ``PATTERN_BUDGET`` (the rollout reads all of them).
-    Without ``overview``: a store only (of edge shares)."""
+    Without ``overview``: a store only (of edge shares), of ``keep`` keys per row (default:
+    ``top_k``, what a search step reads)."""
     means = dense_bytes(plan.mask, plan.layer_ids, 1)
     if overview and means > budgets.PATTERN_BUDGET:
         warnings.warn(
@@ -182,7 +184,7 @@ def _bounded_capture(plan: TracePlan, overview: bool = True) -> BoundedCapture:
         plan.layer_ids,
         key_ok,
         sink_keys=sorted({p for positions in plan.bos for p in positions}),
-        keep=plan.keep,
+        keep=plan.keep if overview else keep or plan.options.top_k,
         query_mask=plan.mask,
         head_means=overview and means <= budgets.PATTERN_BUDGET,
         overview=overview,

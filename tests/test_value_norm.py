@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_bounded import bounded_stores
+from test_bounded import bounded_stores, narrow, same_results
 from test_capture import tiny_hf_bridge
 from test_tracer import assert_same_beams
 
@@ -24,7 +24,16 @@ from rat_lens.capture import (
 )
 from rat_lens.models import load, repeated_tokens
 from rat_lens.search.beam import beam_search
-from rat_lens.search.contrib import ShareRows, edge_shares, key_norms, value_norm_shares
+from rat_lens.search.contrib import (
+    ShareRows,
+    ValueNormRows,
+    edge_shares,
+    key_norms,
+    key_weighted,
+    norm_factor,
+    row_totals,
+    value_norm_shares,
+)
 
 PER_HEAD = dict(agg_heads="none")
 
@@ -103,12 +112,16 @@ def dense_value_norm(model, tokens, layers):
 
 
 def streamed(model, tokens, layers, query_chunk=None, mask=None):
-    capture = ValueNormCapture.of(
-        model, layers, PatternCapture(layers, "none"), PatternCapture(layers, "none")
-    )
+    """The capture's shares (read by rows, every row): ``[layer, batch, part, query, key]``."""
+    capture = ValueNormCapture.of(model, layers, PatternCapture(layers, "none"))
     run_forward(model, tokens, capture, Forward(mask, query_chunk))
-    cache = capture.shares.to_cache(model)
-    return torch.stack([cache["pattern", layer] for layer in layers])
+    cache = capture.attention.to_cache(model)
+    return torch.stack(
+        [
+            torch.stack([rows[:, :] for rows in capture.rows(layer, cache["pattern", layer])])
+            for layer in layers
+        ]
+    )
 
 
 def test_streamed_shares_equal_todays_dense_ones_on_models(any_model):
@@ -222,3 +235,67 @@ def test_bounded_value_norm_search_equals_the_dense_one(seed, n, levels, data):
     run = dict(bos_positions=[0], attention_mask=mask)
     dense = beam_search(list(attn.flip(0)), [1, 0], target, options, **run)
     assert beam_search(stores[::-1], [1, 0], target, options, **run) == dense
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([(1, 1), (4, 4), (4, 2), (6, 3)]),
+    st.sampled_from([(4, 6), (8, 8), (16, 5)]),  # (d_head, d_model): d_head > d_model too
+)
+def test_key_norms_through_the_factor_are_the_direct_ones(seed, heads, dims):
+    """norm_factor(W_O) gives W_O's norms (float64 oracle), d_model / d_head times cheaper."""
+    gen = torch.Generator().manual_seed(seed)
+    (n_heads, n_kv), (d_head, d_model) = heads, dims
+    v = torch.randn(2, 9, n_kv, d_head, generator=gen)
+    W_O = torch.randn(n_heads, d_head, d_model, generator=gen) / d_head**0.5
+    factor = norm_factor(W_O)
+    assert factor.shape == (n_heads, d_head, d_head if d_head < d_model else d_model)
+    per_head = v.double().repeat_interleave(n_heads // n_kv, dim=2)
+    exact = torch.einsum("bkhd,hdm->bhkm", per_head, W_O.double()).norm(dim=-1)
+    torch.testing.assert_close(key_norms(v, factor).double(), exact, rtol=1e-6, atol=1e-7)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([(1, 1), (4, 4), (4, 2)]),
+    st.integers(1, 10),
+    st.data(),
+)
+def test_value_norm_rows_are_the_dense_shares_of_those_rows(seed, heads, n, data):
+    A, v, W_O, x = random_block(seed, *heads, n)
+    rows = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n))
+    dense = edge_shares(A, v, W_O, x, None, "value_norm")
+    norms, resid = key_norms(v[None], W_O), x.norm(dim=-1)[None]
+    totals = row_totals(key_weighted(A[None], norms), resid)
+    shares = ValueNormRows(A, norms[0], totals[0], resid[0])
+    torch.testing.assert_close(shares[:, rows], dense[:, rows], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(shares[:, 1:], dense[:, 1:], rtol=1e-6, atol=1e-7)
+    with pytest.raises(RatLensError, match="by rows only"):
+        shares.sum()
+
+
+@pytest.mark.parametrize("row_keys", [1, 64])
+def test_a_bounded_value_norm_trace_equals_the_dense_one(any_model, row_keys, monkeypatch):
+    """Beams, edge weights and attentions, scores, strip and head rows: the shares' store keeps
+    top_k keys per row and the attention's store the attention of each of them."""
+    narrow(monkeypatch, row_keys)
+    gen = torch.Generator().manual_seed(row_keys)
+    tokens = torch.randint(1, 60, (2, 24), generator=gen)
+    tokens[:, 0] = 0
+    mask = torch.ones_like(tokens)
+    mask[1, 17:] = 0
+    tracer = rat_lens.Tracer(any_model)
+    for options in (
+        dict(layers=(0, 1)),
+        dict(layers=(0, 1), top_beam=12, top_k=7, exclude_bos=True, min_attn=0.02),
+        dict(layers=(1, 1), top_beam=6, stop_at_bos=False),
+    ):
+        run = dict(
+            options, agg_heads="none", edge_weight="value_norm", bos_token_id=0, predictions=0
+        )
+        dense = tracer.trace_batch(tokens, [-1, -4], mask, store="dense", **run)
+        bounded = tracer.trace_batch(tokens, [-1, -4], mask, store="bounded", **run)
+        assert {r.edge_weight for r in bounded} == {"value_norm"}
+        same_results(bounded, dense)

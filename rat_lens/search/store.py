@@ -114,7 +114,7 @@ class TopKeys(Tensor):
         ...                    [0.1, 0.6, 0.1, 0.2]]])            # [head 1, query 4, key 4]
         >>> builder = TopKeysBuilder(4, keep=1, key_ok=torch.ones(1, 4, dtype=torch.bool),
         ...                          sink_keys=[0])
-        >>> builder.add(A[None])
+        >>> _ = builder.add(A[None])                              # returns the kept keys
         >>> store = builder.build()[0]
         >>> store.shape, store[:, [3]]                           # key 2 (0.1) was not kept
         (torch.Size([1, 4, 4]), tensor([[[0.1000, 0.6000, 0.0000, 0.2000]]]))
@@ -175,7 +175,7 @@ class TopKeys(Tensor):
         Examples:
             >>> builder = TopKeysBuilder(3, keep=1, key_ok=torch.ones(1, 3, dtype=torch.bool),
             ...                          sink_keys=[0])
-            >>> builder.add(torch.tensor([[[[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]]]]))
+            >>> _ = builder.add(torch.tensor([[[[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]]]]))
             >>> builder.build()[0].row(0, 2)
             (tensor([0, 1, 2]), tensor([0.2000, 0.3000, 0.5000]))
         """
@@ -207,7 +207,19 @@ class TopKeysBuilder:
         self.rows = 0  # query rows received so far
         self.parts: list[tuple[Tensor, ...]] = []
 
-    def add(self, block: Float[Tensor, "batch head query key"]) -> None:
+    def add(
+        self,
+        block: Float[Tensor, "batch head query key"],
+        stay: Optional[Float[Tensor, "batch query"]] = None,
+        also: Optional[Int[Tensor, "batch head query extra"]] = None,
+    ) -> Int[Tensor, "batch head query keep"]:
+        """Keep a block of query rows; returns each row's kept keys (on the block's device).
+
+        ``stay``: a residual channel appended after the heads, its rows' diagonal (0 off it),
+        as value-norm shares have. ``also``: keys to keep besides each row's strongest (the
+        same number for every row; another store's choice, e.g. the shares' top keys, so
+        this store holds the attention of every edge a search on those can pick).
+        """
         batch, head, queries, keys = block.shape
         first = keys - queries  # the block continues the rows received so far
         if first != self.rows or keys > self.seq:
@@ -217,29 +229,49 @@ class TopKeysBuilder:
                 f"not continue its KV cache"
             )
         block = block.detach().float()
+        query = torch.arange(first, keys, device=block.device)
+        idx, weights = self._strongest(block, query)
+        kept = idx
+        if also is not None:
+            idx = torch.cat([idx, also], dim=-1)
+            weights = torch.cat([weights, block.gather(-1, also)], dim=-1)
+        sinks = block.new_zeros(batch, head, queries, len(self.sink_keys))
+        inside = self.sink_keys < keys
+        sinks[..., inside] = block[..., self.sink_keys[inside].to(block.device)]
+        diagonal = block.diagonal(offset=first, dim1=-2, dim2=-1)
+        if stay is not None:  # kept slots all unused (at the diagonal), no sink of its own
+            idx = torch.cat([idx, query[:, None].expand_as(idx[:, :1])], dim=1)
+            weights, sinks = (
+                torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 1)) for t in (weights, sinks)
+            )
+            diagonal = torch.cat([diagonal, stay[:, None].float()], dim=1)
+        # Copies: a view (the diagonal; anything already on the CPU) would keep the block alive.
+        parts = (idx.int(), weights, diagonal, sinks)
+        self.parts.append(tuple(t.to("cpu", copy=True) for t in parts))
+        self.rows = keys
+        return kept
+
+    def _strongest(
+        self, block: Float[Tensor, "batch head query key"], query: Int[Tensor, " query"]
+    ) -> tuple[Int[Tensor, "batch head query keep"], Float[Tensor, "batch head query keep"]]:
+        """Each row's ``keep`` strongest candidate keys and their weights; slots beyond the
+        row's candidates point at the diagonal with weight 0 (overwritten by it when read)."""
+        batch, head, queries, keys = block.shape
         device = block.device
-        query = torch.arange(first, keys, device=device)
         allowed = self.key_ok[:, None, None, :keys].to(device) & (
             torch.arange(keys, device=device) < query[:, None]
         )
         values = block.masked_fill(~allowed, -torch.inf)
         idx = stable_top_keys(values.view(-1, keys), self.keep).view(batch, head, queries, -1)
         weights = values.gather(-1, idx)
-        unused = weights == -torch.inf  # fewer allowed keys than keep: point at the diagonal
+        unused = weights == -torch.inf  # fewer allowed keys than keep
         idx = torch.where(unused, query[:, None], idx)
         weights = weights.masked_fill(unused, 0.0)
         if idx.shape[-1] < self.keep:  # fewer keys so far than keep: the rest likewise
             fill = self.keep - idx.shape[-1]
             idx = torch.cat([idx, query[:, None].expand(batch, head, queries, fill)], dim=-1)
             weights = torch.nn.functional.pad(weights, (0, fill))
-        sinks = block.new_zeros(batch, head, queries, len(self.sink_keys))
-        inside = self.sink_keys < keys
-        sinks[..., inside] = block[..., self.sink_keys[inside].to(device)]
-        diagonal = block.diagonal(offset=first, dim1=-2, dim2=-1)
-        # Copies: a view (the diagonal; anything already on the CPU) would keep the block alive.
-        kept = (idx.int(), weights, diagonal, sinks)
-        self.parts.append(tuple(t.to("cpu", copy=True) for t in kept))
-        self.rows = keys
+        return idx, weights
 
     def build(self) -> list[TopKeys]:
         """One store per prompt, once every row has arrived (the blocks are freed)."""
