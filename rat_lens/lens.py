@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .capture import Forward, model_session, offloaded_weights_loaded, run_forward
 from .errors import RatLensError
-from .result import Beam, HeadWrite, LensRecord
+from .result import Beam, BlockWrite, HeadWrite, LensRecord, Stay, StayWrite
 from .sankey import node_layers
 from .search.contrast import TargetRowScale
 from .search.contrib import value_outputs
@@ -277,6 +277,7 @@ class Explained:
                 result.foil_id, result.foil_token = self.foil
             result.lens = self.lens(found, b, target)
             result.writes = self.writes(found, b, target)
+            result.stays = self.stays(found, b, target)
         return results
 
     def _token(self, b: int, target: int) -> int:
@@ -284,14 +285,16 @@ class Explained:
 
     @torch.no_grad()
     def lens(self, beams: list[Beam], b: int, target: int) -> list[LensRecord]:
-        """The logit lens at every (node layer, position) the beams visit, best beam first."""
+        """The logit lens at every (node layer, position) the beams visit, best beam first,
+        then at the target on every node layer the beams left out (the target's whole column:
+        where it becomes the top token)."""
         mode = "chain" if self.plan.options.chain else "layers"
         nodes: dict[tuple[int, int], None] = {}
         for beam in beams:
             for pos, lay in zip(beam.positions, node_layers(beam, mode, self.plan.layer_ids[0])):
                 nodes.setdefault((lay, pos), None)
-        if not nodes:
-            return []
+        for lay in sorted(set(self.capture.node_layers), reverse=True):
+            nodes.setdefault((lay, target), None)
         rows = torch.stack([self.capture.get(resid_hook(lay))[b, pos] for lay, pos in nodes])
         logits = _unembed(self.model, rows).float()
         probs = logits.softmax(-1)
@@ -334,6 +337,61 @@ class Explained:
         return [
             _write(key, direct[i], token, self.foil, self.decode) for i, key in enumerate(moves)
         ]
+
+    @torch.no_grad()
+    def stays(self, beams: list[Beam], b: int, target: int) -> list[StayWrite]:
+        """What each distinct stay span (best beam first) kept: per layer of the span, the
+        attention block's write ``Σ_h z·W_O + b_O`` (from the kept ``hook_z``) and the MLP's,
+        the rest of the layer's update (``resid_post[l] - resid_post[l-1]`` minus the
+        attention's: exact wherever a block's outputs are added to the stream as computed);
+        their norms' shares; the MLP with the largest direct logit of the target (or of
+        target minus foil). Models with norms after the blocks
+        (``use_normalization_before_and_after``) split no update: no stays there."""
+        if getattr(self.model.cfg, "use_normalization_before_and_after", False):
+            return []
+        spans: dict[tuple[int, int, int], None] = {}
+        for beam in beams:
+            for step in beam.route():
+                if isinstance(step, Stay):
+                    spans.setdefault((step.position, step.top, step.bottom), None)
+        return [self._stay(span, b, target) for span in spans]
+
+    def _stay(self, span: tuple[int, int, int], b: int, target: int) -> StayWrite:
+        position, top, bottom = span
+        layers = list(range(top, bottom - 1, -1))
+        attn = torch.stack([self._attention_write(layer, b, position) for layer in layers])
+        resid = [
+            self.capture.get(resid_hook(n))[b, position].float() for n in range(top, bottom - 2, -1)
+        ]
+        update = torch.stack(resid[:-1]) - torch.stack(resid[1:])  # layer l: post[l] - post[l-1]
+        mlp = None if getattr(self.model.cfg, "attn_only", False) else update - attn.to(update)
+        parts = [(layer, "attn", attn[i].norm()) for i, layer in enumerate(layers)]
+        if mlp is not None:
+            parts += [(layer, "mlp", mlp[i].norm()) for i, layer in enumerate(layers)]
+        total = float(sum(norm for *_, norm in parts)) or 1.0
+        parts.sort(key=lambda part: -float(part[2]))
+        blocks = [BlockWrite(lay, kind, round(float(n) / total, 6)) for lay, kind, n in parts]
+        stay = StayWrite(position, top, bottom, blocks[:LENS_TOP])
+        if mlp is None:
+            return stay
+        scale = self.capture.get("ln_final.hook_scale")[b, position].reshape(1)
+        direct = head_direct_logits(self.model, mlp, scale.expand(len(layers))).float()
+        dla = direct[:, self._token(b, target)]
+        diff = None if self.foil is None else dla - direct[:, self.foil[0]]
+        pick = int((dla if diff is None else diff).argmax())
+        stay.mlp_layer, stay.mlp_dla = layers[pick], round(float(dla[pick]), 6)
+        stay.mlp_dla_diff = None if diff is None else round(float(diff[pick]), 6)
+        return stay
+
+    def _attention_write(self, layer: int, b: int, position: int) -> Float[Tensor, " d_model"]:
+        """Layer ``layer``'s attention output at ``position``: every head's ``z · W_O``, plus
+        ``b_O``, from the kept ``hook_z``."""
+        z = self.capture.get(f"blocks.{layer}.attn.hook_z")[b, position].float()
+        with offloaded_weights_loaded(self.model.blocks[layer].attn) as attn:
+            W_O = attn.W_O.detach().to(z.device, torch.float32)
+            b_O = getattr(attn, "b_O", None)
+            out = torch.einsum("hd,hdm->m", z, W_O)
+            return out if b_O is None else out + b_O.detach().to(out.device, out.dtype)
 
 
 def _write(move: tuple, direct: Tensor, token: int, foil, decode: Callable) -> HeadWrite:

@@ -326,6 +326,38 @@ class HeadWrite:
 
 
 @dataclass
+class BlockWrite:
+    """One block's write at a stayed position: layer ``layer``'s ``"attn"`` (all its heads and
+    ``b_O``) or ``"mlp"``, with ``share``, its norm over the sum of the span's block norms."""
+
+    layer: int
+    block: str
+    share: float
+
+
+@dataclass
+class StayWrite:
+    """What was written at ``position`` while a route kept it through the residual stream,
+    layers ``top`` down to ``bottom``: the blocks that wrote most there (``blocks``, strongest
+    first, at most five), and the MLP layer of the span with the largest direct logit of the
+    target (``mlp_layer``, ``mlp_dla``; of target minus foil with a foil: ``mlp_dla_diff``, which
+    then picks it), through the final norm's scale at ``position``. No MLP (attention-only
+    models): ``mlp_layer`` None."""
+
+    position: int
+    top: int
+    bottom: int
+    blocks: list[BlockWrite]
+    mlp_layer: Optional[int] = None
+    mlp_dla: Optional[float] = None
+    mlp_dla_diff: Optional[float] = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StayWrite":
+        return cls(**{**data, "blocks": [BlockWrite(**b) for b in data["blocks"]]})
+
+
+@dataclass
 class PathEffect:
     """One beam's effect on one metric, against random paths of the same shape.
 
@@ -621,6 +653,7 @@ class TraceResult(JsonRoundTrip):
     foil_id: Optional[int] = None
     lens: list[LensRecord] = field(default_factory=list)
     writes: list[HeadWrite] = field(default_factory=list)
+    stays: list[StayWrite] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     def __repr__(self) -> str:
@@ -665,6 +698,7 @@ class TraceResult(JsonRoundTrip):
         data["predictions"] = [Prediction(**p) for p in data.get("predictions", [])]
         data["lens"] = [LensRecord(**r) for r in data.get("lens", [])]
         data["writes"] = [HeadWrite(**w) for w in data.get("writes", [])]
+        data["stays"] = [StayWrite.from_dict(s) for s in data.get("stays", [])]
         if data.get("verification") is not None:
             try:
                 data["verification"] = Verification.from_dict(data["verification"])

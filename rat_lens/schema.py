@@ -72,6 +72,7 @@ _OPTIONAL = (
     "foil_id",
     "lens",
     "writes",
+    "stays",
     "format_version",
     "metadata",
 )
@@ -384,7 +385,7 @@ _WRITE_FIELDS = ("layer", "head", "position", "key", "dla", "dla_diff") + tuple(
 
 def check_explained(at: "_At", data: dict, seq: int, layer: int) -> None:
     """What the route carried (``rat_lens.lens``): the target and foil tokens, the lens
-    records and the head writes."""
+    records, the head writes and the stays' blocks."""
     for name in ("target", "foil"):
         if data.get(f"{name}_token") is not None:
             at.text(f"{name}_token", data[f"{name}_token"])
@@ -411,6 +412,29 @@ def check_explained(at: "_At", data: dict, seq: int, layer: int) -> None:
         rec.number("dla", write["dla"])
         if write["dla_diff"] is not None:
             rec.number("dla_diff", write["dla_diff"])
+    for i, stay in enumerate(at.items("stays", data.get("stays", []))):
+        _check_stay(at.sub(f"stays[{i}]"), stay, seq, layer)
+
+
+_STAY_FIELDS = ("position", "top", "bottom", "blocks", "mlp_layer", "mlp_dla", "mlp_dla_diff")
+
+
+def _check_stay(at: "_At", stay, seq: int, layer: int) -> None:
+    _check_record(at, stay, _STAY_FIELDS)
+    at.integer("position", stay["position"], 0, seq - 1)
+    top = at.integer("top", stay["top"], 0, layer)
+    bottom = at.integer("bottom", stay["bottom"], 0, top)
+    for j, block in enumerate(at.items("blocks", stay["blocks"])):
+        rec = at.sub(f"blocks[{j}]")
+        _check_record(rec, block, ("layer", "block", "share"))
+        rec.integer("layer", block["layer"], bottom, top)
+        rec.choice("block", block["block"], ("attn", "mlp"))
+        rec.need("share", rec.number("share", block["share"], 0.0) <= 1.0, "must be <= 1")
+    if stay["mlp_layer"] is not None:
+        at.integer("mlp_layer", stay["mlp_layer"], bottom, top)
+    for name in ("mlp_dla", "mlp_dla_diff"):
+        if stay[name] is not None:
+            at.number(name, stay[name])
 
 
 def _check_record(at: "_At", record, names: tuple) -> None:

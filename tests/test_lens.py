@@ -8,6 +8,7 @@ import rat_lens
 from rat_lens import RatLensError, TraceResult
 from rat_lens.lens import LENS_TOP, head_direct_logits
 from rat_lens.models import repeated_tokens
+from rat_lens.result import Stay
 from rat_lens.sankey import node_layers
 
 TEXT = "cat dog red blue cat dog red"
@@ -55,7 +56,8 @@ def test_every_visited_node_has_its_lens_from_the_residual_stream_through_the_fi
         for beam in result.beams
         for pos, lay in zip(beam.positions, node_layers(beam, "layers", 1))
     }
-    assert {(r.layer, r.position) for r in result.lens} == visited
+    column = {(layer, result.target_pos) for layer in (1, 0, -1)}  # the target's, every layer
+    assert {(r.layer, r.position) for r in result.lens} == visited | column
     ln = getattr(model.ln_final, "original_component", model.ln_final)
     for record in result.lens:
         x = resid_at(cache, record.layer, record.position).detach()
@@ -221,6 +223,69 @@ def test_the_hf_backed_bridge_lens_at_the_top_is_its_prediction(gpt2_bridge):
     assert top.token_ids == logits.topk(LENS_TOP).indices.tolist()
 
 
+@pytest.mark.parametrize("foil", [None, 7])
+def test_each_stay_names_the_blocks_that_wrote_there_as_the_models_own_hooks_show(
+    gpt2_bridge, foil
+):
+    """A model with MLPs: every stay span's block shares are the norms of the model's own
+    hook_attn_out / hook_mlp_out there, and its MLP pick is the one whose write through the
+    final norm gives the target (minus the foil) the largest direct logit."""
+    model = gpt2_bridge
+    tokens = torch.tensor([[0, 5, 9, 12, 30, 41, 5, 9, 3, 7, 22, 5, 9]])
+    result = rat_lens.trace(model, tokens, explain=True, foil_token=foil)
+    _, cache = model.run_with_cache(tokens)
+    spans = {(st.position, st.top, st.bottom) for b in result.beams for st in _stays(b)}
+    assert spans and {(s.position, s.top, s.bottom) for s in result.stays} == spans
+    for stay in result.stays:
+        layers = range(stay.top, stay.bottom - 1, -1)
+        norms = {
+            (layer, block): float(
+                cache[f"blocks.{layer}.hook_{block}_out"][0, stay.position].norm()
+            )
+            for layer in layers
+            for block in ("attn", "mlp")
+        }
+        total = sum(norms.values())
+        expected = sorted(norms.items(), key=lambda item: -item[1])[:LENS_TOP]
+        assert [(b.layer, b.block) for b in stay.blocks] == [key for key, _ in expected]
+        assert [b.share for b in stay.blocks] == pytest.approx(
+            [n / total for _, n in expected], abs=1e-4
+        )
+        scale = cache["ln_final.hook_scale"][0, stay.position]
+        direct = {
+            layer: final_norm_by_hand(
+                model, cache[f"blocks.{layer}.hook_mlp_out"][0, stay.position], scale
+            ).detach()
+            @ model.W_U.detach()
+            for layer in layers
+        }
+        score = {
+            layer: float(d[result.target_id] - (0 if foil is None else d[foil]))
+            for layer, d in direct.items()
+        }
+        assert stay.mlp_layer == max(score, key=score.get)
+        assert stay.mlp_dla == pytest.approx(
+            float(direct[stay.mlp_layer][result.target_id]), abs=1e-4
+        )
+        if foil is None:
+            assert stay.mlp_dla_diff is None
+        else:
+            assert stay.mlp_dla_diff == pytest.approx(score[stay.mlp_layer], abs=1e-4)
+    assert TraceResult.from_json(result.to_json()) == result
+
+
+def _stays(beam):
+    return [step for step in beam.route() if isinstance(step, Stay)]
+
+
+def test_an_attention_only_model_has_stays_with_attention_blocks_only(model):
+    result = rat_lens.trace(model, TEXT, layers=(0, 1), agg_heads="none", explain=True, top_beam=5)
+    assert result.stays
+    for stay in result.stays:
+        assert {b.block for b in stay.blocks} == {"attn"} and stay.mlp_layer is None
+        assert sum(b.share for b in stay.blocks) == pytest.approx(1.0, abs=1e-5)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -229,6 +294,8 @@ def test_the_hf_backed_bridge_lens_at_the_top_is_its_prediction(gpt2_bridge):
         (lambda d: d["writes"][0].update(key=99), r"writes\[0\].*key must be an int"),
         (lambda d: d["writes"][0].update(promoted_ids=[1]), "promoted_ids must hold"),
         (lambda d: d.update(foil_id=-2), "foil_id must be an int >= 0"),
+        (lambda d: d["stays"][0]["blocks"][0].update(block="ffn"), r"block must be one of"),
+        (lambda d: d["stays"][0].update(top=99), r"stays\[0\].top must be an int"),
     ],
 )
 def test_a_bad_saved_lens_or_write_is_named(model, edit, message):

@@ -447,3 +447,33 @@ def test_a_chain_ending_on_the_sink_says_so(model):
         for layer in (0, 1)
     ), "neither chain ends on the sink: the note is untested"
     assert not rat_lens.summarize(rat_lens.trace(model, text)).ends_on_sink
+
+
+@pytest.mark.parametrize("foil", [None, " cat"])
+def test_an_explained_trace_says_what_its_route_carried(model, foil):
+    """The lens line against the model's own residual stream decoded by hand, one row per
+    head write (per head and query), each stay's writers; a trace not explained says nothing."""
+    tokens = model.to_tokens(TEXT)
+    result = rat_lens.trace(model, tokens, layers=(0, 1), agg_heads="none", explain=True,
+                            foil_token=foil)  # fmt: skip
+    summary = summarize(result)
+    carried = summary.carried
+    _, cache = model.run_with_cache(tokens)
+    t = result.target_pos
+    tops = []  # whether the lens reads the target on top, embeddings first
+    for name in ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]:
+        logits = model.ln_final(cache[name][:, t : t + 1])[0, 0] @ model.W_U + model.b_U
+        tops.append(int(logits.argmax()) == result.target_id)
+    first = next((i - 1 for i in range(len(tops)) if all(tops[i:])), None)
+    assert carried.top1_from == first and carried.target == result.target_token
+    heads_at = list(dict.fromkeys((w.layer, w.head, w.position) for w in result.writes))
+    assert [(w.layer, w.head, w.position) for w in carried.writes] == heads_at
+    assert carried.stays == result.stays and carried.foil == result.foil_token
+    text = summary.to_text()
+    why = f"why {result.target_token!r}"
+    why += "" if foil is None else f" and not {result.foil_token!r}"
+    assert why in text and ("DLA T−F" in text) == (foil is not None)
+    assert Summary.from_json(summary.to_json()) == summary
+    check_outputs(summary)
+    plain = summarize(rat_lens.trace(model, tokens, layers=(0, 1), agg_heads="none"))
+    assert plain.carried is None and "What the route carried" not in plain.to_text()

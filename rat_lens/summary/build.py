@@ -19,8 +19,10 @@ from typing import Any, Optional, Union
 from ..errors import RatLensError, checked_call
 from ..result import (
     HeadTable,
+    HeadWrite,
     JsonRoundTrip,
     Prediction,
+    StayWrite,
     TraceResult,
     Verification,
     beam_weights,
@@ -111,6 +113,29 @@ class TokenScore:
 
 
 @dataclass
+class Carried:
+    """What the route carried (:mod:`rat_lens.lens`), as the summary shows it: the token
+    explained and its foil; ``top1_from``, the lowest traced layer from which the logit lens at
+    the target reads the target as its top token on every layer up to the top (None: not at
+    the top), and ``top_prob``, its lens probability after the top layer; the head moves'
+    writes (one per head and query, with the key of its first move) and the stays' blocks
+    (best beam first, at most ``carried_rows`` each);
+    ``positions`` / ``position_tokens``: the tokens at the positions they name."""
+
+    target: str
+    foil: Optional[str]
+    top1_from: Optional[int]
+    top_prob: Optional[float]
+    writes: list[HeadWrite]
+    stays: list[StayWrite]
+    positions: list[int]
+    position_tokens: list[str]
+
+    def token(self, position: int) -> str:
+        return self.position_tokens[self.positions.index(position)]
+
+
+@dataclass
 class Summary(JsonRoundTrip):
     """Everything :func:`summarize` found; ``str(summary)`` is :meth:`to_text`."""
 
@@ -137,6 +162,7 @@ class Summary(JsonRoundTrip):
     edge_weight: str = "attention"  # what the edge weights (and so the masses) are
     # A chain whose best beam ends on position 0: the attention sink, not a circuit.
     ends_on_sink: bool = False
+    carried: Optional[Carried] = None  # None: the trace was not explained (no lens)
 
     def to_markdown(self) -> str:
         """GitHub-flavoured markdown: a heading, then one table per section."""
@@ -185,6 +211,15 @@ class Summary(JsonRoundTrip):
                 data[name] = HeadTable.from_dict(data[name])
         if data.get("verification") is not None:
             data["verification"] = Verification.from_dict(data["verification"])
+        carried = data.get("carried")
+        if carried is not None:
+            data["carried"] = Carried(
+                **{
+                    **carried,
+                    "writes": [HeadWrite(**w) for w in carried["writes"]],
+                    "stays": [StayWrite.from_dict(s) for s in carried["stays"]],
+                }
+            )
         return cls(**data)
 
 
@@ -200,6 +235,7 @@ def summarize(
     tokenizer=None,
     k: int = 3,
     top_edges: int = 8,
+    carried_rows: int = 8,
     top_tokens: int = 8,
     role_threshold: float = 0.3,
     verification: Union[Verification, dict, None] = None,
@@ -217,6 +253,7 @@ def summarize(
         stats: precomputed statistics (:class:`HeadTable`).
         predictions: precomputed prediction records.
         top_edges: rows kept in the edges table.
+        carried_rows: rows kept of the moves' writes and of the stays (an explained trace).
         top_tokens: rows kept in the tokens table.
         verification: :func:`rat_lens.verify.verify` of this result; adds each beam's causal
             effect and the faithfulness curve.
@@ -280,6 +317,38 @@ def summarize(
         ],
         verification=verification,
         ends_on_sink=_ends_on_sink(result),
+        carried=_carried(result, carried_rows),
+    )
+
+
+def _carried(result: TraceResult, limit: int) -> Optional[Carried]:
+    """What the route carried, from the result's lens, writes and stays (None: no lens)."""
+    if not result.lens:
+        return None
+    column = sorted((r for r in result.lens if r.position == result.target_pos),
+                    key=lambda r: r.layer)  # fmt: skip
+    top1_from = None
+    for record in reversed(column):  # down from the top while the target stays top-1
+        if record.target_rank != 0:
+            break
+        top1_from = record.layer
+    # A head's write at a query is one, whichever keys its moves read: one row each.
+    first: dict[tuple, HeadWrite] = {}
+    for w in result.writes:
+        first.setdefault((w.layer, w.head, w.position), w)
+    writes, stays = list(first.values())[:limit], result.stays[:limit]
+    positions = sorted(
+        {p for w in writes for p in (w.position, w.key)} | {s.position for s in stays}
+    )
+    return Carried(
+        target=result.target_token,
+        foil=result.foil_token,
+        top1_from=top1_from,
+        top_prob=column[-1].target_prob if column else None,
+        writes=writes,
+        stays=stays,
+        positions=positions,
+        position_tokens=[result.tokens[p] for p in positions],
     )
 
 

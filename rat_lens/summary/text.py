@@ -9,7 +9,7 @@ import re
 import textwrap
 from dataclasses import dataclass, field
 
-from ..text import cells, num, token_label
+from ..text import cells, num, token_label, verification_metric
 
 __all__ = [
     "sections",
@@ -81,6 +81,8 @@ def _title(s) -> tuple[str, str]:
 def sections(s) -> list[Section]:
     """The summary as titled tables, in reading order; empty parts are left out."""
     out = [_beams_section(s)]
+    if s.carried is not None:
+        out += _carried_sections(s.carried, s.agg_heads)
     if s.heads:
         out += [_heads_section(s), _layers_section(s), _edges_section(s)]
     if s.tokens:
@@ -94,6 +96,72 @@ def sections(s) -> list[Section]:
     if s.predictions:
         out.append(_predictions_section(s))
     return out
+
+
+def _carried_sections(c, agg: str) -> list[Section]:
+    """What the route carried: the lens at the target in one line, each head move's write,
+    each stay's writers."""
+    why = token_label(c.target) + ("" if c.foil is None else f" and not {token_label(c.foil)}")
+    lens = (
+        f"the logit lens at the target reads {token_label(c.target)} as its top token from "
+        f"L{c.top1_from} up"
+        if c.top1_from is not None
+        else f"the logit lens at the target never has {token_label(c.target)} on top"
+    ) + ("" if c.top_prob is None else f" (p {c.top_prob:.2f} after the last layer)")
+    out = [
+        Section(
+            f"What the route carried: why {why}",
+            [
+                "move",
+                "key → query",
+                "DLA" + ("" if c.foil is None else " T−F"),
+                "promotes",
+                "suppresses",
+            ],
+            [_write_row(c, w, agg) for w in c.writes] or [["-", "-", "-", "-", "-"]],
+            "llrll",
+            flex=3,
+            code={1, 3, 4},
+            note=f"{lens}; each head move's write z·W_O through the final norm onto the "
+            "unembedding: DLA = its direct logit of the target"
+            + ("" if c.foil is None else " minus the foil")
+            + ", then the tokens it promotes and suppresses most",
+        )
+    ]
+    if c.stays:
+        out.append(
+            Section(
+                "What the stays kept",
+                ["at", "layers", "wrote most", "top MLP"],
+                [_stay_row(c, stay) for stay in c.stays],
+                "llll",
+                flex=2,
+                code={0},
+                note="share of the span's block output norms; top MLP: the MLP layer giving the "
+                "target" + ("" if c.foil is None else " minus the foil") + " the largest direct "
+                "logit there, and that logit",
+            )
+        )
+    return out
+
+
+def _write_row(c, w, agg: str) -> list[str]:
+    dla = w.dla if c.foil is None else w.dla_diff
+    return [
+        _head(w.layer, w.head, agg),
+        f"{_at(c.token(w.key), w.key)} → {_at(c.token(w.position), w.position)}",
+        num(dla, 2),
+        ", ".join(token_label(t) for t in w.promoted[:3]),
+        ", ".join(token_label(t) for t in w.suppressed[:3]),
+    ]
+
+
+def _stay_row(c, stay) -> list[str]:
+    layers = f"L{stay.top}" + ("" if stay.bottom == stay.top else f"-L{stay.bottom}")
+    blocks = ", ".join(f"L{b.layer} {b.block} {_pct(b.share)}" for b in stay.blocks[:3])
+    dla = stay.mlp_dla if c.foil is None else stay.mlp_dla_diff
+    mlp = "-" if stay.mlp_layer is None else f"L{stay.mlp_layer} {num(dla, 2)}"
+    return [_at(c.token(stay.position), stay.position), layers, blocks, mlp]
 
 
 def _heads_section(s) -> Section:
@@ -209,7 +277,7 @@ def _beams_section(s) -> Section:
     for row, b in zip(rows, v.beams):  # the causal effect goes before the circuit
         row[4:4] = [f"{b.effect.effect:.3f}", _times(b.effect.ratio), num(b.effect.p_value, 2)]
     note += (
-        f"; effect = drop in log p of {token_label(v.prediction)} when the beam's edges "
+        f"; effect = drop in {verification_metric(v)} when the beam's edges "
         f"are ablated ({v.ablation}); ×random = effect / mean |effect| of {v.n_random} "
         "random paths of its shape; p = share of them doing as much"
     )
@@ -238,8 +306,8 @@ def _verification_sections(v) -> list[Section]:
                 ],
                 "rrr",
                 note=f"top traced edges kept, the rest of their {f.rows} rows ablated; (m(kept) − "
-                f"m(all ablated)) / (m(full) − m(all ablated)), m = log p of "
-                f"{token_label(v.prediction)} (Hanna et al. 2024); area {num(f.area, 3)}",
+                f"m(all ablated)) / (m(full) − m(all ablated)), m = {verification_metric(v)} "
+                f"(Hanna et al. 2024); area {num(f.area, 3)}",
             )
         )
     t = v.token_importance
@@ -250,8 +318,8 @@ def _verification_sections(v) -> list[Section]:
                 ["importance", "Spearman"],
                 [[name.replace("_", " "), num(value, 3)] for name, value in t.spearman.items()],
                 "lr",
-                note=f"each token blanked ({t.blank}); its drop in log p of "
-                f"{token_label(v.prediction)}, rank-correlated with the trace's",
+                note=f"each token blanked ({t.blank}); its drop in {verification_metric(v)}, "
+                "rank-correlated with the trace's",
             )
         )
     return out
