@@ -646,15 +646,18 @@ def fake_head_rows(result: TraceResult) -> list[dict]:
 @pytest.fixture(scope="module")
 def induction_payloads():
     """A per-head two-layer trace of the embedded model (strip from its attention, the model's
-    predictions), without and with a causal check and (made-up) whole head rows: together with
-    ``small`` they hold every record of the schema."""
+    predictions), plain, and explained against a foil (its lens and head writes) with a causal
+    check (on the logit difference) and (made-up) whole head rows: together with ``small`` they
+    hold every record of the schema."""
     from rat_lens.models import load
 
     model = load("induction-2l")
-    result = rat_lens.trace(
-        model, "cat dog red blue cat dog red", layers=(0, 1), agg_heads="none", predictions=3
-    )
+    text = "cat dog red blue cat dog red"
+    result = rat_lens.trace(model, text, layers=(0, 1), agg_heads="none", predictions=3)
     plain = payload(result)
+    result = rat_lens.trace(
+        model, text, layers=(0, 1), agg_heads="none", predictions=3, foil_token=" cat"
+    )
     result.verification = rat_lens.verify(model, result, n_random=3)
     result.head_rows = fake_head_rows(result)
     return plain, payload(result)

@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -1270,4 +1271,203 @@ def test_the_census_lists_each_prompts_route_from_the_target_and_its_grid_is_one
     assert page.evaluate("document.activeElement.dataset.head") == "1"
     page.keyboard.press("Tab")
     assert not page.evaluate("document.activeElement.classList.contains('ratlens-census-cell')")
+    opened.assert_clean()
+
+
+# --- What each route carried: the lens at nodes, the writes of moves (issue 22) ---------------
+
+EVIL = "</script><img src=x onerror=alert(1)>"
+SHOWN_ITEM = re.compile("\u201c\u2068(.*?)\u2069\u201d (<?)([+\u2212]?[0-9.]+)(%?)")
+
+
+@pytest.fixture(scope="module")
+def explained():
+    """The embedded model's per-head trace explained against a foil (its lens and head writes),
+    and the model."""
+    from rat_lens import trace
+    from rat_lens.models import load
+
+    model = load("induction-2l")
+    text = "cat dog red blue green cat dog red"
+    result = trace(model, text, layers=(0, 1), agg_heads="none", foil_token=" cat", predictions=3)
+    assert result.lens and result.writes and result.foil_token == "cat"
+    return result, model
+
+
+def cut(token: str, n: int) -> str:
+    """A token as the page lists it, cut to ``n`` characters (util.js ``shorten``)."""
+    text = visible(token)
+    return text if len(text) <= n else text[: n - 1] + "\u2026"
+
+
+def shown_items(texts: list[str]) -> list[tuple[str, float]]:
+    """(token, number) of each “token” value the page lists (a probability as a fraction, a
+    direct logit with its sign); '<0.01%' reads as 0."""
+    items = []
+    for text in texts:
+        (token, below, number, percent) = SHOWN_ITEM.fullmatch(text.strip()).groups()
+        value = 0.0 if below else float(number.replace("\u2212", "-"))
+        items.append((token, value / 100 if percent else value))
+    return items
+
+
+def assert_lens_shown(texts: list[str], target_line: str, record, target: str) -> None:
+    """The lens the page lists at a node is ``record``: its tokens in order, their probabilities
+    to the page's rounding, and the target's rank (from 1) and probability."""
+    shown = shown_items(texts)
+    assert [t for t, _ in shown] == [visible(t) for t in record.tokens]
+    for (_, p), want in zip(shown, record.probs):
+        assert p == pytest.approx(want, abs=max(0.0006, want * 0.006))
+    assert target_line.startswith(
+        f"target \u201c\u2068{visible(target)}\u2069\u201d rank {record.target_rank + 1}, p "
+    )
+
+
+def lens_in_panel(page) -> tuple[list[str], str]:
+    info = page.locator(".ratlens-info")
+    return (
+        [li.text_content() for li in info.locator(".ratlens-lens li").all()],
+        info.locator(".ratlens-lens-target").text_content(),
+    )
+
+
+def test_a_nodes_hover_and_click_show_its_logit_lens_on_both_views(open_page, explained):
+    result, _ = explained
+    opened = open_page(to_html(result))
+    page = opened.page
+    lens = {(r.layer, r.position): r for r in result.lens}
+    nodes = {(n.layer, n.position): n.id for n in result.sankey.nodes}
+    assert set(nodes) <= set(lens)  # every node a beam visits has its lens
+    for view, selector in (("routes", ".ratlens-route-node"), ("sankey", ".ratlens-node")):
+        page.locator(f".ratlens-view-{view}").click()
+        for where, id_ in nodes.items():
+            record = lens[where]
+            node = page.locator(f'{selector}[data-id="{id_}"]')
+            node.dispatch_event("click")
+            assert_lens_shown(*lens_in_panel(page), record, result.target_token)
+            node.dispatch_event("mousemove")
+            tip = page.locator(".ratlens-tooltip").text_content().split("\n")
+            (line,) = [x for x in tip if x.startswith("logit lens here: ")]
+            items = line.removeprefix("logit lens here: ").split(", ")
+            assert_lens_shown(items, tip[tip.index(line) + 1], record, result.target_token)
+    # The target on the top layer: the model's own top prediction.
+    top = lens[(1, result.target_pos)]
+    assert top.tokens[0] == result.predictions[0].tokens[0] == result.target_token
+    opened.assert_clean()
+
+
+def write_in_panel(page) -> dict:
+    info = page.locator(".ratlens-info .ratlens-write")
+    return {
+        side: shown_items([li.text_content() for li in info.locator(f".ratlens-{side} li").all()])
+        for side in ("promoted", "suppressed")
+    } | {"dla": info.locator(".ratlens-dla").text_content()}
+
+
+def assert_write_shown(shown: dict, write, target: str, foil: str, width: int) -> None:
+    """What the page shows of a move's write is ``write``: its tokens in order (cut to
+    ``width``), their direct logits and its DLA to the target and to target − foil, to the
+    page's two decimals."""
+    for side in ("promoted", "suppressed"):
+        assert [t for t, _ in shown[side]] == [cut(t, width) for t in getattr(write, side)]
+        got = [x for _, x in shown[side]]
+        assert got == pytest.approx(getattr(write, f"{side}_logits"), abs=0.0051)
+    quoted = "\u201c\u2068{}\u2069\u201d"
+    dla = re.fullmatch(
+        f"DLA to {re.escape(quoted.format(visible(target)))} ([+\u2212][0-9.]+); to "
+        f"{re.escape(quoted.format(visible(target)))} \u2212 "
+        f"{re.escape(quoted.format(visible(foil)))} ([+\u2212][0-9.]+)",
+        shown["dla"],
+    )
+    numbers = [float(x.replace("\u2212", "-")) for x in dla.groups()]
+    assert numbers == pytest.approx([write.dla, write.dla_diff], abs=0.0051)
+
+
+def test_a_moves_click_and_tooltip_show_what_its_head_wrote(open_page, explained):
+    result, _ = explained
+    opened = open_page(to_html(result))
+    page = opened.page
+    moves = {(m.layer, m.head, m.query, m.key) for b in result.beams for m in b.moves()}
+    writes = {(w.layer, w.head, w.position, w.key): w for w in result.writes}
+    assert set(writes) == moves  # every move of every beam has its write
+    target, foil = result.target_token, result.foil_token
+    for view, selector in (("routes", ".ratlens-move"), ("sankey", ".ratlens-link")):
+        page.locator(f".ratlens-view-{view}").click()
+        for (layer, head, query, key), write in writes.items():
+            link = page.locator(
+                f'{selector}[data-source="{node_id(layer - 1, key)}"]'
+                f'[data-target="{node_id(layer, query)}"][data-head="{head}"]'
+            )
+            link.dispatch_event("click")
+            assert head_label(layer, head) in page.locator(".ratlens-info").text_content()
+            assert_write_shown(write_in_panel(page), write, target, foil, 12)
+            link.dispatch_event("mousemove")
+            tip = page.locator(".ratlens-tooltip").text_content().split("\n")
+            (line,) = [x for x in tip if x.startswith("wrote (direct logits): promotes ")]
+            at = tip.index(line)
+            shown = {
+                "promoted": shown_items(line.split(" promotes ")[1].split(", ")),
+                "suppressed": shown_items(tip[at + 1].split("suppresses ")[1].split(", ")),
+                "dla": tip[at + 2].strip(),
+            }
+            assert_write_shown(shown, write, target, foil, 16)
+    # A stay in the residual stream wrote nothing a head did: its link shows no write.
+    stay = page.locator(".ratlens-link[data-residual='1']")
+    if stay.count():
+        stay.first.dispatch_event("click")
+        assert page.locator(".ratlens-info .ratlens-write").count() == 0
+    opened.assert_clean()
+
+
+def test_hostile_tokens_in_the_lens_writes_and_title_render_as_text(open_page, explained):
+    result, _ = explained
+    lens = [dataclasses.replace(r, tokens=[EVIL, *r.tokens[1:]]) for r in result.lens]
+    writes = [
+        dataclasses.replace(w, promoted=[EVIL, *w.promoted[1:]], suppressed=[*HOSTILE[:5]])
+        for w in result.writes
+    ]
+    evil = dataclasses.replace(
+        result, lens=lens, writes=writes, target_token=EVIL, foil_token=HOSTILE[2]
+    )
+    opened = open_page(to_html(evil))
+    page = opened.page
+    title = page.locator(".ratlens-title").text_content()
+    assert title.endswith(
+        f" \u00b7 why \u201c\u2068{cut(EVIL, 24)}\u2069\u201d and not "
+        f"\u201c\u2068{cut(HOSTILE[2], 24)}\u2069\u201d"
+    )
+    target_node = f'.ratlens-route-node[data-id="{node_id(1, result.target_pos)}"]'
+    page.locator(target_node).dispatch_event("click")
+    texts, target = lens_in_panel(page)
+    assert texts[0].startswith(f"\u201c\u2068{cut(EVIL, 16)}\u2069\u201d ")
+    assert target.startswith(f"target \u201c\u2068{cut(EVIL, 16)}\u2069\u201d rank ")
+    write = result.writes[0]
+    page.locator(
+        f'.ratlens-move[data-source="{node_id(write.layer - 1, write.key)}"]'
+        f'[data-target="{node_id(write.layer, write.position)}"][data-head="{write.head}"]'
+    ).dispatch_event("click")
+    shown = write_in_panel(page)
+    assert shown["promoted"][0][0] == cut(EVIL, 12)  # cut shorter: two columns
+    assert [t for t, _ in shown["suppressed"]] == [cut(t, 12) for t in HOSTILE[:5]]
+    assert page.locator("img, .ratlens script, .ratlens svg[onload]").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    opened.assert_clean()
+
+
+@pytest.mark.parametrize("foil", [True, False], ids=["foil", "no-foil"])
+def test_a_checks_label_names_what_it_measured(open_page, explained, foil):
+    from rat_lens import verify
+    from rat_lens.text import verification_metric
+
+    result, model = explained
+    checked = dataclasses.replace(result)
+    checked.verification = verify(model, result, n_random=3, foil=None if foil else False)
+    name = verification_metric(checked.verification)
+    assert name.startswith("logit(" if foil else "log p of ")
+    opened = open_page(to_html(checked))
+    page = opened.page
+    assert page.locator(".ratlens-facts .ratlens-metric").text_content() == name
+    effect = page.locator(".ratlens-legend .ratlens-effect").first.get_attribute("title")
+    assert effect.startswith(f"drop in {name} when this beam's edges are ablated")
+    assert "log p" not in effect or not foil
     opened.assert_clean()

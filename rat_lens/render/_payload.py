@@ -3,9 +3,11 @@ that is safe to inline in a ``<script>`` element.
 
 The page never sees the result object itself: it gets the traced nodes and links (per head, one
 link per (layer, head, key, query) edge, made here from the beams), the beams, the token text
-(for the token strip), the strip's attention rows, the model's predictions at traced positions
-and, when the result has them, whole per-head attention rows (``head_rows``, optional). Nothing
-else is embedded, so a 30-layer trace of thousands of tokens stays a small file.
+(for the token strip), the strip's attention rows, the model's predictions at traced positions,
+what each route carried (the logit lens at its nodes and each move's head write, when the trace
+explained itself: ``rat_lens.lens``) and, when the result has them, whole per-head attention rows
+(``head_rows``, optional). Nothing else is embedded, so a 30-layer trace of thousands of tokens
+stays a small file.
 
 Every record here is documented, field by field, in ``js/schema.js`` (the JSDoc ``@typedef`` the
 page's code reads it through); ``tests/test_render.py`` checks a real payload against it, so a
@@ -16,7 +18,16 @@ import json
 from collections.abc import Callable
 from typing import Optional
 
-from ..result import TraceResult, Verification, beam_weights, node_id, node_layers
+from ..result import (
+    HeadWrite,
+    LensRecord,
+    TraceResult,
+    Verification,
+    beam_weights,
+    node_id,
+    node_layers,
+)
+from ..text import verification_metric
 
 __all__ = [
     "payload",
@@ -26,6 +37,8 @@ __all__ = [
     "strip_rows",
     "inline_json",
     "verification",
+    "lens_record",
+    "head_write",
     "node_ids",
 ]
 
@@ -79,25 +92,7 @@ def payload(result: TraceResult) -> dict:
         },
         "tokens": list(result.tokens),
         "token_ids": list(result.token_ids),
-        "beams": [
-            {
-                "positions": b.positions,
-                "edge_weights": _rounded(b.edge_weights),
-                "edge_attns": [None if a is None else _round(a) for a in b.edge_attns],
-                "layers": b.layers,
-                "heads": b.heads,
-                "bos_mass": _rounded(b.bos_mass),
-                "score_raw": _round(b.score_raw),
-                "score_norm": _round(b.score_norm),
-                "kinds": list(getattr(b, "kinds", None) or []),
-                "text": text,
-                "node_ids": [
-                    ids(lay, pos)
-                    for pos, lay in zip(b.positions, node_layers(b, result.mode, result.layer))
-                ],
-            }
-            for b, text in zip(result.beams, result.paths_text)
-        ],
+        "beams": [_beam(b, text, result, ids) for b, text in zip(result.beams, result.paths_text)],
         # Sorted by (layer, position): the page's layout reads positions, not this order.
         "nodes": [
             {"id": n.id, "position": n.position, "layer": n.layer}
@@ -112,8 +107,31 @@ def payload(result: TraceResult) -> dict:
             {"position": p.position, "tokens": list(p.tokens), "probs": _rounded(p.probs)}
             for p in result.predictions
         ],
+        # What each route carried (rat_lens.lens): empty unless the trace explained itself.
+        "lens": [lens_record(r) for r in result.lens],
+        "writes": [head_write(w) for w in result.writes],
         **({"head_rows": rows} if (rows := head_rows(result)) else {}),
         **({"verification": verification(result.verification)} if result.verification else {}),
+    }
+
+
+def _beam(b, text: str, result: TraceResult, ids: Callable[[int, int], str]) -> dict:
+    """One ``Beam`` record (``js/schema.js``), weights rounded, with its nodes' ids."""
+    return {
+        "positions": b.positions,
+        "edge_weights": _rounded(b.edge_weights),
+        "edge_attns": [None if a is None else _round(a) for a in b.edge_attns],
+        "layers": b.layers,
+        "heads": b.heads,
+        "bos_mass": _rounded(b.bos_mass),
+        "score_raw": _round(b.score_raw),
+        "score_norm": _round(b.score_norm),
+        "kinds": list(getattr(b, "kinds", None) or []),
+        "text": text,
+        "node_ids": [
+            ids(lay, pos)
+            for pos, lay in zip(b.positions, node_layers(b, result.mode, result.layer))
+        ],
     }
 
 
@@ -217,6 +235,10 @@ def verification(v: Verification) -> dict:
     f, t = v.faithfulness, v.token_importance
     return {
         "prediction": v.prediction,
+        "metric": v.metric,
+        "metric_name": verification_metric(v),
+        "foil": v.foil,
+        "logit_diff": None if v.logit_diff is None else _round(v.logit_diff),
         "ablation": v.ablation,
         "n_random": v.n_random,
         "beams": [
@@ -232,6 +254,37 @@ def verification(v: Verification) -> dict:
             k: None if x is None else _round(x)
             for k, x in (t.spearman if t is not None else {}).items()
         },
+    }
+
+
+def lens_record(r: LensRecord) -> dict:
+    """A ``LensRecord`` (``js/schema.js``): the logit lens at one node, probabilities rounded."""
+    return {
+        "layer": r.layer,
+        "position": r.position,
+        "tokens": list(r.tokens),
+        "token_ids": list(r.token_ids),
+        "probs": _rounded(r.probs),
+        "target_rank": r.target_rank,
+        "target_prob": _round(r.target_prob),
+    }
+
+
+def head_write(w: HeadWrite) -> dict:
+    """A ``HeadWrite`` (``js/schema.js``): what one head move wrote, its direct logits rounded."""
+    return {
+        "layer": w.layer,
+        "head": w.head,
+        "position": w.position,
+        "key": w.key,
+        "promoted": list(w.promoted),
+        "promoted_ids": list(w.promoted_ids),
+        "promoted_logits": _rounded(w.promoted_logits),
+        "suppressed": list(w.suppressed),
+        "suppressed_ids": list(w.suppressed_ids),
+        "suppressed_logits": _rounded(w.suppressed_logits),
+        "dla": _round(w.dla),
+        "dla_diff": None if w.dla_diff is None else _round(w.dla_diff),
     }
 
 

@@ -216,8 +216,8 @@ function censusCheck(v) {
   const b = v.beams[0];
   const against = [b.ratio === null ? null : fmt(b.ratio, 1) + "\u00d7 random paths of its shape",
     b.p_value === null ? null : "p = " + fmt(b.p_value, 3)].filter(function (x) { return x; });
-  return "ablating the best beam (" + v.ablation + "): log p(\u201c" +
-    isolate(visible(v.prediction)) + "\u201d) drops by " + fmt(b.effect) +
+  return "ablating the best beam (" + v.ablation + "): " + v.metric_name + " drops by " +
+    fmt(b.effect) +
     (against.length ? " (" + against.join(", ") + ")" : "");
 }
 

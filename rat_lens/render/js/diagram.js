@@ -7,7 +7,7 @@
 //   drawDiagram, beamsThrough, paint.
 // Uses: util.js: RESIDUAL_COLOR, fmt, headColor, beamColor, layerName, headName, headKey,
 //   isResidual, edgeNumbers, isolate, shorten, visible, tokenAt, predictionsAt, predictionText,
-//   prob.
+//   prob, lensAt, lensTop, lensTarget, writeOf, writeTokens, writeDla.
 
 const NODE_W = 12;      // node bar width
 const COL_W = 150;      // distance between columns: room for a label
@@ -164,6 +164,8 @@ function nodeTip(data, n) {
   }
   const guesses = predictionText(data, n.position);
   if (guesses) lines.push("model's next token here: " + guesses);
+  const lens = lensAt(data, n.lay, n.position);
+  if (lens) lines.push("logit lens here: " + lensTop(lens), lensTarget(data, lens));
   return lines.join("\n");
 }
 
@@ -174,6 +176,11 @@ function linkTip(data, l) {
       (numbers ? " \u00b7 " + numbers : "") +
       " \u00b7 Sankey weight " + fmt(l.value),
     "beams " + l.beams.map(function (b) { return "#" + (b + 1); }).join(", ")];
+  const w = l.residual ? null : writeOf(data, l.lay, l.head, l.target.position, l.source.position);
+  if (w) {
+    lines.push("wrote (direct logits): promotes " + writeTokens(w, "promoted"),
+               "  suppresses " + writeTokens(w, "suppressed"), "  " + writeDla(data, w));
+  }
   const siblings = l.source.sourceLinks.filter(function (o) { return o.target === l.target; })
     .sort(function (a, b) { return b.value - a.value; });
   if (siblings.length > 1) {

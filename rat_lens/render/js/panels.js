@@ -3,18 +3,20 @@
 // .text(); elements are found through `ui`, never by id, so any number of widgets can share a
 // page.
 // Defines: KEY_HEADS, LEGEND_MOVES, titleText, buildSkeleton, keyLines, buildKey, buildFacts,
-//   beamEffect, beamMoves, buildLegend, clearInfo, revealInfo, edgeList, showNode, beamEdgesAt,
-//   beamEdgeNumbers, showHead, showLink, showTooltip, hideTooltip.
+//   beamEffect, beamMoves, buildLegend, clearInfo, revealInfo, edgeList, showNode, lensSection,
+//   beamEdgesAt, beamEdgeNumbers, showHead, showLink, writeSection, showTooltip, hideTooltip.
 // Uses: util.js: visible, fmt, prob, headColor, beamColor, layerName, headName,
 //   isResidual, weighted, weightName, edgeNumbers, scoreMeaning, isolate, tokenAt, nextToken, generatedFrom,
-//   predictionsAt, predictionText, infoRow; diagram.js: sortedList.
+//   predictionsAt, predictionText, quoted, signed, lensAt, lensTarget, writeOf, writeDla,
+//   infoRow; diagram.js: sortedList.
 
 const KEY_HEADS = 16;     // head chips in the key; the grid has them all
 const LEGEND_MOVES = 12;  // moves listed per beam in the legend (a long chain's are cut)
 
-// "prompt 2 · Trace from “red”@8 (→ “blue”@9) · layers L1→L0 · 5 beams". The prompt is named
-// when the page shows several prompts (opts.prompt); the next token when there is one: on a page
-// of a generated continuation it is what the model produced from the target.
+// "prompt 2 · Trace from “red”@8 (→ “blue”@9) · layers L1→L0 · 5 beams · why “blue” and not
+// “cat”". The prompt is named when the page shows several prompts (opts.prompt); the next token
+// when there is one: on a page of a generated continuation it is what the model produced from
+// the target; the token explained (and its foil) when the trace names them (rat_lens.lens).
 function titleText(data, opts) {
   const m = data.meta, next = nextToken(data);
   const span = m.mode === "layers"
@@ -23,7 +25,10 @@ function titleText(data, opts) {
   return (opts && opts.prompt ? "Prompt " + m.batch_index + " \u00b7 " : "") +
     "Trace from " + tokenAt(data, m.target_pos, 24) +
     (next === null ? "" : " (\u2192 next " + tokenAt(data, next, 16) + ")") + " \u00b7 " +
-    span + " \u00b7 " + data.beams.length + (data.beams.length === 1 ? " beam" : " beams");
+    span + " \u00b7 " + data.beams.length + (data.beams.length === 1 ? " beam" : " beams") +
+    (m.target_token === null || m.target_token === undefined ? ""
+      : " \u00b7 why " + quoted(m.target_token, 24) +
+        (m.foil_token === null ? "" : " and not " + quoted(m.foil_token, 24)));
 }
 
 function buildSkeleton(root, data, opts) {
@@ -193,6 +198,8 @@ function buildFacts(box, data, opts) {
     infoRow(box, "causal check", "ablation " + v.ablation + ", " + v.n_random +
       " random paths per beam");
     infoRow(box, "prediction", visible(v.prediction), "ratlens-tokentext");
+    infoRow(box, "measured", v.metric_name, "ratlens-tokentext ratlens-metric");
+    if (v.logit_diff !== null) infoRow(box, "clean value", fmt(v.logit_diff));
     if (v.faithfulness_area !== null) infoRow(box, "faithfulness area", fmt(v.faithfulness_area));
     Object.keys(v.spearman).forEach(function (k) {
       if (v.spearman[k] !== null) infoRow(box, "Spearman (" + k + ")", fmt(v.spearman[k]));
@@ -242,7 +249,8 @@ function buildLegend(ui, data, pick) {
   });
   if (data.verification) {
     text.append("div").attr("class", "ratlens-effect").attr("title",
-      "drop in log p of the prediction when this beam's edges are ablated, against random " +
+      "drop in " + data.verification.metric_name + " when this beam's edges are ablated, " +
+      "against random " +
       "paths of the same shape").text(function (b, i) { return beamEffect(data, i); });
   }
   // Its moves from the target back, each head in its colour; a long chain's are cut, with the
@@ -312,6 +320,7 @@ function showNode(ui, data, node, through) {
   if (guesses) {
     infoRow(box, "model's next token", guesses, "ratlens-tokentext ratlens-predictions");
   }
+  lensSection(box, data, node);
   edgeList(box, data, "reads from (Sankey weight, by head):", node.targetLinks,
            function (l) { return l.source; });
   edgeList(box, data, "read by (Sankey weight, by head):", node.sourceLinks,
@@ -328,6 +337,21 @@ function showNode(ui, data, node, through) {
   items.append("div").attr("class", "ratlens-path").text(function (b) {
     return beamEdgesAt(data, data.beams[b], node.id);
   });
+}
+
+// The logit lens at the node: where the token explained stands there, then its top tokens.
+function lensSection(box, data, node) {
+  const rec = lensAt(data, node.lay, node.position);
+  if (!rec) return;
+  const section = box.append("div").attr("class", "ratlens-lens")
+    .attr("title", "the residual stream here through the model's final norm and unembedding");
+  section.append("div").text("logit lens " + (node.lay < 0 ? "at the embeddings"
+    : "after " + layerName(node.lay)) + ":");
+  section.append("div").attr("class", "ratlens-lens-target ratlens-tokentext")
+    .text(lensTarget(data, rec));
+  section.append("ul").attr("class", "ratlens-list ratlens-tokens ratlens-tokentext")
+    .selectAll("li").data(rec.tokens).join("li")
+    .text(function (t, i) { return quoted(t) + " " + prob(rec.probs[i]); });
 }
 
 // A beam's edges at one node: the one it takes from there (to an earlier key) and the one that
@@ -382,6 +406,7 @@ function showLink(ui, data, link) {
   if (weighted(data) && link.attention !== null) infoRow(box, "attention", fmt(link.attention, 4));
   infoRow(box, "Sankey weight", fmt(link.value, 4));
   infoRow(box, "beams", link.beams.map(function (b) { return "#" + (b + 1); }).join(", "));
+  if (!link.residual) writeSection(box, data, link);
   const siblings = link.source.sourceLinks.filter(function (o) {
     return o.target === link.target;
   }).sort(function (a, b) { return b.value - a.value; });
@@ -394,6 +419,26 @@ function showLink(ui, data, link) {
           (edgeNumbers(data, o) ? " (" + edgeNumbers(data, o) + ")" : "");
       });
   }
+}
+
+// What the move's head wrote at its query: its direct logit of the target (and of target minus
+// foil), then the tokens it promotes and suppresses most (direct logits), side by side.
+function writeSection(box, data, link) {
+  const w = writeOf(data, link.lay, link.head, link.target.position, link.source.position);
+  if (!w) return;
+  const section = box.append("div").attr("class", "ratlens-write");
+  section.append("div").text(link.name + " wrote at " + tokenAt(data, w.position, 16) +
+    " (direct logits):");
+  section.append("div").attr("class", "ratlens-dla").text(writeDla(data, w));
+  const sides = section.append("div").attr("class", "ratlens-write-sides");
+  [["promoted", "promotes"], ["suppressed", "suppresses"]].forEach(function (side) {
+    const column = sides.append("div");
+    column.append("div").text(side[1] + ":");
+    column.append("ul").attr("class", "ratlens-list ratlens-tokentext ratlens-" + side[0])
+      .selectAll("li").data(w[side[0]]).join("li").text(function (t, i) {
+        return quoted(t, 12) + " " + signed(w[side[0] + "_logits"][i]);
+      });
+  });
 }
 
 function showTooltip(ui, event, text) {

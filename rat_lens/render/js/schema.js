@@ -22,6 +22,9 @@
  * @property {Strip} strip  what the token strip shows
  * @property {Prediction[]} predictions  the model's top next tokens at traced positions (empty
  *     unless traced with predictions=k)
+ * @property {LensRecord[]} lens  the logit lens at the nodes the beams visit (rat_lens.lens;
+ *     empty unless the trace explained itself: a target or foil named, or explain=True)
+ * @property {HeadWrite[]} writes  what each head move of the beams wrote (empty as lens is)
  * @property {HeadRow[]} [head_rows]  whole attention rows of single heads at traced queries, only
  *     when the tracer recorded them; without them the head heatmap shows the beams' edges only
  * @property {Verification} [verification]  the causal check, only when the trace has one
@@ -129,6 +132,41 @@
  */
 
 /**
+ * The logit lens at one node (TraceResult.lens): the residual stream at position after layer
+ * (-1: the embeddings) through the model's final norm and unembedding. The node it belongs to is
+ * the Node with the same layer and position.
+ * @typedef {Object} LensRecord
+ * @property {number} layer  the node's layer (-1: the embeddings)
+ * @property {number} position  the node's position
+ * @property {string[]} tokens  the top tokens there, most probable first
+ * @property {number[]} token_ids  their ids
+ * @property {number[]} probs  their probabilities (6 significant digits)
+ * @property {number} target_rank  the rank of Meta.target_token there (0 = top; the page shows
+ *     it from 1)
+ * @property {number} target_prob  its probability there (6 significant digits)
+ */
+
+/**
+ * What one head move wrote (TraceResult.writes): head `head` of `layer` at the query `position`
+ * (reading `key`), its output z . W_O through the final norm (its scale at the query held
+ * fixed) onto the unembedding: its direct logits. Moves of one head from one query to different
+ * keys share the write.
+ * @typedef {Object} HeadWrite
+ * @property {number} layer  the move's layer
+ * @property {number} head  its head
+ * @property {number} position  the query (the reading position)
+ * @property {number} key  the key it read
+ * @property {string[]} promoted  the tokens whose logits the write raises most, most first
+ * @property {number[]} promoted_ids  their ids
+ * @property {number[]} promoted_logits  their direct logits (6 significant digits)
+ * @property {string[]} suppressed  the tokens it lowers most, most first
+ * @property {number[]} suppressed_ids  their ids
+ * @property {number[]} suppressed_logits  their direct logits (negative; 6 significant digits)
+ * @property {number} dla  its direct logit of Meta.target_token
+ * @property {?number} dla_diff  of target_token minus foil_token; null without a foil
+ */
+
+/**
  * One head's attention row at one query (optional data: Payload.head_rows). The keys may be the
  * whole row or its strongest keys; the page shows the keys given and nothing else.
  * @typedef {Object} HeadRow
@@ -142,7 +180,14 @@
 /**
  * What the page shows of a causal check (rat_lens.verify), rounded.
  * @typedef {Object} Verification
- * @property {string} prediction  the model's top next token, whose log p is measured
+ * @property {string} prediction  the model's top next token
+ * @property {("logp"|"logit_diff")} metric  what every effect measures: log p of the
+ *     prediction, or with a foil logit(token) - logit(foil)
+ * @property {string} metric_name  that metric in words, as Python writes it
+ *     (rat_lens.text.verification_metric: "log p of 'blue'", "logit('blue') − logit('cat')")
+ * @property {?string} foil  the foil of a logit_diff check; null otherwise
+ * @property {?number} logit_diff  the clean logit difference (6 significant digits); null
+ *     without a foil
  * @property {string} ablation  how edges were ablated
  * @property {number} n_random  random paths per beam in the baseline
  * @property {BeamEffect[]} beams  by beam index
@@ -154,7 +199,8 @@
 /**
  * One beam's causal effect.
  * @typedef {Object} BeamEffect
- * @property {number} effect  drop in log p of the prediction when the beam's edges are ablated
+ * @property {number} effect  drop in the metric (Verification.metric_name) when the beam's edges
+ *     are ablated
  * @property {?number} ratio  effect / mean |effect| of random paths; null when those are noise
  * @property {?number} p_value  share of random paths (plus one) with at least this effect
  */

@@ -4,7 +4,7 @@
 //   beamColor, layerName, headName, headKey, isResidual, weighted, weightName, edgeNumbers,
 //   averagedName,
 //   scoreMeaning, isolate, tokenAt, nextToken, generatedFrom, predictionsAt, predictionText,
-//   infoRow.
+//   quoted, signed, lensAt, lensTop, lensTarget, writeOf, writeTokens, writeDla, infoRow.
 // Uses: nothing.
 
 // Whitespace made visible, so that " dog", "dog" and "dog\n" look different.
@@ -178,6 +178,62 @@ function predictionText(data, pos, max) {
   return p.tokens.slice(0, max || p.tokens.length).map(function (t, i) {
     return "\u201c" + isolate(shorten(visible(t), 16)) + "\u201d " + prob(p.probs[i]);
   }).join(", ");
+}
+
+// “blue”: a token of a list, whitespace visible, isolated, cut to `max` (default 16) characters.
+function quoted(token, max) {
+  return "\u201c" + isolate(shorten(visible(token), max || 16)) + "\u201d";
+}
+
+// A direct logit with its sign: "+4.06", "\u22122.43".
+function signed(x) {
+  return (x < 0 ? "\u2212" : "+") + fmt(Math.abs(x), 2);
+}
+
+// The LensRecord (schema.js) at node (layer, position), or null: the trace explained nothing
+// there (no target or foil named) or no beam visits it.
+function lensAt(data, layer, pos) {
+  const found = (data.lens || []).filter(function (r) {
+    return r.layer === layer && r.position === pos;
+  });
+  return found.length ? found[0] : null;
+}
+
+// "“blue” 99.9%, “owl” 0.02%": the lens's top tokens with their probabilities.
+function lensTop(rec) {
+  return rec.tokens.map(function (t, i) { return quoted(t) + " " + prob(rec.probs[i]); })
+    .join(", ");
+}
+
+// "target “blue” rank 1, p 99.9%": where the token explained stands in the lens (rank 1 = top).
+function lensTarget(data, rec) {
+  const t = data.meta.target_token;
+  return "target " + (t === null || t === undefined ? "" : quoted(t) + " ") + "rank " +
+    (rec.target_rank + 1) + ", p " + prob(rec.target_prob);
+}
+
+// The HeadWrite (schema.js) of a move: head `head` of `layer` at query `query`, reading `key`;
+// one of the same head and query when none names this key (they share the write); else null.
+function writeOf(data, layer, head, query, key) {
+  const same = (data.writes || []).filter(function (w) {
+    return w.layer === layer && w.head === head && w.position === query;
+  });
+  const exact = same.filter(function (w) { return w.key === key; });
+  return exact.length ? exact[0] : same.length ? same[0] : null;
+}
+
+// "“blue” +4.06, “owl” +1.82": a write's promoted (side "promoted") or suppressed tokens.
+function writeTokens(w, side) {
+  return w[side].map(function (t, i) { return quoted(t) + " " + signed(w[side + "_logits"][i]); })
+    .join(", ");
+}
+
+// "DLA to “blue” +4.06; to “blue” − “cat” +6.49": the write's direct logit of the target (and,
+// with a foil, of target minus foil).
+function writeDla(data, w) {
+  const m = data.meta, t = m.target_token === null ? "the target" : quoted(m.target_token);
+  return "DLA to " + t + " " + signed(w.dla) + (w.dla_diff === null ? ""
+    : "; to " + t + " \u2212 " + quoted(m.foil_token) + " " + signed(w.dla_diff));
 }
 
 // Build <div class="ratlens-row"><span>label</span><span>value</span></div> with text only.
