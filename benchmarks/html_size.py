@@ -12,10 +12,16 @@ the same chain, and a 12-layer x 12-head per-head trace of the same prompt, each
 size, how many links it draws (one per head in per-head mode), its first contentful paint, when
 the widget is drawn (``data-ratlens-ready``) and the frame after, medians of 5 fresh loads.
 
+With ``--census 100,1000``: the census page (``census.html``) of the embedded model for that many
+prompts (a few random words, then the first of them again), with each prompt's trace embedded for
+its expander and without (``PAGE_TRACE_CHARS`` = 0), and its load in Chromium.
+
 Usage: python benchmarks/html_size.py [--tokens 2000] [--layers 30] [--heads 4] [--no-browser]
+       [--census 100,1000]
 """
 
 import argparse
+import dataclasses
 import random
 import statistics
 import tempfile
@@ -164,13 +170,52 @@ def measure_page(name: str, result: TraceResult, browser: bool) -> None:
     )
 
 
+def census_sizes(counts: list[int], browser: bool) -> None:
+    """The census page of the embedded model for each count of prompts, traces embedded or not."""
+    from screenshots import census_prompts
+
+    from rat_lens.models import load
+    from rat_lens.render import _census
+
+    print("| census | prompts with a trace | HTML | HTML without traces | drawn |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        found = rat_lens.census(
+            load("induction-2l"),
+            census_prompts(max(counts)),
+            Path(folder),
+            layers=(0, 1),
+            agg_heads="none",
+            progress=False,
+        )
+        results = found.traces()
+        for n in counts:
+            part = dataclasses.replace(found, n_prompts=n)
+            page = _census.census_html(part, results[:n])
+            data = _census.census_payload(part, results[:n])
+            budget, _census.PAGE_TRACE_CHARS = _census.PAGE_TRACE_CHARS, 0
+            bare = _census.census_html(part, results[:n])
+            _census.PAGE_TRACE_CHARS = budget
+            _, ready, _ = paint_times(page) if browser else (None, float("nan"), None)
+            print(
+                f"| embedded model, {n:,} prompts | {data['meta']['with_trace']:,} | "
+                f"{len(page.encode()) / 1e6:.2f} MB | {len(bare.encode()) / 1e6:.2f} MB | "
+                f"{ready:,.0f} ms |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--no-browser", action="store_true", help="sizes only, no Chromium")
+    parser.add_argument("--census", help="census pages of these many prompts, e.g. 100,1000")
     args = parser.parse_args()
+    if args.census:
+        browser = not args.no_browser and Path(CHROMIUM).exists()
+        census_sizes([int(n) for n in args.census.split(",")], browser)
+        return
     n = args.tokens
     tokens = ["<bos>"] + random.Random(0).choices(WORDS, k=n - 1)
 

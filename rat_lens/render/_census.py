@@ -12,6 +12,7 @@ given, ``traces()``): this module sits below :mod:`rat_lens.corpus`, which impor
 code, and must load without torch.
 """
 
+import dataclasses
 import html
 import webbrowser
 from collections.abc import Sequence
@@ -21,17 +22,31 @@ from typing import Optional, Union
 from ..errors import RatLensError, check_int, checked_call
 from ..files import write_files
 from ..result import TraceResult
-from ._html import VENDOR, _asset, _document, _new_id, _script
-from ._payload import _round, inline_json, verification
+from ._html import SCRIPTS, VENDOR, _asset, _document, _new_id, _script
+from ._payload import _round, inline_json, payload, verification
 
-__all__ = ["census_payload", "census_fragment", "census_html", "render_census", "PAGE_PROMPTS"]
+__all__ = [
+    "census_payload",
+    "census_fragment",
+    "census_html",
+    "render_census",
+    "PAGE_PROMPTS",
+    "PAGE_TRACE_CHARS",
+]
 
 # The page's list of prompts holds the first PAGE_PROMPTS: 0.3 kB each for a 16-token prompt,
 # 0.7 kB with verify's checks (measured), so the page stays near 1 MB at most. The heatmap and
 # the table count every prompt; the list is for reading examples of a head.
 PAGE_PROMPTS = 1000
 BEFORE_TOKENS, AFTER_TOKENS = 48, 8  # of each prompt's text, shown around its target
-CENSUS_SCRIPTS = ("js/schema.js", "js/util.js", "js/census.js")
+# Each listed prompt carries its trace for its expander (compact: _trace), in prompt order while
+# their JSON stays within PAGE_TRACE_CHARS: measured 4.2 kB a prompt for the embedded model
+# (2 layers, 5 beams: all 1,000 listed prompts fit) and 19 kB for SmolLM2 at full depth (about
+# 250 fit), so a page stays under ~6 MB.
+PAGE_TRACE_CHARS = 5_000_000
+# The trace page's scripts, then the census's own: a prompt's expander draws its trace with the
+# trace page's code (mount.js's mount), from the data in the page.
+CENSUS_SCRIPTS = (*SCRIPTS, "js/census.js")
 STYLES = ("widget.css", "census.css")
 OPTION_NAMES = ("agg_heads", "top_beam", "top_k", "length_norm", "edge_weight", "residual")
 
@@ -56,10 +71,12 @@ def census_payload(found, results: Sequence[TraceResult], max_prompts: int = PAG
     for r in results:
         layers.update(range(r.layer_lo if r.mode == "layers" else r.layer, r.layer + 1))
     options = dict(found.options)
+    prompts = _listed(results[:max_prompts])
     return {
         "meta": {
             "n_prompts": found.n_prompts,
-            "listed": min(max_prompts, len(results)),
+            "listed": len(prompts),
+            "with_trace": sum("trace" in p for p in prompts),
             "layers": sorted(layers, reverse=True),
             "heads": list(range(named[-1] + 1)) if named else [None],
             "options": {k: options[k] for k in OPTION_NAMES if k in options},
@@ -76,7 +93,7 @@ def census_payload(found, results: Sequence[TraceResult], max_prompts: int = PAG
             }
             for h in heads
         ],
-        "prompts": [_prompt(i, r) for i, r in enumerate(results[:max_prompts])],
+        "prompts": prompts,
         **({"roles": _roles(roles)} if (roles := getattr(found, "roles", None)) else {}),
     }
 
@@ -99,8 +116,7 @@ def census_fragment(
             _table(data),
             f'<script type="application/json" id="ratlens-census-data-{uid}">'
             f"{inline_json(data)}</script>",
-            # D3 alone: the census draws no Sankey.
-            _script(VENDOR[:1], CENSUS_SCRIPTS, f"mountCensus({inline_json(uid)});"),
+            _script(VENDOR, CENSUS_SCRIPTS, f"mountCensus({inline_json(uid)});"),
         ]
     )
 
@@ -163,6 +179,28 @@ def _prompt(index: int, result: TraceResult) -> dict:
         "guess_prob": None if guess is None else _round(guess.probs[0]),
         **({"verification": verification(v)} if (v := result.verification) else {}),
     }
+
+
+def _listed(results: Sequence[TraceResult]) -> list[dict]:
+    """``CensusPrompt`` records, each with its trace while the traces' JSON stays within
+    ``PAGE_TRACE_CHARS`` (after that, none: the first prompts carry theirs)."""
+    prompts, spent = [], 0
+    for i, result in enumerate(results):
+        prompts.append(_prompt(i, result))
+        trace = _trace(result)
+        spent += len(inline_json(trace))
+        if spent <= PAGE_TRACE_CHARS:
+            prompts[-1]["trace"] = trace
+    return prompts
+
+
+def _trace(result: TraceResult) -> dict:
+    """What the prompt's expander draws: the trace page's ``Payload``, compact. The beams, the
+    graph, the tokens, the predictions and the causal check are kept; the strip's averaged
+    attention (``top_attention``: a few keys for every position) and the heads' whole attention
+    rows (``head_rows``: up to 64 keys per traced query) are left out, so the strip shows the
+    beams' own edges and the head heatmap the beams' keys. They are most of a trace's payload."""
+    return payload(dataclasses.replace(result, token_ids=[], top_attention=[], head_rows=[]))
 
 
 def _roles(table) -> dict:

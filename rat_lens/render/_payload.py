@@ -4,10 +4,10 @@ that is safe to inline in a ``<script>`` element.
 The page never sees the result object itself: it gets the traced nodes and links (per head, one
 link per (layer, head, key, query) edge, made here from the beams), the beams, the token text
 (for the token strip), the strip's attention rows, the model's predictions at traced positions,
-what each route carried (the logit lens at its nodes and each move's head write, when the trace
-explained itself: ``rat_lens.lens``) and, when the result has them, whole per-head attention rows
-(``head_rows``, optional). Nothing else is embedded, so a 30-layer trace of thousands of tokens
-stays a small file.
+what each route carried (the logit lens at its nodes, each move's head write and what was written
+where a route stayed, when the trace explained itself: ``rat_lens.lens``) and, when the result
+has them, whole per-head attention rows (``head_rows``, optional). Nothing else is embedded, so
+a 30-layer trace of thousands of tokens stays a small file.
 
 Every record here is documented, field by field, in ``js/schema.js`` (the JSDoc ``@typedef`` the
 page's code reads it through); ``tests/test_render.py`` checks a real payload against it, so a
@@ -21,6 +21,7 @@ from typing import Optional
 from ..result import (
     HeadWrite,
     LensRecord,
+    StayWrite,
     TraceResult,
     Verification,
     beam_weights,
@@ -39,6 +40,7 @@ __all__ = [
     "verification",
     "lens_record",
     "head_write",
+    "stay_write",
     "node_ids",
 ]
 
@@ -110,6 +112,7 @@ def payload(result: TraceResult) -> dict:
         # What each route carried (rat_lens.lens): empty unless the trace explained itself.
         "lens": [lens_record(r) for r in result.lens],
         "writes": [head_write(w) for w in result.writes],
+        "stays": [stay_write(s) for s in result.stays],
         **({"head_rows": rows} if (rows := head_rows(result)) else {}),
         **({"verification": verification(result.verification)} if result.verification else {}),
     }
@@ -285,6 +288,21 @@ def head_write(w: HeadWrite) -> dict:
         "suppressed_logits": _rounded(w.suppressed_logits),
         "dla": _round(w.dla),
         "dla_diff": None if w.dla_diff is None else _round(w.dla_diff),
+    }
+
+
+def stay_write(s: StayWrite) -> dict:
+    """A ``StayWrite`` (``js/schema.js``): what was written where a route stayed, rounded."""
+    return {
+        "position": s.position,
+        "top": s.top,
+        "bottom": s.bottom,
+        "blocks": [
+            {"layer": b.layer, "block": b.block, "share": _round(b.share)} for b in s.blocks
+        ],
+        "mlp_layer": s.mlp_layer,
+        "mlp_dla": None if s.mlp_dla is None else _round(s.mlp_dla),
+        "mlp_dla_diff": None if s.mlp_dla_diff is None else _round(s.mlp_dla_diff),
     }
 
 

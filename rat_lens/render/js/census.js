@@ -1,10 +1,12 @@
 // census.js: the census page (rat_lens/render/_census.py): a layer x head heatmap of a census,
 // coloured by one of its counts (a toggle), tooltips, and the prompts it traced, filtered by a
-// clicked head. Its data is a CensusPayload (schema.js); the page loads schema.js, util.js and
-// this file only (no Sankey). Text reaches the page through textContent only, as in util.js.
+// clicked head. Its data is a CensusPayload (schema.js); the page loads the trace page's files
+// (_html.py's SCRIPTS), then this one. Text reaches the page through textContent only.
+// Each listed prompt has an expander that draws its trace with the trace page's own code (mount).
 // Defines: CENSUS_METRICS, censusRoles, censusToken, censusLines, drawCensusGrid, censusKeys,
-//   drawCensusRoute, drawCensusPrompts, censusCheck, mountCensus.
-// Uses: util.js: WHITESPACE, fmt, prob, headColor, headName, headKey, visible, shorten, isolate.
+//   drawCensusRoute, drawCensusTraces, drawCensusPrompts, censusCheck, mountCensus.
+// Uses: util.js: WHITESPACE, fmt, prob, headColor, headName, headKey, visible, shorten, isolate;
+//   mount.js: mount.
 
 // What the heatmap can be coloured by: a CensusHead field each.
 const CENSUS_METRICS = [
@@ -172,8 +174,35 @@ function drawCensusRoute(items) {
   });
 }
 
+// Each prompt's expander: its trace (CensusPrompt.trace, a Payload), drawn by the trace page's
+// mount when it first opens (a thousand widgets drawn up front would take seconds). While one is
+// open the list spans the page's width below the heatmap (`main` gets is-tracing): the trace
+// needs the room its own page has. Its element id is the prompt's, so a redrawn list reuses it.
+function drawCensusTraces(items, main, uid) {
+  const more = items.filter(function (p) { return p.trace; }).append("details")
+    .attr("class", "ratlens-census-trace");
+  more.append("summary").text(function (p) {
+    return "Trace of #" + p.index + ": route map, Sankey, beams, heads";
+  });
+  more.on("toggle", function (event, p) {
+    main.classed("is-tracing", !main.select(".ratlens-census-trace[open]").empty());
+    if (!this.open) return;
+    this.scrollIntoView({block: "start"});
+    if (this.querySelector(".ratlens")) return;
+    const root = d3.select(this).append("div").attr("class", "ratlens")
+      .attr("id", "ratlens-census-" + uid + "-" + p.index);
+    try {
+      mount(root, p.trace, {});
+    } catch (err) {
+      root.append("div").attr("class", "ratlens-error")
+        .text("rat_lens could not draw this trace: " + err);
+      console.error(err);
+    }
+  });
+}
+
 // The listed prompts (CensusPrompt), or those whose best beam goes through `cell`'s head.
-function drawCensusPrompts(box, data, cell) {
+function drawCensusPrompts(box, data, cell, uid) {
   const m = data.meta;
   box.selectAll("*").remove();
   const through = function (p) {
@@ -188,7 +217,10 @@ function drawCensusPrompts(box, data, cell) {
       (cell.count ? cell.count.top_beam_prompts : 0) + " of " + m.n_prompts + "). Click the " +
       "cell again for every prompt."
     : "The page lists " + listed + ": each one's text up to the traced token (outlined), and " +
-      "its best beam. Click a cell of the heatmap for the prompts whose best beam uses that head.");
+      "its best beam; open a prompt's trace for its route map. Click a cell of the heatmap for " +
+      "the prompts whose best beam uses that head." + (m.with_trace < m.listed ? " The page " +
+      "holds the traces of the first " + m.with_trace + " prompts only (its size budget); " +
+      "draw any other with rat_lens.render.render_html(found.traces()[i], ...)." : ""));
   const items = box.append("ol").attr("class", "ratlens-census-prompts")
     .selectAll("li").data(shown).join("li")
     .attr("data-index", function (p) { return p.index; });
@@ -209,6 +241,7 @@ function drawCensusPrompts(box, data, cell) {
   items.filter(function (p) { return p.verification && p.verification.beams.length; })
     .append("div").attr("class", "ratlens-note ratlens-census-check")
     .text(function (p) { return censusCheck(p.verification); });
+  drawCensusTraces(items, d3.select(box.node().parentNode), uid);
 }
 
 // The best beam's causal effect, as the census's check (verify) measured it.
@@ -263,7 +296,7 @@ function mountCensus(uid) {
         picked = picked && picked.key === cell.key ? null : cell;
         const on = function (c) { return picked !== null && c.key === picked.key; };
         grid.cells.classed("is-on", on).attr("aria-pressed", on);
-        drawCensusPrompts(promptBox, data, picked);
+        drawCensusPrompts(promptBox, data, picked, uid);
       },
     });
     const key = gridBox.append("div").attr("class", "ratlens-census-key");
@@ -283,7 +316,7 @@ function mountCensus(uid) {
           (data.roles ? " and role scores" : "") + "; click it for its prompts.");
     }
     show(metrics[0]);
-    drawCensusPrompts(promptBox, data, null);
+    drawCensusPrompts(promptBox, data, null, uid);
     root.attr("data-ratlens-ready", "1");
   } catch (err) {
     root.append("div").attr("class", "ratlens-error")

@@ -3,11 +3,12 @@
 // keyboard focus, the off-screen note, and the highlight/filter state painted as classes (for
 // the route map of routemap.js too).
 // Defines: NODE_W, COL_W, LABEL_W, PAD, TOP, MIN_NODE, READABLE, LIST_SHOWN, assignColumns,
-//   edgeWeights, layout, headTable, sortedList, nodeTip, linkTip, placeLabels, stayRuns,
-//   drawDiagram, beamsThrough, paint.
+//   edgeWeights, layout, headTable, sortedList, nodeTip, linkTip, stayTip, runTip, placeLabels,
+//   stayRuns, drawDiagram, beamsThrough, paint.
 // Uses: util.js: RESIDUAL_COLOR, fmt, headColor, beamColor, layerName, headName, headKey,
 //   isResidual, edgeNumbers, isolate, shorten, visible, tokenAt, predictionsAt, predictionText,
-//   prob, lensAt, lensTop, lensTarget, writeOf, writeTokens, writeDla.
+//   prob, lensAt, lensTop, lensTarget, writeOf, writeTokens, writeDla, stayOf, stayWhere,
+//   stayBlocks, stayMlp.
 
 const NODE_W = 12;      // node bar width
 const COL_W = 150;      // distance between columns: room for a label
@@ -181,6 +182,7 @@ function linkTip(data, l) {
     lines.push("wrote (direct logits): promotes " + writeTokens(w, "promoted"),
                "  suppresses " + writeTokens(w, "suppressed"), "  " + writeDla(data, w));
   }
+  if (l.residual) lines.push.apply(lines, stayTip(data, l));
   const siblings = l.source.sourceLinks.filter(function (o) { return o.target === l.target; })
     .sort(function (a, b) { return b.value - a.value; });
   if (siblings.length > 1) {
@@ -195,6 +197,23 @@ function linkTip(data, l) {
     }
   }
   return lines.join("\n");
+}
+
+// What was written where a stay (or a run of them) kept its position: the StayWrite's span,
+// its strongest blocks and its top MLP; nothing when the trace explained no stays.
+function stayTip(data, l) {
+  const s = stayOf(data, l);
+  if (!s) return [];
+  const mlp = stayMlp(data, s);
+  return [stayWhere(data, s) + "; wrote most: " + stayBlocks(s)].concat(mlp ? ["  " + mlp] : []);
+}
+
+// A run of stays drawn as one band (stayRuns): its span, its weakest stay, its beams, what it kept.
+function runTip(data, r) {
+  return [tokenAt(data, r.source.position) + ": " + r.name + " (stays in the residual stream, " +
+    r.links.length + " layers; the band is its weakest stay, Sankey weight " + fmt(r.value) + ")",
+    "beams " + r.beams.map(function (b) { return "#" + (b + 1); }).join(", ")]
+    .concat(stayTip(data, r)).join("\n");
 }
 
 // Head labels at the middle of their links, by `rank` (default: the widest links first); a label
@@ -306,14 +325,8 @@ function drawDiagram(box, data, lay, on) {
     .attr("data-source", function (r) { return r.source.id; })
     .attr("data-target", function (r) { return r.target.id; })
     .attr("data-beams", function (r) { return r.beams.join(","); })
-    .on("click", function (event, r) { event.stopPropagation(); on.link(r.links[r.links.length - 1]); })
-    .on("mousemove", function (event, r) {
-      on.hover(event, tokenAt(data, r.source.position) + ": " + r.name + " (stays in the " +
-        "residual stream, " + r.links.length + " layers; the band is its weakest stay, Sankey " +
-        "weight " + fmt(r.value) + ")\nbeams " + r.beams.map(function (b) {
-          return "#" + (b + 1);
-        }).join(", "));
-    })
+    .on("click", function (event, r) { event.stopPropagation(); on.link(r); })
+    .on("mousemove", function (event, r) { on.hover(event, runTip(data, r)); })
     .on("mouseleave", on.leave);
 
   lay.graph.links.forEach(function (l) {

@@ -4,11 +4,12 @@
 // page.
 // Defines: KEY_HEADS, LEGEND_MOVES, titleText, buildSkeleton, keyLines, buildKey, buildFacts,
 //   beamEffect, beamMoves, buildLegend, clearInfo, revealInfo, edgeList, showNode, lensSection,
-//   beamEdgesAt, beamEdgeNumbers, showHead, showLink, writeSection, showTooltip, hideTooltip.
+//   beamEdgesAt, beamEdgeNumbers, showHead, showLink, writeSection, staySection, showTooltip,
+//   hideTooltip.
 // Uses: util.js: visible, fmt, prob, headColor, beamColor, layerName, headName,
 //   isResidual, weighted, weightName, edgeNumbers, scoreMeaning, isolate, tokenAt, nextToken, generatedFrom,
 //   predictionsAt, predictionText, quoted, signed, lensAt, lensTarget, writeOf, writeDla,
-//   infoRow; diagram.js: sortedList.
+//   stayOf, stayWhere, stayMlp, infoRow; diagram.js: sortedList.
 
 const KEY_HEADS = 16;     // head chips in the key; the grid has them all
 const LEGEND_MOVES = 12;  // moves listed per beam in the legend (a long chain's are cut)
@@ -401,12 +402,15 @@ function showLink(ui, data, link) {
   box.append("h4").text("Selected link");
   infoRow(box, "key", tokenAt(data, link.source.position, 20), "ratlens-tokentext");
   infoRow(box, "query", tokenAt(data, link.target.position, 20), "ratlens-tokentext");
-  infoRow(box, "through", link.name + (link.residual ? " (a stay in the residual stream)" : ""));
+  infoRow(box, "through", link.name + (!link.residual ? "" : link.links
+    ? " (" + link.links.length + " stays in the residual stream)"
+    : " (a stay in the residual stream)"));
   if (link.weight !== null) infoRow(box, weightName(data), fmt(link.weight, 4));
   if (weighted(data) && link.attention !== null) infoRow(box, "attention", fmt(link.attention, 4));
   infoRow(box, "Sankey weight", fmt(link.value, 4));
   infoRow(box, "beams", link.beams.map(function (b) { return "#" + (b + 1); }).join(", "));
-  if (!link.residual) writeSection(box, data, link);
+  if (link.residual) staySection(box, data, link);
+  else writeSection(box, data, link);
   const siblings = link.source.sourceLinks.filter(function (o) {
     return o.target === link.target;
   }).sort(function (a, b) { return b.value - a.value; });
@@ -439,6 +443,22 @@ function writeSection(box, data, link) {
         return quoted(t, 12) + " " + signed(w[side[0] + "_logits"][i]);
       });
   });
+}
+
+// What was written where the stay (or the run of stays) kept its position: the span's blocks
+// that wrote most, by share of the span's block output norms, then its MLP with the largest
+// direct logit of the target (of target minus foil with a foil).
+function staySection(box, data, link) {
+  const s = stayOf(data, link);
+  if (!s) return;
+  const section = box.append("div").attr("class", "ratlens-staywrite")
+    .attr("title", "a block's share: its output norm over the sum of the span's block norms");
+  section.append("div").text(stayWhere(data, s) + "; the blocks that wrote most there:");
+  section.append("ul").attr("class", "ratlens-list ratlens-stay-blocks").selectAll("li")
+    .data(s.blocks).join("li")
+    .text(function (b) { return layerName(b.layer) + " " + b.block + " " + prob(b.share); });
+  const mlp = stayMlp(data, s);
+  if (mlp) section.append("div").attr("class", "ratlens-stay-mlp").text(mlp);
 }
 
 function showTooltip(ui, event, text) {

@@ -51,10 +51,11 @@ function routeLayout(data, graph, width, height) {
 }
 
 // A move from the query node down to the key node one layer below, as an arch above both: its
-// apex (where the head label goes) rises with the distance it spans.
+// apex (where the head label goes) rises with the distance it spans, but stays 14 px inside the
+// map's top edge (the apex is 3/4 of the rise up): a label above it would be cut off.
 function movePath(l, rowH) {
   const a = l.target, b = l.source, dx = Math.abs(a.rx - b.rx);
-  const rise = Math.min(3 * rowH, 10 + dx / 6);
+  const rise = Math.min(3 * rowH, 10 + dx / 6, (Math.min(a.ry, b.ry) - 14) / 0.75);
   const top = Math.min(a.ry, b.ry) - rise;
   l.labelX = (a.rx + b.rx) / 2;
   l.labelY = top + rise * 0.25;

@@ -220,6 +220,8 @@
  * @typedef {Object} CensusMeta
  * @property {number} n_prompts  prompts in the census (all counted)
  * @property {number} listed  prompts listed on the page (the first ones)
+ * @property {number} with_trace  listed prompts whose trace is in the page (the first ones;
+ *     _census.py PAGE_TRACE_CHARS bounds their size)
  * @property {number[]} layers  the heatmap's rows: every traced layer, the top layer first
  * @property {Array<?number>} heads  its columns: head numbers, or [null] when heads were
  *     aggregated
@@ -260,6 +262,9 @@
  * @property {?number} guess_prob  its probability (6 significant digits); null without it
  * @property {Verification} [verification]  the trace's causal check, only when the census ran
  *     one (census(..., verify=True))
+ * @property {Payload} [trace]  the prompt's trace as its expander draws it, compact: no strip
+ *     attention (strip.source "edges"), no head_rows, no token_ids (_census.py _trace); only
+ *     for the first meta.with_trace prompts
  */
 
 /**

@@ -4,7 +4,8 @@
 //   beamColor, layerName, headName, headKey, isResidual, weighted, weightName, edgeNumbers,
 //   averagedName,
 //   scoreMeaning, isolate, tokenAt, nextToken, generatedFrom, predictionsAt, predictionText,
-//   quoted, signed, lensAt, lensTop, lensTarget, writeOf, writeTokens, writeDla, infoRow.
+//   quoted, signed, lensAt, lensTop, lensTarget, writeOf, writeTokens, writeDla, stayOf,
+//   stayWhere, stayBlocks, stayMlp, infoRow.
 // Uses: nothing.
 
 // Whitespace made visible, so that " dog", "dog" and "dog\n" look different.
@@ -234,6 +235,37 @@ function writeDla(data, w) {
   const m = data.meta, t = m.target_token === null ? "the target" : quoted(m.target_token);
   return "DLA to " + t + " " + signed(w.dla) + (w.dla_diff === null ? ""
     : "; to " + t + " \u2212 " + quoted(m.foil_token) + " " + signed(w.dla_diff));
+}
+
+// The StayWrite (schema.js) of a stay link, or of a run of them (diagram.js stayRuns: its
+// `links`, bottom first): the one of exactly its span (position, layers top down to bottom), else
+// the first (best beam first) whose span holds it; null when the trace explained nothing there.
+function stayOf(data, link) {
+  const ls = link.links || [link], top = ls[ls.length - 1].lay, bottom = ls[0].lay;
+  const holding = (data.stays || []).filter(function (s) {
+    return s.position === link.source.position && s.top >= top && s.bottom <= bottom;
+  });
+  const exact = holding.filter(function (s) { return s.top === top && s.bottom === bottom; });
+  return exact.length ? exact[0] : holding.length ? holding[0] : null;
+}
+
+// "kept L2–L1 at “·x”@11": a StayWrite's span, top layer first.
+function stayWhere(data, s) {
+  return "kept " + layerName(s.top) + (s.bottom === s.top ? "" : "\u2013" + layerName(s.bottom)) +
+    " at " + tokenAt(data, s.position, 16);
+}
+
+// "L2 mlp 43.6%, L1 attn 12.9%": the blocks that wrote most in a stay's span, with their shares.
+function stayBlocks(s) {
+  return s.blocks.map(function (b) {
+    return layerName(b.layer) + " " + b.block + " " + prob(b.share);
+  }).join(", ");
+}
+
+// "top MLP L2: DLA to “blue” +0.41; to “blue” − “cat” +0.87", or null without MLPs.
+function stayMlp(data, s) {
+  return s.mlp_layer === null ? null : "top MLP " + layerName(s.mlp_layer) + ": " +
+    writeDla(data, {dla: s.mlp_dla, dla_diff: s.mlp_dla_diff});
 }
 
 // Build <div class="ratlens-row"><span>label</span><span>value</span></div> with text only.
