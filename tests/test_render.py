@@ -720,6 +720,8 @@ def test_schema_js_documents_every_record_and_field(induction_payloads, small, c
         "BeamEffect",
         "Prediction",
         "HeadRow",
+        "StayWrite",
+        "BlockWrite",
     } <= set(types)
     assert types["Payload"]["verification"] == ("Verification", True)  # only when checked
     assert types["Payload"]["head_rows"] == ("HeadRow[]", True)  # only when the tracer has them

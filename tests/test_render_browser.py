@@ -1117,7 +1117,7 @@ def test_a_click_shows_its_selection_beside_the_diagram_and_escape_clears(small_
     # After scrolling the page, a click still shows the selection in view.
     page.mouse.wheel(0, 300)
     page.wait_for_timeout(100)
-    page.locator(".ratlens-route-node.is-target").dispatch_event("click")
+    page.locator(".ratlens-route-node.is-target").click()  # a real click: nothing covers it
     assert in_view(info.bounding_box())
     opened.assert_clean()
 
@@ -1437,7 +1437,7 @@ def test_hostile_tokens_in_the_lens_writes_and_title_render_as_text(open_page, e
         f"\u201c\u2068{cut(HOSTILE[2], 24)}\u2069\u201d"
     )
     target_node = f'.ratlens-route-node[data-id="{node_id(1, result.target_pos)}"]'
-    page.locator(target_node).dispatch_event("click")
+    page.locator(target_node).click()
     texts, target = lens_in_panel(page)
     assert texts[0].startswith(f"\u201c\u2068{cut(EVIL, 16)}\u2069\u201d ")
     assert target.startswith(f"target \u201c\u2068{cut(EVIL, 16)}\u2069\u201d rank ")
@@ -1645,3 +1645,181 @@ def test_a_real_full_depth_trace_answers_which_heads_through_which_tokens_at_fir
     # Its stays in the residual stream are in the key too, after every head.
     chips = opened.each(".ratlens-chip", "e => e.textContent.split(' ')[0]")
     assert any(c.endswith(".res") for c in chips)
+
+
+# --- What each stay kept, on the stay band and the stay line (issue 22.3) ---------------------
+
+STAY_BLOCK = re.compile("(L\\d+) (attn|mlp) (<?)([0-9.]+)%")
+STAY_MLP = re.compile(
+    "top MLP L(\\d+): DLA to \u201c\u2068.*?\u2069\u201d ([+\u2212][0-9.]+)"
+    "; to \u201c\u2068.*?\u2069\u201d \u2212 \u201c\u2068.*?\u2069\u201d ([+\u2212][0-9.]+)"
+)
+
+
+@pytest.fixture(scope="module")
+def stayed(gpt2_bridge):
+    """A tiny random GPT-2 (attention and MLP blocks) traced at full depth against a foil: its
+    beams stay, and ``result.stays`` says what each stay span kept."""
+    from rat_lens import trace
+
+    tokens = torch.tensor([[0, 5, 9, 13, 22, 5, 9, 13, 40, 41, 5, 9]])
+    result = trace(gpt2_bridge, tokens, foil_token=7)
+    assert result.stays and result.foil_token is not None
+    assert all(s.mlp_layer is not None for s in result.stays)
+    return result
+
+
+def stay_for(result, position: int, top: int, bottom: int):
+    """The StayWrite the page shows for a stay of ``position``, layers ``top`` down to
+    ``bottom``: the one of exactly that span, else the first whose span holds it."""
+    holding = [s for s in result.stays if s.position == position and s.top >= top >= bottom]
+    holding = [s for s in holding if s.bottom <= bottom]
+    exact = [s for s in holding if (s.top, s.bottom) == (top, bottom)]
+    assert holding, f"no StayWrite holds the stay at {position}, L{top}-L{bottom}"
+    return (exact or holding)[0]
+
+
+def stay_span(source: str, target: str) -> tuple[int, int, int]:
+    """(position, top, bottom) of the stays from node ``source`` up to node ``target``."""
+    (low, pos), (high, same) = (
+        tuple(int(x) for x in re.fullmatch(r"L(-?\d+)_P(\d+)", n).groups())
+        for n in (source, target)
+    )
+    assert pos == same
+    return pos, high, low + 1
+
+
+def assert_stay_shown(head: str, blocks: list[str], mlp: str, stay, tokens: list[str]) -> None:
+    """What the page shows of a stay is ``stay``: its span and position, its blocks in order
+    with their shares to the page's rounding, its top MLP and that MLP's DLA to the target and
+    to target − foil, to the page's two decimals."""
+    span = f"L{stay.top}" + ("" if stay.top == stay.bottom else f"\u2013L{stay.bottom}")
+    at = f"\u201c\u2068{cut(tokens[stay.position], 16)}\u2069\u201d@{stay.position}"
+    assert head.startswith(f"kept {span} at {at}")
+    shown = [STAY_BLOCK.fullmatch(b.strip()).groups() for b in blocks]
+    assert [(layer, block) for layer, block, *_ in shown] == [
+        (f"L{b.layer}", b.block) for b in stay.blocks
+    ]
+    for (*_, below, share), b in zip(shown, stay.blocks):
+        value = 0.0 if below else float(share) / 100
+        assert value == pytest.approx(b.share, abs=max(0.0006, b.share * 0.006))
+    layer, dla, diff = STAY_MLP.fullmatch(mlp.strip()).groups()
+    assert int(layer) == stay.mlp_layer
+    numbers = [float(x.replace("\u2212", "-")) for x in (dla, diff)]
+    assert numbers == pytest.approx([stay.mlp_dla, stay.mlp_dla_diff], abs=0.0051)
+
+
+def stay_in_panel(page) -> tuple[str, list[str], str]:
+    info = page.locator(".ratlens-info .ratlens-staywrite")
+    return (
+        info.locator("div").first.text_content(),
+        [li.text_content() for li in info.locator(".ratlens-stay-blocks li").all()],
+        info.locator(".ratlens-stay-mlp").text_content(),
+    )
+
+
+def stay_in_tooltip(page) -> tuple[str, list[str], str]:
+    tip = page.locator(".ratlens-tooltip").text_content().split("\n")
+    (line,) = [x for x in tip if x.startswith("kept ")]
+    head, blocks = line.split("; wrote most: ")
+    return head, blocks.split(", "), tip[tip.index(line) + 1]
+
+
+def test_a_stay_lines_click_and_tooltip_show_what_its_span_kept(open_page, stayed):
+    result = stayed
+    opened = open_page(to_html(result))
+    page = opened.page
+    lines = page.locator(".ratlens-routes .ratlens-stay")
+    stays = [lk for lk in payload(result)["links"] if lk.get("residual")]
+    assert lines.count() == len(stays) > 0
+    for i in range(lines.count()):
+        line = lines.nth(i)
+        pos, top, bottom = stay_span(
+            line.get_attribute("data-source"), line.get_attribute("data-target")
+        )
+        assert top == bottom == int(line.get_attribute("data-layer"))  # one stay, one layer
+        stay = stay_for(result, pos, top, bottom)
+        line.dispatch_event("click")
+        assert "a stay in the residual stream" in page.locator(".ratlens-info").text_content()
+        assert_stay_shown(*stay_in_panel(page), stay, result.tokens)
+        line.dispatch_event("mousemove")
+        assert_stay_shown(*stay_in_tooltip(page), stay, result.tokens)
+    # A move shows its head's write, never a stay's.
+    page.locator(".ratlens-move").first.dispatch_event("click")
+    assert page.locator(".ratlens-info .ratlens-staywrite").count() == 0
+    opened.assert_clean()
+
+
+def test_a_stay_bands_click_and_tooltip_show_what_its_run_kept(open_page, stayed):
+    result = stayed
+    opened = open_page(to_html(result))
+    page = opened.page
+    sankey(opened)
+    bands = page.locator(".ratlens-stayrun")
+    assert bands.count() > 0
+    exact = 0
+    for i in range(bands.count()):
+        band = bands.nth(i)
+        span = stay_span(band.get_attribute("data-source"), band.get_attribute("data-target"))
+        stay = stay_for(result, *span)
+        exact += (stay.position, stay.top, stay.bottom) == span
+        band.click()  # a real click: the band is wide enough
+        name = f"stays L{span[2]}\u2013L{span[1]}"
+        assert name in page.locator(".ratlens-info").text_content()
+        assert_stay_shown(*stay_in_panel(page), stay, result.tokens)
+        assert "is-selected" in band.get_attribute("class")
+        band.dispatch_event("mousemove")
+        assert (
+            page.locator(".ratlens-tooltip")
+            .text_content()
+            .startswith(
+                f"\u201c\u2068{visible(result.tokens[span[0]])}\u2069\u201d@{span[0]}: {name} "
+            )
+        )
+        assert_stay_shown(*stay_in_tooltip(page), stay, result.tokens)
+    assert exact  # some band is exactly a beam's stay span
+    # A stay of the Sankey drawn on its own shows the span that holds it.
+    links = page.locator(".ratlens-link[data-residual='1']:not(.is-merged)")
+    for i in range(links.count()):
+        link = links.nth(i)
+        span = stay_span(link.get_attribute("data-source"), link.get_attribute("data-target"))
+        link.dispatch_event("click")
+        assert_stay_shown(*stay_in_panel(page), stay_for(result, *span), result.tokens)
+    opened.assert_clean()
+
+
+def test_a_hostile_token_where_a_route_stayed_renders_as_text(open_page, stayed):
+    stay = stayed.stays[0]
+    tokens = list(stayed.tokens)
+    tokens[stay.position] = EVIL
+    evil = dataclasses.replace(stayed, tokens=tokens, target_token=EVIL, foil_token=HOSTILE[2])
+    opened = open_page(to_html(evil))
+    page = opened.page
+    line = page.locator(
+        f'.ratlens-stay[data-target="{node_id(stay.top, stay.position)}"]'
+        f'[data-source="{node_id(stay.top - 1, stay.position)}"]'
+    )
+    line.dispatch_event("click")
+    head, blocks, mlp = stay_in_panel(page)
+    assert_stay_shown(head, blocks, mlp, stay_for(evil, stay.position, stay.top, stay.top), tokens)
+    assert f" at \u201c\u2068{cut(EVIL, 16)}\u2069\u201d@{stay.position}" in head
+    assert mlp.startswith(
+        f"top MLP L{stay.mlp_layer}: DLA to \u201c\u2068{cut(EVIL, 16)}\u2069\u201d "
+    )
+    assert page.locator("img, .ratlens script, .ratlens svg[onload]").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    opened.assert_clean()
+
+
+def test_a_route_maps_target_takes_a_real_click_on_its_circle_and_its_label(open_page, stayed):
+    opened = open_page(to_html(stayed))
+    page = opened.page
+    target = page.locator(".ratlens-route-node.is-target")
+    target.click()  # the middle of its box: between its circle and its prediction's label
+    assert "Selected node" in page.locator(".ratlens-info").text_content()
+    assert "is-selected" in target.get_attribute("class")
+    page.keyboard.press("Escape")
+    circle = target.locator("circle").bounding_box()
+    page.mouse.click(circle["x"] + circle["width"] / 2, circle["y"] + circle["height"] / 2)
+    assert "is-selected" in target.get_attribute("class")
+    opened.assert_clean()

@@ -25,6 +25,8 @@
  * @property {LensRecord[]} lens  the logit lens at the nodes the beams visit (rat_lens.lens;
  *     empty unless the trace explained itself: a target or foil named, or explain=True)
  * @property {HeadWrite[]} writes  what each head move of the beams wrote (empty as lens is)
+ * @property {StayWrite[]} stays  what was written where a route stayed, per stay span of the
+ *     beams (empty as lens is, and for models with norms after their blocks)
  * @property {HeadRow[]} [head_rows]  whole attention rows of single heads at traced queries, only
  *     when the tracer recorded them; without them the head heatmap shows the beams' edges only
  * @property {Verification} [verification]  the causal check, only when the trace has one
@@ -164,6 +166,31 @@
  * @property {number[]} suppressed_logits  their direct logits (negative; 6 significant digits)
  * @property {number} dla  its direct logit of Meta.target_token
  * @property {?number} dla_diff  of target_token minus foil_token; null without a foil
+ */
+
+/**
+ * What was written at `position` while a route kept it through the residual stream, layers `top`
+ * down to `bottom` (TraceResult.stays: one per stay span of the beams, best beam first). A stay
+ * link of layer l at position p lies in the spans with that position and top >= l >= bottom.
+ * @typedef {Object} StayWrite
+ * @property {number} position  the position kept
+ * @property {number} top  the span's top layer (its first stay, from the target's side)
+ * @property {number} bottom  its bottom layer
+ * @property {BlockWrite[]} blocks  the blocks that wrote most there, strongest first (at most 5)
+ * @property {?number} mlp_layer  the span's MLP whose write gives Meta.target_token the largest
+ *     direct logit (with a foil: target minus foil); null for a model without MLPs
+ * @property {?number} mlp_dla  its direct logit of target_token (6 significant digits); null as
+ *     mlp_layer
+ * @property {?number} mlp_dla_diff  of target_token minus foil_token; null without a foil
+ */
+
+/**
+ * One block's write at a stayed position (StayWrite.blocks).
+ * @typedef {Object} BlockWrite
+ * @property {number} layer  its layer
+ * @property {("attn"|"mlp")} block  the attention block (all its heads and b_O) or the MLP
+ * @property {number} share  its output norm over the sum of the span's block output norms (6
+ *     significant digits)
  */
 
 /**
