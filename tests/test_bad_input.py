@@ -27,6 +27,7 @@ from rat_lens.cli import main
 from rat_lens.models import load
 from rat_lens.result import TraceResult, load_traces
 from rat_lens.roles import head_roles
+from rat_lens.schema import FORMAT_VERSION
 from rat_lens.summary import summarize
 from rat_lens.tracer import generate
 
@@ -340,7 +341,7 @@ def json_rows():
         ("string weight", with_(["beams", 0, "edge_weights", 0], "0.9")),
         ("position past tokens", with_(["beams", 0, "positions", 1], 500)),
         ("tokens not strings", with_(["tokens"], [1, 2, 3, 4, 5, 6, 7, 8, 9])),
-        ("version from the future", with_(["format_version"], 2)),
+        ("version from the future", with_(["format_version"], FORMAT_VERSION + 1)),
         ("deep nesting", "[" * 50_000 + "]" * 50_000),
         ("not json", "<html>"),
         ("wrong top type", '"a trace"'),
