@@ -254,8 +254,8 @@ N_RANDOM = 10
 @needs_smollm2
 @pytest.mark.xfail(
     strict=True,
-    reason="measured on these prompts: the route's drop of logit(IO) - logit(S) is 1.6-5.4 "
-    "against 0.2-1.0 for random routes, ratios 2.4-25, median 8.7 (7 prompts, 10 random routes)",
+    reason="measured on these prompts: the route's drop of logit(IO) - logit(S) is 1.3-5.4 "
+    "against 0.2-1.0 for random routes, ratios 2.4-25, median 6.4 (8 prompts, 10 random routes)",
 )
 def test_ablating_the_route_lowers_the_logit_difference_ten_times_a_random_route(smollm2, ioi):
     prompts, _, _, foiled = ioi
