@@ -251,9 +251,10 @@ class BeamPath(Beam):
         kinds: Optional[list[str]] = None,
     ):
         # tokens and ids may be absent from a saved beam (its dict has no "tokens"); the edges
-        # and scores never are, so they are required as Python requires an argument.
+        # (edge_attns, the peer's name, or edge_weights) and scores never are, so they are
+        # required as Python requires an argument.
         edges = edge_weights if edge_weights is not None else edge_attns
-        given = {"edge_weights": edges, "score_raw": score_raw, "score_norm": score_norm}
+        given = {"edge_attns": edges, "score_raw": score_raw, "score_norm": score_norm}
         missing = [name for name, value in given.items() if value is None]
         if missing:
             raise TypeError(f"BeamPath() missing required argument(s): {', '.join(missing)}")

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..errors import RatLensError, check_int
 from ..options import TraceOptions
 from ..result import Beam, BeamPath, SankeyData, SankeyLink, SankeyNode, TraceResult
-from ..search.beam import beam_search
+from ..search.beam import beam_search, with_attention
 from ..search.pattern import check_pattern_values
 from .utils import normalize_score, safe_log
 
@@ -75,7 +75,7 @@ def get_top_k_predecessors(
     # sort of an order that is already descending).
     options = _options(top_beam=k, top_k=k, min_attn=min_attn, length_norm="none")
     beams = search(attn, query_pos, options, range(query_pos), attention_mask)
-    return [(beam.positions[1], beam.edge_attns[0]) for beam in beams if beam.num_edges]
+    return [(beam.positions[1], beam.edge_weights[0]) for beam in beams if beam.num_edges]
 
 
 def extend_beam(beam: BeamState, pred_pos: int, attn_weight: float) -> BeamState:
@@ -119,7 +119,8 @@ def beam_search_backward(
         stop_at_bos=stop_at_bos,
     )
     beams = search(attn, target_pos, options, bos_positions or (), attention_mask)
-    return [BeamState(b.positions, b.edge_attns, b.score_raw, is_terminal=True) for b in beams]
+    # The peer's edge_attns are the weights its search used: attention, here in one matrix.
+    return [BeamState(b.positions, b.edge_weights, b.score_raw, is_terminal=True) for b in beams]
 
 
 def _options(**given) -> TraceOptions:
@@ -137,8 +138,8 @@ def search(
     layer: int = 0,
 ) -> list[Beam]:
     """rat_lens's chain search in ``attn`` (``[query, key]``, or ``[head, query, key]`` for
-    per-head edges), its edges recorded in ``layer``. Any non-negative weights: the peer's
-    functions take matrices whose rows need not sum to 1."""
+    per-head edges), its edges recorded in ``layer``, their attention the weights. Any
+    non-negative weights: the peer's functions take matrices whose rows need not sum to 1."""
     if not isinstance(attn, Tensor) or attn.ndim not in (2, 3) or attn.shape[-1] != attn.shape[-2]:
         shape = tuple(attn.shape) if isinstance(attn, Tensor) else type(attn).__name__
         raise RatLensError(f"attn must be a [query, key] tensor with query == key, got {shape}")
@@ -150,7 +151,7 @@ def search(
     if attention_mask is not None:
         attention_mask = attention_mask.reshape(-1)
     pattern = attn if attn.ndim == 3 else attn[None]
-    return beam_search(
+    beams = beam_search(
         [pattern],
         [layer],
         target_pos,
@@ -158,3 +159,4 @@ def search(
         bos_positions=[p for p in bos_positions if 0 <= p < n],
         attention_mask=attention_mask,
     )
+    return with_attention(beams, [pattern], [layer])  # the weights are the attention here
