@@ -206,7 +206,41 @@ def value_norm_shares(
     return out
 
 
-class ValueNormRows(Tensor):
+class _RowsOnly(Tensor):
+    """A layer's ``[head + 1, query, key]`` shares of one prompt, computed from ``pattern``
+    (``[head, query, key]``) and what a subclass holds, only for the rows read:
+    ``shares[:, rows]`` calls the subclass's ``rows(positions)``; any other use is an error."""
+
+    pattern: Float[Tensor, "head query key"]
+
+    @staticmethod
+    def __new__(cls, pattern):
+        head, query, key = pattern.shape
+        shares = Tensor._make_wrapper_subclass(
+            cls, (head + 1, query, key), dtype=torch.float32, device=pattern.device
+        )
+        shares.pattern = pattern
+        return shares
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(part={self.shape[0]}, query={self.shape[1]})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RatLensError(
+            f"shares are computed by rows only (weights[:, rows]), not by {func}: they are "
+            "never held for the whole pattern"
+        )
+
+    def __getitem__(self, index) -> Float[Tensor, "part row key"]:
+        if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)):
+            raise RatLensError(f"shares are read by rows only (weights[:, rows]), got {index!r}")
+        return self.rows(
+            torch.arange(self.shape[1], device=self.pattern.device)[index[1]].reshape(-1)
+        )
+
+
+class ValueNormRows(_RowsOnly):
     """One layer's value-norm shares of one prompt, computed only for the rows read: reads as
     :func:`value_norm_shares` of the whole pattern (``[head + 1, query, key]``) by rows only
     (``shares[:, rows]``), as the search reads a :class:`~rat_lens.search.store.TopKeys`. It
@@ -230,28 +264,11 @@ class ValueNormRows(Tensor):
 
     @staticmethod
     def __new__(cls, pattern, norms, totals, resid_norms):
-        head, query, key = pattern.shape
-        rows = Tensor._make_wrapper_subclass(
-            cls, (head + 1, query, key), dtype=torch.float32, device=pattern.device
-        )
-        rows.pattern, rows.norms = pattern, norms
-        rows.totals, rows.resid_norms = totals, resid_norms
+        rows = _RowsOnly.__new__(cls, pattern)
+        rows.norms, rows.totals, rows.resid_norms = norms, totals, resid_norms
         return rows
 
-    def __repr__(self) -> str:
-        return f"ValueNormRows(part={self.shape[0]}, query={self.shape[1]})"
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise RatLensError(
-            f"shares are computed by rows only (weights[:, rows]), not by {func}: they are "
-            "never held for the whole pattern"
-        )
-
-    def __getitem__(self, index) -> Float[Tensor, "part row key"]:
-        if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)):
-            raise RatLensError(f"shares are read by rows only (weights[:, rows]), got {index!r}")
-        rows = torch.arange(self.shape[1], device=self.pattern.device)[index[1]].reshape(-1)
+    def rows(self, rows: Int[Tensor, " row"]) -> Float[Tensor, "part row key"]:
         heads, _, n = self.pattern.shape
         out = torch.zeros(heads + 1, len(rows), n, device=self.pattern.device)
         totals = self.totals[None, rows]
@@ -316,7 +333,7 @@ def proximity_rows(
     return out
 
 
-class ShareRows(Tensor):
+class ShareRows(_RowsOnly):
     """One layer's proximity shares of one prompt, computed only for the rows read: reads as
     the dense ``[head + 1, query, key]`` tensor of :func:`edge_shares` by rows only
     (``weights[:, rows]``), as the search reads a :class:`~rat_lens.search.store.TopKeys`. It
@@ -339,27 +356,11 @@ class ShareRows(Tensor):
 
     @staticmethod
     def __new__(cls, pattern, v, W_O, x, b_O):
-        head, query, key = pattern.shape
-        rows = Tensor._make_wrapper_subclass(
-            cls, (head + 1, query, key), dtype=torch.float32, device=pattern.device
-        )
-        rows.pattern, rows.v, rows.W_O, rows.x, rows.b_O = pattern, v, W_O, x, b_O
+        rows = _RowsOnly.__new__(cls, pattern)
+        rows.v, rows.W_O, rows.x, rows.b_O = v, W_O, x, b_O
         return rows
 
-    def __repr__(self) -> str:
-        return f"ShareRows(part={self.shape[0]}, query={self.shape[1]})"
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise RatLensError(
-            f"shares are computed by rows only (weights[:, rows]), not by {func}: they are "
-            "never held for the whole pattern"
-        )
-
-    def __getitem__(self, index) -> Float[Tensor, "part row key"]:
-        if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)):
-            raise RatLensError(f"shares are read by rows only (weights[:, rows]), got {index!r}")
-        rows = torch.arange(self.shape[1], device=self.pattern.device)[index[1]].reshape(-1)
+    def rows(self, rows: Int[Tensor, " row"]) -> Float[Tensor, "part row key"]:
         pattern, x = self.pattern[:, rows], self.x[rows]
         return proximity_rows(pattern, rows, self.v, self.W_O, x, self.b_O)
 
