@@ -180,6 +180,16 @@ def hits(results, found) -> int:
 
 
 @needs_smollm2
+def test_with_s_as_the_foil_the_first_move_is_the_top_heads_read_on_most_prompts(smollm2, ioi):
+    """A floor under what is measured (34/40 on these prompts); the issue's 90% is the xfail
+    below."""
+    prompts, found, _, foiled = ioi
+    assert {p.template for p in prompts} == set(range(len(TEMPLATES)))
+    assert all(p.io != p.s and t.effects.max() > 0 for p, t in zip(prompts, found))
+    assert hits(foiled, found) >= 0.8 * len(prompts), table(smollm2, *ioi)
+
+
+@needs_smollm2
 @pytest.mark.xfail(
     strict=True,
     reason="measured 32/40 (seed 1) and 34/40 (seed 2, these prompts): the foil rule multiplies "
@@ -189,8 +199,6 @@ def hits(results, found) -> int:
 )
 def test_with_s_as_the_foil_the_first_move_is_the_top_heads_read(smollm2, ioi):
     prompts, found, _, foiled = ioi
-    assert {p.template for p in prompts} == set(range(len(TEMPLATES)))
-    assert all(p.io != p.s and t.effects.max() > 0 for p, t in zip(prompts, found))
     assert hits(foiled, found) >= 0.9 * len(prompts), table(smollm2, *ioi)
 
 
@@ -239,11 +247,14 @@ def test_the_first_moves_write_is_its_heads_direct_logits(smollm2, ioi):
             direct = direct_logits(smollm2, cache, move.layer, move.head)
             assert write.promoted_ids == direct.topk(5).indices.tolist()
             assert write.suppressed_ids == (-direct).topk(5).indices.tolist()
-            assert write.dla == pytest.approx(float(direct[p.io]), abs=1e-3)
+            # the token explained is the model's top prediction, IO where IO is on top
+            target = result.target_id
+            assert write.dla == pytest.approx(float(direct[target]), abs=1e-3)
             if result.foil_id is not None:
-                diff = float(direct[p.io] - direct[p.s])
+                diff = float(direct[target] - direct[p.s])
                 assert write.dla_diff == pytest.approx(diff, abs=1e-3)
-                if (move.layer, move.head) == (truth.layer, truth.head):
+                same = (move.layer, move.head, target) == (truth.layer, truth.head, p.io)
+                if same:
                     assert diff == pytest.approx(float(truth.effects.max()), abs=1e-3)
 
 
@@ -251,13 +262,10 @@ N_VERIFIED = 8  # prompts verified (each: the route and N_RANDOM random routes, 
 N_RANDOM = 10
 
 
-@needs_smollm2
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured on these prompts: the route's drop of logit(IO) - logit(S) is 1.3-5.4 "
-    "against 0.2-1.0 for random routes, ratios 2.4-25, median 6.4 (8 prompts, 10 random routes)",
-)
-def test_ablating_the_route_lowers_the_logit_difference_ten_times_a_random_route(smollm2, ioi):
+@pytest.fixture(scope="module")
+def checked(smollm2, ioi) -> list[float]:
+    """Per verified prompt, its top route's drop of logit(IO) - logit(S) over the mean |drop|
+    of N_RANDOM random routes of its shape, each check's metric and tokens asserted."""
     prompts, _, _, foiled = ioi
     ratios = []
     for p, result in zip(prompts[:N_VERIFIED], foiled):
@@ -270,4 +278,21 @@ def test_ablating_the_route_lowers_the_logit_difference_ten_times_a_random_route
         assert len(effect.baseline) == N_RANDOM
         random_mean = statistics.mean(abs(b) for b in effect.baseline)
         ratios.append(effect.effect / max(random_mean, 1e-6))  # float32 logits: ~1e-6 noise
-    assert statistics.median(ratios) >= 10, ratios
+    return ratios
+
+
+@needs_smollm2
+def test_ablating_the_route_lowers_the_logit_difference_more_than_random_routes(checked):
+    """A floor under what is measured (ratios 2.4-25, median 6.4); the issue's 10x is the
+    xfail below."""
+    assert min(checked) > 1.5 and statistics.median(checked) >= 4, checked
+
+
+@needs_smollm2
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured on these prompts: the route's drop of logit(IO) - logit(S) is 1.3-5.4 "
+    "against 0.2-1.0 for random routes, ratios 2.4-25, median 6.4 (8 prompts, 10 random routes)",
+)
+def test_ablating_the_route_lowers_the_logit_difference_ten_times_a_random_route(checked):
+    assert statistics.median(checked) >= 10, checked
