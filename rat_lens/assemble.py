@@ -14,7 +14,7 @@ from .plan import TracePlan
 from .record import Record
 from .result import Beam, BeamPath, TraceResult, build_sankey, path_text
 from .search.beam import with_attention
-from .search.stats import predictions_at, rollout_rows
+from .search.stats import predictions_of, rollout_rows_of_means
 from .search.store import TopKeys
 
 __all__ = ["assemble", "HEAD_ROW_KEYS", "HEAD_ROWS_MAX"]
@@ -50,9 +50,9 @@ def assemble(
             **shared,
         )
         result.head_rows = _head_rows(found, attention, plan.layer_ids)
-        if record.logits is not None and plan.inputs.predictions:
-            result.predictions = predictions_at(
-                result, record.logits[b], tokenizer, plan.inputs.predictions
+        if record.top is not None and plan.inputs.predictions:
+            result.predictions = predictions_of(
+                result, record.top, tokenizer, plan.inputs.predictions
             )
         results.append(result)
     return results
@@ -87,7 +87,8 @@ def _rollouts(plan: TracePlan, record: Record, b: int) -> list[list[float]]:
     targets = plan.targets[b]
     if plan.options.agg_heads == "max" or record.head_means is None:
         return [[] for _ in targets]
-    return rollout_rows(record.head_means[:, b, None].flip(0), targets).tolist()
+    bottom_up = [mean[b] for mean in reversed(record.head_means)]
+    return rollout_rows_of_means(bottom_up, targets).tolist()
 
 
 def _head_rows(beams: list[Beam], attention: list, layer_ids: list[int]) -> list[dict]:

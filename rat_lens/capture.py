@@ -56,7 +56,7 @@ from .search.contrib import (
     row_totals,
 )
 from .search.pattern import aggregate_heads, check_pattern_values
-from .search.stats import top_attention
+from .search.stats import TopTokens, top_attention
 from .search.store import LayerMeanRows, TopKeys, TopKeysBuilder, head_mean
 
 AUTO_ABOVE, AUTO_CHUNK, PROBE_LEN, PROBE_ATOL = 512, 256, 16, 2e-5
@@ -279,7 +279,7 @@ class BoundedCapture:
         }
         self.strip_rows = LayerMeanRows(len(names), seq)
         self.strips: list[list] = [[] for _ in range(batch)]
-        self.means: dict[str, list] = {name: [] for name in names} if self.head_means else {}
+        self.means: dict[str, Tensor] = {}  # name -> [batch, seq, seq], filled by row blocks
 
     def add(
         self,
@@ -297,7 +297,7 @@ class BoundedCapture:
         kept = self.builders[name].add(pattern, stay, also)
         mean = head_mean(pattern.detach().float()).cpu()
         if self.head_means:
-            self.means[name].append(mean)
+            self._keep_mean(name, mean)
         done = self.strip_rows.add(mean)
         if done is not None:
             first, rows = done
@@ -321,11 +321,20 @@ class BoundedCapture:
             int(_HOOK_RE.match(name)[1]): builder.build() for name, builder in self.builders.items()
         }
 
-    def head_mean_stack(self, layers: Sequence[int]) -> Optional[Tensor]:
-        """``[layer (in the order given), batch, query, key]`` head-means, if kept."""
+    def _keep_mean(self, name: str, mean: Float[Tensor, "batch query key"]) -> None:
+        """Write a block of head-mean rows into the layer's one ``[batch, seq, seq]`` tensor
+        (allocated once: no blocks held beside their concatenation)."""
+        batch, seq = self.key_ok.shape
+        if name not in self.means:
+            self.means[name] = mean.new_zeros(batch, seq, seq)
+        queries, keys = mean.shape[-2:]
+        self.means[name][:, keys - queries : keys, :keys] = mean
+
+    def head_mean_list(self, layers: Sequence[int]) -> Optional[list[Tensor]]:
+        """Per layer (in the order given) its ``[batch, query, key]`` head-means, if kept."""
         if not self.head_means:
             return None
-        return torch.stack([_stack_rows(self.means[hook_name(layer)]) for layer in layers])
+        return [self.means[hook_name(layer)] for layer in layers]
 
 
 @dataclass(frozen=True)
@@ -356,17 +365,20 @@ class Forward:
         query_chunk: ``N``, ``"auto"`` or ``None`` (one pass); see the module docstring.
         logits: run to the end and return the logits; otherwise the forward stops right after
             the capture's highest layer.
+        top_tokens: with ``logits``, keep only each position's ``top_tokens`` most likely next
+            tokens as each query chunk's logits arrive (a ``TopTokens``), never ``[seq, vocab]``.
     """
 
     attention_mask: Optional[Tensor] = None
     query_chunk: Union[int, str, None] = "auto"
     logits: bool = False
     progress: bool = False  # a ProgressBar of the capture's layers (per query chunk)
+    top_tokens: int = 0
 
 
 def run_forward(
     model, tokens: Int[Tensor, "batch seq"], capture, forward: Forward = Forward()
-) -> Optional[Float[Tensor, "batch seq vocab"]]:
+) -> Union[Float[Tensor, "batch seq vocab"], TopTokens, None]:
     """The one forward every capture runs through: ``capture`` (anything with ``layers``,
     ``fwd_hooks`` and ``rows_captured()``, e.g. :class:`PatternCapture`) hooked in, under
     no_grad and :func:`model_session`, the tokens on the model's input device, in query
@@ -374,7 +386,8 @@ def run_forward(
 
     Checks the layers and tokens first; hooks are gone on every exit path (TransformerLens's
     ``hooks()`` context), and the caller's capture is only filled, never reconfigured. Returns
-    the logits with ``forward.logits``, else None.
+    the logits with ``forward.logits`` (their ``TopTokens`` with ``forward.top_tokens``), else
+    None.
 
     Examples:
         >>> from rat_lens.models import load
@@ -406,7 +419,8 @@ def run_forward(
             for start in range(0, seq, chunk):
                 piece = tokens[:, start : start + chunk]
                 try:
-                    logits = _logits_into(logits, model(piece, **kwargs(piece)), start, seq)
+                    out = model(piece, **kwargs(piece))
+                    logits = _logits_into(logits, out, start, seq, forward.top_tokens)
                 except _StopForward:
                     pass
     short = {name: n for name, n in capture.rows_captured().items() if n != seq}
@@ -419,10 +433,16 @@ def run_forward(
     return logits
 
 
-def _logits_into(logits: Optional[Tensor], piece: Tensor, start: int, seq: int) -> Tensor:
+def _logits_into(logits, piece: Tensor, start: int, seq: int, top_tokens: int = 0):
     """The logits of a query chunk placed at ``start`` of the whole prompt's (allocated by the
     first chunk): the chunks are never all held beside their concatenation ([seq, vocab] is
-    0.4 GB at 2,048 tokens on a 49k vocabulary)."""
+    0.4 GB at 2,048 tokens on a 49k vocabulary); with ``top_tokens``, only its top tokens."""
+    if top_tokens:
+        if logits is None:
+            batch, _, vocab = piece.shape
+            logits = TopTokens.empty(batch, seq, vocab, top_tokens, piece.device)
+        logits.add(piece, start)
+        return logits
     if piece.shape[1] == seq:
         return piece
     if logits is None:

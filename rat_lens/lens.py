@@ -40,6 +40,7 @@ from .result import Beam, BlockWrite, HeadWrite, LensRecord, Stay, StayWrite
 from .sankey import node_layers
 from .search.contrast import TargetRowScale
 from .search.contrib import value_outputs
+from .search.stats import TopTokens
 from .search.store import TopKeys
 
 __all__ = [
@@ -175,16 +176,17 @@ def explain_capture(model, plan) -> Optional[ExplainCapture]:
 
 
 def explain(
-    model, tokens, plan, capture: ExplainCapture, logits, tokenizer, decode: Callable
+    model, tokens, plan, capture: ExplainCapture, top: Optional[TopTokens], tokenizer, decode
 ) -> "Explained":
-    """What ``capture`` kept in the trace's forward (with its ``logits``), explained; where
-    that source ran several forwards and left it empty, one forward of its own fills it."""
-    if not capture.kept or logits is None:
+    """What ``capture`` kept in the trace's forward (with its logits' ``top`` tokens),
+    explained; where that source ran several forwards and left it empty, one forward of its own
+    fills it."""
+    if not capture.kept or top is None:
         capture.kept.clear()
-        forward = Forward(plan.forward_mask, plan.inputs.query_chunk, logits=True)
-        logits = run_forward(model, tokens, capture, forward)
+        forward = Forward(plan.forward_mask, plan.inputs.query_chunk, True, top_tokens=1)
+        top = run_forward(model, tokens, capture, forward)
     inputs = plan.inputs
-    vocab = logits.shape[-1]
+    vocab = top.vocab
     foil = inputs.foil_token
     foil = None if foil is None else resolve_token(foil, decode, tokenizer, vocab, "foil_token")
     given = inputs.target_token
@@ -192,7 +194,7 @@ def explain(
         None if given is None else resolve_token(given, decode, tokenizer, vocab, "target_token")
     )
     targets = [
-        [given or _top(logits[b, t], decode) for t in positions]
+        [given or _top(top.ids[b, t, 0], decode) for t in positions]
         for b, positions in enumerate(plan.targets)
     ]
     if foil is not None and any(foil == t for row in targets for t in row):
@@ -203,9 +205,8 @@ def explain(
     return Explained(model, plan, capture, targets, foil, decode)
 
 
-def _top(row: Tensor, decode: Callable) -> tuple[int, str]:
-    top = int(row.argmax())
-    return top, decode([top])[0]
+def _top(token: Tensor, decode: Callable) -> tuple[int, str]:
+    return int(token), decode([int(token)])[0]
 
 
 @dataclass

@@ -15,7 +15,7 @@ from.
 """
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -38,7 +38,7 @@ from .capture import (
 from .plan import TracePlan, dense_bytes
 from .search.contrib import ShareRows
 from .search.pattern import check_pattern_values
-from .search.stats import top_attention
+from .search.stats import TopTokens, top_attention
 from .search.store import head_mean, layer_mean
 
 __all__ = ["Record", "capture_record"]
@@ -53,18 +53,20 @@ class Record:
             prompt ``b``'s ``[channel, query, key]`` (heads, one aggregated channel, or heads
             and the residual stream for contribution shares), dense or a bounded ``TopKeys``.
         attention: the same layout, the attention patterns themselves (the page's head rows).
-        head_means: ``[layer (top first), batch, query, key]``, or None where a bounded trace's
-            would not fit ``PATTERN_BUDGET`` (then there is no rollout).
+        head_means: per traced layer (top first) its ``[batch, query, key]`` head-mean, or
+            None where a bounded trace's would not fit ``PATTERN_BUDGET`` (then there is no
+            rollout).
         strips: per prompt, the token strip (each query's strongest keys in the head-mean
             averaged over the traced layers).
-        logits: ``[batch, seq, vocab]`` when predictions were asked for.
+        top: each position's top next tokens (``TopTokens``, what the predictions and the token
+            explained read of the logits) when either was asked for.
     """
 
     weights: list
     attention: list
-    head_means: Optional[Tensor]
+    head_means: Optional[list[Tensor]]
     strips: list
-    logits: Optional[Tensor] = None
+    top: Optional[TopTokens] = None
 
 
 def capture_record(model, tokens, plan: TracePlan, also=None) -> Record:
@@ -79,7 +81,8 @@ def capture_record(model, tokens, plan: TracePlan, also=None) -> Record:
 def _forward(plan: TracePlan, also=None) -> Forward:
     inputs = plan.inputs
     logits = bool(inputs.predictions) or also is not None
-    return Forward(plan.forward_mask, inputs.query_chunk, logits, inputs.progress)
+    k = max(inputs.predictions or 0, 1)  # the token explained is the top one
+    return Forward(plan.forward_mask, inputs.query_chunk, logits, inputs.progress, k)
 
 
 def _forward_with(model, tokens, capture, plan: TracePlan, also):
@@ -92,17 +95,17 @@ def _dense(model, tokens, plan: TracePlan, also=None) -> Record:
     """Each traced layer's reduced pattern (and its value-norm shares, read by rows), from one
     forward or the user's cache."""
     layers, agg = plan.layer_ids, plan.options.agg_heads
-    logits = None
+    top = None
     if plan.options.edge_weight == "value_norm":
         attention = PatternCapture(layers, "none", device=input_device(model))
         capture = ValueNormCapture.of(model, layers, attention, n_keys=tokens.shape[1])
-        logits = _run(model, tokens, capture, plan, also)
+        top = _run(model, tokens, capture, plan, also)
         kept = attention.to_cache(model)
     elif plan.inputs.cache is not None:
         kept = patterns_from_cache(plan.inputs.cache, layers, agg, tuple(tokens.shape))
     else:
         capture = PatternCapture(layers, agg, device=input_device(model))
-        logits = _forward_with(model, tokens, capture, plan, also)
+        top = _forward_with(model, tokens, capture, plan, also)
         kept = capture.to_cache(model)
     stacked = [kept[hook_name(layer)].float().cpu() for layer in layers]
     for layer, pattern in zip(layers, stacked):
@@ -110,7 +113,7 @@ def _dense(model, tokens, plan: TracePlan, also=None) -> Record:
     weights = stacked
     if plan.options.edge_weight == "value_norm":  # computed for the rows the search reads
         weights = [capture.rows(layer, pattern) for layer, pattern in zip(layers, stacked)]
-    return _with_overview(weights, stacked, logits, plan)
+    return _with_overview(weights, stacked, top, plan)
 
 
 def _run(model, tokens, capture, plan: TracePlan, also=None):
@@ -121,13 +124,13 @@ def _run(model, tokens, capture, plan: TracePlan, also=None):
     return None
 
 
-def _with_overview(weights: list, attention: list, logits, plan: TracePlan) -> Record:
+def _with_overview(weights: list, attention: list, top, plan: TracePlan) -> Record:
     """A dense record, with the head-means (the rollout's) and the strips taken from the
     attention: the layers summed bottom up, as a forward delivers them to the bounded strip."""
-    head_means = torch.stack([head_mean(p) for p in attention])
-    overview = layer_mean(head_means.unbind(0)[::-1])
+    head_means = [head_mean(p) for p in attention]
+    overview = layer_mean(head_means[::-1])
     strips = [top_attention(overview[b], plan.mask[b]) for b in range(len(plan.mask))]
-    return Record(weights, attention, head_means, strips, logits)
+    return Record(weights, attention, head_means, strips, top)
 
 
 def _bounded(model, tokens, plan: TracePlan, also=None) -> Record:
@@ -141,23 +144,23 @@ def _bounded(model, tokens, plan: TracePlan, also=None) -> Record:
         foil = plan.inputs.foil_token is not None
         shares = _bounded_capture(plan, overview=False, keep=plan.keep if foil else None)
         capture = ValueNormCapture.of(model, plan.layer_ids, attention, shares, tokens.shape[1])
-        logits = _run(model, tokens, capture, plan, also)
+        top = _run(model, tokens, capture, plan, also)
     elif plan.inputs.cache is not None:
         batch_seq = tuple(tokens.shape)
         patterns = patterns_from_cache(plan.inputs.cache, plan.layer_ids, "none", batch_seq)
         for layer in sorted(plan.layer_ids):  # in a forward's order
             attention.add(hook_name(layer), patterns[hook_name(layer)])
-        logits = None
+        top = None
     else:
-        logits = _forward_with(model, tokens, attention, plan, also)
+        top = _forward_with(model, tokens, attention, plan, also)
     stores = attention.stores()
     stacked = [stores[layer] for layer in plan.layer_ids]
     weights = stacked
     if capture is not attention:
         share_stores = capture.shares.stores()
         weights = [share_stores[layer] for layer in plan.layer_ids]
-    means = attention.head_mean_stack(plan.layer_ids)
-    return Record(weights, stacked, means, attention.strips, logits)
+    means = attention.head_mean_list(plan.layer_ids)
+    return Record(weights, stacked, means, attention.strips, top)
 
 
 def _bounded_capture(
@@ -206,22 +209,21 @@ def _contribution(model, tokens, plan: TracePlan, also=None) -> Record:
         ]
     weights = [[rows for run in runs for rows in run[0][t]] for t in range(len(plan.layer_ids))]
     attention = [torch.cat([run[1][t] for run in runs]) for t in range(len(plan.layer_ids))]
-    logits = None if runs[0][2] is None else torch.cat([run[2] for run in runs])
-    return _with_overview(weights, attention, logits, plan)
+    top = None if runs[0][2] is None else _joined([run[2] for run in runs])
+    return _with_overview(weights, attention, top, plan)
 
 
 def _contribution_run(model, tokens, plan: TracePlan, real: Optional[Tensor], also=None) -> tuple:
     """One forward for contribution edges, of ``tokens`` or of their ``real`` positions only:
     per layer its ``ShareRows`` per prompt and ``[batch, head, seq, seq]`` patterns (float32,
-    CPU), and the logits; parts of a run on ``real`` positions are placed back at them."""
+    CPU), and the top tokens; parts of a run on ``real`` positions are placed back at them."""
     seq = tokens.shape[1]
     if real is not None:
         tokens = tokens[:, real.to(tokens.device)]
     capture = ContributionCapture(plan.layer_ids)
-    wants_logits = bool(plan.inputs.predictions) or also is not None
     joined = capture if also is None else Joined([capture, also])
-    forward = Forward(None, None, wants_logits, plan.inputs.progress)
-    logits = run_forward(model, tokens, joined, forward)
+    forward = replace(_forward(plan, also), attention_mask=None, query_chunk=None)  # whole rows
+    top = run_forward(model, tokens, joined, forward)
     weights, patterns = [], []
     for layer in plan.layer_ids:
         check_pattern_values(capture.pattern(layer), hook_name(layer))
@@ -240,9 +242,16 @@ def _contribution_run(model, tokens, plan: TracePlan, real: Optional[Tensor], al
         weights.append(rows)
         pattern = capture.pattern(layer).float().cpu()
         patterns.append(pattern if real is None else _square(pattern, real, seq))
-    if logits is not None and real is not None:
-        logits = _placed(logits[0], real, seq)[None]
-    return weights, patterns, logits
+    if top is not None and real is not None:
+        probs, ids = (_placed(t[0], real, seq)[None] for t in (top.probs, top.ids))
+        top = TopTokens(probs, ids, top.vocab)
+    return weights, patterns, top
+
+
+def _joined(tops: list[TopTokens]) -> TopTokens:
+    """The top tokens of each prompt's own forward, as one batch."""
+    probs, ids = (torch.cat([getattr(t, f) for t in tops]) for f in ("probs", "ids"))
+    return TopTokens(probs, ids, tops[0].vocab)
 
 
 def _square(values: Tensor, real: Tensor, seq: int) -> Tensor:

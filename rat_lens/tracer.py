@@ -139,7 +139,7 @@ class Tracer:
         if also is not None:
             decode = self.token_strings
             explained = explain(
-                self.model, tokens, plan, also, record.logits, self.tokenizer, decode
+                self.model, tokens, plan, also, record.top, self.tokenizer, decode
             )
         results = []
         for b, row in enumerate(tokens.tolist()):

@@ -23,6 +23,7 @@ every statistic and rollout comes out in float32 whatever the model's dtype.
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -44,11 +45,14 @@ __all__ = [
     "attention_stats",
     "attention_rollout",
     "rollout_importance",
+    "rollout_rows_of_means",
     "rollout_rows",
+    "TopTokens",
     "beam_mass_importance",
     "top_attention",
     "top_predictions",
     "predictions_at",
+    "predictions_of",
 ]
 
 STAT_NAMES = ("entropy", "max_weight", "sink_mass", "self_mass", "prev_mass")
@@ -251,14 +255,33 @@ def rollout_rows(
         tensor([[0.7500, 0.2500],
                 [1.0000, 0.0000]])
     """
+    return rollout_rows_of_means(_head_mean(patterns).unbind(0), targets, residual_share)
+
+
+def rollout_rows_of_means(
+    head_means: Sequence[Float[Tensor, "*batch query key"]],
+    targets: Sequence[int],
+    residual_share: float = 0.5,
+) -> Float[Tensor, "*batch target key"]:
+    """:func:`rollout_rows` from each layer's head-mean, lowest layer first, read one layer at
+    a time (never stacked, so never copied: the tracer's head-means are 0.5 GB at 2,048 tokens
+    on 30 layers), each in at least float32 whatever dtype it is kept in.
+
+    Examples:
+        >>> A = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+        >>> rollout_rows_of_means([A, A.half()], targets=[1])
+        tensor([[0.7500, 0.2500]])
+    """
     _check_residual(residual_share)
-    attn = _head_mean(patterns)
-    rows = attn.new_zeros(*attn.shape[1:-2], len(targets), attn.shape[-1])
+    first = at_least_float32(head_means[0][..., :1, :])
+    rows = first.new_zeros(*first.shape[:-2], len(targets), first.shape[-1])
     rows[..., torch.arange(len(targets)), list(targets)] = 1.0
-    for layer_attn in attn.unbind(0)[::-1]:  # top layer first (views, no copy)
+    tiny = torch.finfo(first.dtype).tiny
+    for layer_attn in reversed(head_means):  # top layer first
+        layer_attn = at_least_float32(layer_attn)
         # Ã = ((1 - r)·A + r·I) / rowsum, so rows @ Ã = (1 - r)·(w @ A) + r·w, w = rows / rowsum.
         rowsum = (1.0 - residual_share) * layer_attn.sum(-1) + residual_share
-        w = rows / rowsum.clamp(min=torch.finfo(attn.dtype).tiny).unsqueeze(-2)
+        w = rows / rowsum.clamp(min=tiny).unsqueeze(-2)
         rows = (1.0 - residual_share) * (w @ layer_attn) + residual_share * w
     return rows
 
@@ -317,6 +340,44 @@ def top_predictions(
     return top.values, top.indices
 
 
+@dataclass
+class TopTokens:
+    """Each position's top-``k`` next tokens (probabilities, ids) and the vocabulary's size:
+    what a trace keeps of the logits (``[seq, vocab]`` is 0.4 GB at 2,048 tokens on a 49k
+    vocabulary; the predictions and the token explained read only these). Filled query chunk
+    by query chunk (:meth:`add`) or at once (:meth:`of`).
+
+    Examples:
+        >>> logits = torch.log(torch.tensor([[[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]]]))
+        >>> top = TopTokens.of(logits, k=2)
+        >>> top.ids.tolist(), top.vocab
+        ([[[1, 2], [0, 2]]], 3)
+    """
+
+    probs: Float[Tensor, "batch seq k"]
+    ids: Int[Tensor, "batch seq k"]
+    vocab: int
+
+    @classmethod
+    def of(cls, logits: Float[Tensor, "batch seq vocab"], k: int) -> "TopTokens":
+        batch, seq, vocab = logits.shape
+        top = cls.empty(batch, seq, vocab, k, logits.device)
+        top.add(logits, 0)
+        return top
+
+    @classmethod
+    def empty(cls, batch: int, seq: int, vocab: int, k: int, device=None) -> "TopTokens":
+        k = min(k, vocab)
+        probs = torch.zeros(batch, seq, k, device=device)
+        return cls(probs, torch.zeros(batch, seq, k, dtype=torch.long, device=device), vocab)
+
+    def add(self, logits: Float[Tensor, "batch chunk vocab"], start: int) -> None:
+        """The top tokens of the query chunk starting at ``start``."""
+        top = logits.float().softmax(-1).topk(self.probs.shape[-1], dim=-1)
+        self.probs[:, start : start + logits.shape[1]] = top.values
+        self.ids[:, start : start + logits.shape[1]] = top.indices
+
+
 def decode_each(tokenizer, ids: list[int]) -> list[str]:
     """Each id decoded alone: ``batch_decode`` where the tokenizer has it, else ``decode`` one
     by one (reverse-attention's tokenizers may have only that), else the ids themselves."""
@@ -341,10 +402,27 @@ def predictions_at(
             f"logits have shape {tuple(logits.shape)}; expected [seq, vocab] or "
             f"[batch, seq, vocab] with seq = {result.seq_len}"
         )
-    positions = list(dict.fromkeys(p for beam in result.beams for p in beam.positions))
-    if not positions:
-        positions = [result.target_pos]
+    positions = _traced_positions(result)
     probs, ids = top_predictions(logits.detach(), positions, k)
+    return _predictions(result, positions, probs, ids, tokenizer)
+
+
+def predictions_of(result: TraceResult, top: TopTokens, tokenizer, k: int) -> list[Prediction]:
+    """:func:`predictions_at` from the top tokens a trace kept of its prompt's logits."""
+    positions = _traced_positions(result)
+    index = torch.as_tensor(positions, dtype=torch.long, device=top.ids.device)
+    b = result.batch_index
+    return _predictions(
+        result, positions, top.probs[b, index, :k], top.ids[b, index, :k], tokenizer
+    )
+
+
+def _traced_positions(result: TraceResult) -> list[int]:
+    positions = list(dict.fromkeys(p for beam in result.beams for p in beam.positions))
+    return positions or [result.target_pos]
+
+
+def _predictions(result: TraceResult, positions, probs, ids, tokenizer) -> list[Prediction]:
     out = []
     for p, row_probs, row_ids in zip(positions, probs.cpu().tolist(), ids.cpu().tolist()):
         out.append(

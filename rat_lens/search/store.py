@@ -205,7 +205,7 @@ class TopKeysBuilder:
         self.seq, self.keep, self.key_ok = seq, keep, key_ok.bool()
         self.sink_keys = torch.tensor(sorted({0, *sink_keys}), dtype=torch.long)
         self.rows = 0  # query rows received so far
-        self.parts: list[tuple[Tensor, ...]] = []
+        self.kept: Optional[tuple[Tensor, ...]] = None  # (keys, weights, diagonal, sinks)
 
     def add(
         self,
@@ -245,11 +245,24 @@ class TopKeysBuilder:
                 torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 1)) for t in (weights, sinks)
             )
             diagonal = torch.cat([diagonal, stay[:, None].float()], dim=1)
-        # Copies: a view (the diagonal; anything already on the CPU) would keep the block alive.
-        parts = (idx.int(), weights, diagonal, sinks)
-        self.parts.append(tuple(t.to("cpu", copy=True) for t in parts))
+        self._write(first, (idx, weights, diagonal, sinks))
         self.rows = keys
         return kept
+
+    def _write(self, first: int, parts: tuple[Tensor, ...]) -> None:
+        """Copy a block's parts into the layer's CPU tensors, allocated by the first block for
+        every row (no blocks held beside their concatenation; the block itself is freed).
+        Keys are int16 where positions fit it: a third of the store at 2,048 tokens."""
+        if self.kept is None:
+            index = torch.int16 if self.seq <= torch.iinfo(torch.int16).max else torch.int32
+            self.kept = tuple(
+                torch.empty(
+                    *t.shape[:2], self.seq, *t.shape[3:], dtype=index if i == 0 else t.dtype
+                )
+                for i, t in enumerate(parts)
+            )
+        for whole, part in zip(self.kept, parts):
+            whole[:, :, first : first + part.shape[2]].copy_(part)
 
     def _strongest(
         self, block: Float[Tensor, "batch head query key"], query: Int[Tensor, " query"]
@@ -277,8 +290,8 @@ class TopKeysBuilder:
         """One store per prompt, once every row has arrived (the blocks are freed)."""
         if self.rows != self.seq:
             raise RatLensError(f"{self.rows} of {self.seq} query rows were received")
-        keys, weights, diagonal, sinks = (torch.cat(part, dim=2) for part in zip(*self.parts))
-        self.parts = []
+        keys, weights, diagonal, sinks = self.kept
+        self.kept = None
         return [
             TopKeys(keys[b], weights[b], diagonal[b], self.sink_keys, sinks[b])
             for b in range(keys.shape[0])
