@@ -14,14 +14,14 @@ from .plan import TracePlan
 from .record import Record
 from .result import Beam, BeamPath, TraceResult, build_sankey, path_text
 from .search.beam import with_attention
-from .search.stats import predictions_of, rollout_rows_of_means
+from .search.stats import predictions_of, rollout_rows_top_down
 from .search.store import TopKeys
 
 __all__ = ["assemble", "HEAD_ROW_KEYS", "HEAD_ROWS_MAX"]
 
 # The page's heatmap: per traced row its strongest keys (and the beams' own keys), for at most
 # this many rows per trace. The bounded store keeps at least as many (search.store.STORE_KEYS).
-HEAD_ROW_KEYS, HEAD_ROWS_MAX = 64, 512
+HEAD_ROW_KEYS, HEAD_ROWS_MAX = 32, 512
 
 
 def assemble(
@@ -87,8 +87,8 @@ def _rollouts(plan: TracePlan, record: Record, b: int) -> list[list[float]]:
     targets = plan.targets[b]
     if plan.options.agg_heads == "max" or record.head_means is None:
         return [[] for _ in targets]
-    bottom_up = [mean[b] for mean in reversed(record.head_means)]
-    return rollout_rows_of_means(bottom_up, targets).tolist()
+    top_down = (mean.prompt(b) for mean in record.head_means)  # one layer dense at a time
+    return rollout_rows_top_down(top_down, targets).tolist()
 
 
 def _head_rows(beams: list[Beam], attention: list, layer_ids: list[int]) -> list[dict]:

@@ -57,9 +57,9 @@ from .search.contrib import (
 )
 from .search.pattern import aggregate_heads, check_pattern_values
 from .search.stats import TopTokens, top_attention
-from .search.store import LayerMeanRows, TopKeys, TopKeysBuilder, head_mean
+from .search.store import CausalRows, LayerMeanRows, TopKeys, TopKeysBuilder, head_mean
 
-AUTO_ABOVE, AUTO_CHUNK, PROBE_LEN, PROBE_ATOL = 512, 256, 16, 2e-5
+AUTO_ABOVE, AUTO_CHUNK, PROBE_LEN, PROBE_ATOL = 512, 128, 16, 2e-5
 _warned = weakref.WeakSet()  # models told once that the probe failed
 
 __all__ = [
@@ -279,7 +279,7 @@ class BoundedCapture:
         }
         self.strip_rows = LayerMeanRows(len(names), seq)
         self.strips: list[list] = [[] for _ in range(batch)]
-        self.means: dict[str, Tensor] = {}  # name -> [batch, seq, seq], filled by row blocks
+        self.means: dict[str, CausalRows] = {}
 
     def add(
         self,
@@ -297,7 +297,7 @@ class BoundedCapture:
         kept = self.builders[name].add(pattern, stay, also)
         mean = head_mean(pattern.detach().float()).cpu()
         if self.head_means:
-            self._keep_mean(name, mean)
+            self.means.setdefault(name, CausalRows(*self.key_ok.shape)).add(mean)
         done = self.strip_rows.add(mean)
         if done is not None:
             first, rows = done
@@ -321,17 +321,8 @@ class BoundedCapture:
             int(_HOOK_RE.match(name)[1]): builder.build() for name, builder in self.builders.items()
         }
 
-    def _keep_mean(self, name: str, mean: Float[Tensor, "batch query key"]) -> None:
-        """Write a block of head-mean rows into the layer's one ``[batch, seq, seq]`` tensor
-        (allocated once: no blocks held beside their concatenation)."""
-        batch, seq = self.key_ok.shape
-        if name not in self.means:
-            self.means[name] = mean.new_zeros(batch, seq, seq)
-        queries, keys = mean.shape[-2:]
-        self.means[name][:, keys - queries : keys, :keys] = mean
-
-    def head_mean_list(self, layers: Sequence[int]) -> Optional[list[Tensor]]:
-        """Per layer (in the order given) its ``[batch, query, key]`` head-means, if kept."""
+    def head_mean_list(self, layers: Sequence[int]) -> Optional[list[CausalRows]]:
+        """Per layer (in the order given) its head-means, if kept."""
         if not self.head_means:
             return None
         return [self.means[hook_name(layer)] for layer in layers]

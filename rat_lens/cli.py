@@ -487,7 +487,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N|auto|off",
         help="run the forward N positions at a time over the model's KV cache: "
         "attention memory grows with N x tokens, not tokens^2 (default auto: "
-        "chunks of 256 above 512 tokens where that is exact; off: one pass)",
+        "chunks of 128 above 512 tokens where that is exact; off: one pass)",
     )
     trace.add_argument(
         "--store",

@@ -39,7 +39,7 @@ from .plan import TracePlan, dense_bytes
 from .search.contrib import ShareRows
 from .search.pattern import check_pattern_values
 from .search.stats import TopTokens, top_attention
-from .search.store import head_mean, layer_mean
+from .search.store import CausalRows, head_mean, layer_mean
 
 __all__ = ["Record", "capture_record"]
 
@@ -53,8 +53,8 @@ class Record:
             prompt ``b``'s ``[channel, query, key]`` (heads, one aggregated channel, or heads
             and the residual stream for contribution shares), dense or a bounded ``TopKeys``.
         attention: the same layout, the attention patterns themselves (the page's head rows).
-        head_means: per traced layer (top first) its ``[batch, query, key]`` head-mean, or
-            None where a bounded trace's would not fit ``PATTERN_BUDGET`` (then there is no
+        head_means: per traced layer (top first) its head-mean (a ``CausalRows``), or None
+            where a bounded trace's would not fit ``PATTERN_BUDGET`` (then there is no
             rollout).
         strips: per prompt, the token strip (each query's strongest keys in the head-mean
             averaged over the traced layers).
@@ -64,7 +64,7 @@ class Record:
 
     weights: list
     attention: list
-    head_means: Optional[list[Tensor]]
+    head_means: Optional[list[CausalRows]]
     strips: list
     top: Optional[TopTokens] = None
 
@@ -127,10 +127,10 @@ def _run(model, tokens, capture, plan: TracePlan, also=None):
 def _with_overview(weights: list, attention: list, top, plan: TracePlan) -> Record:
     """A dense record, with the head-means (the rollout's) and the strips taken from the
     attention: the layers summed bottom up, as a forward delivers them to the bounded strip."""
-    head_means = [head_mean(p) for p in attention]
-    overview = layer_mean(head_means[::-1])
+    means = [head_mean(p) for p in attention]
+    overview = layer_mean(means[::-1])
     strips = [top_attention(overview[b], plan.mask[b]) for b in range(len(plan.mask))]
-    return Record(weights, attention, head_means, strips, top)
+    return Record(weights, attention, [CausalRows.of(m) for m in means], strips, top)
 
 
 def _bounded(model, tokens, plan: TracePlan, also=None) -> Record:
@@ -170,10 +170,11 @@ def _bounded_capture(
     head-means kept only where they fit ``PATTERN_BUDGET`` (the rollout reads all of them).
     Without ``overview``: a store only (of edge shares), of ``keep`` keys per row (default:
     ``top_k``, what a search step reads)."""
-    means = dense_bytes(plan.mask, plan.layer_ids, 1)
+    seq = plan.mask.shape[1]  # head-means are kept by their lower triangles (CausalRows)
+    means = dense_bytes(plan.mask, plan.layer_ids, 1) * (seq + 1) // (2 * seq)
     if overview and means > budgets.PATTERN_BUDGET:
         warnings.warn(
-            f"no rollout: it reads every traced layer's whole head-mean ({means / 2**30:.1f} "
+            f"no rollout: it reads every traced layer's head-mean ({means / 2**30:.1f} "
             f"GB here), over rat_lens.options.PATTERN_BUDGET; raise that to have it",
             RuntimeWarning,
             stacklevel=6,

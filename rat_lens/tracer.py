@@ -138,9 +138,7 @@ class Tracer:
         explained = None
         if also is not None:
             decode = self.token_strings
-            explained = explain(
-                self.model, tokens, plan, also, record.top, self.tokenizer, decode
-            )
+            explained = explain(self.model, tokens, plan, also, record.top, self.tokenizer, decode)
         results = []
         for b, row in enumerate(tokens.tolist()):
             beams = [search(plan, record, b, target, explained) for target in plan.targets[b]]

@@ -198,7 +198,7 @@ def _trace(result: TraceResult) -> dict:
     """What the prompt's expander draws: the trace page's ``Payload``, compact. The beams, the
     graph, the tokens, the predictions and the causal check are kept; the strip's averaged
     attention (``top_attention``: a few keys for every position) and the heads' whole attention
-    rows (``head_rows``: up to 64 keys per traced query) are left out, so the strip shows the
+    rows (``head_rows``: up to 32 keys per traced query) are left out, so the strip shows the
     beams' own edges and the head heatmap the beams' keys. They are most of a trace's payload."""
     return payload(dataclasses.replace(result, token_ids=[], top_attention=[], head_rows=[]))
 

@@ -22,7 +22,7 @@ Half-precision patterns are upcast before any sum
 every statistic and rollout comes out in float32 whatever the model's dtype.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -45,7 +45,7 @@ __all__ = [
     "attention_stats",
     "attention_rollout",
     "rollout_importance",
-    "rollout_rows_of_means",
+    "rollout_rows_top_down",
     "rollout_rows",
     "TopTokens",
     "beam_mass_importance",
@@ -255,33 +255,33 @@ def rollout_rows(
         tensor([[0.7500, 0.2500],
                 [1.0000, 0.0000]])
     """
-    return rollout_rows_of_means(_head_mean(patterns).unbind(0), targets, residual_share)
+    return rollout_rows_top_down(_head_mean(patterns).unbind(0)[::-1], targets, residual_share)
 
 
-def rollout_rows_of_means(
-    head_means: Sequence[Float[Tensor, "*batch query key"]],
+def rollout_rows_top_down(
+    head_means: Iterable[Float[Tensor, "*batch query key"]],
     targets: Sequence[int],
     residual_share: float = 0.5,
 ) -> Float[Tensor, "*batch target key"]:
-    """:func:`rollout_rows` from each layer's head-mean, lowest layer first, read one layer at
-    a time (never stacked, so never copied: the tracer's head-means are 0.5 GB at 2,048 tokens
-    on 30 layers), each in at least float32 whatever dtype it is kept in.
+    """:func:`rollout_rows` from each layer's head-mean, top layer first, read one layer at a
+    time (an iterator may make each as it is read: the tracer's head-means of 30 layers at
+    2,048 tokens are 0.5 GB dense), each in at least float32.
 
     Examples:
         >>> A = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-        >>> rollout_rows_of_means([A, A.half()], targets=[1])
+        >>> rollout_rows_top_down(iter([A, A]), targets=[1])
         tensor([[0.7500, 0.2500]])
     """
     _check_residual(residual_share)
-    first = at_least_float32(head_means[0][..., :1, :])
-    rows = first.new_zeros(*first.shape[:-2], len(targets), first.shape[-1])
-    rows[..., torch.arange(len(targets)), list(targets)] = 1.0
-    tiny = torch.finfo(first.dtype).tiny
-    for layer_attn in reversed(head_means):  # top layer first
+    rows = None
+    for layer_attn in head_means:
         layer_attn = at_least_float32(layer_attn)
+        if rows is None:
+            rows = layer_attn.new_zeros(*layer_attn.shape[:-2], len(targets), layer_attn.shape[-1])
+            rows[..., torch.arange(len(targets)), list(targets)] = 1.0
         # Ã = ((1 - r)·A + r·I) / rowsum, so rows @ Ã = (1 - r)·(w @ A) + r·w, w = rows / rowsum.
         rowsum = (1.0 - residual_share) * layer_attn.sum(-1) + residual_share
-        w = rows / rowsum.clamp(min=tiny).unsqueeze(-2)
+        w = rows / rowsum.clamp(min=torch.finfo(rows.dtype).tiny).unsqueeze(-2)
         rows = (1.0 - residual_share) * (w @ layer_attn) + residual_share * w
     return rows
 
@@ -358,6 +358,8 @@ class TopTokens:
     ids: Int[Tensor, "batch seq k"]
     vocab: int
 
+    ROWS = 64
+
     @classmethod
     def of(cls, logits: Float[Tensor, "batch seq vocab"], k: int) -> "TopTokens":
         batch, seq, vocab = logits.shape
@@ -372,10 +374,13 @@ class TopTokens:
         return cls(probs, torch.zeros(batch, seq, k, dtype=torch.long, device=device), vocab)
 
     def add(self, logits: Float[Tensor, "batch chunk vocab"], start: int) -> None:
-        """The top tokens of the query chunk starting at ``start``."""
-        top = logits.float().softmax(-1).topk(self.probs.shape[-1], dim=-1)
-        self.probs[:, start : start + logits.shape[1]] = top.values
-        self.ids[:, start : start + logits.shape[1]] = top.indices
+        """The top tokens of the query chunk starting at ``start``, ``ROWS`` positions at a time
+        (their probabilities are a copy of the logits' size)."""
+        for first in range(0, logits.shape[1], self.ROWS):
+            block = logits[:, first : first + self.ROWS]
+            rows = slice(start + first, start + first + block.shape[1])
+            top = block.float().softmax(-1).topk(self.probs.shape[-1])
+            self.probs[:, rows], self.ids[:, rows] = top.values, top.indices
 
 
 def decode_each(tokenizer, ids: list[int]) -> list[str]:
