@@ -87,7 +87,7 @@ def _rollouts(plan: TracePlan, record: Record, b: int) -> list[list[float]]:
     targets = plan.targets[b]
     if plan.options.agg_heads == "max" or record.head_means is None:
         return [[] for _ in targets]
-    top_down = (mean.prompt(b) for mean in record.head_means)  # one layer dense at a time
+    top_down = (mean[b] for mean in record.head_means)  # one layer dense at a time
     return rollout_rows_top_down(top_down, targets).tolist()
 
 

@@ -620,7 +620,7 @@ def model_session(model):
         lock = _locks.setdefault(model, threading.RLock())
     with lock:
         modes = [(module, module.training) for module in _all_modules(model)]
-        if isinstance(model, torch.nn.Module):
+        if isinstance(model, torch.nn.Module) and any(training for _, training in modes):
             model.eval()  # the bridge's own eval() also reaches the HF model it wraps
         try:
             yield model

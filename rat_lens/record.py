@@ -39,7 +39,7 @@ from .plan import TracePlan, dense_bytes
 from .search.contrib import ShareRows
 from .search.pattern import check_pattern_values
 from .search.stats import TopTokens, top_attention
-from .search.store import CausalRows, head_mean, layer_mean
+from .search.store import head_mean, layer_mean
 
 __all__ = ["Record", "capture_record"]
 
@@ -53,9 +53,9 @@ class Record:
             prompt ``b``'s ``[channel, query, key]`` (heads, one aggregated channel, or heads
             and the residual stream for contribution shares), dense or a bounded ``TopKeys``.
         attention: the same layout, the attention patterns themselves (the page's head rows).
-        head_means: per traced layer (top first) its head-mean (a ``CausalRows``), or None
-            where a bounded trace's would not fit ``PATTERN_BUDGET`` (then there is no
-            rollout).
+        head_means: per traced layer (top first) its ``[batch, query, key]`` head-mean (dense,
+            or a bounded trace's ``CausalRows``), or None where a bounded trace's would not
+            fit ``PATTERN_BUDGET`` (then there is no rollout).
         strips: per prompt, the token strip (each query's strongest keys in the head-mean
             averaged over the traced layers).
         top: each position's top next tokens (``TopTokens``, what the predictions and the token
@@ -64,7 +64,7 @@ class Record:
 
     weights: list
     attention: list
-    head_means: Optional[list[CausalRows]]
+    head_means: Optional[list]
     strips: list
     top: Optional[TopTokens] = None
 
@@ -130,7 +130,7 @@ def _with_overview(weights: list, attention: list, top, plan: TracePlan) -> Reco
     means = [head_mean(p) for p in attention]
     overview = layer_mean(means[::-1])
     strips = [top_attention(overview[b], plan.mask[b]) for b in range(len(plan.mask))]
-    return Record(weights, attention, [CausalRows.of(m) for m in means], strips, top)
+    return Record(weights, attention, means, strips, top)
 
 
 def _bounded(model, tokens, plan: TracePlan, also=None) -> Record:

@@ -310,7 +310,7 @@ class CausalRows:
         >>> rows = CausalRows(batch=1, seq=3)
         >>> rows.add(torch.tensor([[[1.0]]]))                           # row 0 (keys so far: 1)
         >>> rows.add(torch.tensor([[[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]]))  # rows 1 and 2
-        >>> rows.prompt(0)
+        >>> rows[0]
         tensor([[1.0000, 0.0000, 0.0000],
                 [0.5000, 0.5000, 0.0000],
                 [0.2000, 0.3000, 0.5000]])
@@ -319,12 +319,6 @@ class CausalRows:
     def __init__(self, batch: int, seq: int, dtype: torch.dtype = torch.float32):
         self.seq = seq
         self.packed = torch.zeros(batch, seq * (seq + 1) // 2, dtype=dtype)
-
-    @classmethod
-    def of(cls, matrix: Float[Tensor, "batch seq seq"]) -> "CausalRows":
-        rows = cls(matrix.shape[0], matrix.shape[-1], matrix.dtype)
-        rows.add(matrix)
-        return rows
 
     def add(self, block: Float[Tensor, "batch query key"]) -> None:
         """Rows ``key - query ..< key`` (each over the keys seen so far, ``key``)."""
@@ -335,8 +329,9 @@ class CausalRows:
         start = first * (first + 1) // 2
         self.packed[:, start : keys * (keys + 1) // 2] = block[:, lower].cpu()
 
-    def prompt(self, b: int) -> Float[Tensor, "seq seq"]:
-        """Prompt ``b``'s dense matrix (zero above the diagonal)."""
+    def __getitem__(self, b: int) -> Float[Tensor, "seq seq"]:
+        """Prompt ``b``'s dense matrix (zero above the diagonal), as a dense ``[batch, seq,
+        seq]`` tensor reads."""
         out = self.packed.new_zeros(self.seq, self.seq)
         out[torch.ones(self.seq, self.seq, dtype=torch.bool).tril()] = self.packed[b]
         return out
