@@ -57,7 +57,14 @@ from .search.contrib import (
 )
 from .search.pattern import aggregate_heads, check_pattern_values
 from .search.stats import TopTokens, top_attention
-from .search.store import CausalRows, LayerMeanRows, TopKeys, TopKeysBuilder, head_mean
+from .search.store import (
+    CausalRows,
+    LayerMeanRows,
+    TopKeys,
+    TopKeysBuilder,
+    head_mean,
+    stack_rows,
+)
 
 AUTO_ABOVE, AUTO_CHUNK, PROBE_LEN, PROBE_ATOL = 512, 128, 16, 2e-5
 _warned = weakref.WeakSet()  # models told once that the probe failed
@@ -211,7 +218,7 @@ class PatternCapture:
                 f"no pattern was captured for {missing}: run the model with these hooks first"
             )
         return ActivationCache(
-            {name: _stack_rows(blocks) for name, blocks in self.store.items()}, model
+            {name: stack_rows(blocks) for name, blocks in self.store.items()}, model
         )
 
 
@@ -297,7 +304,7 @@ class BoundedCapture:
         kept = self.builders[name].add(pattern, stay, also)
         mean = head_mean(pattern.detach().float()).cpu()
         if self.head_means:
-            self.means.setdefault(name, CausalRows(*self.key_ok.shape)).add(mean)
+            self.means.setdefault(name, CausalRows()).add(mean)
         done = self.strip_rows.add(mean)
         if done is not None:
             first, rows = done
@@ -817,20 +824,6 @@ def kv_cache_reaches_attention(model):
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _stack_rows(blocks: list[Tensor]) -> Tensor:
-    """Row blocks of a causal pattern (each over the keys seen so far) as one [.., seq, seq]."""
-    if len(blocks) == 1:
-        return blocks[0]
-    seq = blocks[-1].shape[-1]
-    out = blocks[0].new_zeros(*blocks[0].shape[:-2], seq, seq)
-    row = 0
-    for block in blocks:
-        queries, keys = block.shape[-2:]
-        out[..., row : row + queries, :keys] = block
-        row += queries
-    return out
 
 
 def _release_hooks(model, last: int) -> list:

@@ -170,8 +170,8 @@ def _bounded_capture(
     head-means kept only where they fit ``PATTERN_BUDGET`` (the rollout reads all of them).
     Without ``overview``: a store only (of edge shares), of ``keep`` keys per row (default:
     ``top_k``, what a search step reads)."""
-    seq = plan.mask.shape[1]  # head-means are kept by their lower triangles (CausalRows)
-    means = dense_bytes(plan.mask, plan.layer_ids, 1) * (seq + 1) // (2 * seq)
+    # Head-means are kept by row blocks (CausalRows): about their lower triangles.
+    means = dense_bytes(plan.mask, plan.layer_ids, 1) // 2
     if overview and means > budgets.PATTERN_BUDGET:
         warnings.warn(
             f"no rollout: it reads every traced layer's head-mean ({means / 2**30:.1f} "
