@@ -56,6 +56,7 @@ from .search.contrib import (
     row_totals,
 )
 from .search.pattern import aggregate_heads, check_pattern_values
+from .search.recompute import AttentionRows, attention_rows, check_rows, fit_scale, row_error
 from .search.stats import TopTokens, top_attention
 from .search.store import (
     CausalRows,
@@ -907,45 +908,149 @@ def patterns_from_cache(
 
 @dataclass
 class ContributionCapture:
-    """Forward hooks that keep what contribution weights need of ``layers``: ``hook_pattern``
-    (every head), ``hook_v`` and ``hook_resid_pre``; :meth:`shares` then gives each part's
-    share of every row's attention-block output (:func:`rat_lens.search.contrib.edge_shares`).
-    One whole forward (no query chunks): the shares read every row's values."""
+    """Forward hooks that keep what contribution weights need of ``layers``, block of query
+    rows by block (one forward, KV-cached query chunks, or a cache fed to :meth:`add_cache`):
+    per layer ``hook_resid_pre`` and ``hook_v``, and its patterns, handed to ``attention``:
+
+    - a :class:`PatternCapture` (``agg_heads="none"``) keeps every head's whole pattern;
+    - a :class:`BoundedCapture` keeps each row's strongest keys (and the strips, the
+      head-means), and the layer's queries and keys are kept too (``queries_keys``: the hooks
+      :func:`query_key_parts` names), so :meth:`attention_rows` recomputes any row exactly
+      (:class:`~rat_lens.search.recompute.AttentionRows`). The attention scale is measured on
+      the first block's rows (:func:`~rat_lens.search.recompute.fit_scale`) and probe rows of
+      every block are checked against the forward's own: a model whose attention is not
+      ``softmax(scale · q·kᵀ)`` is one RatLensError after its first block.
+
+    ``mask``: ``[batch, seq]`` 1 for real tokens (None: no padding). :meth:`rows` then gives
+    each prompt's proximity shares, computed only for the rows the search reads.
+
+    Examples:
+        >>> from rat_lens.models import load
+        >>> model = load("induction-2l")
+        >>> ok = torch.ones(1, 5, dtype=torch.bool)
+        >>> bounded = BoundedCapture([1], ok, sink_keys=[0], keep=2, query_mask=ok)
+        >>> capture = ContributionCapture.of(model, [1], bounded)
+        >>> _ = run_forward(model, model.to_tokens("cat dog red cat"), capture)
+        >>> A = capture.attention_rows(1, bounded.stores()[1])[0]
+        >>> A, capture.rows(model, 1, [A])[0][:, [4]].shape    # 4 heads + the residual stream
+        (AttentionRows(head=4, query=5), torch.Size([5, 1, 5]))
+    """
 
     layers: Sequence[int]
-    kept: dict = field(default_factory=dict)  # hook name -> activation
+    attention: Union[PatternCapture, BoundedCapture]
+    queries_keys: tuple = ()  # e.g. ("attn.hook_rot_q", "attn.hook_rot_k"): rows recomputed
+    mask: Optional[Tensor] = None
 
-    PARTS = ("attn.hook_pattern", "attn.hook_v", "hook_resid_pre")
+    PROBE_ROWS = 8  # rows of a forward's first block checked as it runs (and the scale's)
 
     def __post_init__(self):
         self.layers = check_layers(self.layers)
+        self.kept: dict[tuple[int, str], list[Tensor]] = {}  # (layer, part) -> row blocks
+        self.scale: dict[int, float] = {}
+
+    @classmethod
+    def of(cls, model, layers: Sequence[int], attention, mask=None) -> "ContributionCapture":
+        """The capture for ``model``: with a :class:`BoundedCapture`, its query/key hooks."""
+        _check_layer_range(model, layers)
+        parts = query_key_parts(model) if isinstance(attention, BoundedCapture) else ()
+        check_contribution_hooks(model, layers, parts)
+        return cls(layers, attention, parts, mask)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The hooks read per layer, in a forward's order."""
+        return ("hook_resid_pre", "attn.hook_v", *self.queries_keys, "attn.hook_pattern")
 
     def names(self) -> list[str]:
-        return [f"blocks.{layer}.{part}" for layer in self.layers for part in self.PARTS]
+        return [f"blocks.{layer}.{part}" for layer in self.layers for part in self.parts]
 
     @property
     def fwd_hooks(self) -> list:
-        def keeper(name: str):  # by the name asked for: the bridge fires aliases under others
-            def keep(activation: Tensor, hook):
-                self.kept[name] = activation.detach()
+        def keeper(layer: int, part: str):  # by the name asked for: the bridge fires aliases
+            return lambda activation, hook: self.add(layer, part, activation)
 
-            return keep
-
-        return [(name, keeper(name)) for name in self.names()]
+        layers = sorted(set(self.layers))
+        return [(f"blocks.{layer}.{p}", keeper(layer, p)) for layer in layers for p in self.parts]
 
     def rows_captured(self) -> dict[str, int]:
-        return {
-            name: value.shape[-2] for name, value in self.kept.items() if name.endswith("pattern")
-        }
+        return self.attention.rows_captured()
 
-    def pattern(self, layer: int) -> Float[Tensor, "batch head query key"]:
-        return self.kept[hook_name(layer)]
+    def add(self, layer: int, part: str, activation: Tensor) -> None:
+        """Take a block of one of :attr:`parts` of ``layer`` (the hooks call it; so can a
+        caller holding a cache, in a forward's order)."""
+        activation = activation.detach()
+        if part != "attn.hook_pattern":
+            self.kept.setdefault((layer, part), []).append(activation)
+            return
+        queries, keys = activation.shape[-2:]
+        if keys == queries:  # a forward from position 0: only its own blocks count
+            for earlier in self.parts[:-1]:
+                del self.kept[(layer, earlier)][:-1]
+        values = sum(block.shape[1] for block in self.kept[(layer, "attn.hook_v")])
+        if values != keys:
+            raise RatLensError(
+                f"{hook_name(layer)} gave {queries} query rows over {keys} keys after values "
+                f"of {values} keys: the model did not continue its KV cache"
+            )
+        if self.queries_keys and keys == queries:  # needs no key blocks joined
+            self._check_block(layer, activation)
+        self.attention.add(hook_name(layer), activation)
+
+    def _check_block(self, layer: int, pattern: Float[Tensor, "batch head query key"]) -> None:
+        """The first block of a forward (from position 0): the layer's scale fitted on
+        ``PROBE_ROWS`` rows of the first prompt, and those rows of every prompt (its real
+        ones) recomputed and compared with the forward's. Later rows are checked as read."""
+        seq = pattern.shape[-1]
+        q, k = (self.kept[(layer, part)][-1] for part in self.queries_keys)
+        probe = torch.linspace(0, seq - 1, self.PROBE_ROWS).round().long().unique()
+        for b in range(pattern.shape[0]):
+            key_ok = self._key_ok(b, seq, q.device)
+            rows = probe[key_ok[probe.to(q.device)].cpu()]
+            forward = pattern[b][:, rows.to(pattern.device)].to(q.device)
+            if b == 0:
+                self.scale[layer] = fit_scale(forward, q[b][rows], k[b], rows)
+            exact = attention_rows(q[b][rows], k[b], self.scale[layer], rows, key_ok)
+            error = row_error(exact, forward)
+            check_rows(error, hook_name(layer), rows, "the forward's attention on probe rows")
+
+    def _key_ok(self, b: int, keys: int, device) -> Tensor:
+        """Prompt ``b``'s real keys among the first ``keys``."""
+        if self.mask is None:
+            return torch.ones(keys, dtype=torch.bool, device=device)
+        return self.mask[b, :keys].bool().to(device)
+
+    def _whole(self, layer: int, part: str) -> Tensor:
+        """A part's blocks as one ``[batch, seq, ...]`` tensor (joined once, kept joined)."""
+        blocks = self.kept[(layer, part)]
+        if len(blocks) > 1:
+            blocks[:] = [torch.cat(blocks, dim=1)]
+        return blocks[0]
+
+    def attention_rows(self, layer: int, stores: list[TopKeys]) -> list[AttentionRows]:
+        """Layer ``layer``'s attention, one :class:`AttentionRows` per prompt (each checked,
+        row by row as read, against ``stores[b]``, what the bounded store kept)."""
+        q, k = (self._whole(layer, part) for part in self.queries_keys)
+        scale, name = self.scale[layer], hook_name(layer)
+        return [
+            AttentionRows(q[b], k[b], scale, self._key_ok(b, k.shape[1], q.device), stores[b], name)
+            for b in range(len(stores))
+        ]
+
+    def rows(self, model, layer: int, attention: Union[Tensor, list]) -> list[ShareRows]:
+        """Layer ``layer``'s proximity shares, one :class:`~rat_lens.search.contrib.ShareRows`
+        per prompt from its ``attention[b]`` (``[head, query, key]``, dense or recomputed):
+        computed only for the rows a search reads, where the layer's activations are."""
+        values, W_O, resid, b_O = self._block_parts(model, layer)
+        return [
+            ShareRows(attention[b], values[b], W_O, resid[b], b_O) for b in range(len(attention))
+        ]
 
     def shares(self, model, layer: int, weight: str) -> Float[Tensor, "batch part query key"]:
-        """Layer ``layer``'s shares ``[batch, head + 1, query, key]`` (the last channel the
-        residual stream), computed where its activations are (a dispatched model's layers sit
-        on several devices)."""
-        pattern, values, W_O, resid, b_O = self._parts(model, layer)
+        """Layer ``layer``'s shares of every row ``[batch, head + 1, query, key]`` (the last
+        channel the residual stream), from whole patterns (``attention`` a PatternCapture)."""
+        pattern = self.attention.to_cache(model)[hook_name(layer)]
+        values, W_O, resid, b_O = self._block_parts(model, layer)
+        pattern = pattern.to(values.device)
         return torch.stack(
             [
                 edge_shares(pattern[b], values[b], W_O, resid[b], b_O, weight)
@@ -953,24 +1058,44 @@ class ContributionCapture:
             ]
         )
 
-    def rows(self, model, layer: int) -> list[ShareRows]:
-        """Layer ``layer``'s proximity shares, one :class:`~rat_lens.search.contrib.ShareRows`
-        per prompt: computed only for the rows a search reads."""
-        pattern, values, W_O, resid, b_O = self._parts(model, layer)
-        return [
-            ShareRows(pattern[b], values[b], W_O, resid[b], b_O) for b in range(pattern.shape[0])
-        ]
+    def _block_parts(self, model, layer: int) -> tuple:
+        """The layer's values, ``W_O``, residual stream and ``b_O`` (or None), the weights
+        where the activations are (a dispatched model's layers sit on several devices)."""
+        values, resid = (self._whole(layer, part) for part in ("attn.hook_v", "hook_resid_pre"))
+        W_O, b_O = _output_weights(model, layer, values.device)
+        return values, W_O, resid, b_O
 
-    def _parts(self, model, layer: int) -> tuple:
-        """The layer's pattern, values, ``W_O``, residual stream and ``b_O`` (or None), the
-        weights on the pattern's device."""
-        pattern = self.pattern(layer)
-        with offloaded_weights_loaded(model.blocks[layer].attn) as attn:
-            W_O = attn.W_O.detach().to(pattern.device)
-            b_O = getattr(attn, "b_O", None)
-            b_O = None if b_O is None else b_O.detach().to(pattern.device)
-        values = self.kept[f"blocks.{layer}.attn.hook_v"]
-        return pattern, values, W_O, self.kept[f"blocks.{layer}.hook_resid_pre"], b_O
+    def add_cache(self, cache, batch_seq: tuple[int, int]) -> None:
+        """Feed a ``run_with_cache`` cache of the prompts (``batch_seq``: their shape)."""
+        patterns = patterns_from_cache(cache, self.layers, "none", batch_seq)
+        for layer in sorted(set(self.layers)):
+            for part in self.parts[:-1]:
+                try:
+                    self.add(layer, part, cache[f"blocks.{layer}.{part}"])
+                except KeyError:
+                    raise RatLensError(
+                        f"contribution edges from cache= read blocks.{layer}.{part}, which the "
+                        f"cache lacks: cache {', '.join(p.split('.')[-1] for p in self.parts)} "
+                        "(names_filter=lambda n: n.endswith((...))), or pass "
+                        "edge_weight='value_norm'"
+                    ) from None
+            self.add(layer, self.parts[-1], patterns[hook_name(layer)])
+
+
+def query_key_parts(model) -> tuple[str, str]:
+    """The hooks of the queries and keys attention is computed from: the post-rotary ones
+    (``attn.hook_rot_q`` / ``attn.hook_rot_k``) where the model has them, else ``attn.hook_q``
+    / ``attn.hook_k``."""
+    rotary = "blocks.0.attn.hook_rot_q" in model.hook_dict
+    return ("attn.hook_rot_q", "attn.hook_rot_k") if rotary else ("attn.hook_q", "attn.hook_k")
+
+
+def _output_weights(model, layer: int, device) -> tuple[Tensor, Optional[Tensor]]:
+    """Layer ``layer``'s ``W_O`` and ``b_O`` (None where it has none), on ``device``."""
+    with offloaded_weights_loaded(model.blocks[layer].attn) as attn:
+        W_O = attn.W_O.detach().to(device)
+        b_O = getattr(attn, "b_O", None)
+        return W_O, None if b_O is None else b_O.detach().to(device)
 
 
 @dataclass
@@ -1093,13 +1218,18 @@ class ValueNormCapture:
             self.add(layer, self.PARTS[2], patterns[hook_name(layer)])
 
 
-def check_contribution_hooks(model, layers: Sequence[int]) -> None:
-    """A clear error where ``model`` lacks a hook point contribution weights read."""
-    missing = sorted(set(ContributionCapture(layers).names()) - set(model.hook_dict))
+def check_contribution_hooks(
+    model, layers: Sequence[int], queries_keys: Sequence[str] = ()
+) -> None:
+    """A clear error where ``model`` lacks a hook point contribution weights read
+    (``queries_keys`` too where rows are recomputed)."""
+    parts = ("hook_resid_pre", "attn.hook_v", *queries_keys, "attn.hook_pattern")
+    wanted = {f"blocks.{layer}.{part}" for layer in layers for part in parts}
+    missing = sorted(wanted - set(model.hook_dict))
     if missing:
         raise RatLensError(
-            f"{type(model).__name__} lacks the hook points {missing[:3]}: "
-            "contribution weights need hook_pattern, hook_v and hook_resid_pre"
+            f"{type(model).__name__} lacks the hook points {missing[:3]}: contribution weights "
+            f"need {', '.join(part.split('.')[-1] for part in parts)}"
         )
 
 
@@ -1126,9 +1256,7 @@ def capture_contributions(
         (torch.Size([1, 5, 5, 5]), 1.0)
     """
     check_choice("weight", weight, EDGE_WEIGHTS[1:])
-    capture = ContributionCapture(layers)
-    _check_layer_range(model, capture.layers)
-    check_contribution_hooks(model, capture.layers)
+    capture = ContributionCapture.of(model, check_layers(layers), PatternCapture(layers, "none"))
     run_forward(model, tokens, capture, Forward(None, None))
     device = input_device(model)
     return {layer: capture.shares(model, layer, weight).to(device) for layer in capture.layers}

@@ -23,8 +23,9 @@ __all__ = ["TracePlan", "make_plan", "resolve_targets", "is_position", "SOURCES"
 
 Targets = Union[SupportsIndex, Sequence[SupportsIndex], Tensor]
 # Where a trace's weights come from: every head's whole pattern (or head-aggregated), each
-# row's strongest keys as the forward runs, or each part's share of the block output.
-SOURCES = ("dense", "bounded", "contribution")
+# row's strongest keys as the forward runs, or each part's share of the block output (from
+# whole patterns, or from rows recomputed beside the bounded store).
+SOURCES = ("dense", "bounded", "contribution", "contribution_bounded")
 
 
 @dataclass(frozen=True)
@@ -91,14 +92,11 @@ def make_plan(
 
 
 def _source(model, tokens, layer_ids, options: TraceOptions, inputs: TraceInputs) -> str:
-    """Which capture source serves these options (``inputs.store``, see TraceInputs). Attention
-    and value-norm edges stream into the bounded store at any length; contribution edges keep
-    every head's patterns (each visited row's shares need its whole row), so they are refused,
-    never swapped for another weight, where those cannot be kept."""
+    """Which capture source serves these options (``inputs.store``, see TraceInputs). Per-head
+    edges of every weight stream into the bounded store at any length (contribution edges
+    recompute the rows they read from queries and keys); none is ever swapped for another."""
     n_heads = getattr(getattr(model, "cfg", None), "n_heads", None) or 1
-    if options.edge_weight == "contribution":
-        why = "edge_weight='contribution' reads every head's whole rows"
-    elif not options.per_head:
+    if not options.per_head:
         why = f"agg_heads={options.agg_heads!r} keeps one matrix per layer"
     elif options.chain and n_heads == 1:
         why = "a chain through one head takes reverse-attention's order, from whole rows"
@@ -106,12 +104,11 @@ def _source(model, tokens, layer_ids, options: TraceOptions, inputs: TraceInputs
         why = None
     if inputs.store == "bounded" and why:
         raise RatLensError(
-            f"store='bounded' is for per-head traces (agg_heads='none', attention or "
-            f"value_norm weights), but {why}: use store='auto' or 'dense'"
+            f"store='bounded' is for per-head traces (agg_heads='none'), but {why}: use "
+            "store='auto' or 'dense'"
         )
     if options.edge_weight == "contribution":
-        _check_contribution(tokens, layer_ids, n_heads, inputs)
-        return "contribution"
+        return _contribution_source(tokens, layer_ids, n_heads, inputs)
     if inputs.store != "auto" or why:
         return "bounded" if inputs.store == "bounded" else "dense"
     if inputs.cache is not None and options.edge_weight == "attention":
@@ -120,21 +117,16 @@ def _source(model, tokens, layer_ids, options: TraceOptions, inputs: TraceInputs
     return "bounded" if dense > budgets.PATTERN_BUDGET else "dense"
 
 
-def _check_contribution(tokens, layer_ids, n_heads, inputs: TraceInputs) -> None:
-    """Contribution edges run their own whole forward and keep every head's pattern."""
-    if inputs.cache is not None or isinstance(inputs.query_chunk, int):
-        given = "cache=" if inputs.cache is not None else f"query_chunk={inputs.query_chunk}"
-        raise RatLensError(
-            f"edge_weight='contribution' runs its own whole forward, so {given} cannot serve "
-            "it: trace without it, or with edge_weight='value_norm' (the per-head default)"
-        )
-    patterns = dense_bytes(tokens, layer_ids, n_heads)
-    if patterns > budgets.PATTERN_BUDGET:
-        raise RatLensError(
-            f"edge_weight='contribution' keeps every traced head's pattern ({patterns / 2**30:.1f}"
-            " GiB here), over rat_lens.options.PATTERN_BUDGET: raise that, trace fewer layers, "
-            "or use edge_weight='value_norm' (the per-head default, bounded at any length)"
-        )
+def _contribution_source(tokens, layer_ids, n_heads, inputs: TraceInputs) -> str:
+    """Contribution edges read each visited row whole: from every traced head's pattern
+    (``"contribution"``: ``store="dense"``, or ``"auto"`` where they fit PATTERN_BUDGET), else
+    recomputed from the layer's queries and keys beside the bounded store
+    (``"contribution_bounded"``), for models whose attention is ``softmax(scale · q·kᵀ)``
+    (checked as it runs)."""
+    if inputs.store == "auto":
+        over = dense_bytes(tokens, layer_ids, n_heads) > budgets.PATTERN_BUDGET
+        return "contribution_bounded" if over else "contribution"
+    return "contribution_bounded" if inputs.store == "bounded" else "contribution"
 
 
 def dense_bytes(tokens: Tensor, layer_ids: list[int], channels: int) -> int:

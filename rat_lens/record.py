@@ -6,20 +6,18 @@ A :class:`~rat_lens.plan.TracePlan` names the source; :func:`capture_record` run
   forward (:class:`~rat_lens.capture.PatternCapture`) or the user's ``cache=``;
 - ``"bounded"``: per (layer, head, query) row only its strongest keys, filled as the forward
   runs (:class:`~rat_lens.capture.BoundedCapture`);
-- ``"contribution"``: each part's share of every row's block output (heads and the residual
-  stream, :class:`~rat_lens.capture.ContributionCapture`); a padded prompt runs alone on its
-  real tokens, its shares placed back at their positions.
+- ``"contribution"`` / ``"contribution_bounded"``: each part's share of every row's block
+  output (heads and the residual stream, :class:`~rat_lens.capture.ContributionCapture`),
+  from every head's whole pattern, or from the bounded store and each layer's queries and
+  keys (the rows read recomputed).
 
 Every source fills the same fields, so the search and the assembly never ask where they came
 from.
 """
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
-
-import torch
-from torch import Tensor
 
 from . import options as budgets
 from .capture import (
@@ -29,14 +27,12 @@ from .capture import (
     Joined,
     PatternCapture,
     ValueNormCapture,
-    check_contribution_hooks,
     hook_name,
     input_device,
     patterns_from_cache,
     run_forward,
 )
 from .plan import TracePlan, dense_bytes
-from .search.contrib import ShareRows
 from .search.pattern import check_pattern_values
 from .search.stats import TopTokens, top_attention
 from .search.store import head_mean, layer_mean
@@ -72,9 +68,13 @@ class Record:
 def capture_record(model, tokens, plan: TracePlan, also=None) -> Record:
     """Run the plan's capture source on ``tokens`` (``[batch, seq]``). ``also``: another
     capture (the explanation's, :mod:`rat_lens.lens`) filled by the same forward, which then
-    runs to the logits; a source that runs several forwards (padded contribution edges)
-    leaves it empty."""
-    source = {"dense": _dense, "bounded": _bounded, "contribution": _contribution}
+    runs to the logits."""
+    source = {
+        "dense": _dense,
+        "bounded": _bounded,
+        "contribution": _contribution,
+        "contribution_bounded": _contribution,
+    }
     return source[plan.source](model, tokens, plan, also)
 
 
@@ -197,74 +197,28 @@ def _bounded_capture(
 
 def _contribution(model, tokens, plan: TracePlan, also=None) -> Record:
     """Per layer and prompt the parts' shares, computed only for the rows the search reads
-    (:class:`~rat_lens.search.contrib.ShareRows`), and the patterns. Unpadded prompts run in
-    one forward; a padded prompt runs alone on its real tokens, its parts placed back at their
-    positions (zero at the padding, so no share lands there)."""
-    check_contribution_hooks(model, plan.layer_ids)
-    if plan.forward_mask is None:
-        runs = [_contribution_run(model, tokens, plan, None, also)]
+    (:class:`~rat_lens.search.contrib.ShareRows`), from one forward (or the cache) as any
+    source runs it: padded prompts masked, long ones in query chunks. Source
+    ``"contribution"`` keeps every traced head's whole pattern; ``"contribution_bounded"``
+    keeps the bounded store's (each row's strongest keys: the page, the strips, the
+    head-means) and the layers' queries and keys, from which each row read is recomputed
+    exactly (:class:`~rat_lens.search.recompute.AttentionRows`, checked against the store)."""
+    layers = plan.layer_ids
+    if plan.source == "contribution_bounded":
+        attention = _bounded_capture(plan)
     else:
-        runs = [
-            _contribution_run(model, tokens[b : b + 1], plan, plan.mask[b].nonzero().flatten())
-            for b in range(len(tokens))
-        ]
-    weights = [[rows for run in runs for rows in run[0][t]] for t in range(len(plan.layer_ids))]
-    attention = [torch.cat([run[1][t] for run in runs]) for t in range(len(plan.layer_ids))]
-    top = None if runs[0][2] is None else _joined([run[2] for run in runs])
-    return _with_overview(weights, attention, top, plan)
-
-
-def _contribution_run(model, tokens, plan: TracePlan, real: Optional[Tensor], also=None) -> tuple:
-    """One forward for contribution edges, of ``tokens`` or of their ``real`` positions only:
-    per layer its ``ShareRows`` per prompt and ``[batch, head, seq, seq]`` patterns (float32,
-    CPU), and the top tokens; parts of a run on ``real`` positions are placed back at them."""
-    seq = tokens.shape[1]
-    if real is not None:
-        tokens = tokens[:, real.to(tokens.device)]
-    capture = ContributionCapture(plan.layer_ids)
-    joined = capture if also is None else Joined([capture, also])
-    forward = replace(_forward(plan, also), attention_mask=None, query_chunk=None)  # whole rows
-    top = run_forward(model, tokens, joined, forward)
-    weights, patterns = [], []
-    for layer in plan.layer_ids:
-        check_pattern_values(capture.pattern(layer), hook_name(layer))
-        rows = capture.rows(model, layer)
-        if real is not None:
-            rows = [
-                ShareRows(
-                    _square(r.pattern, real, seq),
-                    _placed(r.v, real, seq),
-                    r.W_O,
-                    _placed(r.x, real, seq),
-                    r.b_O,
-                )
-                for r in rows
-            ]
-        weights.append(rows)
-        pattern = capture.pattern(layer).float().cpu()
-        patterns.append(pattern if real is None else _square(pattern, real, seq))
-    if top is not None and real is not None:
-        probs, ids = (_placed(t[0], real, seq)[None] for t in (top.probs, top.ids))
-        top = TopTokens(probs, ids, top.vocab)
-    return weights, patterns, top
-
-
-def _joined(tops: list[TopTokens]) -> TopTokens:
-    """The top tokens of each prompt's own forward, as one batch."""
-    probs, ids = (torch.cat([getattr(t, f) for t in tops]) for f in ("probs", "ids"))
-    return TopTokens(probs, ids, tops[0].vocab)
-
-
-def _square(values: Tensor, real: Tensor, seq: int) -> Tensor:
-    """``[..., real, real]`` placed at the ``real`` rows and columns of ``[..., seq, seq]``."""
-    out = values.new_zeros(*values.shape[:-2], seq, seq)
-    real = real.to(values.device)
-    out[..., real[:, None], real[None, :]] = values
-    return out
-
-
-def _placed(values: Tensor, real: Tensor, seq: int) -> Tensor:
-    """``[real, ...]`` placed at the ``real`` rows of ``[seq, ...]``."""
-    out = values.new_zeros(seq, *values.shape[1:])
-    out[real.to(values.device)] = values
-    return out
+        attention = PatternCapture(layers, "none", device=input_device(model))
+    capture = ContributionCapture.of(model, layers, attention, plan.forward_mask)
+    top = _run(model, tokens, capture, plan, also)
+    if plan.source == "contribution_bounded":
+        stores = attention.stores()
+        patterns = [capture.attention_rows(layer, stores[layer]) for layer in layers]
+        weights = [capture.rows(model, layer, p) for layer, p in zip(layers, patterns)]
+        means = attention.head_mean_list(layers)
+        return Record(weights, patterns, means, attention.strips, top)
+    kept = attention.to_cache(model)
+    patterns = [kept[hook_name(layer)].float().cpu() for layer in layers]
+    for layer, pattern in zip(layers, patterns):
+        check_pattern_values(pattern, hook_name(layer))
+    weights = [capture.rows(model, layer, p) for layer, p in zip(layers, patterns)]
+    return _with_overview(weights, patterns, top, plan)

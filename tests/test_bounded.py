@@ -268,10 +268,6 @@ def test_auto_goes_bounded_over_the_budget_and_drops_only_the_rollout(gpt2_bridg
         (dict(store="big"), "store='big' not in"),
         (dict(store="bounded", layer=-1), "store='bounded' is for per-head traces"),
         (dict(store="bounded", layers=(0, 1), agg_heads="max"), "agg_heads='max'"),
-        (
-            dict(store="bounded", layers=(0, 1), agg_heads="none", edge_weight="contribution"),
-            "edge_weight='contribution' reads every head's whole rows",
-        ),
     ],
 )
 def test_bad_stores_are_refused_before_the_forward(options, message, no_typecheck):

@@ -175,18 +175,22 @@ def test_a_cache_without_values_names_the_hooks_to_cache(any_model):
 
 
 def test_edge_weight_never_depends_on_the_length(monkeypatch):
-    """Over PATTERN_BUDGET the default stays value_norm (bounded, same beams); contribution
-    edges there are an error, never another weight."""
+    """Over PATTERN_BUDGET the default stays value_norm (bounded, same beams), and contribution
+    edges stay contribution edges (their rows recomputed), never another weight."""
     model = load("induction-2l")
     tokens = repeated_tokens(1, prefix_len=20, repeat_len=10, seed=2)
     dense = rat_lens.trace(model, tokens[0], layers=(0, 1), **PER_HEAD)
+    contribution = dict(layers=(0, 1), **PER_HEAD, edge_weight="contribution")
+    whole = rat_lens.trace(model, tokens[0], **contribution)
     monkeypatch.setattr(rat_lens.options, "PATTERN_BUDGET", 2_000)
     with pytest.warns(RuntimeWarning, match="no rollout"):
         bounded = rat_lens.trace(model, tokens[0], layers=(0, 1), **PER_HEAD)
     assert bounded.edge_weight == dense.edge_weight == "value_norm"
     assert_same_beams(bounded.beams, dense.beams)
-    with pytest.raises(RatLensError, match="over rat_lens.options.PATTERN_BUDGET"):
-        rat_lens.trace(model, tokens[0], layers=(0, 1), **PER_HEAD, edge_weight="contribution")
+    with pytest.warns(RuntimeWarning, match="no rollout"):
+        recomputed = rat_lens.trace(model, tokens[0], **contribution)
+    assert recomputed.edge_weight == "contribution"
+    assert [b.positions for b in recomputed.beams] == [b.positions for b in whole.beams]
 
 
 def test_padded_value_norm_batch_equals_each_prompt_alone(any_model):

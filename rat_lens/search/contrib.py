@@ -310,12 +310,14 @@ def proximity_rows(
 ) -> Float[Tensor, "part row key"]:
     """Proximity shares of some query rows only, ``[head + 1, row, key]``: ``pattern`` and
     ``x`` hold those rows, ``rows`` their positions (where each one's residual stream sits),
-    ``v`` every key's values. Rows are computed ``budget`` bytes at a time."""
+    ``v`` every key's values. Rows are computed ``budget`` bytes at a time, over the keys up to
+    the last row only (a causal row attends to none after it: their parts are 0)."""
     n_heads, n_q, n_k = pattern.shape
-    vo = value_outputs(v.float(), W_O.float())  # [head, key, d_model]
-    pattern, x = pattern.float(), x.float()
-    out = pattern.new_zeros(n_heads + 1, n_q, n_k)
-    step = row_block(n_heads, n_k, vo.shape[-1], budget)
+    out = pattern.new_zeros(n_heads + 1, n_q, n_k, dtype=torch.float32)
+    used = int(rows.max()) + 1 if len(rows) else 0
+    vo = value_outputs(v[:used].float(), W_O.float())  # [head, key, d_model]
+    pattern, x = pattern[..., :used].float(), x.float()
+    step = row_block(n_heads, used, vo.shape[-1], budget)
     for start in range(0, n_q, step):
         block = slice(start, min(start + step, n_q))
         terms = einsum(pattern[:, block], vo, "head q key, head key d -> q head key d")
@@ -337,7 +339,9 @@ class ShareRows(_RowsOnly):
     """One layer's proximity shares of one prompt, computed only for the rows read: reads as
     the dense ``[head + 1, query, key]`` tensor of :func:`edge_shares` by rows only
     (``weights[:, rows]``), as the search reads a :class:`~rat_lens.search.store.TopKeys`. It
-    holds the layer's attention, values and residual stream, never a ``[query, key, d_model]``
+    holds the layer's attention (whole, or an
+    :class:`~rat_lens.search.recompute.AttentionRows` that recomputes the rows read from the
+    layer's queries and keys), values and residual stream, never a ``[query, key, d_model]``
     term tensor; the search walks down one layer at a time and asks each for its live rows.
 
     Examples:
@@ -361,22 +365,23 @@ class ShareRows(_RowsOnly):
         return rows
 
     def rows(self, rows: Int[Tensor, " row"]) -> Float[Tensor, "part row key"]:
-        pattern, x = self.pattern[:, rows], self.x[rows]
+        rows = rows.to(self.x.device)  # the attention may be held elsewhere (dense, on CPU)
+        pattern, x = self.pattern[:, rows].to(self.x.device), self.x[rows]
         return proximity_rows(pattern, rows, self.v, self.W_O, x, self.b_O)
 
 
 def _normalise(
     out: Float[Tensor, "part query key"],
-    parts: Float[Tensor, "head row key"],
+    parts: Float[Tensor, "head row used"],
     stay: Float[Tensor, " row"],
     block: slice,
     positions: Int[Tensor, " row"],
 ) -> None:
     """Write rows ``block`` of ``out``: each head's parts and the stay (at each row's own
     position, ``positions``) over the row's total (a row with nothing in it stays 0)."""
-    n_heads = parts.shape[0]
+    n_heads, _, used = parts.shape
     total = parts.sum(dim=(0, 2)) + stay
     total = torch.where(total > 0, total, torch.ones_like(total))
-    out[:n_heads, block] = parts / total[None, :, None]
+    out[:n_heads, block, :used] = parts / total[None, :, None]
     q = torch.arange(block.start, block.stop, device=out.device)
     out[n_heads, q, positions.to(out.device)] = stay / total
