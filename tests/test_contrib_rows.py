@@ -232,7 +232,7 @@ def test_attention_that_is_not_the_formula_is_refused_never_wrong(build):
 def test_rows_recomputed_equal_softmax_written_out(seed, n, heads, padding, scale):
     """Random queries and keys (grouped-query heads, padding anywhere, rows with no real key):
     the rows equal a softmax written out by hand, the scale is measured back from them, the
-    bounded store's kept entries check them, and their shares equal the whole pattern's."""
+    bounded store's kept entries check them, and their shares are the whole rows' shares."""
     n_heads, n_kv = heads
     gen = torch.Generator().manual_seed(seed)
     q, k = torch.randn(n, n_heads, 4, generator=gen), torch.randn(n, n_kv, 4, generator=gen)
@@ -255,8 +255,10 @@ def test_rows_recomputed_equal_softmax_written_out(seed, n, heads, padding, scal
     assert torch.allclose(A[:, rows], dense, atol=1e-6)
     v, W_O = torch.randn(n, n_kv, 4, generator=gen), torch.randn(n_heads, 4, 6, generator=gen)
     x, b_O = torch.randn(n, 6, generator=gen), torch.randn(6, generator=gen)
+    # The shares are those of the same rows held whole. (Against the hand-written softmax's
+    # they may differ by 100x its ~1e-7: proximity cancels |y| against |y - part|.)
     shares = ShareRows(A, v, W_O, x, b_O)[:, rows]
-    assert torch.allclose(shares, edge_shares(dense, v, W_O, x, b_O), atol=1e-5)
+    assert torch.allclose(shares, edge_shares(A[:, rows], v, W_O, x, b_O), atol=1e-6)
     wrong = AttentionRows(q, k, scale * 1.5, key_ok, A.store)  # another formula than the store's
     if (dense > 1e-3).sum(-1).gt(1).any():
         with pytest.raises(RatLensError, match="kept for them"):
