@@ -68,8 +68,8 @@ __all__ = [
     "value_outputs",
 ]
 
-ROW_BLOCK_BYTES = 2**30  # working memory of one block of proximity rows (1 GiB)
-_TERM_COPIES = 2  # a block's float32 [rows, head, key, d_model] terms, and y - terms beside them
+ROW_BLOCK_BYTES = 2**27  # working memory of one block of proximity rows (128 MiB)
+_TERM_COPIES = 2  # a block's float32 [rows, head, key, d_model] y - parts, and room as large
 
 
 def value_outputs(
@@ -88,6 +88,8 @@ def row_block(n_heads: int, n_keys: int, d_model: int, budget: int = ROW_BLOCK_B
 
     Examples:
         >>> row_block(12, 1024, 768)          # GPT-2 small at 1,024 tokens: 72 MiB a row
+        1
+        >>> row_block(12, 128, 768)           # at 128 tokens
         14
         >>> row_block(12, 8192, 768, 2**20)   # never less than one row
         1
@@ -310,28 +312,31 @@ def proximity_rows(
 ) -> Float[Tensor, "part row key"]:
     """Proximity shares of some query rows only, ``[head + 1, row, key]``: ``pattern`` and
     ``x`` hold those rows, ``rows`` their positions (where each one's residual stream sits),
-    ``v`` every key's values. Rows are computed ``budget`` bytes at a time, over the keys up to
-    the last row only (a causal row attends to none after it: their parts are 0)."""
+    ``v`` every key's values. Over the keys up to the last row only (a causal row attends to
+    none after it: their parts are 0). Each row's output ``y`` is one contraction; only
+    ``‖y - part‖₁`` needs every ``[head, key, d_model]`` part, written as ``y - A·vW_O`` in
+    one pass (addcmul) and reduced in another, ``budget`` bytes of rows at a time."""
     n_heads, n_q, n_k = pattern.shape
     out = pattern.new_zeros(n_heads + 1, n_q, n_k, dtype=torch.float32)
     used = int(rows.max()) + 1 if len(rows) else 0
     vo = value_outputs(v[:used].float(), W_O.float())  # [head, key, d_model]
-    pattern, x = pattern[..., :used].float(), x.float()
-    step = row_block(n_heads, used, vo.shape[-1], budget)
+    pattern, x = pattern[..., :used].float().to(vo.device), x.float()
+    y = x + einsum(pattern, vo, "head q key, head key d -> q d")
+    if b_O is not None:
+        y = y + b_O.float()
+    size = y.abs().sum(-1)
+    stay = (size - (y - x).abs().sum(-1)).clamp_min(0)
+    parts = pattern.new_empty(n_q, n_heads, used)
+    step = min(n_q, row_block(n_heads, used, vo.shape[-1], budget))
+    apart = pattern.new_empty(step, n_heads, used, vo.shape[-1])  # y - part, reused per block
     for start in range(0, n_q, step):
         block = slice(start, min(start + step, n_q))
-        terms = einsum(pattern[:, block], vo, "head q key, head key d -> q head key d")
-        resid = x[block]
-        y = resid + terms.sum(dim=(1, 2))
-        if b_O is not None:
-            y = y + b_O.float()
-        size = y.abs().sum(-1)
-        apart = (y[:, None, None] - terms).abs_().sum(-1)  # in place: one temporary, not two
-        del terms
-        parts = (size[:, None, None] - apart).clamp_min(0)
-        stay = (size - (y - resid).abs().sum(-1)).clamp_min(0)
-        parts = rearrange(parts, "q head key -> head q key")
-        _normalise(out, parts, stay, block, rows[block])
+        n = block.stop - block.start
+        read = rearrange(pattern[:, block], "head q key -> q head key")[..., None]
+        torch.addcmul(y[block, None, None], read, vo, value=-1, out=apart[:n])
+        parts[block] = size[block, None, None] - torch.linalg.vector_norm(apart[:n], 1, dim=-1)
+    parts = rearrange(parts.clamp_min_(0), "q head key -> head q key")
+    _normalise(out, parts, stay, slice(0, n_q), rows)
     return out
 
 
