@@ -16,7 +16,7 @@ from.
 """
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from . import options as budgets
@@ -34,6 +34,7 @@ from .capture import (
 )
 from .plan import TracePlan, dense_bytes
 from .search.pattern import check_pattern_values
+from .search.recompute import CHECKED_KEYS
 from .search.stats import TopTokens, top_attention
 from .search.store import head_mean, layer_mean
 
@@ -200,12 +201,13 @@ def _contribution(model, tokens, plan: TracePlan, also=None) -> Record:
     (:class:`~rat_lens.search.contrib.ShareRows`), from one forward (or the cache) as any
     source runs it: padded prompts masked, long ones in query chunks. Source
     ``"contribution"`` keeps every traced head's whole pattern; ``"contribution_bounded"``
-    keeps the bounded store's (each row's strongest keys: the page, the strips, the
-    head-means) and the layers' queries and keys, from which each row read is recomputed
-    exactly (:class:`~rat_lens.search.recompute.AttentionRows`, checked against the store)."""
+    keeps the layers' queries and keys, from which each row read is recomputed exactly
+    (:class:`~rat_lens.search.recompute.AttentionRows`: the search's, the page's, the foil's
+    rows), and a bounded store's overview (strips, head-means) and ``CHECKED_KEYS`` strongest
+    keys per row, the forward's own weights each recomputed row is checked against."""
     layers = plan.layer_ids
-    if plan.source == "contribution_bounded":
-        attention = _bounded_capture(plan)
+    if plan.source == "contribution_bounded":  # its store only checks the rows recomputed
+        attention = _bounded_capture(replace(plan, keep=CHECKED_KEYS))
     else:
         attention = PatternCapture(layers, "none", device=input_device(model))
     capture = ContributionCapture.of(model, layers, attention, plan.forward_mask)

@@ -37,11 +37,23 @@ from torch import Tensor
 
 from ..errors import RatLensError
 
-__all__ = ["ROW_ATOL", "attention_rows", "fit_scale", "row_error", "check_rows", "AttentionRows"]
+__all__ = [
+    "ROW_ATOL",
+    "CHECKED_KEYS",
+    "attention_rows",
+    "fit_scale",
+    "row_error",
+    "check_rows",
+    "AttentionRows",
+]
 
 # How far a recomputed attention weight may be from the forward's own (float32: the two sum
 # the same products in another order, ~1e-7 apart; a different formula is off by far more).
 ROW_ATOL = 1e-4
+# Keys per row a bounded store keeps to check recomputed rows against (besides the diagonal and
+# the sinks): the search and the page read the recomputed rows, so a few strongest suffice, and
+# a store of 32 costs 3x as much to fill (its top-k).
+CHECKED_KEYS = 4
 _FIT_FLOOR = 1e-30  # weights below this carry no usable log (float32 underflow is ~1e-38)
 
 
