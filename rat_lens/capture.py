@@ -832,10 +832,10 @@ def _release_hooks(model, last: int) -> list:
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) <= last:  # a wrapper without the bridge's modules
         return []
-    hooks = []
+    hooks, hook_dict = [], model.hook_dict  # the bridge builds it anew on every read
     for layer in range(last + 1):
         attn, name = getattr(blocks[layer], "attn", None), f"blocks.{layer}.attn.hook_out"
-        if hasattr(attn, "_pattern") and name in model.hook_dict:
+        if hasattr(attn, "_pattern") and name in hook_dict:
 
             def release(out, hook, attn=attn):
                 attn._pattern = None  # the bridge's __init__ value
@@ -1145,7 +1145,7 @@ class ValueNormCapture:
         factors = {}
         for layer in set(layers):
             with offloaded_weights_loaded(model.blocks[layer].attn) as attn:
-                factors[layer] = norm_factor(attn.W_O.detach(), n_keys)
+                factors[layer] = _norm_factor(attn, n_keys)
         return cls(layers, factors, attention, shares)
 
     def add(self, layer: int, part: str, activation: Tensor) -> None:
@@ -1216,6 +1216,24 @@ class ValueNormCapture:
                         "or pass edge_weight='attention'"
                     ) from None
             self.add(layer, self.PARTS[2], patterns[hook_name(layer)])
+
+
+_factors: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # attn -> (weights, factor)
+
+
+def _norm_factor(attn, n_keys: Optional[int]) -> Tensor:
+    """``norm_factor`` of the module's ``W_O``, a factored one kept for the next trace while
+    ``W_O`` is the same tensor, unchanged (factoring 30 layers is 0.1 s of a 512-token trace)."""
+    W_O = attn.W_O
+    weights = W_O._base if W_O._base is not None else W_O  # a view of the module's Parameter
+    W_O = W_O.detach()
+    kept = _factors.get(attn)
+    if kept is not None and kept[0]() is weights and kept[1] == weights._version:
+        return kept[2]
+    factor = norm_factor(W_O, n_keys)
+    if factor.shape[-1] < W_O.shape[-1]:
+        _factors[attn] = (weakref.ref(weights), weights._version, factor)
+    return factor
 
 
 def check_contribution_hooks(

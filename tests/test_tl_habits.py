@@ -73,3 +73,31 @@ def test_source_hooked_loads_where_transformer_lens_has_it_else_says_why():
     message = str(caught.value)
     assert "HookedTransformer was removed in TransformerLens 4.0" in message
     assert "source='bridge'" in message and "transformer-lens<4" in message
+
+
+def test_value_norm_edges_follow_weights_edited_in_place(bridge):
+    """An edit of W_O between traces (a user's own ablation) reaches the next trace's value-norm
+    shares: the factor kept per attention module is dropped once its weights change."""
+    from rat_lens.capture import capture_contributions
+
+    tokens = bridge.to_tokens(" ".join([TEXT] * 6))  # long enough to factor W_O (norm_factor)
+    weight = bridge.blocks[0].attn.W_O._base  # the Parameter W_O views
+    saved = weight.detach().clone()
+    Tracer(bridge).trace(tokens, -1, **OPTIONS)  # keeps the factor of the weights as they are
+    try:
+        with torch.no_grad():
+            weight.mul_(3.0)
+        result = Tracer(bridge).trace(tokens, -1, **OPTIONS)
+        shares = capture_contributions(bridge, tokens, [0, 1], "value_norm")  # from W_O itself
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    edges = [
+        (beam.layers[i], beam.heads[i], beam.positions[i], beam.positions[i + 1], w)
+        for beam in result.beams
+        for i, w in enumerate(beam.edge_weights)
+        if beam.heads[i] is not None
+    ]
+    assert any(layer == 0 for layer, *_ in edges)  # the edited layer is read
+    for layer, head, query, key, w in edges:
+        assert w == pytest.approx(float(shares[layer][0, head, query, key]), rel=1e-5)

@@ -335,9 +335,17 @@ def top_predictions(
         ([[0, 2], [1, 2]], [[0.5, 0.3], [0.7, 0.2]])
     """
     index = torch.as_tensor(positions, dtype=torch.long, device=logits.device)
-    probs = logits[index].float().softmax(-1)
-    top = probs.topk(min(k, probs.shape[-1]), dim=-1)
-    return top.values, top.indices
+    return _top_probs(logits[index], k)
+
+
+def _top_probs(
+    logits: Float[Tensor, "*rows vocab"], k: int
+) -> tuple[Float[Tensor, "*rows k"], Int[Tensor, "*rows k"]]:
+    """The ``k`` most likely tokens of each row and their probabilities, without a softmax's
+    copy of the rows: ``exp(logit - logsumexp)`` of the top logits, in float32."""
+    logits = logits.float()
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    return (top.values - logits.logsumexp(-1, keepdim=True)).exp(), top.indices
 
 
 @dataclass
@@ -379,8 +387,7 @@ class TopTokens:
         for first in range(0, logits.shape[1], self.ROWS):
             block = logits[:, first : first + self.ROWS]
             rows = slice(start + first, start + first + block.shape[1])
-            top = block.float().softmax(-1).topk(self.probs.shape[-1])
-            self.probs[:, rows], self.ids[:, rows] = top.values, top.indices
+            self.probs[:, rows], self.ids[:, rows] = _top_probs(block, self.probs.shape[-1])
 
 
 def decode_each(tokenizer, ids: list[int]) -> list[str]:
