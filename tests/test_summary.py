@@ -14,7 +14,18 @@ from rat_lens import TraceResult, trace_attention
 from rat_lens.capture import capture_patterns
 from rat_lens.compat import ReverseAttentionTracer
 from rat_lens.models import load, repeated_tokens
-from rat_lens.result import Beam, BeamPath, HeadTable, Move, Stay, build_sankey
+from rat_lens.result import (
+    Beam,
+    BeamPath,
+    BlockWrite,
+    HeadTable,
+    HeadWrite,
+    LensRecord,
+    Move,
+    Stay,
+    StayWrite,
+    build_sankey,
+)
 from rat_lens.roles import head_roles
 from rat_lens.search.stats import attention_stats, rollout_importance
 from rat_lens.summary import Summary, summarize
@@ -477,3 +488,24 @@ def test_an_explained_trace_says_what_its_route_carried(model, foil):
     check_outputs(summary)
     plain = summarize(rat_lens.trace(model, tokens, layers=(0, 1), agg_heads="none"))
     assert plain.carried is None and "What the route carried" not in plain.to_text()
+
+
+def test_a_result_with_a_lens_but_no_token_explained_says_what_its_route_carried():
+    """A hand-made (or older) result with lens, writes and stays but target_token None: every
+    format names the token explained in words, never as the token ``None``."""
+    attn = torch.softmax(torch.randn(2, 2, 5, 5, generator=torch.Generator().manual_seed(0)), -1)
+    attn = attn.tril() / attn.tril().sum(-1, keepdim=True)
+    result = result_from(attn, [" a", " b", " c", " a", " b"], layers=(0, 1), agg_heads="none")
+    move = result.beams[0].moves()[0]
+    result.lens = [LensRecord(1, 4, [" c"], [2], [0.5], target_rank=0, target_prob=0.5)]
+    result.writes = [
+        HeadWrite(move.layer, move.head, 4, move.key, [" c"], [2], [1.0], [" a"], [0], [-1.0], 0.3)
+    ]
+    result.stays = [StayWrite(position=4, top=1, bottom=1, blocks=[BlockWrite(1, "attn", 1.0)])]
+    assert result.target_token is None
+    summary = summarize(result)
+    text = summary.to_text()
+    assert "What the route carried\n" in text and "None" not in text
+    assert "reads the token explained as its top token from L1 up" in " ".join(text.split())
+    assert "None" not in summary.to_markdown() and "None" not in summary.html_fragment()
+    check_outputs(summary)

@@ -122,7 +122,7 @@ class Carried:
     (best beam first, at most ``carried_rows`` each);
     ``positions`` / ``position_tokens``: the tokens at the positions they name."""
 
-    target: str
+    target: Optional[str]  # None: a result saved without the token explained
     foil: Optional[str]
     top1_from: Optional[int]
     top_prob: Optional[float]

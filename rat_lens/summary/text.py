@@ -101,16 +101,18 @@ def sections(s) -> list[Section]:
 def _carried_sections(c, agg: str) -> list[Section]:
     """What the route carried: the lens at the target in one line, each head move's write,
     each stay's writers."""
-    why = token_label(c.target) + ("" if c.foil is None else f" and not {token_label(c.foil)}")
+    # A result saved without the token explained (hand-made, or older) still has its lens.
+    target = "the token explained" if c.target is None else token_label(c.target)
+    why = "" if c.target is None and c.foil is None else f": why {target}"
+    why += "" if c.foil is None else f" and not {token_label(c.foil)}"
     lens = (
-        f"the logit lens at the target reads {token_label(c.target)} as its top token from "
-        f"L{c.top1_from} up"
+        f"the logit lens at the target reads {target} as its top token from L{c.top1_from} up"
         if c.top1_from is not None
-        else f"the logit lens at the target never has {token_label(c.target)} on top"
+        else f"the logit lens at the target never has {target} on top"
     ) + ("" if c.top_prob is None else f" (p {c.top_prob:.2f} after the last layer)")
     out = [
         Section(
-            f"What the route carried: why {why}",
+            f"What the route carried{why}",
             [
                 "move",
                 "key → query",
