@@ -1135,17 +1135,15 @@ class ValueNormCapture:
         self.kept: dict[int, list] = {}  # layer -> (row totals, ‖x_q‖) of every block (dense)
 
     @classmethod
-    def of(
-        cls, model, layers: Sequence[int], attention, shares=None, n_keys: Optional[int] = None
-    ) -> "ValueNormCapture":
+    def of(cls, model, layers: Sequence[int], attention, shares=None) -> "ValueNormCapture":
         """The capture for ``model``, each ``W_O`` read (loaded where offloaded) and factored
-        once where the ``n_keys`` keys of a prompt repay it (``norm_factor``)."""
+        (``norm_factor``; the factor is kept per module while its weights are unchanged)."""
         _check_layer_range(model, layers)
         check_contribution_hooks(model, layers)
         factors = {}
         for layer in set(layers):
             with offloaded_weights_loaded(model.blocks[layer].attn) as attn:
-                factors[layer] = _norm_factor(attn, n_keys)
+                factors[layer] = _norm_factor(attn)
         return cls(layers, factors, attention, shares)
 
     def add(self, layer: int, part: str, activation: Tensor) -> None:
@@ -1221,16 +1219,17 @@ class ValueNormCapture:
 _factors: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # attn -> (weights, factor)
 
 
-def _norm_factor(attn, n_keys: Optional[int]) -> Tensor:
-    """``norm_factor`` of the module's ``W_O``, a factored one kept for the next trace while
-    ``W_O`` is the same tensor, unchanged (factoring 30 layers is 0.1 s of a 512-token trace)."""
+def _norm_factor(attn) -> Tensor:
+    """``norm_factor`` of the module's ``W_O``, a factored one kept for the next traces while
+    ``W_O`` is the same tensor, unchanged: factoring 30 layers is 0.1 s, paid once, and every
+    trace after it, however short, computes its key norms through the small factor."""
     W_O = attn.W_O
     weights = W_O._base if W_O._base is not None else W_O  # a view of the module's Parameter
     W_O = W_O.detach()
     kept = _factors.get(attn)
     if kept is not None and kept[0]() is weights and kept[1] == weights._version:
         return kept[2]
-    factor = norm_factor(W_O, n_keys)
+    factor = norm_factor(W_O)
     if factor.shape[-1] < W_O.shape[-1]:
         _factors[attn] = (weakref.ref(weights), weights._version, factor)
     return factor

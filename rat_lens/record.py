@@ -99,7 +99,7 @@ def _dense(model, tokens, plan: TracePlan, also=None) -> Record:
     top = None
     if plan.options.edge_weight == "value_norm":
         attention = PatternCapture(layers, "none", device=input_device(model))
-        capture = ValueNormCapture.of(model, layers, attention, n_keys=tokens.shape[1])
+        capture = ValueNormCapture.of(model, layers, attention)
         top = _run(model, tokens, capture, plan, also)
         kept = attention.to_cache(model)
     elif plan.inputs.cache is not None:
@@ -144,7 +144,7 @@ def _bounded(model, tokens, plan: TracePlan, also=None) -> Record:
     if plan.options.edge_weight == "value_norm":
         foil = plan.inputs.foil_token is not None
         shares = _bounded_capture(plan, overview=False, keep=plan.keep if foil else None)
-        capture = ValueNormCapture.of(model, plan.layer_ids, attention, shares, tokens.shape[1])
+        capture = ValueNormCapture.of(model, plan.layer_ids, attention, shares)
         top = _run(model, tokens, capture, plan, also)
     elif plan.inputs.cache is not None:
         batch_seq = tuple(tokens.shape)
