@@ -51,7 +51,6 @@ from .search.contrib import (
     edge_shares,
     head_shares,
     key_norms,
-    key_weighted,
     norm_factor,
     row_totals,
 )
@@ -1168,7 +1167,7 @@ class ValueNormCapture:
             )
         resid = self.resid.pop(layer)
         if self.shares is None:  # the rows read are computed later: keep their totals
-            totals = row_totals(key_weighted(activation, self.norms[layer]), resid)
+            totals = row_totals(activation, self.norms[layer], resid)
             self.attention.add(hook_name(layer), activation)
             self.kept[layer].append((totals, resid))
             return

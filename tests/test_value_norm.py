@@ -29,7 +29,6 @@ from rat_lens.search.contrib import (
     ValueNormRows,
     edge_shares,
     key_norms,
-    key_weighted,
     norm_factor,
     row_totals,
     value_norm_shares,
@@ -272,7 +271,7 @@ def test_value_norm_rows_are_the_dense_shares_of_those_rows(seed, heads, n, data
     rows = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n))
     dense = edge_shares(A, v, W_O, x, None, "value_norm")
     norms, resid = key_norms(v[None], W_O), x.norm(dim=-1)[None]
-    totals = row_totals(key_weighted(A[None], norms), resid)
+    totals = row_totals(A[None], norms, resid)
     shares = ValueNormRows(A, norms[0], totals[0], resid[0])
     torch.testing.assert_close(shares[:, rows], dense[:, rows], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(shares[:, 1:], dense[:, 1:], rtol=1e-6, atol=1e-7)

@@ -155,20 +155,23 @@ def key_weighted(
 
 
 def row_totals(
-    parts: Float[Tensor, "batch head query key"], resid_norms: Float[Tensor, "batch query"]
+    pattern: Float[Tensor, "batch head query key"],
+    norms: Float[Tensor, "batch head known"],
+    resid_norms: Float[Tensor, "batch query"],
 ) -> Float[Tensor, "batch query"]:
     """What each value-norm share of a row is divided by: its :func:`key_weighted` parts
     summed over heads and keys, plus ``‖x_q‖`` (``resid_norms``); 1 where that is 0 (a row
-    with nothing in it). The dense and the bounded captures take it of the same blocks the
-    same way, so their shares agree bit for bit.
+    with nothing in it). One matrix-vector product per head, ``A[h] · ‖v W_O[h]‖``: the parts
+    themselves are never formed. The dense and the bounded captures take it of the same blocks
+    the same way, so their shares agree bit for bit.
 
     Examples:
         >>> A = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])       # [batch, head, query, key]
-        >>> parts = key_weighted(A, torch.tensor([[[1.0, 3.0]]]))
-        >>> row_totals(parts, torch.tensor([[1.0, 2.0]]))
+        >>> row_totals(A, torch.tensor([[[1.0, 3.0]]]), torch.tensor([[1.0, 2.0]]))
         tensor([[2., 4.]])
     """
-    total = parts.sum(dim=(1, 3)) + resid_norms
+    weighted = torch.matmul(pattern.float(), norms[:, :, : pattern.shape[-1], None])
+    total = weighted[..., 0].sum(1) + resid_norms
     return torch.where(total > 0, total, torch.ones_like(total))
 
 
@@ -180,9 +183,8 @@ def head_shares(
 ) -> tuple[Float[Tensor, "batch head query key"], Float[Tensor, "batch query"]]:
     """Each head's value-norm shares of a block of rows (written into ``out`` when given: no
     other temporary the size of the block) and the rows' :func:`row_totals`."""
-    parts = key_weighted(pattern, norms, out)
-    totals = row_totals(parts, resid_norms)
-    return parts.div_(totals[:, None, :, None]), totals
+    totals = row_totals(pattern, norms, resid_norms)
+    return key_weighted(pattern, norms, out).div_(totals[:, None, :, None]), totals
 
 
 def value_norm_shares(
@@ -252,7 +254,7 @@ class ValueNormRows(_RowsOnly):
     Examples:
         >>> A = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])           # [head, query, key]
         >>> norms, resid = torch.ones(1, 2), torch.ones(2)
-        >>> totals = row_totals(key_weighted(A[None], norms[None]), resid[None])[0]
+        >>> totals = row_totals(A[None], norms[None], resid[None])[0]
         >>> ValueNormRows(A, norms, totals, resid)[:, [1]]          # head 0's keys, the stay
         tensor([[[0.2500, 0.2500]],
         <BLANKLINE>
