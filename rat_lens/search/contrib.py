@@ -63,12 +63,15 @@ __all__ = [
     "value_norm_shares",
     "ValueNormRows",
     "proximity_rows",
+    "proximity",
     "ShareRows",
     "row_block",
     "value_outputs",
 ]
 
-ROW_BLOCK_BYTES = 2**27  # working memory of one block of proximity rows (128 MiB)
+# Working memory of one block of proximity rows (32 MiB): a GPU gets 10M-element kernels from
+# one row of a 2,048-token prompt already, and a CPU pays a page fault per 4 KiB of a fresh block.
+ROW_BLOCK_BYTES = 2**25
 _TERM_COPIES = 2  # a block's float32 [rows, head, key, d_model] y - parts, and room as large
 
 
@@ -90,7 +93,7 @@ def row_block(n_heads: int, n_keys: int, d_model: int, budget: int = ROW_BLOCK_B
         >>> row_block(12, 1024, 768)          # GPT-2 small at 1,024 tokens: 72 MiB a row
         1
         >>> row_block(12, 128, 768)           # at 128 tokens
-        14
+        3
         >>> row_block(12, 8192, 768, 2**20)   # never less than one row
         1
     """
@@ -315,9 +318,13 @@ def proximity_rows(
     """Proximity shares of some query rows only, ``[head + 1, row, key]``: ``pattern`` and
     ``x`` hold those rows, ``rows`` their positions (where each one's residual stream sits),
     ``v`` every key's values. Over the keys up to the last row only (a causal row attends to
-    none after it: their parts are 0). Each row's output ``y`` is one contraction; only
-    ``‖y - part‖₁`` needs every ``[head, key, d_model]`` part, written as ``y - A·vW_O`` in
-    one pass (addcmul) and reduced in another, ``budget`` bytes of rows at a time."""
+    none after it: their parts are 0), ``budget`` bytes of rows at a time.
+
+    ``‖y‖₁ - ‖y - t‖₁`` is computed as :func:`proximity` does, without subtracting two sums
+    of ``|y|`` (in float32 each near-zero part of a long row then carried ~1e-7 of ``‖y‖₁``
+    as noise: 1e-4 of a SmolLM2 row's shares, summed over its thousands of parts). Each part
+    ``t = A·vW_O`` needs its ``[d_model]`` vector once, in one pass over ``[head, key,
+    d_model]`` per row; the rest are contractions."""
     n_heads, n_q, n_k = pattern.shape
     out = pattern.new_zeros(n_heads + 1, n_q, n_k, dtype=torch.float32)
     used = int(rows.max()) + 1 if len(rows) else 0
@@ -326,20 +333,43 @@ def proximity_rows(
     y = x + einsum(pattern, vo, "head q key, head key d -> q d")
     if b_O is not None:
         y = y + b_O.float()
-    size = y.abs().sum(-1)
-    stay = (size - (y - x).abs().sum(-1)).clamp_min(0)
+    sign, size = torch.where(y >= 0, 1.0, -1.0), y.abs()
+    signed = sign * x
+    stay = proximity(signed.sum(-1), (signed - size).relu_().sum(-1))
+    along = einsum(vo, sign, "head key d, q d -> q head key")  # s·vW_O, times A below
+    along.mul_(rearrange(pattern, "head q key -> q head key"))
     parts = pattern.new_empty(n_q, n_heads, used)
     step = min(n_q, row_block(n_heads, used, vo.shape[-1], budget))
-    apart = pattern.new_empty(step, n_heads, used, vo.shape[-1])  # y - part, reused per block
+    over = pattern.new_empty(step, n_heads, used, vo.shape[-1])  # reused per block
     for start in range(0, n_q, step):
         block = slice(start, min(start + step, n_q))
         n = block.stop - block.start
-        read = rearrange(pattern[:, block], "head q key -> q head key")[..., None]
-        torch.addcmul(y[block, None, None], read, vo, value=-1, out=apart[:n])
-        parts[block] = size[block, None, None] - torch.linalg.vector_norm(apart[:n], 1, dim=-1)
-    parts = rearrange(parts.clamp_min_(0), "q head key -> head q key")
-    _normalise(out, parts, stay, slice(0, n_q), rows)
+        torch.mul(vo, sign[block, None, None], out=over[:n])
+        over[:n].mul_(rearrange(pattern[:, block], "head q key -> q head key")[..., None])
+        parts[block] = proximity(
+            along[block], over[:n].sub_(size[block, None, None]).relu_().sum(-1)
+        )
+    _normalise(out, rearrange(parts, "q head key -> head q key"), stay, slice(0, n_q), rows)
     return out
+
+
+def proximity(
+    along: Float[Tensor, "*part"], over: Float[Tensor, "*part"]
+) -> Float[Tensor, "*part"]:
+    """``max(0, ‖y‖₁ - ‖y - t‖₁)`` from ``along = s·t`` and ``over = Σ_d max(0, s_d t_d -
+    |y_d|)``, ``s = sign(y)`` (1 at 0): per coordinate ``|y| - |y - t| = s·t`` while ``s·t ≤
+    |y|``, else ``2|y| - s·t``, so the sum is ``along - 2·over``, exactly, with float error
+    relative to ``t``, not to ``y``.
+
+    Examples:
+        >>> y, t = torch.tensor([3.0, -1.0]), torch.tensor([4.0, 0.5])
+        >>> s = torch.where(y >= 0, 1.0, -1.0)
+        >>> float(y.abs().sum() - (y - t).abs().sum())                 # 4 - 2.5
+        1.5
+        >>> float(proximity(s @ t, (s * t - y.abs()).relu().sum()))
+        1.5
+    """
+    return (along - 2 * over).clamp_min(0)
 
 
 class ShareRows(_RowsOnly):
@@ -372,9 +402,10 @@ class ShareRows(_RowsOnly):
         return rows
 
     def rows(self, rows: Int[Tensor, " row"]) -> Float[Tensor, "part row key"]:
-        rows = rows.to(self.x.device)  # the attention may be held elsewhere (dense, on CPU)
-        pattern, x = self.pattern[:, rows].to(self.x.device), self.x[rows]
-        return proximity_rows(pattern, rows, self.v, self.W_O, x, self.b_O)
+        # The attention may be held elsewhere than the activations (dense, on the CPU).
+        pattern = self.pattern[:, rows.to(self.pattern.device)].to(self.x.device)
+        rows = rows.to(self.x.device)
+        return proximity_rows(pattern, rows, self.v, self.W_O, self.x[rows], self.b_O)
 
 
 def _normalise(

@@ -182,7 +182,8 @@ class AttentionRows(Tensor):
 
     def __getitem__(self, index) -> Tensor:
         if isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None):
-            rows = torch.arange(self.shape[1])[index[1]]
+            wanted = index[1].cpu() if isinstance(index[1], Tensor) else index[1]
+            rows = torch.arange(self.shape[1])[wanted]
             return self.rows(torch.as_tensor(rows).reshape(-1))
         if isinstance(index, tuple) and len(index) == 3 and isinstance(index[2], slice):
             return self.rows(torch.tensor([int(index[1])]))[int(index[0]), 0, index[2]]
