@@ -19,7 +19,7 @@ from rat_lens.models import available_sources, load, load_induction_tokenizer, r
 from rat_lens.options import TraceInputs, TraceOptions
 from rat_lens.plan import make_plan
 from rat_lens.record import capture_record
-from rat_lens.search.contrib import ShareRows, edge_shares
+from rat_lens.search.contrib import ShareRows, edge_shares, proximity_rows, value_outputs
 from rat_lens.search.recompute import AttentionRows, attention_rows, fit_scale
 from rat_lens.search.store import TopKeysBuilder
 
@@ -263,3 +263,23 @@ def test_rows_recomputed_equal_softmax_written_out(seed, n, heads, padding, scal
     if (dense > 1e-3).sum(-1).gt(1).any():
         with pytest.raises(RatLensError, match="kept for them"):
             wrong[:, rows]
+
+
+def test_proximity_keeps_float32_accuracy_beside_a_large_residual_stream():
+    """SmolLM2's shapes (9 heads, d_model 576, 2,048 keys) and a residual stream of |x|_1 in
+    the thousands beside parts near 0: every share, the stay's too, within 1e-6 of float64
+    (subtracting two float32 sums of |y| was 4.6e-4 off here)."""
+    gen = torch.Generator().manual_seed(0)
+    n_heads, n, d = 9, 2048, 576
+    pattern = torch.randn(n_heads, 1, n, generator=gen).softmax(-1)
+    v = torch.randn(n, 3, 64, generator=gen)
+    W_O = torch.randn(n_heads, 64, d, generator=gen) * 0.05
+    x = torch.randn(1, d, generator=gen) * 10
+    got = proximity_rows(pattern, torch.tensor([n - 1]), v, W_O, x, None)[:, 0]
+    terms = pattern[:, 0, :, None].double() * value_outputs(v.double(), W_O.double())
+    y = x[0].double() + terms.sum(dim=(0, 1))
+    parts = (y.abs().sum() - (y - terms).abs().sum(-1)).clamp_min(0)
+    stay = (y.abs().sum() - (y - x[0].double()).abs().sum()).clamp_min(0)
+    total = parts.sum() + stay
+    torch.testing.assert_close(got[:n_heads].double(), parts / total, atol=1e-6, rtol=0)
+    assert float(got[n_heads, n - 1]) == pytest.approx(float(stay / total), abs=1e-6)
