@@ -19,11 +19,13 @@ direct logits.
 **Contrastive targets.** With a foil ``F`` the token explained is ``T`` against it: writes carry
 ``dla_diff`` = direct logit of ``T`` minus ``F``, and a per-head layers trace scores the first
 move out of the target by it: at the target row every head candidate ``(h, k)`` of every traced
-layer weighs ``weight · max(0, c) / max c`` where ``c = A[h, t, k] · (v_k W_O^h) · d / scale_t``
-is that read's direct contribution to ``logit(T) - logit(F)`` (``d`` the logit-difference
-direction through the final norm) and ``max c`` is the largest over all traced layers: reads
-that push towards the foil are no first move, the strongest push towards the target keeps its
-weight. Deeper moves are scored as without a foil.
+layer weighs what it adds to ``logit(T) - logit(F)`` directly, in place of its share. Its read's
+contribution is ``c = A[h, t, k] · (v_k W_O^h) · d / scale_t`` (``d`` the logit-difference
+direction through the final norm); summed over the keys it is the head's ``dla_diff``. The
+weight is ``max(0, c)`` times the head's net share ``max(0, Σ_k c) / Σ_k max(0, c)``, over the
+largest such weight of all traced layers (:func:`rat_lens.search.contrast.foil_weights`): reads
+that push towards the foil, and heads whose write does, are no first move. Deeper moves are
+scored as without a foil.
 """
 
 from collections.abc import Callable
@@ -38,7 +40,7 @@ from .capture import Forward, model_session, offloaded_weights_loaded, run_forwa
 from .errors import RatLensError
 from .result import Beam, BlockWrite, HeadWrite, LensRecord, Stay, StayWrite
 from .sankey import node_layers
-from .search.contrast import TargetRowScale
+from .search.contrast import TargetRowWeights, foil_weights
 from .search.contrib import value_outputs
 from .search.stats import TopTokens
 from .search.store import TopKeys
@@ -223,28 +225,25 @@ class Explained:
 
     def contrast(self, weights: list, attention: list, b: int, target: int) -> list:
         """Prompt ``b``'s search weights per traced layer, with a foil in a per-head layers
-        trace the target row's head candidates rescored by their direct contribution to
-        ``logit(T) - logit(F)`` (the module docstring's rule); unchanged otherwise."""
+        trace the target row's head candidates weighed by what they add to ``logit(T) -
+        logit(F)`` directly (the module docstring's rule); unchanged otherwise."""
         options = self.plan.options
         if self.foil is None or options.chain or not options.per_head:
             return weights
         token = self._token(b, target)
-        parts = [
+        reads = [
             self._read_contributions(layer, pattern, b, target, token)
             for layer, pattern in zip(self.plan.layer_ids, attention)
         ]
-        top = max(float(c.max()) for c in parts)
-        if top <= 0:  # no read pushes towards the target: leave the search as it was
+        found = foil_weights(reads, target)
+        if not any(bool(f.any()) for f in found):  # no read pushes towards T: as it was
             return weights
-        return [
-            TargetRowScale(w, target, (c.clamp_min(0) / top).to(w.device))
-            for w, c in zip(weights, parts)
-        ]
+        return [TargetRowWeights(w, target, f.to(w.device)) for w, f in zip(weights, found)]
 
     @torch.no_grad()
     def _read_contributions(self, layer: int, pattern, b: int, target: int, token: int):
-        """``[head, key]``: each head's read of each key at the target row, as a direct
-        contribution to ``logit(token) - logit(foil)``."""
+        """``[head, key]``: each head's read of each key at the target row (the target's own
+        key too), as a direct contribution to ``logit(token) - logit(foil)``."""
         model = self.model
         with offloaded_weights_loaded(model.blocks[layer].attn) as attn:
             W_O = attn.W_O.detach()
@@ -263,7 +262,6 @@ class Explained:
         n = pattern.shape[-1]
         out = torch.zeros(W_O.shape[0], n)
         out[:, : target + 1] = (rows.to(v.device) * per_key / scale.to(v.device)).cpu()
-        out[:, target] = 0.0  # a head reading the target itself is a stay, not a move
         return out
 
     def attach(self, results: list, beams: list[list[Beam]], b: int) -> list:

@@ -125,8 +125,8 @@ def test_a_foil_adds_target_minus_foil_to_every_write_and_is_saved(model):
 
 @torch.no_grad()
 def read_contributions(model, cache, target, token, foil):
-    """``[layer][head, key]``: each head's read of each key at the target row as a direct
-    contribution to logit(token) - logit(foil), by loops."""
+    """``[layer][head, key]``: each head's read of each key (the target's own too) at the
+    target row as a direct contribution to logit(token) - logit(foil), by loops."""
     scale = cache["ln_final.hook_scale"][0, target].detach()
     out = []
     for layer in range(model.cfg.n_layers):
@@ -135,14 +135,18 @@ def read_contributions(model, cache, target, token, foil):
         W_O = model.blocks[layer].attn.W_O.detach()
         c = torch.zeros(A.shape[0], target + 1)
         for h in range(A.shape[0]):
-            for k in range(target):
+            for k in range(target + 1):
                 write = final_norm_by_hand(model, A[h, target, k] * v[k, h] @ W_O[h], scale)
                 c[h, k] = float((write @ model.W_U)[token] - (write @ model.W_U)[foil])
         out.append(c)
     return out
 
 
-def test_with_a_foil_the_first_move_is_a_read_that_pushes_target_over_foil(model):
+def test_with_a_foil_the_first_move_weighs_its_reads_part_of_its_heads_push(model):
+    """Each beam's first move out of the target weighs its read's direct contribution c to
+    logit(T) - logit(F) times its head's net share (the head's summed contribution, its
+    dla_diff, over its positive part), over the largest such weight: never a read or a head
+    that pushes towards the foil, never the target's own key."""
     for trial in range(4):
         tokens = repeated_tokens(1, prefix_len=10, repeat_len=4, seed=trial)
         foil = int(tokens[0, 3 + trial])  # an earlier token
@@ -152,14 +156,24 @@ def test_with_a_foil_the_first_move_is_a_read_that_pushes_target_over_foil(model
             model, tokens, layers=(0, 1), agg_heads="none", foil_token=foil, top_beam=5
         )
         _, cache = model.run_with_cache(tokens)
-        c = read_contributions(model, cache, result.target_pos, result.target_id, foil)
-        top = max(float(x.max()) for x in c)
+        t = result.target_pos
+        rule = []
+        for c in read_contributions(model, cache, t, result.target_id, foil):
+            pushes = c.clamp_min(0)
+            net = [max(0.0, float(row.sum())) / float(p.sum()) if p.sum() > 0 else 0.0
+                   for row, p in zip(c, pushes)]  # fmt: skip
+            w = pushes * torch.tensor(net)[:, None]
+            w[:, t] = 0.0
+            rule.append(w)
+        top = max(float(w.max()) for w in rule)
         for beam in result.beams:
             first = beam.moves()[0]
-            assert first.query == result.target_pos
-            assert c[first.layer][first.head, first.key] > 0
-        best = result.beams[0].moves()[0]
-        assert c[best.layer][best.head, best.key] <= top + 1e-6
+            assert first.query == t and first.key < t
+            c = read_contributions(model, cache, t, result.target_id, foil)[first.layer]
+            assert c[first.head, first.key] > 0 and c[first.head].sum() > 0
+            assert first.weight == pytest.approx(
+                float(rule[first.layer][first.head, first.key]) / top, rel=1e-4
+            )
 
 
 def test_target_token_text_or_id_sets_what_the_lens_ranks(model):
