@@ -100,29 +100,21 @@ def row_block(n_heads: int, n_keys: int, d_model: int, budget: int = ROW_BLOCK_B
     return max(1, budget // max(1, _TERM_COPIES * 4 * n_heads * n_keys * d_model))
 
 
-def norm_factor(
-    W_O: Float[Tensor, "head d_head d_model"], n_keys: Optional[int] = None
-) -> Float[Tensor, "head d_head out"]:
+def norm_factor(W_O: Float[Tensor, "head d_head d_model"]) -> Float[Tensor, "head d_head out"]:
     """``F`` with ``‖x · F[h]‖ = ‖x · W_O[h]‖`` for every ``x``, as small as it gets:
     ``W_O[h] · W_O[h]ᵀ = L Lᵀ`` (Cholesky, in float64), so ``‖x W_O[h]‖² = ‖x L‖²`` and
     ``F[h] = L`` is ``[d_head, d_head]``. :func:`key_norms` through it does ``d_model /
     d_head`` times less work (9x on SmolLM2, 12x on GPT-2), to the same float32 accuracy as
     through ``W_O``. ``W_O`` itself (in float32) where some head's ``W_O[h]`` has rank below
-    ``d_head`` (no smaller factor), or where ``n_keys``, the keys it will serve per prompt,
-    are too few to repay the factoring (about ``2 · d_head² · d_model`` multiply-adds, a
-    key saving ``d_head · (d_model - d_head)``).
+    ``d_head`` (no smaller factor). Factoring costs about ``2 · d_head² · d_model``
+    multiply-adds per head, which the tracer pays once per model (it keeps the factor).
 
     Examples:
         >>> W_O, x = torch.randn(2, 3, 8), torch.randn(5, 3)
         >>> F = norm_factor(W_O)
         >>> F.shape, torch.allclose((x @ W_O).norm(dim=-1), (x @ F).norm(dim=-1), rtol=1e-5)
         (torch.Size([2, 3, 3]), True)
-        >>> norm_factor(W_O, n_keys=4).shape                  # 4 keys: W_O itself is cheaper
-        torch.Size([2, 3, 8])
     """
-    _, d_head, d_model = W_O.shape
-    if n_keys is not None and n_keys * (d_model - d_head) <= 2 * d_head * d_model:
-        return W_O.float()
     W = W_O.detach().cpu().double()
     L, info = torch.linalg.cholesky_ex(W @ W.transpose(-1, -2))
     return W_O.float() if bool(info.any()) else L.float().to(W_O.device)
