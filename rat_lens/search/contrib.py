@@ -127,16 +127,17 @@ def key_norms(
     needs of the values (``‖A · v W_O‖ = A · ‖v W_O‖``). ``W_O`` may be its
     :func:`norm_factor` instead: the same norms (to float32 rounding), for less work.
     Computed a block of keys at a time, so the ``[head, key, out]`` outputs never exist for a
-    whole long prompt at once."""
+    whole long prompt at once; the prompts of a batch share the blocks (one product for many
+    short prompts, not one each)."""
     n_heads, _, out_dim = W_O.shape
-    v, W_O = v.float(), W_O.float()
-    out = v.new_zeros(v.shape[0], n_heads, v.shape[1])
+    batch = v.shape[0]
+    flat, W_O = rearrange(v.float(), "batch key kv d -> (batch key) kv d"), W_O.float()
+    out = flat.new_zeros(n_heads, len(flat))
     keys = row_block(n_heads, 1, out_dim, 2**26)  # keys per block: 64 MiB of outputs
-    for b in range(v.shape[0]):
-        for start in range(0, v.shape[1], keys):
-            block = slice(start, start + keys)
-            out[b, :, block] = value_outputs(v[b, block], W_O).norm(dim=-1)
-    return out
+    for start in range(0, len(flat), keys):
+        block = slice(start, start + keys)
+        out[:, block] = value_outputs(flat[block], W_O).norm(dim=-1)
+    return rearrange(out, "head (batch key) -> batch head key", batch=batch).contiguous()
 
 
 def key_weighted(
