@@ -6,7 +6,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..errors import RatLensError
+from .pattern import RowsOnly
 
 __all__ = ["TargetRowWeights", "foil_weights"]
 
@@ -44,7 +44,7 @@ def foil_weights(
     return [w / top if top > 0 else w for w in weights]
 
 
-class TargetRowWeights(Tensor):
+class TargetRowWeights(RowsOnly):
     """``weights`` (``[channel, query, key]``, dense or a bounded store; heads first, a stay
     channel after them where there is one) read as the search reads them, by rows
     (``scaled[:, rows]``), with the head channels of row ``target`` replaced by ``head_weights``
@@ -67,9 +67,7 @@ class TargetRowWeights(Tensor):
     def __repr__(self) -> str:
         return f"TargetRowWeights(shape={tuple(self.shape)}, target={self.target})"
 
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise RatLensError(f"replaced search weights are read by rows only, not by {func}")
+    HOLDS = "replaced search weights"
 
     def __getitem__(self, index) -> Float[Tensor, "channel row key"]:
         rows = self.weights[index]

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from ..errors import RatLensError, check_choice
 from ..options import EDGE_WEIGHTS
+from .pattern import RowsOnly
 
 __all__ = [
     "EDGE_WEIGHTS",
@@ -206,7 +207,7 @@ def value_norm_shares(
     return out
 
 
-class _RowsOnly(Tensor):
+class _RowsOnly(RowsOnly):
     """A layer's ``[head + 1, query, key]`` shares of one prompt, computed from ``pattern``
     (``[head, query, key]``) and what a subclass holds, only for the rows read:
     ``shares[:, rows]`` calls the subclass's ``rows(positions)``; any other use is an error."""
@@ -225,12 +226,7 @@ class _RowsOnly(Tensor):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(part={self.shape[0]}, query={self.shape[1]})"
 
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise RatLensError(
-            f"shares are computed by rows only (weights[:, rows]), not by {func}: they are "
-            "never held for the whole pattern"
-        )
+    HOLDS = "shares"
 
     def __getitem__(self, index) -> Float[Tensor, "part row key"]:
         if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)):

@@ -23,12 +23,31 @@ from ..errors import RatLensError, check_choice
 from ..options import AGG_HEADS
 
 __all__ = [
+    "RowsOnly",
     "aggregate_heads",
     "at_least_float32",
     "check_pattern_values",
     "check_attention",
     "check_keys",
 ]
+
+
+class RowsOnly(Tensor):
+    """Base of the ``[channel, query, key]`` tensors the search reads by rows alone
+    (``x[:, rows]``, a subclass's ``__getitem__``): a bounded store, shares computed for the rows
+    read, recomputed attention, rescaled weights. They never hold the whole pattern, so any
+    other use is one error naming what the subclass holds (``HOLDS``) instead of a wrong
+    answer from an empty wrapper.
+    """
+
+    HOLDS = "these weights"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RatLensError(
+            f"{cls.HOLDS} are read by rows only (x[:, rows]), not by {func}: they are never "
+            "held for the whole pattern"
+        )
 
 
 def at_least_float32(x: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]:

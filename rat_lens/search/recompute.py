@@ -36,6 +36,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..errors import RatLensError
+from .pattern import RowsOnly
 
 __all__ = [
     "ROW_ATOL",
@@ -139,7 +140,7 @@ def check_rows(error: float, name: str, rows: Tensor, what: str) -> None:
     )
 
 
-class AttentionRows(Tensor):
+class AttentionRows(RowsOnly):
     """One layer's attention of one prompt, recomputed for the rows read only: reads as the
     dense ``[head, query, key]`` pattern by rows (``A[:, rows]``) or one row (``A[h, q, :]``),
     as the search and the page read a :class:`~rat_lens.search.store.TopKeys`. Holds the
@@ -173,12 +174,7 @@ class AttentionRows(Tensor):
     def __repr__(self) -> str:
         return f"AttentionRows(head={self.shape[0]}, query={self.shape[1]})"
 
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise RatLensError(
-            f"recomputed attention is read by rows only (A[:, rows] or A[h, q, :]), not by "
-            f"{func}: it is never held for the whole pattern"
-        )
+    HOLDS = "recomputed attention rows (A[h, q, :] also reads one)"
 
     def __getitem__(self, index) -> Tensor:
         if isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None):

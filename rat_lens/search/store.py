@@ -34,7 +34,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..errors import RatLensError
-from .pattern import at_least_float32
+from .pattern import RowsOnly, at_least_float32
 
 __all__ = [
     "STORE_KEYS",
@@ -107,7 +107,7 @@ def head_mean(block: Float[Tensor, "batch head query key"]) -> Float[Tensor, "ba
     return reduce(at_least_float32(block), "batch head query key -> batch query key", "mean")
 
 
-class TopKeys(Tensor):
+class TopKeys(RowsOnly):
     """One layer's attention of one prompt in bounded memory (see the module docstring); reads as
     the dense ``[head, query, key]`` tensor by rows only: ``store[:, rows]`` (``rows`` a slice or
     positions) gives dense rows. Memory: ``head · query · (keep + sinks + 1)`` weights.
@@ -145,12 +145,7 @@ class TopKeys(Tensor):
         keep = self.kept_keys.shape[-1]
         return f"TopKeys(head={head}, query={query}, keep={keep}, sinks={len(self.sink_keys)})"
 
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise RatLensError(
-            f"a TopKeys store is read by rows only (store[:, rows]), not by {func}: it holds "
-            f"each row's strongest keys, not the whole pattern"
-        )
+    HOLDS = "TopKeys stores (each row's strongest keys)"
 
     def __getitem__(self, index) -> Float[Tensor, "head row key"]:
         if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)):
