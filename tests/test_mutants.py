@@ -10,6 +10,7 @@ import torch
 
 import rat_lens
 from rat_lens import RatLensError, TraceResult
+from rat_lens.assemble import HEAD_ROW_KEYS
 from rat_lens.causal import ablate_pattern
 from rat_lens.models import load
 from rat_lens.result import Beam
@@ -256,8 +257,8 @@ def uniform_gpt2():
     )
 
 
-# Broken copy: the head rows' cut at 64 keys broke ties by the later key (or by no rule), not
-# the earlier key as documented.
+# Broken copy: the head rows' cut at HEAD_ROW_KEYS keys broke ties by the later key (or by no
+# rule), not the earlier key as documented.
 @pytest.mark.parametrize("store", ["dense", "bounded"])
 def test_a_tie_at_the_head_rows_cut_keeps_the_earlier_keys(uniform_gpt2, store):
     tokens = torch.randint(1, 64, (1, 100), generator=torch.Generator().manual_seed(1))
@@ -265,7 +266,7 @@ def test_a_tie_at_the_head_rows_cut_keeps_the_earlier_keys(uniform_gpt2, store):
     tracer = rat_lens.Tracer(uniform_gpt2)
     options = dict(layers=(0, 1), agg_heads="none", edge_weight="attention", store=store)
     result = tracer.trace_batch(tokens, [99], **options)[0]
-    long_rows = [row for row in result.head_rows if row["query"] >= 64]
+    long_rows = [row for row in result.head_rows if row["query"] >= HEAD_ROW_KEYS]
     assert long_rows
     for row in long_rows:
         beam_keys = {
@@ -275,5 +276,5 @@ def test_a_tie_at_the_head_rows_cut_keeps_the_earlier_keys(uniform_gpt2, store):
             if (beam.layers[i], beam.heads[i], beam.positions[i])
             == (row["layer"], row["head"], row["query"])
         }
-        assert row["keys"] == sorted(set(range(64)) | beam_keys)
+        assert row["keys"] == sorted(set(range(HEAD_ROW_KEYS)) | beam_keys)
         assert row["weights"] == [round(1 / (row["query"] + 1), 6)] * len(row["keys"])
