@@ -341,8 +341,8 @@ def top_predictions(
 def _top_probs(
     logits: Float[Tensor, "*rows vocab"], k: int
 ) -> tuple[Float[Tensor, "*rows k"], Int[Tensor, "*rows k"]]:
-    """The ``k`` most likely tokens of each row and their probabilities, without a softmax's
-    copy of the rows: ``exp(logit - logsumexp)`` of the top logits, in float32."""
+    """The ``k`` most likely tokens of each row and their probabilities, ``exp(logit -
+    logsumexp)`` of the top logits alone, in float32 (no softmax of the whole rows kept)."""
     logits = logits.float()
     top = logits.topk(min(k, logits.shape[-1]), dim=-1)
     return (top.values - logits.logsumexp(-1, keepdim=True)).exp(), top.indices
@@ -383,7 +383,7 @@ class TopTokens:
 
     def add(self, logits: Float[Tensor, "batch chunk vocab"], start: int) -> None:
         """The top tokens of the query chunk starting at ``start``, ``ROWS`` positions at a time
-        (their probabilities are a copy of the logits' size)."""
+        (a block's logsumexp works on a temporary of the block's size)."""
         for first in range(0, logits.shape[1], self.ROWS):
             block = logits[:, first : first + self.ROWS]
             rows = slice(start + first, start + first + block.shape[1])
