@@ -30,20 +30,22 @@ KINDS = ["induction", "gpt2", "qwen2", "llama"] + (
 )
 
 
+SMALL = dict(
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    hidden_size=32,
+    intermediate_size=64,
+    vocab_size=64,
+)
+
+
 def tiny_llama(folder):
     """A random Llama (rotary, 4 query heads over 2 KV heads) saved and loaded as users do."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = LlamaConfig(max_position_embeddings=64, **SMALL)
     LlamaForCausalLM(config).save_pretrained(folder)
     load_induction_tokenizer().save_pretrained(folder)
     return load(str(folder))
@@ -188,16 +190,6 @@ def bloom_alibi():
 
     config = BloomConfig(n_layer=2, n_head=4, hidden_size=32, vocab_size=64)
     return "bigscience/bloom-560m", BloomForCausalLM(config)
-
-
-SMALL = dict(
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    hidden_size=32,
-    intermediate_size=64,
-    vocab_size=64,
-)
 
 
 @pytest.mark.parametrize("build", [mistral_sliding_window, gemma2_soft_capping, bloom_alibi])
